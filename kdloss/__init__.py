@@ -1,0 +1,45 @@
+"""kdloss: typed, tested knowledge-distillation losses for PyTorch.
+
+Modules (stateless ``nn.Module`` losses, adapters, :class:`FeatureTap`) are importable from
+``kdloss``; the pure functions from :mod:`kdloss.functional`.
+"""
+
+from kdloss._validate import Reduction, ShapeError
+from kdloss.adapters import (
+    Adapter,
+    ConvAdapter,
+    LinearAdapter,
+    PoolAdapter,
+    adapter_for,
+    adapter_parameters,
+    check_optimizer,
+)
+from kdloss.compose import LossParts, WeightedSum, weighted_sum
+from kdloss.losses import AttentionLoss, CosineHiddenLoss, HintLoss, KDLoss
+from kdloss.tap import FeatureTap, unwrap_model
+from kdloss.teacher import FrozenTeacher
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AttentionLoss",
+    "ConvAdapter",
+    "CosineHiddenLoss",
+    "FeatureTap",
+    "FrozenTeacher",
+    "HintLoss",
+    "KDLoss",
+    "LinearAdapter",
+    "LossParts",
+    "PoolAdapter",
+    "Reduction",
+    "ShapeError",
+    "WeightedSum",
+    "__version__",
+    "adapter_for",
+    "adapter_parameters",
+    "check_optimizer",
+    "unwrap_model",
+    "weighted_sum",
+]

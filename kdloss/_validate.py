@@ -1,0 +1,156 @@
+"""Argument, shape, dtype and device checks shared by every loss, and the library's error type.
+
+Every public function validates its inputs here, up front, so that a bad call fails with a
+message naming the argument, the expected and the actual value instead of a bare broadcasting
+error deep inside. The checks read only tensor metadata (shape, dtype, device): they never
+synchronise with the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+from torch import Tensor
+
+__all__ = [
+    "Reduction",
+    "ShapeError",
+    "check_batch",
+    "check_float",
+    "check_ndim",
+    "check_positive",
+    "check_reduction",
+    "check_same_device",
+    "check_same_shape",
+    "check_unit_interval",
+    "reduce_loss",
+]
+
+Reduction = Literal["none", "mean", "batchmean", "sum"]
+"""How a loss is reduced: ``"none"`` keeps one value per sample (or position), ``"sum"`` adds
+them, ``"batchmean"`` divides that sum by the number of samples (rows) and ``"mean"`` divides it
+by the number of elements. Each loss's docstring says exactly what it divides by."""
+
+_REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+
+class ShapeError(ValueError):
+    """A tensor has a shape that does not fit the call (a ``ValueError``)."""
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_reduction(reduction: str, allowed: Sequence[str] = _REDUCTIONS) -> Reduction:
+    """Return ``reduction`` if it is one of ``allowed``, else raise a ``ValueError`` listing them."""
+    if reduction not in allowed:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def check_positive(name: str, value: float) -> float:
+    """Raise unless ``value`` is a finite number greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: float, *, open_ends: bool = False) -> float:
+    """Raise unless ``value`` lies in [0, 1] (or (0, 1) with ``open_ends``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__} {value!r}")
+    ok = 0.0 < value < 1.0 if open_ends else 0.0 <= value <= 1.0
+    if not ok:
+        interval = "(0, 1)" if open_ends else "[0, 1]"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_tensor(name: str, t: object) -> Tensor:
+    """Raise a ``TypeError`` unless ``t`` is a tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float(name: str, t: Tensor) -> Tensor:
+    """Raise a ``TypeError`` unless ``t`` is a floating-point tensor."""
+    check_tensor(name, t)
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got dtype {t.dtype}"
+        )
+    return t
+
+
+def check_ndim(name: str, t: Tensor, ndims: Sequence[int], meaning: str = "") -> Tensor:
+    """Raise a :class:`ShapeError` unless ``t.ndim`` is one of ``ndims``."""
+    if t.ndim not in ndims:
+        want = " or ".join(str(n) for n in ndims)
+        extra = f" {meaning}" if meaning else ""
+        raise ShapeError(f"{name} must have {want} dimensions{extra}, got shape {_shape(t)}")
+    return t
+
+
+def check_same_device(**tensors: Tensor) -> None:
+    """Raise a ``ValueError`` unless every tensor lives on the same device."""
+    items = list(tensors.items())
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{name0} and {name} must be on the same device, got {t0.device} and {t.device}")
+
+
+def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, *, hint: str = "") -> None:
+    """Raise a :class:`ShapeError` unless ``a`` and ``b`` have the same shape.
+
+    The message says which dimension differs: the batch (first), the classes (last) or another.
+    """
+    if a.shape == b.shape:
+        return
+    sa, sb = _shape(a), _shape(b)
+    detail = ""
+    if a.ndim == b.ndim and a.ndim > 0:
+        if sa[0] != sb[0]:
+            detail = f" (batch size {sa[0]} vs {sb[0]})"
+        elif a.ndim > 1 and sa[-1] != sb[-1] and sa[:-1] == sb[:-1]:
+            detail = f" (class count {sa[-1]} vs {sb[-1]})"
+    suffix = f"; {hint}" if hint else ""
+    raise ShapeError(f"{name_a} and {name_b} must have the same shape, got {sa} and {sb}{detail}{suffix}")
+
+
+def check_batch(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Raise a :class:`ShapeError` unless ``a`` and ``b`` have the same first dimension."""
+    if a.ndim == 0 or b.ndim == 0 or a.shape[0] != b.shape[0]:
+        raise ShapeError(
+            f"{name_a} and {name_b} must have the same batch size (first dimension), "
+            f"got shapes {_shape(a)} and {_shape(b)}"
+        )
+
+
+def reduce_loss(loss: Tensor, reduction: Reduction, *, rows: Tensor | int, elements_per_row: int = 1) -> Tensor:
+    """Reduce a per-row loss.
+
+    Args:
+        loss: the unreduced loss, one value per row (sample or sequence position).
+        reduction: see :data:`Reduction`.
+        rows: the number of rows that count (a tensor when a mask decides it, so that no host
+            synchronisation is needed). ``batchmean`` divides the sum by it, ``mean`` divides
+            by ``rows * elements_per_row``; an empty count gives 0, never NaN.
+        elements_per_row: the number of elements that make up one row's value (the class count
+            for a KL divergence), used by ``mean``.
+    """
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    denom = rows * elements_per_row if reduction == "mean" else rows
+    if isinstance(denom, Tensor):
+        return total / denom.clamp(min=1).to(total.dtype)
+    return total / max(denom, 1)

@@ -1,0 +1,290 @@
+"""Feature adapters: the trainable (or parameter-free) maps that make a student feature match a teacher's.
+
+Adapters live on the student side: their parameters must be handed to the optimiser, wrapped
+in DDP and saved in checkpoints together with the student. :func:`adapter_parameters` collects
+them and :func:`check_optimizer` fails loudly when some are missing. As a last guard, a trainable
+adapter warns once when its weights are still exactly at their initial values after
+``stale_check_steps`` training forwards although gradients reached them, which is what
+happens when it was left out of the optimiser.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdloss._validate import ShapeError, check_float
+
+__all__ = [
+    "Adapter",
+    "ConvAdapter",
+    "LinearAdapter",
+    "PoolAdapter",
+    "adapter_for",
+    "adapter_parameters",
+    "check_optimizer",
+]
+
+
+class Adapter(nn.Module):
+    """Base class of kdloss's adapters: shape checks with context and the forgotten-optimiser guard.
+
+    Subclasses implement :meth:`_forward`. ``stale_check_steps`` is the training forward at
+    which the guard compares the weights with their initial values (0 disables it).
+    """
+
+    def __init__(self, *, stale_check_steps: int = 8) -> None:
+        super().__init__()
+        if stale_check_steps < 0:
+            raise ValueError(f"stale_check_steps must be >= 0, got {stale_check_steps}")
+        self.stale_check_steps = stale_check_steps
+        self._forwards = 0
+        self._initial: list[Tensor] | None = None
+
+    def _forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_float("x", x)
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._watch_for_stale_weights()
+        return self._forward(x)
+
+    def _watch_for_stale_weights(self) -> None:
+        if not self.stale_check_steps or self._forwards > self.stale_check_steps:
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            self._forwards = self.stale_check_steps + 1
+            return
+        if self._forwards == 0:
+            self._initial = [p.detach().clone() for p in params]
+        elif self._forwards == self.stale_check_steps and self._initial is not None:
+            got_grads = any(p.grad is not None for p in params)
+            unchanged = all(torch.equal(p.detach(), p0) for p, p0 in zip(params, self._initial))
+            if got_grads and unchanged:
+                warnings.warn(
+                    f"{type(self).__name__}'s weights received gradients but have not changed after "
+                    f"{self.stale_check_steps} training steps: it is probably missing from the optimiser. "
+                    "Pass kdloss.adapter_parameters(adapter) (or adapter.parameters()) to it.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self._initial = None
+        self._forwards += 1
+
+
+class ConvAdapter(Adapter):
+    """A ``k x k`` convolution (1x1 by default, FitNets' regressor) with optional BatchNorm and ReLU.
+
+    Maps ``(B, in_channels, H, W)`` to ``(B, out_channels, H, W)`` ("same" padding), as the
+    PyTorch KD tutorial's ``Conv2d(16, 32, kernel_size=3, padding=1)`` regressor does.
+
+    Args:
+        in_channels: the student feature's channels.
+        out_channels: the teacher feature's channels.
+        kernel_size: an odd kernel size (1 or 3 usually).
+        bn: add a ``BatchNorm2d`` after the convolution (its bias then replaces the conv's).
+        relu: add a ReLU at the end.
+
+    Example:
+        >>> import torch
+        >>> ConvAdapter(16, 32, kernel_size=3)(torch.zeros(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        *,
+        bn: bool = False,
+        relu: bool = False,
+        stale_check_steps: int = 8,
+    ) -> None:
+        super().__init__(stale_check_steps=stale_check_steps)
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd number >= 1 (to keep the spatial size), got {kernel_size}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not bn)
+        self.bn = nn.BatchNorm2d(out_channels) if bn else nn.Identity()
+        self.relu = nn.ReLU() if relu else nn.Identity()
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ShapeError(
+                f"ConvAdapter({self.in_channels} -> {self.out_channels}) expects x of shape "
+                f"(B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        out: Tensor = self.relu(self.bn(self.conv(x)))
+        return out
+
+
+class LinearAdapter(Adapter):
+    """A linear map of flattened features, ``(B, *) -> (B, out_features)``.
+
+    Example:
+        >>> import torch
+        >>> LinearAdapter(1024, 2048)(torch.zeros(4, 16, 8, 8)).shape
+        torch.Size([4, 2048])
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, stale_check_steps: int = 8) -> None:
+        super().__init__(stale_check_steps=stale_check_steps)
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.in_features, self.out_features = in_features, out_features
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        if flat.shape[1] != self.in_features:
+            raise ShapeError(
+                f"LinearAdapter({self.in_features} -> {self.out_features}) expects {self.in_features} "
+                f"features per sample, got {flat.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        out: Tensor = self.linear(flat)
+        return out
+
+
+class PoolAdapter(Adapter):
+    """Parameter-free average pooling down to a target size.
+
+    For flattened features ``(B, D)`` (any ``(B, *)`` input is flattened), ``out_size`` is an
+    integer that divides ``D`` and the features are averaged in groups of ``D // out_size``
+    neighbours: the tutorial's ``avg_pool1d(kernel_size=2)`` of the teacher's 2048 features to
+    1024. For feature maps ``(B, C, H, W)`` with ``out_size=(h, w)``, ``adaptive_avg_pool2d``.
+
+    Example:
+        >>> import torch
+        >>> PoolAdapter(1024)(torch.randn(4, 32, 8, 8)).shape
+        torch.Size([4, 1024])
+        >>> PoolAdapter((4, 4))(torch.randn(4, 32, 8, 8)).shape
+        torch.Size([4, 32, 4, 4])
+    """
+
+    def __init__(self, out_size: int | tuple[int, int]) -> None:
+        super().__init__(stale_check_steps=0)
+        sizes = (out_size,) if isinstance(out_size, int) else tuple(out_size)
+        if len(sizes) not in (1, 2) or any(s < 1 for s in sizes):
+            raise ValueError(f"out_size must be a positive int or an (h, w) pair, got {out_size!r}")
+        self.out_size = out_size
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.out_size, int):
+            flat = x.flatten(1)
+            d = flat.shape[1]
+            if d % self.out_size:
+                raise ShapeError(
+                    f"PoolAdapter({self.out_size}) needs a feature count divisible by {self.out_size}, "
+                    f"got {d} (input shape {tuple(x.shape)})"
+                )
+            k = d // self.out_size
+            return F.avg_pool1d(flat.unsqueeze(1), kernel_size=k).squeeze(1) if k > 1 else flat
+        if x.ndim != 4:
+            raise ShapeError(f"PoolAdapter({self.out_size}) expects a (B, C, H, W) map, got {tuple(x.shape)}")
+        return F.adaptive_avg_pool2d(x, self.out_size)
+
+    def extra_repr(self) -> str:
+        return f"out_size={self.out_size}"
+
+
+def adapter_for(
+    student_example: Tensor, teacher_example: Tensor, *, kernel_size: int = 1, bn: bool = False, relu: bool = False
+) -> nn.Module:
+    """Build the adapter that maps features shaped like ``student_example`` to ``teacher_example``.
+
+    - same shape: ``nn.Identity()`` (no adapter is created when none is needed);
+    - ``(B, C_s, H, W) -> (B, C_t, H, W)``: :class:`ConvAdapter` (``kernel_size``, ``bn``, ``relu``);
+    - ``(B, C_s, H_s, W_s) -> (B, C_t, H_t, W_t)`` with a larger student map: a
+      :class:`ConvAdapter` followed by a :class:`PoolAdapter` to ``(H_t, W_t)``;
+    - anything else of equal batch: :class:`LinearAdapter` on the flattened features, reshaped
+      to the teacher's per-sample shape.
+
+    The adapter is created on the student example's device and dtype. Hand its parameters to
+    the optimiser (:func:`adapter_parameters`).
+
+    Raises:
+        ShapeError: if the batch sizes differ, or the student map is smaller than the teacher's.
+
+    Example:
+        >>> import torch
+        >>> adapter_for(torch.zeros(2, 16, 8, 8), torch.zeros(2, 32, 8, 8))
+        ConvAdapter(
+          (conv): Conv2d(16, 32, kernel_size=(1, 1), stride=(1, 1))
+          (bn): Identity()
+          (relu): Identity()
+        )
+    """
+    check_float("student_example", student_example)
+    check_float("teacher_example", teacher_example)
+    s, t = student_example.shape, teacher_example.shape
+    if not s or not t or s[0] != t[0]:
+        raise ShapeError(
+            f"student_example and teacher_example must share the batch dimension, got {tuple(s)} and {tuple(t)}"
+        )
+    device, dtype = student_example.device, student_example.dtype
+    if s == t:
+        return nn.Identity()
+    if len(s) == 4 and len(t) == 4:
+        conv = ConvAdapter(s[1], t[1], kernel_size, bn=bn, relu=relu).to(device=device, dtype=dtype)
+        if s[2:] == t[2:]:
+            return conv
+        if s[2] < t[2] or s[3] < t[3]:
+            raise ShapeError(
+                f"the student map {tuple(s)} is spatially smaller than the teacher's {tuple(t)}: pool the "
+                "teacher instead (PoolAdapter on the teacher side) or tap a larger student layer"
+            )
+        pooled: nn.Module = nn.Sequential(conv, PoolAdapter((t[2], t[3])))
+        return pooled
+    linear = LinearAdapter(int(student_example[0].numel()), int(teacher_example[0].numel())).to(
+        device=device, dtype=dtype
+    )
+    if len(t) == 2:
+        return linear
+    reshaped: nn.Module = nn.Sequential(linear, nn.Unflatten(1, tuple(t[1:])))
+    return reshaped
+
+
+def adapter_parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of the given adapters (or any modules), each once, in order.
+
+    Example:
+        >>> import torch
+        >>> student = torch.nn.Linear(4, 4)
+        >>> adapter = ConvAdapter(16, 32)
+        >>> opt = torch.optim.SGD([*student.parameters(), *adapter_parameters(adapter)], lr=0.1)
+        >>> check_optimizer(opt, adapter)
+    """
+    seen: set[int] = set()
+    out: list[nn.Parameter] = []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, *modules: nn.Module) -> None:
+    """Raise a ``ValueError`` naming every trainable parameter of ``modules`` not in ``optimizer``."""
+    in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [
+        f"{type(m).__name__}.{name}"
+        for m in modules
+        for name, p in m.named_parameters()
+        if p.requires_grad and id(p) not in in_opt
+    ]
+    if missing:
+        raise ValueError(
+            f"optimizer is missing {len(missing)} trainable adapter parameter(s): {', '.join(missing)}; "
+            "add kdloss.adapter_parameters(...) to its parameters"
+        )

@@ -1,0 +1,144 @@
+"""Attention transfer (Zagoruyko & Komodakis, 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdloss._validate import (
+    Reduction,
+    ShapeError,
+    check_batch,
+    check_float,
+    check_positive,
+    check_reduction,
+    check_same_device,
+    reduce_loss,
+)
+
+__all__ = ["attention_loss", "attention_map"]
+
+
+def _spatial_energy(feature: Tensor, p: float) -> Tensor:
+    """Mean over channels of ``|f|^p``: ``(B, C, H, W) -> (B, H, W)`` in float32 or wider."""
+    f = feature.to(torch.promote_types(feature.dtype, torch.float32))
+    return f.abs().pow(p).mean(dim=1)
+
+
+def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Tensor:
+    r"""Spatial attention map of a feature map: channel mean of :math:`|f|^p`, flattened, L2-normalised.
+
+    .. math::
+
+        a(f)_b = \frac{\mathrm{vec}(Q_b)}{\lVert \mathrm{vec}(Q_b) \rVert_2}, \qquad
+        Q_{b,h,w} = \frac{1}{C} \sum_c |f_{b,c,h,w}|^p
+
+    (The paper sums over channels; the channel mean differs by the factor :math:`1/C`, which the
+    normalisation removes.)
+
+    Args:
+        feature: ``(B, C, H, W)`` feature map.
+        p: the exponent, 2 in the paper.
+        eps: lower bound of the norm, so that an all-zero map gives zeros, not NaN.
+
+    Returns:
+        ``(B, H * W)`` unit-norm maps in float32 (float64 for float64 input).
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import attention_map
+        >>> attention_map(torch.ones(1, 3, 2, 2))
+        tensor([[0.5000, 0.5000, 0.5000, 0.5000]])
+    """
+    check_float("feature", feature)
+    if feature.ndim != 4:
+        raise ShapeError(f"feature must be a (B, C, H, W) feature map, got shape {tuple(feature.shape)}")
+    check_positive("p", p)
+    return F.normalize(_spatial_energy(feature, p).flatten(1), dim=1, eps=eps)
+
+
+def attention_loss(
+    student_features: Tensor | Sequence[Tensor],
+    teacher_features: Tensor | Sequence[Tensor],
+    *,
+    p: float = 2.0,
+    beta: float = 1.0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Attention transfer: squared distance between normalised attention maps, summed over pairs.
+
+    .. math::
+
+        \mathcal{L} = \beta \sum_{j} \frac{1}{HW} \sum_{i}
+        \big(a(f^{(j)}_s)_{b,i} - a(f^{(j)}_t)_{b,i}\big)^2
+
+    where :math:`a` is :func:`attention_map`. Student and teacher may have different channel
+    counts. When a pair's spatial sizes differ, the larger map's channel energy :math:`Q` is
+    average-pooled (``adaptive_avg_pool2d``) to the smaller size before normalising. The teacher
+    is detached.
+
+    Zagoruyko & Komodakis, *Paying More Attention to Attention*, ICLR 2017; their code uses
+    ``beta = 1000`` with this per-pair mean.
+
+    Reductions: ``"none"`` gives the per-sample loss ``(B,)`` (mean over positions, summed over
+    pairs, times ``beta``); ``"mean"`` (default) and ``"batchmean"`` its mean over the batch;
+    ``"sum"`` its sum.
+
+    Args:
+        student_features: one ``(B, C_s, H, W)`` map or a sequence of them.
+        teacher_features: the teacher maps, as many as the student's.
+        p: exponent of the attention map (2).
+        beta: weight of the whole term.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        ValueError: if the two sequences differ in length or are empty, or ``beta < 0``.
+        ShapeError: if a map is not 4-D or the batch sizes differ.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import attention_loss
+        >>> s = [torch.ones(2, 8, 4, 4), torch.ones(2, 16, 2, 2)]
+        >>> t = [torch.ones(2, 32, 8, 8), torch.ones(2, 64, 2, 2)]
+        >>> attention_loss(s, t)
+        tensor(0.)
+    """
+    s_list = [student_features] if isinstance(student_features, Tensor) else list(student_features)
+    t_list = [teacher_features] if isinstance(teacher_features, Tensor) else list(teacher_features)
+    if len(s_list) != len(t_list):
+        raise ValueError(
+            f"student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} maps"
+        )
+    if not s_list:
+        raise ValueError("student_features must hold at least one feature map, got an empty sequence")
+    check_positive("p", p)
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    check_reduction(reduction)
+
+    per_pair: list[Tensor] = []
+    for j, (fs, ft) in enumerate(zip(s_list, t_list)):
+        name_s, name_t = f"student_features[{j}]", f"teacher_features[{j}]"
+        check_float(name_s, fs)
+        check_float(name_t, ft)
+        check_same_device(**{name_s: fs, name_t: ft})
+        for name, f in ((name_s, fs), (name_t, ft)):
+            if f.ndim != 4:
+                raise ShapeError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(f.shape)}")
+        check_batch(name_s, fs, name_t, ft)
+        qs, qt = _spatial_energy(fs, p), _spatial_energy(ft.detach(), p)
+        if qs.shape[-2:] != qt.shape[-2:]:
+            size = (min(qs.shape[-2], qt.shape[-2]), min(qs.shape[-1], qt.shape[-1]))
+            qs = F.adaptive_avg_pool2d(qs.unsqueeze(1), size).squeeze(1)
+            qt = F.adaptive_avg_pool2d(qt.unsqueeze(1), size).squeeze(1)
+        a_s = F.normalize(qs.flatten(1), dim=1, eps=1e-12)
+        a_t = F.normalize(qt.flatten(1), dim=1, eps=1e-12)
+        per_sample = (a_s - a_t).square().mean(dim=1)
+        per_pair.append(per_sample)
+    total = per_pair[0]
+    for extra in per_pair[1:]:
+        total = total + extra
+    return reduce_loss(beta * total, reduction, rows=total.shape[0])

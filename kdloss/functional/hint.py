@@ -1,0 +1,129 @@
+"""FitNets hints (Romero et al., 2015) and the cosine hidden-representation loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdloss._validate import (
+    Reduction,
+    ShapeError,
+    check_float,
+    check_reduction,
+    check_same_device,
+    check_same_shape,
+    reduce_loss,
+)
+
+__all__ = ["cosine_hidden_loss", "hint_loss"]
+
+
+def _pair(name_s: str, student: Tensor, name_t: str, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate a student/teacher feature pair and return them in a common float32+ dtype."""
+    check_float(name_s, student)
+    check_float(name_t, teacher)
+    check_same_device(**{name_s: student, name_t: teacher})
+    if student.ndim < 2:
+        raise ShapeError(
+            f"{name_s} must have a batch and at least one feature dimension, got shape {tuple(student.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    return student.to(dtype), teacher.detach().to(dtype)
+
+
+def hint_loss(student_feature: Tensor, teacher_feature: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+    r"""FitNets hint: squared error between the (adapted) student feature and the teacher feature.
+
+    .. math::
+
+        \ell_b = \frac{1}{D} \sum_{d} \big(r(f_s)_{b,d} - f_{t\,b,d}\big)^2
+
+    where :math:`r` is the adapter (regressor) the caller applies to the student feature first,
+    and :math:`D` is the number of elements per sample. The teacher is detached.
+
+    Reductions: ``"none"`` gives :math:`\ell_b` per sample, shape ``(B,)``; ``"mean"`` (default)
+    the mean over every element, which is :func:`torch.nn.functional.mse_loss`; ``"sum"`` the
+    sum of squared errors; ``"batchmean"`` that sum divided by ``B``.
+
+    Romero et al., *FitNets: Hints for Thin Deep Nets*, ICLR 2015.
+
+    Args:
+        student_feature: ``(B, *)`` student feature, already passed through its adapter.
+        teacher_feature: teacher feature of the same shape.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        ShapeError: if the shapes differ; the message says to map the student with an adapter
+            (:func:`kdloss.adapter_for` builds one from two example tensors).
+        TypeError: for non-floating-point features. ValueError: for different devices or an
+            unknown reduction.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import hint_loss
+        >>> hint_loss(torch.ones(2, 4, 3, 3), torch.zeros(2, 4, 3, 3))
+        tensor(1.)
+    """
+    s, t = _pair("student_feature", student_feature, "teacher_feature", teacher_feature)
+    check_reduction(reduction)
+    check_same_shape(
+        "student_feature (after its adapter)",
+        s,
+        "teacher_feature",
+        t,
+        hint="map the student's feature to the teacher's shape with an adapter, "
+        "e.g. kdloss.adapter_for(student_feature, teacher_feature)",
+    )
+    per_elem = (s - t).square().flatten(1)
+    d = per_elem.shape[1]
+    if reduction == "none":
+        return per_elem.sum(dim=1) / max(d, 1)
+    return reduce_loss(per_elem.sum(dim=1), reduction, rows=s.shape[0], elements_per_row=d)
+
+
+def cosine_hidden_loss(
+    student_hidden: Tensor, teacher_hidden: Tensor, *, reduction: Reduction = "mean", eps: float = 1e-8
+) -> Tensor:
+    r"""One minus the cosine similarity of flattened student and teacher representations.
+
+    .. math::
+
+        \ell_b = 1 - \frac{\langle h_{s,b}, h_{t,b} \rangle}
+        {\max(\lVert h_{s,b} \rVert \, \lVert h_{t,b} \rVert, \epsilon)}
+
+    This is :class:`torch.nn.CosineEmbeddingLoss` with target :math:`+1`, the hidden-representation
+    loss of PyTorch's knowledge-distillation tutorial. Features are flattened from dimension 1;
+    the teacher is detached.
+
+    Reductions: ``"none"`` per sample ``(B,)``; ``"mean"`` (default) and ``"batchmean"`` the
+    mean over the batch (one value per sample, so they agree); ``"sum"`` the sum.
+
+    Args:
+        student_hidden: ``(B, *)`` student representation (after any adapter or pooling).
+        teacher_hidden: ``(B, *)`` teacher representation with the same number of elements.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        eps: lower bound of the norm product, as in :func:`torch.nn.functional.cosine_similarity`.
+
+    Raises:
+        ShapeError: if the flattened sizes differ (pool the larger one first, e.g. with
+            :class:`kdloss.PoolAdapter`). TypeError/ValueError: as :func:`hint_loss`.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import cosine_hidden_loss
+        >>> cosine_hidden_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
+        tensor(1.)
+    """
+    s, t = _pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
+    check_reduction(reduction)
+    s, t = s.flatten(1), t.flatten(1)
+    check_same_shape(
+        "student_hidden (flattened)",
+        s,
+        "teacher_hidden (flattened)",
+        t,
+        hint="pool or project one side first, e.g. kdloss.PoolAdapter",
+    )
+    per_row = 1.0 - F.cosine_similarity(s, t, dim=1, eps=eps)
+    return reduce_loss(per_row, reduction, rows=s.shape[0])

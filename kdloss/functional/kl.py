@@ -1,0 +1,220 @@
+"""Soft-target KL divergence (Hinton et al., 2015) and its reverse and Jensen-Shannon variants."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdloss._validate import (
+    Reduction,
+    ShapeError,
+    check_float,
+    check_positive,
+    check_reduction,
+    check_same_device,
+    check_same_shape,
+    check_unit_interval,
+    reduce_loss,
+)
+
+__all__ = ["Direction", "log_probs", "soft_kl"]
+
+Direction = Literal["forward", "reverse", "jsd"]
+"""``"forward"``: KL(p_teacher || p_student), Hinton's KD. ``"reverse"``: KL(p_student ||
+p_teacher), mode-seeking. ``"jsd"``: the generalised Jensen-Shannon divergence with weight
+``beta`` on the teacher."""
+
+_DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
+
+# Log-probabilities are floored here so that a class with probability 0 in both distributions
+# (a -inf logit) contributes 0 * finite = 0 instead of 0 * (-inf - -inf) = NaN, in values and in
+# gradients. No finite float32 log-softmax output comes near it.
+_LOG_FLOOR = -1e30
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(logits / temperature)`` over the last dimension, in float32 or wider.
+
+    Args:
+        logits: ``(..., C)`` floating-point logits of any precision.
+        temperature: the softening temperature ``T > 0``.
+
+    Returns:
+        ``(..., C)`` log-probabilities in float32 (float64 for float64 input).
+
+    Example:
+        >>> import torch
+        >>> log_probs(torch.tensor([[0.0, 0.0]], dtype=torch.bfloat16), 2.0).exp()
+        tensor([[0.5000, 0.5000]])
+    """
+    check_float("logits", logits)
+    check_positive("temperature", temperature)
+    return F.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+
+
+def _check_row_tensor(name: str, t: Tensor, rows_shape: torch.Size, device: torch.device) -> None:
+    if t.shape != rows_shape:
+        raise ShapeError(
+            f"{name} must have the logits' shape without the class dimension, {tuple(rows_shape)}, got {tuple(t.shape)}"
+        )
+    if t.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
+
+
+def soft_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: Reduction = "batchmean",
+    direction: Direction = "forward",
+    beta: float | None = None,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    r"""Temperature-softened KL divergence between teacher and student, times :math:`T^2`.
+
+    With :math:`p = \mathrm{softmax}(z_t / T)` (teacher) and :math:`q = \mathrm{softmax}(z_s / T)`
+    (student), the unreduced loss of one row (sample, or position of a sequence) is
+
+    .. math::
+
+        \ell_{\text{forward}} = T^2 \sum_c p_c (\log p_c - \log q_c), \qquad
+        \ell_{\text{reverse}} = T^2 \sum_c q_c (\log q_c - \log p_c),
+
+    .. math::
+
+        \ell_{\text{jsd}} = T^2 \left[\beta\, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\,
+        \mathrm{KL}(q \,\|\, m)\right], \quad m = \beta p + (1 - \beta) q .
+
+    The :math:`T^2` factor keeps the gradient's magnitude independent of :math:`T`
+    (Hinton, Vinyals & Dean, *Distilling the Knowledge in a Neural Network*, 2015). The
+    log-softmax runs in float32 whatever the input dtype (float64 stays float64), the teacher
+    is detached and never receives a gradient, and classes of probability 0 (``-inf`` logits)
+    contribute 0 rather than NaN.
+
+    Rows that do not count: positions where ``mask`` is ``False``, positions whose ``labels``
+    equal ``ignore_index``, and rows whose student or teacher logits are all ``-inf`` (there is
+    no distribution to compare). They contribute 0 and are left out of the counts below, so a
+    fully masked batch gives a loss of 0, not NaN.
+
+    Reductions (``N`` = the number of rows that count, ``C`` = the class count):
+
+    - ``"none"``: one value per row, shape ``(B,)`` or ``(B, L)``; rows that do not count are 0;
+    - ``"sum"``: the sum over rows;
+    - ``"batchmean"`` (default): the sum divided by ``N``. For ``(B, C)`` logits ``N = B`` and
+      this is :func:`torch.nn.functional.kl_div`'s ``batchmean``; for ``(B, L, C)`` it divides
+      by the number of counted positions (tokens), **not** by ``B`` as ``kl_div`` would;
+    - ``"mean"``: the sum divided by ``N * C`` (``kl_div``'s element-wise ``mean``).
+
+    Args:
+        student_logits: ``(B, C)`` or ``(B, L, C)`` (any number of leading dims) student logits.
+        teacher_logits: teacher logits of the same shape; detached inside.
+        temperature: softening temperature ``T > 0``.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        direction: ``"forward"`` (default), ``"reverse"`` or ``"jsd"``.
+        beta: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with
+            ``direction="jsd"`` (default 0.5 there), an error otherwise.
+        mask: optional boolean tensor of the logits' shape without ``C``; ``False`` rows are
+            ignored.
+        labels: optional integer tensor of the logits' shape without ``C``; rows whose label is
+            ``ignore_index`` are ignored.
+        ignore_index: the label value that marks ignored rows (default -100, as in
+            :func:`torch.nn.functional.cross_entropy`).
+
+    Returns:
+        A float32 (float64 for float64 input) scalar, or the per-row losses for ``"none"``.
+
+    Raises:
+        TypeError: if logits are not floating point, or ``mask``/``labels`` have the wrong dtype.
+        ShapeError: if the two logits' shapes differ (batch or class count), if the logits have
+            fewer than 2 dimensions, or ``mask``/``labels`` do not match the rows.
+        ValueError: for a temperature that is not > 0, an unknown ``reduction``/``direction``,
+            ``beta`` outside ``(0, 1)`` or given without ``direction="jsd"``, different devices.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import soft_kl
+        >>> student = torch.tensor([[2.0, 0.5, -1.0]])
+        >>> teacher = torch.tensor([[3.0, 0.0, -2.0]])
+        >>> soft_kl(student, teacher, temperature=2.0)
+        tensor(0.2820)
+        >>> soft_kl(teacher, teacher, temperature=2.0)
+        tensor(0.)
+    """
+    check_float("student_logits", student_logits)
+    check_float("teacher_logits", teacher_logits)
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    check_same_shape(
+        "student_logits",
+        student_logits,
+        "teacher_logits",
+        teacher_logits,
+        hint="soft_kl compares two distributions over the same classes",
+    )
+    if student_logits.ndim < 2:
+        raise ShapeError(
+            "student_logits must have at least 2 dimensions, (B, C) or (B, L, C), "
+            f"got shape {tuple(student_logits.shape)}"
+        )
+    check_positive("temperature", temperature)
+    check_reduction(reduction)
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(map(repr, _DIRECTIONS))}, got {direction!r}")
+    jsd_beta = 0.5
+    if direction == "jsd":
+        if beta is not None:
+            jsd_beta = check_unit_interval("beta", beta, open_ends=True)
+    elif beta is not None:
+        raise ValueError(f"beta is the JSD mixture weight and needs direction='jsd', got direction={direction!r}")
+    rows_shape = student_logits.shape[:-1]
+    if mask is not None:
+        _check_row_tensor("mask", mask, rows_shape, student_logits.device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    if labels is not None:
+        _check_row_tensor("labels", labels, rows_shape, student_logits.device)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+
+    dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
+    s = student_logits.to(dtype)
+    t = teacher_logits.detach().to(dtype)
+
+    # Rows that count. A row with no finite logit has no distribution: it is zeroed before the
+    # log-softmax so that neither its value nor its gradient can become NaN.
+    neg_inf = float("-inf")
+    valid = ~((s == neg_inf).all(dim=-1) | (t == neg_inf).all(dim=-1))
+    if mask is not None:
+        valid = valid & mask
+    if labels is not None:
+        valid = valid & (labels != ignore_index)
+    keep = valid.unsqueeze(-1)
+    s = torch.where(keep, s, 0.0)
+    t = torch.where(keep, t, 0.0)
+
+    log_q = F.log_softmax(s / temperature, dim=-1).clamp(min=_LOG_FLOOR)
+    log_p = F.log_softmax(t / temperature, dim=-1).clamp(min=_LOG_FLOOR)
+
+    if direction == "forward":
+        per_row = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    elif direction == "reverse":
+        per_row = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
+        per_row = jsd_beta * (log_p.exp() * (log_p - log_m)).sum(dim=-1) + (1.0 - jsd_beta) * (
+            log_q.exp() * (log_q - log_m)
+        ).sum(dim=-1)
+
+    per_row = torch.where(valid, per_row, 0.0) * (temperature**2)
+    return reduce_loss(per_row, reduction, rows=valid.sum(), elements_per_row=student_logits.shape[-1])

@@ -1,0 +1,38 @@
+"""Module form of :func:`kdloss.functional.attention_loss`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from kdloss._validate import Reduction, check_positive, check_reduction
+from kdloss.functional.attention import attention_loss
+
+__all__ = ["AttentionLoss"]
+
+
+class AttentionLoss(nn.Module):
+    """Attention transfer over one or more feature pairs; see :func:`kdloss.functional.attention_loss`.
+
+    Example:
+        >>> import torch
+        >>> AttentionLoss(beta=1000.0)
+        AttentionLoss(p=2.0, beta=1000.0, reduction='mean')
+    """
+
+    def __init__(self, *, p: float = 2.0, beta: float = 1.0, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        self.p = check_positive("p", p)
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        self.beta = float(beta)
+        self.reduction: Reduction = check_reduction(reduction)
+
+    def forward(
+        self, student_features: Tensor | Sequence[Tensor], teacher_features: Tensor | Sequence[Tensor]
+    ) -> Tensor:
+        return attention_loss(student_features, teacher_features, p=self.p, beta=self.beta, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, beta={self.beta}, reduction={self.reduction!r}"
