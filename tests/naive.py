@@ -1,0 +1,69 @@
+"""Naive textbook references, written from the papers and tutorials, to compare kdloss against.
+
+These are deliberately plain (no masking, no validation, no numerical care beyond the source's)
+and are also the baselines of ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_tutorial(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """The PyTorch KD tutorial's soft-target loss: sum p*(log p - log q) / batch * T^2."""
+    soft_targets = F.softmax(teacher_logits / temperature, dim=-1)
+    soft_prob = F.log_softmax(student_logits / temperature, dim=-1)
+    return torch.sum(soft_targets * (soft_targets.log() - soft_prob)) / soft_prob.size()[0] * (temperature**2)
+
+
+def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """The usual formulation: softmax + log_softmax + F.kl_div(batchmean) * T^2."""
+    p = F.softmax(teacher_logits / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    return F.kl_div(log_q, p, reduction="batchmean") * temperature**2
+
+
+def kd_ce(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, alpha: float) -> Tensor:
+    """Hinton KD mixed with cross-entropy: alpha * KD * T^2 + (1 - alpha) * CE (naive form)."""
+    return alpha * kd_kl_div(student_logits, teacher_logits, temperature) + (1 - alpha) * F.cross_entropy(
+        student_logits, labels
+    )
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(q || p) / B * T^2 with probabilities from softmax."""
+    q = F.softmax(student_logits / temperature, dim=-1)
+    p = F.softmax(teacher_logits / temperature, dim=-1)
+    return (q * (q.log() - p.log())).sum() / student_logits.shape[0] * temperature**2
+
+
+def jsd(student_logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float) -> Tensor:
+    """beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta p + (1 - beta) q, / B * T^2."""
+    q = F.softmax(student_logits / temperature, dim=-1)
+    p = F.softmax(teacher_logits / temperature, dim=-1)
+    m = beta * p + (1 - beta) * q
+    val = beta * (p * (p.log() - m.log())).sum() + (1 - beta) * (q * (q.log() - m.log())).sum()
+    return val / student_logits.shape[0] * temperature**2
+
+
+def hint_mse(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """FitNets: plain MSE (mean over all elements)."""
+    return F.mse_loss(student_feature, teacher_feature)
+
+
+def at_map(x: Tensor) -> Tensor:
+    """Zagoruyko & Komodakis: F.normalize(x.pow(2).mean(1).view(B, -1))."""
+    return F.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+
+def at_loss(student_features: list[Tensor], teacher_features: list[Tensor], beta: float = 1.0) -> Tensor:
+    """Sum over pairs of (at(x) - at(y)).pow(2).mean(), times beta (same spatial sizes)."""
+    return beta * sum((at_map(s) - at_map(t)).pow(2).mean() for s, t in zip(student_features, teacher_features))  # type: ignore[return-value]
+
+
+def cosine_hidden(student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
+    """The tutorial's hidden loss: CosineEmbeddingLoss with target +1."""
+    target = torch.ones(student_hidden.shape[0], device=student_hidden.device)
+    return torch.nn.CosineEmbeddingLoss()(student_hidden.flatten(1), teacher_hidden.flatten(1), target)
