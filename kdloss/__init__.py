@@ -15,7 +15,7 @@ from kdloss.adapters import (
     check_optimizer,
 )
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
-from kdloss.losses import AttentionLoss, CosineHiddenLoss, HintLoss, KDLoss
+from kdloss.losses import AttentionLoss, CosineHiddenLoss, HintLoss, KDCELoss, KDLoss
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
 
@@ -29,6 +29,7 @@ __all__ = [
     "FeatureTap",
     "FrozenTeacher",
     "HintLoss",
+    "KDCELoss",
     "KDLoss",
     "LinearAdapter",
     "LossParts",

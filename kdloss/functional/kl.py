@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss import kernels as _kernels
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -186,6 +187,12 @@ def soft_kl(
         _check_row_tensor("labels", labels, rows_shape, student_logits.device)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+
+    if direction == "forward" and _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
+        per_row, valid = _kernels.fused_kd_rows(
+            student_logits, teacher_logits, temperature=temperature, mask=mask, labels=labels, ignore_index=ignore_index
+        )
+        return reduce_loss(per_row, reduction, rows=valid.sum(), elements_per_row=student_logits.shape[-1])
 
     dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
     s = student_logits.to(dtype)

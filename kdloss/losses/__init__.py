@@ -2,6 +2,7 @@
 
 from kdloss.losses.attention import AttentionLoss
 from kdloss.losses.hint import CosineHiddenLoss, HintLoss
+from kdloss.losses.kd_ce import KDCELoss
 from kdloss.losses.kl import KDLoss
 
-__all__ = ["AttentionLoss", "CosineHiddenLoss", "HintLoss", "KDLoss"]
+__all__ = ["AttentionLoss", "CosineHiddenLoss", "HintLoss", "KDCELoss", "KDLoss"]
