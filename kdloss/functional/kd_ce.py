@@ -82,7 +82,8 @@ def kd_ce_loss(
         TypeError: non-floating logits, non-integer ``labels``, non-bool ``mask``.
         ShapeError: logits of different shapes or fewer than 2 dims; ``labels``/``mask`` not matching the rows.
         ValueError: ``temperature`` not > 0, ``alpha`` outside ``[0, 1]``, an unknown ``reduction``,
-            different devices, or (for CPU tensors, where checking costs no device synchronisation) a label
+            different devices, or (for CPU tensors outside ``torch.compile``, where the check costs no device
+            synchronisation or graph break) a label
             outside ``[0, C)`` that is not ``ignore_index``. On CUDA such a label makes its row's loss NaN.
 
     Hinton, Vinyals & Dean, *Distilling the Knowledge in a Neural Network*, 2015.
@@ -122,7 +123,7 @@ def kd_ce_loss(
         _check_row_tensor("mask", mask, rows_shape, student_logits.device)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-    if labels.device.type == "cpu" and labels.numel() > 0:
+    if labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
         if bool(bad.any()):
             raise ValueError(

@@ -1,0 +1,305 @@
+"""The fused Triton soft-KL(+CE) kernel against the eager path: values and gradients.
+
+On CPU the kernel runs under Triton's interpreter, which must be switched on before Triton is first
+imported. So in an ordinary test run this file collects one test, ``test_interpreter_subprocess``,
+that re-runs this very file in a fresh interpreter with ``TRITON_INTERPRET=1`` (nothing leaks into
+the other tests' process). Run the cases directly with::
+
+    TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/test_kernels.py
+
+On a CUDA machine (without the variable) the same cases run on the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdloss.kernels as K
+from kdloss.functional import kd_ce_loss, soft_kl
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    DEVICE: str | None = "cpu"
+elif torch.cuda.is_available() and HAS_TRITON:
+    DEVICE = "cuda"
+else:
+    DEVICE = None
+
+needs_kernel = pytest.mark.skipif(
+    DEVICE is None or not HAS_TRITON,
+    reason="kernel cases run in the TRITON_INTERPRET=1 subprocess (test_interpreter_subprocess) or on CUDA",
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_interpreter_subprocess() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(Path(__file__))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    passed = re.search(r"(\d+) passed", out)
+    assert passed is not None, out[-2000:]
+    assert int(passed.group(1)) >= 40, out[-2000:]
+    assert "failed" not in out, out[-2000:]
+
+
+def test_kdloss_imports_without_triton() -> None:
+    """With ``triton`` unimportable, kdloss imports, reports no kernels and runs the eager path."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kdloss.kernels as K\n"
+        "from kdloss.functional import soft_kl, kd_ce_loss\n"
+        "import kdloss.kernels._kd_triton as kt\n"
+        "assert not K.kernels_available() and kt.triton is None\n"
+        "x = torch.randn(3, 5)\n"
+        "print(float(soft_kl(x, x)), float(kd_ce_loss(x, x, torch.tensor([0, 1, 2]), alpha=1.0)))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0.0", "0.0"]
+
+
+def test_dispatch_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.zeros(2, 3)
+    assert not K.use_fused(x, x)  # CPU tensors never take the kernel
+    monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "1")
+    assert not K.kernels_enabled()
+    monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "0")
+    assert K.kernels_enabled()
+    K.set_kernels_enabled(False)
+    try:
+        assert not K.kernels_enabled()
+    finally:
+        K.set_kernels_enabled(True)
+    assert K.kernels_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and triton")
+def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(4, 10, device="cuda")
+    assert K.use_fused(x, x.bfloat16())
+    assert not K.use_fused(x.double(), x.double())
+    monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "1")
+    assert not K.use_fused(x, x)
+
+
+# --------------------------------------------------------------------------- kernel cases
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.shape == ref.shape
+    assert out.dtype == ref.dtype
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    fin = torch.isfinite(ref)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out[fin], ref[fin], rtol=1e-5, atol=1e-5)
+    else:
+        assert _rel(out[fin], ref[fin]) <= 1e-2
+
+
+def _logits(shape: tuple[int, ...], dtype: torch.dtype, *, scale: float = 3.0, transpose: bool = False) -> torch.Tensor:
+    if transpose:  # non-contiguous: the class dimension has a stride > 1
+        x = (torch.randn(*shape[:-2], shape[-1], shape[-2]) * scale).transpose(-1, -2)
+    else:
+        x = torch.randn(shape) * scale
+    return x.to(DEVICE or "cpu", dtype)
+
+
+def _fused_vs_eager(
+    monkeypatch: pytest.MonkeyPatch,
+    fn,  # type: ignore[no-untyped-def]
+    s: torch.Tensor,
+    t: torch.Tensor,
+    dtype: torch.dtype,
+    weights: bool,
+    **kw,  # type: ignore[no-untyped-def]
+) -> None:
+    results = []
+    w = None
+    for fused in (False, True):
+        monkeypatch.setattr(K, "use_fused", lambda a, b, _f=fused: _f)
+        leaf = s.detach().clone().requires_grad_(True)
+        out = fn(leaf, t, **kw)
+        if w is None:
+            w = torch.rand(out.shape, device=out.device) + 0.5 if weights else torch.ones_like(out)
+        (out * w).sum().backward()
+        assert leaf.grad is not None
+        results.append((out.detach(), leaf.grad))
+    (ref, gref), (got, g) = results
+    _check(got, ref, dtype)
+    _check(g, gref, dtype)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [((5, 37), 16), ((3, 4, 130), 32), ((6, 1), None), ((4, 300), None)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "block"), SHAPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_rows_match_eager(shape: tuple[int, ...], block: int | None, dtype: torch.dtype, temperature: float) -> None:
+    torch.manual_seed(0)
+    s, t = _logits(shape, dtype), _logits(shape, dtype)
+    leaf = s.clone().requires_grad_(True)
+    loss, valid = K.fused_kd_rows(leaf, t, temperature=temperature, block_size=block)
+    assert valid.all()
+    assert loss.dtype == torch.float32
+    w = torch.rand(loss.shape, device=loss.device)
+    (loss * w).sum().backward()
+    ref_leaf = s.clone().requires_grad_(True)
+    ref = soft_kl(ref_leaf, t, temperature=temperature, reduction="none")
+    (ref * w).sum().backward()
+    _check(loss.detach(), ref.detach(), dtype)
+    assert leaf.grad is not None
+    assert ref_leaf.grad is not None
+    _check(leaf.grad, ref_leaf.grad, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_soft_kl_dispatch_reductions(monkeypatch: pytest.MonkeyPatch, reduction: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    s, t = _logits((3, 4, 37), dtype), _logits((3, 4, 37), dtype)
+    mask = torch.rand(3, 4, device=s.device) > 0.3
+    _fused_vs_eager(
+        monkeypatch, soft_kl, s, t, dtype, reduction == "none", temperature=2.0, reduction=reduction, mask=mask
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", ["student", "teacher", "both", "student_row", "teacher_row", "masked_row"])
+def test_minus_inf(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, where: str) -> None:
+    """-inf entries and fully -inf rows: same values (0, finite or 1e30-large) and gradients as eager."""
+    torch.manual_seed(2)
+    s, t = _logits((6, 37), dtype), _logits((6, 37), dtype)
+    ninf = float("-inf")
+    if where in ("student", "both"):
+        s[:, [0, 5, 36]] = ninf
+    if where in ("teacher", "both"):
+        t[:, [5, 7, 20]] = ninf
+    if where == "student_row":
+        s[2] = ninf
+    if where == "teacher_row":
+        t[4] = ninf
+    mask = None
+    if where == "masked_row":
+        s[1] = ninf
+        mask = torch.ones(6, dtype=torch.bool, device=s.device)
+        mask[3] = False
+    for reduction in ("none", "batchmean"):
+        _fused_vs_eager(monkeypatch, soft_kl, s, t, dtype, True, temperature=1.5, reduction=reduction, mask=mask)
+
+
+@needs_kernel
+def test_all_rows_masked_gives_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(K, "use_fused", lambda a, b: True)
+    s = _logits((4, 37), torch.float32).requires_grad_(True)
+    out = soft_kl(s, _logits((4, 37), torch.float32), mask=torch.zeros(4, dtype=torch.bool, device=s.device))
+    out.backward()
+    assert out.item() == 0.0
+    assert s.grad is not None
+    assert torch.count_nonzero(s.grad) == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["transposed", "row_slice", "teacher_expanded"])
+def test_non_contiguous(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    torch.manual_seed(3)
+    if layout == "transposed":
+        s, t = _logits((5, 37), torch.float32, transpose=True), _logits((5, 37), torch.float32, transpose=True)
+        assert not s.is_contiguous()
+    elif layout == "row_slice":
+        s, t = _logits((10, 37), torch.float32)[::2], _logits((10, 40), torch.float32)[::2, 3:]
+    else:
+        s, t = _logits((5, 37), torch.float32), _logits((1, 37), torch.float32).expand(5, 37)
+    _fused_vs_eager(monkeypatch, soft_kl, s, t, torch.float32, True, temperature=2.0, reduction="none")
+
+
+@needs_kernel
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kd_ce_fused_vs_eager(
+    monkeypatch: pytest.MonkeyPatch, alpha: float, reduction: str, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(4)
+    s, t = _logits((3, 5, 37), dtype), _logits((3, 5, 37), dtype)
+    labels = torch.randint(0, 37, (3, 5), device=s.device)
+    labels[0, 1] = -100
+    s[1, 2] = float("-inf")  # a fully -inf student row: does not count
+    s[2, :, 4] = float("-inf")
+    t[0, 3, :7] = float("-inf")
+    mask = torch.rand(3, 5, device=s.device) > 0.2
+    _fused_vs_eager(
+        monkeypatch,
+        kd_ce_loss,
+        s,
+        t,
+        dtype,
+        reduction == "none",
+        labels=labels,
+        alpha=alpha,
+        temperature=3.0,
+        reduction=reduction,
+        mask=mask,
+    )
+
+
+@needs_kernel
+def test_soft_kl_labels_ignore_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(5)
+    s, t = _logits((8, 37), torch.float32), _logits((8, 37), torch.float32)
+    labels = torch.tensor([1, 7, 7, 2, 7, 0, 3, 7], device=s.device)
+    _fused_vs_eager(monkeypatch, soft_kl, s, t, torch.float32, False, labels=labels, ignore_index=7)
+
+
+@needs_kernel
+def test_forward_without_grad_and_single_backward() -> None:
+    s, t = _logits((4, 37), torch.float32), _logits((4, 37), torch.float32)
+    with torch.no_grad():
+        loss, _ = K.fused_kd_rows(s, t, temperature=1.0)
+    torch.testing.assert_close(loss, soft_kl(s, t, reduction="none"), rtol=1e-5, atol=1e-5)
+    leaf = s.clone().requires_grad_(True)
+    out = K.fused_kd_rows(leaf, t, temperature=1.0)[0].sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="can run only once"):
+        out.backward()
+
+
+@needs_kernel
+def test_kernel_is_interpreted_on_cpu() -> None:
+    """On CPU the kernel object is Triton's interpreter, so CPU tests really execute the kernel body."""
+    from kdloss.kernels._kd_triton import _kd_rows_kernel
+
+    if DEVICE == "cpu":
+        assert type(_kd_rows_kernel).__name__ == "InterpretedFunction"
+    else:
+        assert type(_kd_rows_kernel).__name__ == "JITFunction"
