@@ -303,3 +303,60 @@ def test_kernel_is_interpreted_on_cpu() -> None:
         assert type(_kd_rows_kernel).__name__ == "InterpretedFunction"
     else:
         assert type(_kd_rows_kernel).__name__ == "JITFunction"
+
+
+# --------------------------------------------------------------------------- GPU only: the benchmark sizes
+
+GPU_SIZES = [
+    (256, 10, torch.float32),
+    (256, 100, torch.float32),
+    (4096, 1000, torch.float32),
+    (4096, 1000, torch.bfloat16),
+    (8192, 32000, torch.bfloat16),
+    (4096, 128256, torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (the issue's benchmark sizes)")
+@pytest.mark.parametrize(("n", "c", "dtype"), GPU_SIZES, ids=str)
+def test_benchmark_sizes_on_gpu(monkeypatch: pytest.MonkeyPatch, n: int, c: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(6)
+    s, t = _logits((n, c), dtype), _logits((n, c), dtype)
+    s[0] = float("-inf")  # a fully -inf row
+    s[1, :3] = float("-inf")
+    t[2, c // 2 :] = float("-inf")
+    labels = torch.randint(0, c, (n,), device=s.device)
+    _fused_vs_eager(monkeypatch, soft_kl, s, t, dtype, False, temperature=4.0)
+    _fused_vs_eager(monkeypatch, kd_ce_loss, s, t, dtype, False, labels=labels, alpha=0.9, temperature=4.0)
+    # non-contiguous: every other column of a wider buffer (class stride 2)
+    wide = _logits((n, 2 * c), dtype)[:, ::2]
+    _fused_vs_eager(monkeypatch, soft_kl, wide, t, dtype, True, temperature=2.0, reduction="none")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+def test_no_host_sync_and_cuda_graph() -> None:
+    """256 x 100: the fused soft_kl forward+backward never synchronises and can be captured in a CUDA graph."""
+    s = _logits((256, 100), torch.float32).requires_grad_(True)
+    t = _logits((256, 100), torch.float32)
+    soft_kl(s, t, temperature=4.0).backward()  # warm-up (compiles the kernel)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = soft_kl(s, t, temperature=4.0)
+        (g,) = torch.autograd.grad(loss, s)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        soft_kl(s, t, temperature=4.0)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = soft_kl(s, t, temperature=4.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, loss.detach())
+    assert torch.isfinite(g).all()
