@@ -162,7 +162,7 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"# Loss benchmarks: {meta['tag']}",
         "",
         f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
+        f"- date: {meta['date']}; git commit {meta['commit']}; host load average at start {meta['loadavg']}",
         f"- device: {meta['device_name']}; host: {meta['cpu']}",
         f"- versions: python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}",
         f"- measured copy bandwidth: {meta['bandwidth_GBps']:.1f} GB/s (read + write); floor = bytes / bandwidth "
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "PYTHONPATH=. python -m benchmarks.run_gpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
+        "loadavg": " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min)",
         "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} thread(s)",
         "cpu": _cpu_name(),
         "python": platform.python_version(),

@@ -18,7 +18,7 @@ from kdloss._validate import (
     check_unit_interval,
     reduce_loss,
 )
-from kdloss.functional.kl import _check_row_tensor, _compute_dtype, soft_kl
+from kdloss.functional.kl import _check_row_tensor, _compute_dtype, _has_finite, soft_kl
 
 __all__ = ["kd_ce_loss"]
 
@@ -145,8 +145,7 @@ def kd_ce_loss(
 
     dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
     s = student_logits.to(dtype)
-    neg_inf = float("-inf")
-    valid = ~((s == neg_inf).all(dim=-1) | (teacher_logits == neg_inf).all(dim=-1)) & (labels != ignore_index)
+    valid = _has_finite(student_logits) & _has_finite(teacher_logits) & (labels != ignore_index)
     if mask is not None:
         valid = valid & mask
     kl = soft_kl(
