@@ -60,13 +60,13 @@ if triton is not None:
         # Pass 1: streaming log-sum-exp. m_* are running maxima (-inf until a finite value is seen),
         # l_* running sums of exp(x - m_*); l_tf sums the teacher's mass over the classes whose student
         # log-probability is not floored (finite student logits), which the exact gradient needs.
-        m_s = tl.full((), neg_inf, tl.float32)
-        l_s = tl.zeros((), tl.float32)
-        m_t = tl.full((), neg_inf, tl.float32)
-        l_t = tl.zeros((), tl.float32)
-        l_tf = tl.zeros((), tl.float32)
-        m_c = tl.full((), neg_inf, tl.float32)
-        l_c = tl.zeros((), tl.float32)
+        m_s = neg_inf
+        l_s = 0.0
+        m_t = neg_inf
+        l_t = 0.0
+        l_tf = 0.0
+        m_c = neg_inf
+        l_c = 0.0
         for start in range(0, C, BLOCK):
             cols = start + cols0
             inb = cols < C
@@ -102,7 +102,7 @@ if triton is not None:
         lse_s = tl.where(valid, m_s + tl.log(tl.where(valid, l_s, 1.0)), 0.0)
         lse_t = tl.where(valid, m_t + tl.log(tl.where(valid, l_t, 1.0)), 0.0)
         teacher_mass = tl.where(valid, l_tf / tl.where(valid, l_t, 1.0), 0.0)
-        lse_c = tl.zeros((), tl.float32)
+        lse_c = 0.0
         if HAS_CE:
             lse_c = tl.where(valid, m_c + tl.log(tl.where(valid, l_c, 1.0)), 0.0)
 
