@@ -20,9 +20,10 @@ try:
 except ImportError:  # kdloss works without Triton; this module is then an empty shell
     triton = None
 
-LOG_FLOOR = -1e30
-
 if triton is not None:
+    # The eager path's floor on log-probabilities (kdloss.functional.kl._LOG_FLOOR); a Triton global
+    # must be a tl.constexpr.
+    LOG_FLOOR = tl.constexpr(-1e30)
 
     @triton.jit
     def _kd_rows_kernel(
