@@ -114,7 +114,7 @@ def _aot_compile(sdt: str, tdt: str, flags: dict[str, bool], c: int):  # type: i
 
     block = K._block_size(c)
     names = list(kernel.arg_names)
-    types = {"S": f"*{sdt}", "TT": f"*{tdt}", "LABELS": "*i64", "MASK": "*i8", "LOSS": "*fp32", "VALID": "*i8"}
+    types = {"S": f"*{sdt}", "TT": f"*{tdt}", "LABELS": "*i64", "MASK": "*i1", "LOSS": "*fp32", "VALID": "*i1"}
     types.update(GRAD=f"*{sdt}", C="i32", ignore_index="i32")
     types.update({n: "i32" for n in ("stride_sr", "stride_tr", "stride_gr")})
     types.update({n: "fp32" for n in ("temperature", "kl_weight", "grad_kl_weight", "ce_weight")})

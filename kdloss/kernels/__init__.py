@@ -108,7 +108,7 @@ class _FusedKD(torch.autograd.Function):
         rows, c = s2.shape
         write_grad = s2.requires_grad
         loss = torch.empty(rows, device=s2.device, dtype=torch.float32)
-        valid = torch.empty(rows, device=s2.device, dtype=torch.int8)
+        valid = torch.empty(rows, device=s2.device, dtype=torch.bool)
         grad = torch.empty((rows, c) if write_grad else (1, 1), device=s2.device, dtype=s2.dtype)
         if rows > 0:
             _kd_rows_kernel[(rows,)](
@@ -183,10 +183,16 @@ def fused_kd_rows(
     c = student_logits.shape[-1]
     s2 = student_logits.reshape(-1, c)
     t2 = teacher_logits.detach().reshape(-1, c)
+    # Any row stride is read in place; a class stride other than 1 (a transposed view) is copied
+    # once, so that the kernel's loads are contiguous and its column offsets cannot overflow int32.
+    if s2.stride(1) != 1:
+        s2 = s2.contiguous()
+    if t2.stride(1) != 1:
+        t2 = t2.contiguous()
     lab = labels.reshape(-1) if labels is not None else None
-    msk = mask.reshape(-1).to(torch.int8) if mask is not None else None
+    msk = mask.reshape(-1) if mask is not None else None
     if ce_weight != 0.0 and lab is None:
         raise ValueError("ce_weight != 0 needs labels")
     block = block_size if block_size is not None else _block_size(c)
     loss, valid = _FusedKD.apply(s2, t2, lab, msk, temperature, kl_weight, ce_weight, ignore_index, block)
-    return loss.reshape(rows_shape), valid.reshape(rows_shape).bool()
+    return loss.reshape(rows_shape), valid.reshape(rows_shape)

@@ -136,4 +136,4 @@ if triton is not None:
             loss += ce_weight * tl.where(bad, float("nan"), lse_c - picked)
         loss = tl.where(valid, loss, 0.0)
         tl.store(LOSS + row, loss)
-        tl.store(VALID + row, valid.to(tl.int8))
+        tl.store(VALID + row, valid)
