@@ -130,6 +130,8 @@ def _hint_case(size: str, b: int, cs: int, ct: int, hw: int, dtype: torch.dtype)
     plain.load_state_dict(adapter.conv.state_dict())
 
     def make(device: torch.device, seed: int) -> Inputs:
+        adapter.to(device=device, dtype=dtype)  # the convolutions live with the inputs
+        plain.to(device=device, dtype=dtype)
         g = torch.Generator(device=device).manual_seed(seed)
         s = torch.randn(b, cs, hw, hw, device=device, generator=g).to(dtype).requires_grad_(True)
         t = torch.randn(b, ct, hw, hw, device=device, generator=g).to(dtype)

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_sets = args.max_sets if args.max_sets is not None else (2000 if cuda else 4)
     if not cuda:
         torch.set_num_threads(args.threads)
-    tag = args.tag or ("cpu" if not cuda else torch.cuda.get_device_name().split()[-1].lower())
+    tag = args.tag or device.type
     families = {f for f in args.families.split(",") if f}
     impls = [i for i in args.impls.split(",") if i]
 

@@ -34,15 +34,23 @@ def _params() -> list[object]:
     return out
 
 
-@pytest.fixture(scope="module")
-def inputs() -> dict[str, list[dict[str, object]]]:
-    return {cid: [case.make(DEVICE, seed) for seed in range(ROTATE)] for cid, case in CASES.items()}
+_CURRENT: dict[str, list[dict[str, object]]] = {}
+
+
+def _inputs(case_id: str) -> list[dict[str, object]]:
+    """The rotating input sets of one case; only the current case's are kept (LM sizes are GBs)."""
+    if case_id not in _CURRENT:
+        _CURRENT.clear()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+        _CURRENT[case_id] = [CASES[case_id].make(DEVICE, seed) for seed in range(ROTATE)]
+    return _CURRENT[case_id]
 
 
 @pytest.mark.parametrize(("case_id", "impl", "mode"), _params())
-def test_loss(benchmark, inputs, case_id: str, impl: str, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_loss(benchmark, case_id: str, impl: str, mode: str) -> None:  # type: ignore[no-untyped-def]
     case: Case = CASES[case_id]
-    sets = inputs[case_id]
+    sets = _inputs(case_id)
     reference_check(case, sets[0])
     fn = step(case, impl, implementation(case, impl), mode)
     counter = iter(range(10**9))
