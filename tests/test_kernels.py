@@ -361,6 +361,20 @@ def test_forward_without_grad_and_single_backward() -> None:
 
 
 @needs_kernel
+def test_empty_batch_and_double_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(K, "use_fused", lambda a, b: True)
+    s = _logits((0, 37), torch.float32).requires_grad_(True)
+    out = soft_kl(s, _logits((0, 37), torch.float32))
+    (g,) = torch.autograd.grad(out, s)
+    assert out.item() == 0.0
+    assert g.shape == (0, 37)
+    s = _logits((3, 37), torch.float32).requires_grad_(True)
+    (g,) = torch.autograd.grad(soft_kl(s, _logits((3, 37), torch.float32)), s, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"twice|once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), s)
+
+
+@needs_kernel
 def test_kernel_is_interpreted_on_cpu() -> None:
     """On CPU the kernel object is Triton's interpreter, so CPU tests really execute the kernel body."""
     from kdloss.kernels._kd_triton import _kd_rows_kernel

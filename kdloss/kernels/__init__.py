@@ -15,6 +15,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["fused_kd_rows", "kernels_available", "kernels_enabled", "set_kernels_enabled", "use_fused"]
 
@@ -143,6 +144,7 @@ class _FusedKD(torch.autograd.Function):
         return loss, valid
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _grad_valid: Tensor | None
     ) -> tuple[Tensor | None, ...]:
