@@ -440,3 +440,12 @@ def test_no_host_sync_and_cuda_graph() -> None:
     torch.cuda.synchronize()
     torch.testing.assert_close(static_out, loss.detach())
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+def test_compile_fullgraph_on_cuda_uses_eager_path() -> None:
+    """Under torch.compile the dispatch folds to the eager path (no graph break) and agrees with the kernel."""
+    s, t = _logits((64, 1000), torch.bfloat16), _logits((64, 1000), torch.bfloat16)
+    compiled = torch.compile(lambda a, b: soft_kl(a, b, temperature=2.0), fullgraph=True)
+    torch.testing.assert_close(compiled(s, t), soft_kl(s, t, temperature=2.0), rtol=1e-4, atol=1e-5)

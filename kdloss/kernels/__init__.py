@@ -67,11 +67,11 @@ def use_fused(student_logits: Tensor, teacher_logits: Tensor) -> bool:
         False
     """
     return (
-        student_logits.is_cuda
+        not torch.compiler.is_compiling()  # first: under dynamo this folds to False before anything else is traced
+        and student_logits.is_cuda
         and student_logits.dtype in _FUSED_DTYPES
         and teacher_logits.dtype in _FUSED_DTYPES
         and kernels_enabled()
-        and not torch.compiler.is_compiling()
         and kernels_available()
     )
 
