@@ -89,6 +89,10 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     i = 0
     while i < len(pattern):
         c = pattern[i]
+        if pattern.startswith("**.", i):  # zero or more whole parts
+            out.append(r"(?:.*\.)?")
+            i += 3
+            continue
         if pattern.startswith("**", i):
             out.append(".*")
             i += 2
@@ -129,7 +133,8 @@ class FeatureTap:
 
     - **Paths** are names from ``model.named_modules()`` (``"layer3.1"``, ``"features.4"``) or
       glob patterns: ``*`` and ``?`` match within one dotted part (``"layer*.0"`` is
-      ``layer1.0`` ... ``layer4.0``, not ``layer1.0.downsample.0``), ``**`` crosses parts,
+      ``layer1.0`` ... ``layer4.0``, not ``layer1.0.downsample.0``), ``**`` crosses parts
+      (``"layer4.**.0"`` is ``layer4.0`` and ``layer4.0.downsample.0``),
       ``[01]`` is a character class. A path that matches nothing raises a ``KeyError`` listing
       the closest valid names. The empty path (the whole model) is refused: its output is what
       the model returns.
