@@ -33,15 +33,27 @@ class Adapter(nn.Module):
     """Base class of kdloss's adapters: shape checks with context and the forgotten-optimiser guard.
 
     Subclasses implement :meth:`_forward`. ``stale_check_steps`` is the training forward at
-    which the guard compares the weights with their initial values (0 disables it).
+    which the guard compares the weights with their initial values (0 disables it). The guard
+    runs only in training mode with gradients enabled and outside ``torch.compile``; it warns
+    (``RuntimeWarning``) once when gradients reached the weights but the weights did not move.
+    With gradient accumulation over more than ``stale_check_steps`` forwards, raise it.
+
+    Args:
+        stale_check_steps: the training forward at which to check (``>= 0``; 0 disables it).
+
+    Raises:
+        ValueError: if ``stale_check_steps`` is negative.
     """
 
     def __init__(self, *, stale_check_steps: int = 8) -> None:
         super().__init__()
+        if isinstance(stale_check_steps, bool) or not isinstance(stale_check_steps, int):
+            raise TypeError(f"stale_check_steps must be an int, got {type(stale_check_steps).__name__}")
         if stale_check_steps < 0:
             raise ValueError(f"stale_check_steps must be >= 0, got {stale_check_steps}")
         self.stale_check_steps = stale_check_steps
         self._forwards = 0
+        self._saw_grad = False
         self._initial: list[Tensor] | None = None
 
     def _forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -60,10 +72,13 @@ class Adapter(nn.Module):
         if not params:
             self._forwards = self.stale_check_steps + 1
             return
+        # Gradients may be set to None before each forward (optimizer.zero_grad()), so remember
+        # whether any forward saw one.
+        self._saw_grad = self._saw_grad or any(p.grad is not None for p in params)
         if self._forwards == 0:
             self._initial = [p.detach().clone() for p in params]
         elif self._forwards == self.stale_check_steps and self._initial is not None:
-            got_grads = any(p.grad is not None for p in params)
+            got_grads = self._saw_grad
             unchanged = all(torch.equal(p.detach(), p0) for p, p0 in zip(params, self._initial))
             if got_grads and unchanged:
                 warnings.warn(
@@ -182,6 +197,11 @@ class PoolAdapter(Adapter):
         if isinstance(self.out_size, int):
             flat = x.flatten(1)
             d = flat.shape[1]
+            if d < self.out_size:
+                raise ShapeError(
+                    f"PoolAdapter({self.out_size}) can only pool down: got {d} features, fewer than "
+                    f"{self.out_size} (input shape {tuple(x.shape)}); use a LinearAdapter on the student side"
+                )
             if d % self.out_size:
                 raise ShapeError(
                     f"PoolAdapter({self.out_size}) needs a feature count divisible by {self.out_size}, "
@@ -257,6 +277,15 @@ def adapter_for(
 def adapter_parameters(*modules: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of the given adapters (or any modules), each once, in order.
 
+    Hand them to the optimiser together with the student's parameters (or as their own
+    parameter group, e.g. with another learning rate).
+
+    Args:
+        modules: adapters, or any modules (``nn.Identity`` contributes nothing).
+
+    Raises:
+        TypeError: if an argument is not an ``nn.Module``.
+
     Example:
         >>> import torch
         >>> student = torch.nn.Linear(4, 4)
@@ -266,7 +295,9 @@ def adapter_parameters(*modules: nn.Module) -> list[nn.Parameter]:
     """
     seen: set[int] = set()
     out: list[nn.Parameter] = []
-    for m in modules:
+    for i, m in enumerate(modules):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"adapter_parameters takes nn.Modules, got {type(m).__name__} as argument {i}")
         for p in m.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
@@ -275,7 +306,30 @@ def adapter_parameters(*modules: nn.Module) -> list[nn.Parameter]:
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, *modules: nn.Module) -> None:
-    """Raise a ``ValueError`` naming every trainable parameter of ``modules`` not in ``optimizer``."""
+    """Raise a ``ValueError`` naming every trainable parameter of ``modules`` not in ``optimizer``.
+
+    Call it once after building the optimiser: adapters created by :func:`adapter_for` after the
+    optimiser was built are the usual culprit.
+
+    Args:
+        optimizer: the optimiser that trains the student.
+        modules: the adapters (or any modules) whose trainable parameters it must hold.
+
+    Raises:
+        TypeError: if ``optimizer`` is not a ``torch.optim.Optimizer``.
+        ValueError: listing the missing parameters by name.
+
+    Example:
+        >>> import torch
+        >>> adapter = ConvAdapter(16, 32)
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        >>> check_optimizer(opt, adapter)
+        Traceback (most recent call last):
+        ...
+        ValueError: optimizer is missing 2 trainable adapter parameter(s): ConvAdapter.conv.weight, ...
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [
         f"{type(m).__name__}.{name}"
