@@ -229,11 +229,20 @@ def adapter_for(
     - anything else of equal batch: :class:`LinearAdapter` on the flattened features, reshaped
       to the teacher's per-sample shape.
 
-    The adapter is created on the student example's device and dtype. Hand its parameters to
-    the optimiser (:func:`adapter_parameters`).
+    The adapter is created on the student example's device, in its dtype if that is float32 or
+    float64 and in float32 otherwise (features computed under autocast are float16/bfloat16, the
+    weights should not be). Hand its parameters to the optimiser (:func:`adapter_parameters`).
+
+    Args:
+        student_example: a student feature, ``(B, *)``.
+        teacher_example: the teacher feature it must match, ``(B, *)``.
+        kernel_size: the :class:`ConvAdapter`'s kernel size (odd).
+        bn: add BatchNorm to a :class:`ConvAdapter`.
+        relu: add a ReLU to a :class:`ConvAdapter`.
 
     Raises:
         ShapeError: if the batch sizes differ, or the student map is smaller than the teacher's.
+        TypeError: if an example is not a floating-point tensor.
 
     Example:
         >>> import torch
@@ -252,6 +261,8 @@ def adapter_for(
             f"student_example and teacher_example must share the batch dimension, got {tuple(s)} and {tuple(t)}"
         )
     device, dtype = student_example.device, student_example.dtype
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32  # keep trainable weights in float32 when the features come from autocast
     if s == t:
         return nn.Identity()
     if len(s) == 4 and len(t) == 4:

@@ -197,6 +197,7 @@ class FeatureTap:
         self.detach = detach
         self.clone = clone
         self.compiled = _is_compiled(chain)
+        self._data_parallel = any(isinstance(m, nn.DataParallel) for m in chain)
         self.modules: dict[str, nn.Module] = self._resolve(patterns)
         self._handles: list[RemovableHandle] = []
         self._outputs: dict[str, list[Any]] = {}
@@ -254,9 +255,12 @@ class FeatureTap:
         try:
             # Clear on a call of the outer object (its hooks run eagerly, outside any compiled
             # graph) and of the inner model (in case the user calls that one directly).
+            # DataParallel copies the inner model's hooks into per-GPU replicas that run in threads:
+            # there only the outer call may clear, or one replica would drop another's capture.
             if self._outer is not self.model:
                 self._handles.append(self._outer.register_forward_pre_hook(self._on_root_call))
-            self._handles.append(self.model.register_forward_pre_hook(self._on_root_call))
+            if not self._data_parallel:
+                self._handles.append(self.model.register_forward_pre_hook(self._on_root_call))
             for path, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(path)))
             if self.compiled and self._outer is not self.model:

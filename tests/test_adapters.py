@@ -165,6 +165,8 @@ def test_adapter_for_flat_and_reshaped() -> None:
 def test_adapter_for_dtype_and_errors() -> None:
     adapter = adapter_for(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 6, dtype=torch.float64))
     assert adapter(torch.zeros(2, 4, dtype=torch.float64)).dtype == torch.float64
+    half = adapter_for(torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 6, dtype=torch.bfloat16))
+    assert half.linear.weight.dtype == torch.float32  # autocast features, float32 weights
     with pytest.raises(ShapeError, match=r"must share the batch dimension, got \(2, 4\) and \(3, 4\)"):
         adapter_for(torch.zeros(2, 4), torch.zeros(3, 4))
     with pytest.raises(ShapeError, match="must share the batch dimension"):

@@ -311,6 +311,8 @@ def test_data_parallel_paths_without_prefix() -> None:
         dp(x)
         torch.testing.assert_close(tap["0"], expected)
         assert list(tap.modules) == ["0", "2"]
+        dp(x)
+        assert tap.order == ["0", "2"]  # the DataParallel call clears the previous step
     assert _hook_count(dp) == 0
 
 
@@ -406,3 +408,15 @@ def test_compile_inplace_relu_gives_pre_relu_values() -> None:
     with FeatureTap(compiled, "0", detach=True) as tap:
         compiled(x)
         torch.testing.assert_close(tap["0"], expected)  # a copy is stored inside compiled graphs
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_module_compile_in_place_tap_after_first_call() -> None:
+    net = _mlp()
+    x = torch.randn(3, 4)
+    expected = net[0](x)
+    net.compile(backend="eager")
+    net(x)  # compiled without hooks; the tap's pre-hook on the model itself is guarded, so it recompiles
+    with FeatureTap(net, "0") as tap:
+        net(x)
+        torch.testing.assert_close(tap["0"], expected)
