@@ -104,6 +104,17 @@ class ConvAdapter(Adapter):
         kernel_size: an odd kernel size (1 or 3 usually).
         bn: add a ``BatchNorm2d`` after the convolution (its bias then replaces the conv's).
         relu: add a ReLU at the end.
+        stale_check_steps: see :class:`Adapter` (the forgotten-optimiser guard).
+
+    Shape:
+        ``(B, in_channels, H, W) -> (B, out_channels, H, W)``.
+
+    Raises:
+        ValueError: for channel counts below 1 or an even ``kernel_size``.
+        ShapeError: (in ``forward``) for an input that is not ``(B, in_channels, H, W)``.
+        TypeError: (in ``forward``) for a non-floating-point input.
+
+    Romero et al., *FitNets: Hints for Thin Deep Nets*, ICLR 2015 (the regressor).
 
     Example:
         >>> import torch
@@ -145,6 +156,19 @@ class ConvAdapter(Adapter):
 class LinearAdapter(Adapter):
     """A linear map of flattened features, ``(B, *) -> (B, out_features)``.
 
+    Args:
+        in_features: the number of elements of one student sample (``prod(*)``).
+        out_features: the number of elements of one teacher sample.
+        bias: add a bias.
+        stale_check_steps: see :class:`Adapter` (the forgotten-optimiser guard).
+
+    Shape:
+        ``(B, *) -> (B, out_features)`` with ``prod(*) == in_features``.
+
+    Raises:
+        ValueError: for sizes below 1.
+        ShapeError: (in ``forward``) for an input with another number of elements per sample.
+
     Example:
         >>> import torch
         >>> LinearAdapter(1024, 2048)(torch.zeros(4, 16, 8, 8)).shape
@@ -177,6 +201,18 @@ class PoolAdapter(Adapter):
     integer that divides ``D`` and the features are averaged in groups of ``D // out_size``
     neighbours: the tutorial's ``avg_pool1d(kernel_size=2)`` of the teacher's 2048 features to
     1024. For feature maps ``(B, C, H, W)`` with ``out_size=(h, w)``, ``adaptive_avg_pool2d``.
+    It has no parameters, so it can sit on the teacher side as well.
+
+    Args:
+        out_size: the number of features to pool down to, or the ``(h, w)`` of a feature map.
+
+    Shape:
+        ``(B, *) -> (B, out_size)`` or ``(B, C, H, W) -> (B, C, h, w)``.
+
+    Raises:
+        ValueError: for a size below 1 or a tuple that is not ``(h, w)``.
+        ShapeError: (in ``forward``) for a feature count that ``out_size`` does not divide, fewer
+            features than ``out_size``, or a non-4-D input with ``(h, w)``.
 
     Example:
         >>> import torch

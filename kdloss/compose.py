@@ -110,6 +110,13 @@ class WeightedSum(torch.nn.Module):
     :func:`weighted_sum`; calling it with a name it was not built with, or without one of its
     names, is an error.
 
+    Args:
+        weights: one keyword per term, its weight (a finite number; ``"total"`` is reserved).
+
+    Raises:
+        ValueError: for no weights, a non-finite weight or the name ``"total"``.
+        TypeError: for a weight that is not a number.
+
     Example:
         >>> import torch
         >>> objective = WeightedSum(kd=0.9, ce=0.1)
