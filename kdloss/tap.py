@@ -214,12 +214,11 @@ class FeatureTap:
                     f"each path must be a non-empty submodule name such as 'layer3.1', got {pattern!r} "
                     "(the empty path is the whole model: use its output directly)"
                 )
-            pattern = _clean_name(pattern.strip().removeprefix("module."))
-            if any(c in pattern for c in "*?["):
-                rx = _glob_regex(pattern)
-                hits = [n for n in named if rx.match(n)]
-            else:
-                hits = [pattern] if pattern in named else []
+            pattern = _clean_name(pattern.strip())
+            hits = self._match(pattern, named)
+            if not hits and pattern.startswith("module."):  # a DDP/DataParallel name, written with its prefix
+                pattern = pattern.removeprefix("module.")
+                hits = self._match(pattern, named)
             if not hits:
                 close = difflib.get_close_matches(pattern, list(named), n=5, cutoff=0.5)
                 if not close:
@@ -233,6 +232,13 @@ class FeatureTap:
             for n in hits:
                 resolved[n] = named[n]
         return resolved
+
+    @staticmethod
+    def _match(pattern: str, named: dict[str, nn.Module]) -> list[str]:
+        if any(c in pattern for c in "*?["):
+            rx = _glob_regex(pattern)
+            return [n for n in named if rx.match(n)]
+        return [pattern] if pattern in named else []
 
     # -- context manager ---------------------------------------------------------------------
     def __enter__(self) -> FeatureTap:

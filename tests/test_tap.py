@@ -317,7 +317,10 @@ def test_data_parallel_paths_without_prefix() -> None:
     assert _hook_count(dp) == 0
 
 
-def test_ddp_paths_without_prefix(tmp_path: object) -> None:
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+def test_ddp_paths_without_prefix() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
     fd, store_file = tempfile.mkstemp()
     os.close(fd)
     dist.init_process_group("gloo", store=dist.FileStore(store_file, 1), rank=0, world_size=1)
@@ -338,6 +341,21 @@ def test_ddp_paths_without_prefix(tmp_path: object) -> None:
     finally:
         dist.destroy_process_group()
         os.remove(store_file)
+
+
+class _HasModuleChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Sequential(nn.Linear(2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_a_real_submodule_named_module_is_not_stripped() -> None:
+    net = _HasModuleChild()
+    assert list(FeatureTap(net, "module.0").modules) == ["module.0"]
+    assert list(FeatureTap(nn.DataParallel(net), "module.module").modules) == ["module"]
 
 
 def test_frozen_teacher_and_nested_wrappers() -> None:
