@@ -385,6 +385,9 @@ def test_compile_tap_entered_before_first_call() -> None:
             compiled(x)
             torch.testing.assert_close(tap["0"], x @ net[0].weight.T + net[0].bias)
             assert len(tap.calls("0")) == 1
+        net.zero_grad()
+        tap["0"].sum().backward()  # the captured copy keeps the graph into the model
+        torch.testing.assert_close(net[0].bias.grad, torch.full((8,), 3.0))
     assert _hook_count(net) == 0
     compiled(torch.randn(3, 4))  # hooks gone: recompiled without them, the old tap stays empty
     assert tap.order == []
@@ -402,7 +405,13 @@ def test_compile_tap_per_step_with_block() -> None:
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.skipif(
+    not getattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False),
+    reason="this torch guards on module hooks, so hooks added after compiling are seen",
+)
 def test_compile_tap_entered_after_first_call_warns_then_reset_fixes() -> None:
+    # torch 2.15 compiles with skip_nnmodule_hook_guards=True (the default): a module compiled
+    # without hooks is not re-checked when hooks are added, so they are silently skipped.
     net = _mlp()
     compiled = torch.compile(net, backend="eager")
     x = torch.randn(3, 4)
