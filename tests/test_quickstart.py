@@ -63,3 +63,8 @@ def test_quickstart_runs_and_trains() -> None:
     # No hook survives the step.
     for model in (teacher, student):
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_readme_shows_the_same_snippet() -> None:
+    readme = QUICKSTART.parents[1] / "README.md"
+    assert _snippet() in readme.read_text(encoding="utf-8"), "README.md's quickstart differs from docs/quickstart.md"
