@@ -191,7 +191,8 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
     """Pearson correlation of each row of ``a`` with the same row of ``b``."""
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
-    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    denom = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1) + eps
+    return (a * b).sum(dim=1) / denom
 
 
 def dist_loss(
