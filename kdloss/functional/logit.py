@@ -192,7 +192,8 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
     denom = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1) + eps
-    return (a * b).sum(dim=1) / denom
+    corr: Tensor = (a * b).sum(dim=1) / denom
+    return corr
 
 
 def dist_loss(
