@@ -24,10 +24,18 @@ from kdloss import (
 )
 from kdloss.functional import ab_loss, ft_loss, hcl_loss, vid_loss
 from tests import naive_methods as naive
-from tests._methods_common import F64, assert_finite_with_grad, assert_matches_reference, assert_teacher_detached, leaf
+from tests._methods_common import (
+    F64,
+    assert_finite_with_grad,
+    assert_matches_reference,
+    assert_teacher_detached,
+    leaf,
+    single_thread,
+)
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 seeds = st.integers(0, 10_000)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 # ------------------------------------------------------------------------------------------------ VID
 
