@@ -249,3 +249,9 @@ def test_modules_equal_functions_and_repr() -> None:
         FTLoss(p=0)
     with pytest.raises(ValueError, match="levels"):
         HCLLoss(levels=(-1,))
+
+
+def test_empty_batch_gives_zero() -> None:
+    m = torch.zeros(0, 3, 2, 2, requires_grad=True)
+    for loss in (vid_loss(m, m.detach(), torch.ones(3)), ab_loss(m, m), ft_loss(m, m), hcl_loss(m, m)):
+        assert loss.item() == 0.0

@@ -249,3 +249,19 @@ def test_dist_module() -> None:
     assert not list(m.parameters())
     with pytest.raises(ValueError, match="beta"):
         DISTLoss(beta=-2.0)
+
+
+def test_dkd_masked_classes_and_empty_batch() -> None:
+    inf = float("-inf")
+    s = torch.tensor([[1.0, inf, 0.0, 2.0], [0.5, 1.0, inf, inf]], dtype=F64, requires_grad=True)
+    t = torch.tensor([[0.0, inf, 1.0, 1.0], [1.0, 0.0, inf, inf]], dtype=F64)
+    y = torch.tensor([0, 1])
+    loss = dkd_loss(s, t, y, reduction="none")
+    assert_finite_with_grad(loss, s)
+    # equal to DKD on the logits with the masked classes removed
+    torch.testing.assert_close(loss[0], dkd_loss(s[:1, [0, 2, 3]], t[:1, [0, 2, 3]], y[:1]))
+    torch.testing.assert_close(loss[1], dkd_loss(s[1:, :2], t[1:, :2], y[1:]))
+    empty = torch.zeros(0, 5, requires_grad=True)
+    out = dkd_loss(empty, empty.detach(), torch.zeros(0, dtype=torch.long))
+    assert out.item() == 0.0
+    assert dkd_loss(empty, empty.detach(), torch.zeros(0, dtype=torch.long), reduction="none").shape == (0,)

@@ -212,6 +212,13 @@ def test_nst_matches_reference(degree: int, bias: float) -> None:
     )
 
 
+def test_per_sample_losses_of_an_empty_batch_are_zero() -> None:
+    m = torch.zeros(0, 3, 2, 2, requires_grad=True)
+    assert fsp_loss([m, m], [m, m]).item() == 0.0
+    assert nst_loss(m, m).item() == 0.0
+    assert nst_loss(m, m, reduction="none").shape == (0,)
+
+
 def test_nst_pairs_reductions_gradcheck() -> None:
     s, t = leaf(2, 3, 2, 2, seed=1), leaf(2, 4, 4, 4, seed=2)
     pooled = torch.nn.functional.adaptive_avg_pool2d(t, 2)

@@ -8,6 +8,7 @@ checkpoints see them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -101,7 +102,7 @@ def vid_loss(
     var = variance.to(dtype).view(1, channels, *([1] * (pred_mean.ndim - 2)))
     diff = teacher_features.detach().to(dtype) - pred_mean.to(dtype)
     nll = 0.5 * (diff.square() / var + var.log())
-    return reduce_loss(nll, reduction, rows=nll.shape[0], elements_per_row=nll[0].numel())
+    return reduce_loss(nll, reduction, rows=nll.shape[0], elements_per_row=math.prod(nll.shape[1:]))
 
 
 def ab_loss(
@@ -169,7 +170,7 @@ def ab_loss(
     s = student_preact.to(dtype)
     on = teacher_preact.detach() > 0
     loss = torch.where(on, F.relu(margin - s), F.relu(margin + s)).square()
-    return reduce_loss(loss, reduction, rows=loss.shape[0], elements_per_row=loss[0].numel())
+    return reduce_loss(loss, reduction, rows=loss.shape[0], elements_per_row=math.prod(loss.shape[1:]))
 
 
 def ft_loss(
@@ -294,7 +295,7 @@ def hcl_loss(
     for level in levels:
         if isinstance(level, bool) or not isinstance(level, int) or level < 1:
             raise ValueError(f"levels must be integers >= 1, got {levels!r}")
-    total: Tensor | None = None
+    terms: list[Tensor] = []
     for j, (fs, ft) in enumerate(zip(s_list, t_list)):
         ns, nt = f"student_features[{j}]", f"teacher_features[{j}]"
         _check_pair(ns, fs, nt, ft, "ReviewKD fuses the student features to the teacher's shapes")
@@ -302,6 +303,9 @@ def hcl_loss(
             raise ShapeError(f"{ns} must be a (B, C, H, W) feature map, got shape {tuple(fs.shape)}")
         dtype = _dtype(fs, ft)
         s, t = fs.to(dtype), ft.detach().to(dtype)
+        if s.numel() == 0:  # an empty batch: 0, not mse_loss's NaN
+            terms.append(s.sum())
+            continue
         loss = F.mse_loss(s, t)
         weight, weights = 1.0, 1.0
         for level in levels:
@@ -312,7 +316,8 @@ def hcl_loss(
                 F.adaptive_avg_pool2d(s, (level, level)), F.adaptive_avg_pool2d(t, (level, level))
             )
             weights += weight
-        loss = loss / weights
-        total = loss if total is None else total + loss
-    assert total is not None
+        terms.append(loss / weights)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
     return total

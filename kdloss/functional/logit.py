@@ -19,6 +19,9 @@ from kdloss._validate import (
 
 __all__ = ["dist_loss", "dkd_loss", "dkd_warmup_factor"]
 
+# as in kdloss.functional.kl: a floor for log-probabilities of -inf logits
+_LOG_FLOOR = -1e30
+
 
 def _compute_dtype(*ts: Tensor) -> torch.dtype:
     dtype = torch.float32
@@ -108,9 +111,11 @@ def dkd_loss(
     DKD replaces the coupling weight :math:`1 - p_y` by the free :math:`\beta`. All log-probabilities
     come from log-sum-exp in float32 (float64 stays float64): the binary terms never take
     ``log(1 - p)`` of a rounded probability, and with 2 classes the non-target distribution has
-    one class and NCKD is exactly 0 (no ``0 * log 0`` NaN, in values or gradients). The teacher
-    is detached. This equals mdistiller's implementation (which masks the target logit with
-    ``-1000`` and takes ``log`` of probabilities) up to rounding.
+    one class and NCKD is exactly 0 (no ``0 * log 0`` NaN, in values or gradients). A ``-inf``
+    logit (a masked class) contributes 0 where the teacher gives it probability 0; every row
+    needs at least one finite non-target logit. The teacher is detached. This equals mdistiller's
+    implementation (which masks the target logit with ``-1000`` and takes ``log`` of
+    probabilities) up to rounding.
 
     Reductions: ``"none"`` gives the per-sample loss ``(B,)``; ``"batchmean"`` (default, as in
     mdistiller) and ``"mean"`` its mean over the batch; ``"sum"`` its sum.
@@ -176,7 +181,8 @@ def dkd_loss(
         others = z.masked_fill(gt, float("-inf"))
         log_b = torch.cat([z.gather(1, idx) - lse, torch.logsumexp(others, dim=1, keepdim=True) - lse], dim=1)
         log_rest = torch.where(gt, 0.0, F.log_softmax(others, dim=1))
-        return log_b, log_rest
+        # -inf logits (masked classes): 0 * log 0 must give 0, not NaN (see soft_kl)
+        return log_b.clamp(min=_LOG_FLOOR), log_rest.clamp(min=_LOG_FLOOR)
 
     log_bs, log_qs = binary_and_rest(s)
     log_bt, log_pt = binary_and_rest(t)

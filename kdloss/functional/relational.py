@@ -78,6 +78,14 @@ def _pairs(
     return out
 
 
+def _add_all(terms: list[Tensor]) -> Tensor:
+    """The sum of a non-empty list of loss terms (one per feature pair)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def _check_rows(name: str, t: Tensor, method: str, min_batch: int = 2) -> None:
     if t.ndim < 2:
         raise ShapeError(f"{name} must be (B, ...) with a feature dimension, got shape {tuple(t.shape)}")
@@ -128,7 +136,7 @@ def sp_loss(student_features: Tensor | Sequence[Tensor], teacher_features: Tenso
         >>> sp_loss(f, torch.eye(3))
         tensor(0.1626)
     """
-    total: Tensor | None = None
+    terms: list[Tensor] = []
     for ns, fs, nt, ft in _pairs(student_features, teacher_features, "sp_loss"):
         _check_rows(ns, fs, "sp_loss")
         _check_rows(nt, ft, "sp_loss")
@@ -137,10 +145,8 @@ def sp_loss(student_features: Tensor | Sequence[Tensor], teacher_features: Tenso
         qt = ft.detach().to(dtype).flatten(1)
         gs = F.normalize(qs @ qs.t(), dim=1)
         gt = F.normalize(qt @ qt.t(), dim=1)
-        term = (gt - gs).square().mean()
-        total = term if total is None else total + term
-    assert total is not None  # _pairs guarantees one pair
-    return total
+        terms.append((gt - gs).square().mean())
+    return _add_all(terms)
 
 
 # ------------------------------------------------------------------------------------------------ CC
@@ -557,13 +563,12 @@ def fsp_loss(
                 f"{ns} and {nt} must have the same channel count for their FSP matrices to compare, "
                 f"got {fs.shape[1]} and {ft.shape[1]} (add a student-side adapter)"
             )
-    per_sample: Tensor | None = None
+    terms: list[Tensor] = []
     for (_, s1, _, t1), (_, s2, _, t2) in itertools.pairwise(pairs):
         diff = fsp_matrix(t1.detach(), t2.detach()) - fsp_matrix(s1, s2)
         term = diff.square().flatten(1)
-        term = term.sum(dim=1) if variant == "paper" else term.mean(dim=1)
-        per_sample = term if per_sample is None else per_sample + term
-    assert per_sample is not None
+        terms.append(term.sum(dim=1) if variant == "paper" else term.mean(dim=1))
+    per_sample = _add_all(terms)
     return reduce_loss(per_sample, reduction, rows=per_sample.shape[0])
 
 
@@ -630,7 +635,7 @@ def nst_loss(
         raise ValueError(f"degree must be >= 1, got {degree}")
     _check_nonneg("bias", bias)
     check_reduction(reduction)
-    per_sample: Tensor | None = None
+    terms: list[Tensor] = []
     for ns, fs, nt, ft in _pairs(student_features, teacher_features, "nst_loss"):
         for name, f in ((ns, fs), (nt, ft)):
             if f.ndim != 4:
@@ -647,7 +652,6 @@ def nst_loss(
         def kernel_mean(a: Tensor, b: Tensor) -> Tensor:
             return (a @ b.transpose(1, 2) + bias).pow(degree).mean(dim=(1, 2))
 
-        term = kernel_mean(t, t) + kernel_mean(s, s) - 2.0 * kernel_mean(s, t)
-        per_sample = term if per_sample is None else per_sample + term
-    assert per_sample is not None
+        terms.append(kernel_mean(t, t) + kernel_mean(s, s) - 2.0 * kernel_mean(s, t))
+    per_sample = _add_all(terms)
     return reduce_loss(per_sample, reduction, rows=per_sample.shape[0])
