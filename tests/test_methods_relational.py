@@ -304,6 +304,11 @@ def test_low_precision_and_extreme_inputs_are_finite(
             r"student_features\[0\] and teacher_features\[0\] must have the same channel count.*got 2 and 3",
         ),
         (lambda: fsp_loss([torch.zeros(2, 2, 2)] * 2, [torch.zeros(2, 2, 2)] * 2), ShapeError, r"\(B, C, H, W\)"),
+        (
+            lambda: fsp_loss([torch.zeros(2, 2, 2, 2), torch.zeros(3, 2, 2, 2)], [torch.zeros(2, 2, 2, 2), torch.zeros(3, 2, 2, 2)]),
+            ShapeError,
+            r"student_features\[0\] and student_features\[1\] must have the same batch size",
+        ),
         (lambda: fsp_loss([torch.zeros(2, 2, 2, 2)] * 2, [torch.zeros(2, 2, 2, 2)] * 2, variant="v"), ValueError, "va"),
         (lambda: nst_loss(torch.zeros(2, 2, 2), torch.zeros(2, 2, 2)), ShapeError, r"\(B, C, H, W\)"),
         (lambda: nst_loss(torch.zeros(2, 2, 2, 2), torch.zeros(3, 2, 2, 2)), ShapeError, "same batch size"),

@@ -563,6 +563,10 @@ def fsp_loss(
                 f"{ns} and {nt} must have the same channel count for their FSP matrices to compare, "
                 f"got {fs.shape[1]} and {ft.shape[1]} (add a student-side adapter)"
             )
+    ns0, fs0 = pairs[0][0], pairs[0][1]
+    for ns, fs, _, _ in pairs[1:]:
+        check_batch(ns0, fs0, ns, fs)
+        check_same_device(**{ns0: fs0, ns: fs})
     terms: list[Tensor] = []
     for (_, s1, _, t1), (_, s2, _, t2) in itertools.pairwise(pairs):
         diff = fsp_matrix(t1.detach(), t2.detach()) - fsp_matrix(s1, s2)
