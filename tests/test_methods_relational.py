@@ -305,7 +305,7 @@ def test_low_precision_and_extreme_inputs_are_finite(
         ),
         (lambda: fsp_loss([torch.zeros(2, 2, 2)] * 2, [torch.zeros(2, 2, 2)] * 2), ShapeError, r"\(B, C, H, W\)"),
         (
-            lambda: fsp_loss([torch.zeros(2, 2, 2, 2), torch.zeros(3, 2, 2, 2)], [torch.zeros(2, 2, 2, 2), torch.zeros(3, 2, 2, 2)]),
+            lambda: fsp_loss(*[[torch.zeros(2, 2, 2, 2), torch.zeros(3, 2, 2, 2)]] * 2),
             ShapeError,
             r"student_features\[0\] and student_features\[1\] must have the same batch size",
         ),
