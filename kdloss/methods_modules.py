@@ -222,8 +222,8 @@ class ReviewKDFusion(nn.Module):
         >>> import torch
         >>> fusion = ReviewKDFusion([8, 16], [32, 64], mid_channels=16)
         >>> outs = fusion([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)])
-        >>> [tuple(o.shape) for o in outs]
-        [(2, 32, 8, 8), (2, 64, 4, 4)]
+        >>> outs[0].shape, outs[1].shape
+        (torch.Size([2, 32, 8, 8]), torch.Size([2, 64, 4, 4]))
     """
 
     def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int], *, mid_channels: int) -> None:
