@@ -65,3 +65,31 @@ def test_compile_fullgraph_equals_eager(name: str) -> None:
 @pytest.mark.parametrize("name", list(CALLS))
 def test_cuda_equals_cpu(name: str) -> None:
     torch.testing.assert_close(CALLS[name](_inputs("cuda")).cpu(), CALLS[name](_inputs("cpu")), atol=1e-5, rtol=1e-5)
+
+
+def test_every_module_is_stateless_picklable_and_reprs_its_arguments() -> None:
+    import pickle
+
+    import kdloss
+
+    modules = [
+        kdloss.DKDLoss(beta=2.0),
+        kdloss.DISTLoss(gamma=2.0),
+        kdloss.SPLoss(),
+        kdloss.CCLoss(order=3),
+        kdloss.RKDLoss(angle_weight=0.0),
+        kdloss.PKTLoss(reduction="sum"),
+        kdloss.FSPLoss(variant="repdistiller"),
+        kdloss.NSTLoss(degree=3),
+        kdloss.VIDLoss(reduction="batchmean"),
+        kdloss.ABLoss(margin=0.5),
+        kdloss.FTLoss(p=2),
+        kdloss.HCLLoss(levels=(2, 1)),
+    ]
+    for m in modules:
+        assert m.state_dict() == {}
+        assert repr(pickle.loads(pickle.dumps(m))) == repr(m)
+    assert [repr(m).split("(", 1)[1] for m in modules[:2]] == [
+        "alpha=1.0, beta=2.0, temperature=4.0, reduction='batchmean')",
+        "beta=1.0, gamma=2.0, temperature=1.0, eps=1e-08)",
+    ]

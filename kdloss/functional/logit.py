@@ -134,7 +134,8 @@ def dkd_loss(
     Raises:
         TypeError: non-floating logits, non-integer labels.
         ShapeError: logits not ``(B, C)`` with ``C >= 2`` or of different shapes, labels not ``(B,)``.
-        ValueError: a label outside ``[0, C)`` (checked eagerly, skipped under ``torch.compile``),
+        ValueError: a label outside ``[0, C)`` (checked eagerly with one host synchronisation;
+            skipped under ``torch.compile``),
             ``temperature <= 0``, negative ``alpha``/``beta``, a bad warm-up or ``reduction``,
             different devices.
 
@@ -173,7 +174,7 @@ def dkd_loss(
     dtype = _compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype) / temperature
     t = teacher_logits.detach().to(dtype) / temperature
-    gt = F.one_hot(labels.long(), classes).bool()
+    gt = labels.long().unsqueeze(1) == torch.arange(classes, device=labels.device)
     idx = labels.long().unsqueeze(1)
 
     def binary_and_rest(z: Tensor) -> tuple[Tensor, Tensor]:
