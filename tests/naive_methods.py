@@ -236,3 +236,29 @@ def hcl(fs: list[Tensor], ft: list[Tensor]) -> Tensor:
             tot += cnt
         total = total + loss / tot
     return total
+
+
+def pkt_repdistiller(s: Tensor, t: Tensor, eps: float = 1e-7) -> Tensor:
+    """RepDistiller's PKT: eps in the norms and inside the log ratio, mean over the B x B entries."""
+
+    def cond(e: Tensor) -> Tensor:
+        e = e / (torch.sqrt((e**2).sum(dim=1, keepdim=True)) + eps)
+        k = (e @ e.T + 1.0) / 2.0
+        return k / k.sum(dim=1, keepdim=True)
+
+    ps, pt = cond(s), cond(t)
+    return (pt * torch.log((pt + eps) / (ps + eps))).mean()
+
+
+def dkd_mdistiller(s: Tensor, t: Tensor, labels: Tensor, alpha: float, beta: float, temperature: float) -> Tensor:
+    """mdistiller's DKD: binary probabilities through masks and torch.log, target logit - 1000 for NCKD."""
+    gt = torch.zeros_like(s).scatter_(1, labels[:, None], 1.0)
+    other = 1.0 - gt
+    ps, pt = F.softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
+    bs = torch.cat([(ps * gt).sum(1, keepdim=True), (ps * other).sum(1, keepdim=True)], dim=1)
+    bt = torch.cat([(pt * gt).sum(1, keepdim=True), (pt * other).sum(1, keepdim=True)], dim=1)
+    tckd = F.kl_div(torch.log(bs), bt, reduction="sum") * temperature**2 / s.shape[0]
+    log_qs = F.log_softmax(s / temperature - 1000.0 * gt, dim=1)
+    pt_n = F.softmax(t / temperature - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(log_qs, pt_n, reduction="sum") * temperature**2 / s.shape[0]
+    return alpha * tckd + beta * nckd

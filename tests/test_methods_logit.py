@@ -44,6 +44,13 @@ def test_dkd_matches_reference(b: int, c: int, alpha: float, beta: float, temper
     )
 
 
+def test_dkd_equals_mdistiller() -> None:
+    s, t, y = leaf(8, 10, seed=1, scale=3.0), leaf(8, 10, seed=2, scale=3.0), _labels(8, 10)
+    assert_matches_reference(
+        lambda s, t: dkd_loss(s, t, y), lambda s, t: naive.dkd_mdistiller(s, t, y, 1.0, 8.0, 4.0), [s, t], [s]
+    )
+
+
 def test_dkd_reductions() -> None:
     s, t, y = leaf(6, 7, seed=3), leaf(6, 7, seed=4), _labels(6, 7)
     none = dkd_loss(s, t, y, reduction="none")

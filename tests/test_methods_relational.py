@@ -141,6 +141,11 @@ def test_pkt_matches_reference(include_self: bool) -> None:
     )
 
 
+def test_pkt_default_matches_repdistiller_within_eps() -> None:
+    s, t = leaf(6, 3, seed=1), leaf(6, 5, seed=2)
+    torch.testing.assert_close(pkt_loss(s, t), naive.pkt_repdistiller(s, t), atol=1e-6, rtol=1e-5)
+
+
 def test_pkt_reductions_gradcheck() -> None:
     s, t = leaf(4, 3, seed=1), leaf(4, 2, seed=2)
     none = pkt_loss(s, t, reduction="none")
