@@ -192,7 +192,7 @@ def ft_loss(
         \ell = \Big\lVert \frac{F_T}{\lVert F_T \rVert_2} - \frac{F_S}{\lVert F_S \rVert_2}
         \Big\rVert_p, \qquad p \in \{1, 2\} .
 
-    The paper uses :math:`p = 1` and a weight :math:`\beta` (500 on CIFAR); RepDistiller averages
+    The paper uses :math:`p = 1` and a weight :math:`\beta`; RepDistiller averages
     the absolute differences over all elements (``reduction="mean"``) with weight 200. Teacher
     detached; float32 compute.
 
@@ -262,8 +262,7 @@ def hcl_loss(
     Teacher detached; float32 compute.
 
     Reductions: none; MSE is the mean over all elements of each (pooled) map, as in the authors'
-    code. The ReviewKD paper weights this loss with 1 on CIFAR-100 (ResNet students), with a
-    warm-up.
+    code. Its weight is a hyper-parameter of the recipe.
 
     Args:
         student_features: one ``(B, C, H, W)`` map or a sequence of them.

@@ -110,8 +110,8 @@ def sp_loss(student_features: Tensor | Sequence[Tensor], teacher_features: Tenso
 
     Student and teacher may have any (different) feature shapes; only the batch must agree. The
     loss is invariant to scaling either feature and to any orthogonal transform of the flattened
-    features. Computed in float32 (float64 stays float64); the teacher is detached. The paper
-    weights this term with :math:`\gamma = 3000` on CIFAR-10.
+    features. Computed in float32 (float64 stays float64); the teacher is detached. RepDistiller
+    weights this term with 3000 on CIFAR-100.
 
     Reductions: none. The loss relates the samples of the batch to each other; the result is the
     scalar above (the :math:`1/B^2` mean of the squared differences, summed over pairs).
@@ -196,7 +196,7 @@ def cc_loss(
         student_embeddings: ``(B, D_s)`` embeddings, ``B >= 2``.
         teacher_embeddings: ``(B, D_t)`` embeddings; detached inside.
         gamma: the RBF kernel's :math:`\gamma > 0`.
-        order: the Taylor order :math:`P \ge 0` (the paper uses 2).
+        order: the Taylor order :math:`P \ge 0` (default 2).
         variant: ``"paper"`` or ``"repdistiller"``.
 
     Raises:
@@ -602,7 +602,7 @@ def nst_loss(
 
     summed over feature pairs. Channel counts may differ; the spatial sizes must agree, except
     that a larger map is average-pooled to the smaller size (as in RepDistiller). The paper's
-    choice is :math:`d = 2, c = 0` and a weight :math:`\lambda / 2`, :math:`\lambda = 50`; the
+    choice is :math:`d = 2, c = 0` (RepDistiller weights the term with 50); the
     teacher-only first term is a constant for the student, kept so that the value is the MMD
     (:math:`\ge 0`, 0 for equal maps). Teacher detached; float32 compute.
 
