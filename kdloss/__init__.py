@@ -15,27 +15,63 @@ from kdloss.adapters import (
     check_optimizer,
 )
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
-from kdloss.losses import AttentionLoss, CosineHiddenLoss, HintLoss, KDCELoss, KDLoss
+from kdloss.losses import (
+    ABLoss,
+    AttentionLoss,
+    CCLoss,
+    CosineHiddenLoss,
+    DISTLoss,
+    DKDLoss,
+    FSPLoss,
+    FTLoss,
+    HCLLoss,
+    HintLoss,
+    KDCELoss,
+    KDLoss,
+    NSTLoss,
+    PKTLoss,
+    RKDLoss,
+    SPLoss,
+    VIDLoss,
+)
+from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABConnector",
+    "ABLoss",
     "Adapter",
     "AttentionLoss",
+    "CCLoss",
     "ConvAdapter",
     "CosineHiddenLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "FSPLoss",
+    "FTLoss",
+    "FTParaphraser",
+    "FTTranslator",
     "FeatureTap",
     "FrozenTeacher",
+    "HCLLoss",
     "HintLoss",
     "KDCELoss",
     "KDLoss",
     "LinearAdapter",
     "LossParts",
+    "NSTLoss",
+    "PKTLoss",
     "PoolAdapter",
+    "RKDLoss",
     "Reduction",
+    "ReviewKDFusion",
+    "SPLoss",
     "ShapeError",
+    "VIDLoss",
+    "VIDRegressor",
     "WeightedSum",
     "__version__",
     "adapter_for",

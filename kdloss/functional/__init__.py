@@ -1,16 +1,33 @@
 """Pure loss functions: tensors in, tensor out. Each carries the canonical docstring of its loss."""
 
 from kdloss.functional.attention import attention_loss, attention_map
+from kdloss.functional.feature import ab_loss, ft_loss, hcl_loss, vid_loss
 from kdloss.functional.hint import cosine_hidden_loss, hint_loss
 from kdloss.functional.kd_ce import kd_ce_loss
 from kdloss.functional.kl import log_probs, soft_kl
+from kdloss.functional.logit import dist_loss, dkd_loss, dkd_warmup_factor
+from kdloss.functional.relational import cc_loss, fsp_loss, fsp_matrix, nst_loss, pkt_loss, rkd_loss, sp_loss
 
 __all__ = [
+    "ab_loss",
     "attention_loss",
     "attention_map",
+    "cc_loss",
     "cosine_hidden_loss",
+    "dist_loss",
+    "dkd_loss",
+    "dkd_warmup_factor",
+    "fsp_loss",
+    "fsp_matrix",
+    "ft_loss",
+    "hcl_loss",
     "hint_loss",
     "kd_ce_loss",
     "log_probs",
+    "nst_loss",
+    "pkt_loss",
+    "rkd_loss",
     "soft_kl",
+    "sp_loss",
+    "vid_loss",
 ]
