@@ -340,6 +340,39 @@ def test_kd_ce_fused_vs_eager(
 
 
 @needs_kernel
+def test_strided_mask_and_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(7)
+    s, t = _logits((6, 37), torch.float32), _logits((6, 37), torch.float32)
+    mask = (torch.rand(12, device=s.device) > 0.4)[::2]
+    labels = torch.randint(0, 37, (12,), device=s.device)[::2]
+    labels[1] = -100
+    assert mask.stride(0) == 2
+    _fused_vs_eager(
+        monkeypatch, kd_ce_loss, s, t, torch.float32, True, labels=labels, mask=mask, alpha=0.5, reduction="none"
+    )
+
+
+@needs_kernel
+def test_no_grad_writes_no_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdloss.kernels import _FusedKD
+
+    seen: list[bool] = []
+    original = _FusedKD.forward
+
+    def spy(ctx, *args):  # type: ignore[no-untyped-def]
+        out = original(ctx, *args)
+        seen.append(ctx.grad is not None)
+        return out
+
+    monkeypatch.setattr(_FusedKD, "forward", staticmethod(spy))
+    s = _logits((3, 37), torch.float32).requires_grad_(True)
+    with torch.no_grad():
+        K.fused_kd_rows(s, s.detach() + 1, temperature=1.0)
+    K.fused_kd_rows(s, s.detach() + 1, temperature=1.0)
+    assert seen == [False, True]
+
+
+@needs_kernel
 def test_soft_kl_labels_ignore_index(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(5)
     s, t = _logits((8, 37), torch.float32), _logits((8, 37), torch.float32)

@@ -103,11 +103,11 @@ class _FusedKD(torch.autograd.Function):
         ce_weight: float,
         ignore_index: int,
         block: int,
+        write_grad: bool,
     ) -> tuple[Tensor, Tensor]:
         from kdloss.kernels._kd_triton import _kd_rows_kernel
 
         rows, c = s2.shape
-        write_grad = s2.requires_grad
         loss = torch.empty(rows, device=s2.device, dtype=torch.float32)
         valid = torch.empty(rows, device=s2.device, dtype=torch.bool)
         grad = torch.empty((rows, c) if write_grad else (1, 1), device=s2.device, dtype=s2.dtype)
@@ -156,7 +156,7 @@ class _FusedKD(torch.autograd.Function):
             )
         ctx.grad = None  # type: ignore[attr-defined]
         grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def fused_kd_rows(
@@ -191,10 +191,13 @@ def fused_kd_rows(
         s2 = s2.contiguous()
     if t2.stride(1) != 1:
         t2 = t2.contiguous()
-    lab = labels.reshape(-1) if labels is not None else None
-    msk = mask.reshape(-1) if mask is not None else None
+    # the kernel indexes labels and mask by row: they must be dense
+    lab = labels.reshape(-1).contiguous() if labels is not None else None
+    msk = mask.reshape(-1).contiguous() if mask is not None else None
     if ce_weight != 0.0 and lab is None:
         raise ValueError("ce_weight != 0 needs labels")
     block = block_size if block_size is not None else _block_size(c)
-    loss, valid = _FusedKD.apply(s2, t2, lab, msk, temperature, kl_weight, ce_weight, ignore_index, block)
+    # needs_input_grad cannot tell inside forward whether grad mode is on: decide here
+    write_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, valid = _FusedKD.apply(s2, t2, lab, msk, temperature, kl_weight, ce_weight, ignore_index, block, write_grad)
     return loss.reshape(rows_shape), valid.reshape(rows_shape)
