@@ -482,3 +482,56 @@ def test_compile_fullgraph_on_cuda_uses_eager_path() -> None:
     s, t = _logits((64, 1000), torch.bfloat16), _logits((64, 1000), torch.bfloat16)
     compiled = torch.compile(lambda a, b: soft_kl(a, b, temperature=2.0), fullgraph=True)
     torch.testing.assert_close(compiled(s, t), soft_kl(s, t, temperature=2.0), rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_random_inputs_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Property check over random shapes, block sizes, temperatures, -inf patterns, masks, labels and alpha."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(
+        rows=st.integers(1, 4),
+        c=st.integers(1, 70),
+        block=st.sampled_from([16, 32, None]),
+        temperature=st.floats(0.5, 5.0),
+        alpha=st.sampled_from([1.0, 0.6, 0.0]),
+        seed=st.integers(0, 2**16),
+        p_inf=st.sampled_from([0.0, 0.2, 0.9]),
+    )
+    def check(rows: int, c: int, block: int | None, temperature: float, alpha: float, seed: int, p_inf: float) -> None:
+        g = torch.Generator().manual_seed(seed)
+        s = torch.randn(rows, c, generator=g) * 4
+        t = torch.randn(rows, c, generator=g) * 4
+        s[torch.rand(rows, c, generator=g) < p_inf] = float("-inf")
+        t[torch.rand(rows, c, generator=g) < p_inf] = float("-inf")
+        mask = torch.rand(rows, generator=g) > 0.2
+        labels = torch.randint(0, c, (rows,), generator=g)
+        labels[torch.rand(rows, generator=g) < 0.2] = -100
+        dev = DEVICE or "cpu"
+        s, t, mask, labels = s.to(dev), t.to(dev), mask.to(dev), labels.to(dev)
+        ref_s = s.clone().requires_grad_(True)
+        ref = kd_ce_loss(ref_s, t, labels, alpha=alpha, temperature=temperature, reduction="none", mask=mask)
+        got_s = s.clone().requires_grad_(True)
+        got, valid = K.fused_kd_rows(
+            got_s,
+            t,
+            temperature=temperature,
+            mask=mask,
+            labels=labels,
+            kl_weight=alpha,
+            ce_weight=1.0 - alpha,
+            block_size=block,
+        )
+        w = torch.rand(rows, generator=g).to(dev)
+        (ref * w).sum().backward()
+        (got * w).sum().backward()
+        assert ref_s.grad is not None
+        assert got_s.grad is not None
+        _check(got.detach(), ref.detach(), torch.float32)
+        _check(got_s.grad, ref_s.grad, torch.float32)
+        counts = mask & (labels != -100) & (s > float("-inf")).any(-1) & (t > float("-inf")).any(-1)
+        assert torch.equal(valid, counts)
+
+    check()
