@@ -107,3 +107,18 @@ def test_errors() -> None:
         kd_ce_loss(s, t, y, mask=torch.ones(4))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\) or equal ignore_index=-100, got 9"):
         kd_ce_loss(s, t, torch.tensor([0, 9, 1, 2]))
+
+
+def test_pure_kd_and_pure_ce_leave_the_other_term_out() -> None:
+    """alpha=1 ignores the CE (a -inf label logit gives no NaN); alpha=0 ignores the KD term."""
+    s, t = torch.randn(3, 6), torch.randn(3, 6)
+    y = torch.tensor([0, 1, 2])
+    s[0, 0] = float("-inf")  # the label's logit: CE is inf for row 0
+    pure_kd = kd_ce_loss(s, t, y, alpha=1.0, temperature=2.0, reduction="none")
+    torch.testing.assert_close(pure_kd, soft_kl(s, t, temperature=2.0, reduction="none"))
+    s2 = torch.randn(3, 6)
+    t2 = torch.randn(3, 6)
+    t2[1, :] = float("-inf")  # no teacher distribution: the row does not count, even for CE
+    pure_ce = kd_ce_loss(s2, t2, y, alpha=0.0, reduction="none")
+    torch.testing.assert_close(pure_ce[[0, 2]], F.cross_entropy(s2[[0, 2]], y[[0, 2]], reduction="none"))
+    assert pure_ce[1] == 0

@@ -52,6 +52,9 @@ def kd_ce_loss(
     reads each logit tensor twice and writes the gradient once (see :mod:`kdloss.kernels`); elsewhere
     it runs the eager PyTorch path; both give the same numbers within float32 rounding.
 
+    ``alpha=1`` is exactly :func:`~kdloss.functional.soft_kl` and ``alpha=0`` the cross-entropy
+    alone: the term with weight 0 is not computed (so an infinite CE cannot turn into NaN).
+
     Rows that do not count (value 0, left out of ``N``): positions where ``mask`` is ``False``,
     positions whose label is ``ignore_index``, rows whose student or teacher logits are all ``-inf``.
 
@@ -148,17 +151,24 @@ def kd_ce_loss(
     valid = _has_finite(student_logits) & _has_finite(teacher_logits) & (labels != ignore_index)
     if mask is not None:
         valid = valid & mask
-    kl = soft_kl(
-        student_logits,
-        teacher_logits,
-        temperature=temperature,
-        reduction="none",
-        mask=mask,
-        labels=labels,
-        ignore_index=ignore_index,
-    )
-    # Rows that do not count are zeroed before the CE so that neither value nor gradient is NaN.
-    s_safe = torch.where(valid.unsqueeze(-1), s, 0.0).reshape(-1, c)
-    ce = F.cross_entropy(s_safe, torch.where(valid, labels, 0).reshape(-1), reduction="none").reshape(rows_shape)
-    per_row = alpha * kl + (1.0 - alpha) * torch.where(valid, ce, 0.0)
+    # alpha = 1 is pure KD and alpha = 0 pure CE: the other term is left out, not multiplied by 0
+    # (0 * inf would be NaN for a label whose student logit is -inf).
+    terms: list[Tensor] = []
+    if alpha > 0.0:
+        kl = soft_kl(
+            student_logits,
+            teacher_logits,
+            temperature=temperature,
+            reduction="none",
+            mask=mask,
+            labels=labels,
+            ignore_index=ignore_index,
+        )
+        terms.append(alpha * kl)
+    if alpha < 1.0:
+        # Rows that do not count are zeroed before the CE so that neither value nor gradient is NaN.
+        s_safe = torch.where(valid.unsqueeze(-1), s, 0.0).reshape(-1, c)
+        ce = F.cross_entropy(s_safe, torch.where(valid, labels, 0).reshape(-1), reduction="none").reshape(rows_shape)
+        terms.append((1.0 - alpha) * torch.where(valid, ce, 0.0))
+    per_row = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return reduce_loss(per_row, reduction, rows=valid.sum())
