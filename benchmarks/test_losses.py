@@ -104,3 +104,29 @@ def test_results_markdown_lists_everything() -> None:
     assert "| kd-x-float32 | 2x3 | fwd | naive | 2.000 ms | 1.0 | 1.00 | - | - | - |" in text
     for family in PENDING_FAMILIES:
         assert f"- {family}: " in text
+
+
+def test_check_targets_reads_a_results_file() -> None:
+    """check_targets.py passes a row that meets a target, fails one that misses, flags missing rows."""
+    from benchmarks.check_targets import checks
+
+    def row(case: str, impl: str, mode: str, median: float, **kw: object) -> dict[str, object]:
+        return {"case": case, "impl": impl, "mode": mode, "median_s": median, "pct_of_floor": 60.0, **kw}
+
+    lm = "kd-lm32k-bfloat16"
+    rows = [
+        row(lm, "kdloss", "fwdbwd", 1e-3, peak_extra_bytes=8192 * 32000 * 2),
+        row(lm, "naive", "fwdbwd", 13e-3),
+        row(lm, "compiled", "fwdbwd", 1.5e-3),
+        row("kd-cifar100-float32", "kdloss", "fwd", 5e-6, device_ops=1, host_sync=False),
+        row("kd-cifar100-float32", "kdloss", "fwdbwd", 25e-6, device_ops=4, host_sync=False),
+    ]
+    got = {desc: ok for desc, ok, _ in checks({"results": rows})}
+    assert got[f"{lm} >= 50% of floor"] is True
+    assert got[f"{lm} >= 12x naive"] is True
+    assert got[f"{lm} >= 2x compiled"] is False
+    assert got[f"{lm} extra memory <= 1.05x gradient"] is True
+    assert got["kd-cifar100-float32 forward: one launch"] is True
+    assert got["kd-cifar100-float32 fwd+bwd <= 20 us"] is False
+    assert got["kd-lm128k-bfloat16 fwd+bwd"] is None
+    assert got["kd-imagenet-float32 fwd+bwd <= 30 us"] is None
