@@ -16,6 +16,8 @@ from kdloss.adapters import (
 )
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
 from kdloss.losses import AttentionLoss, CosineHiddenLoss, HintLoss, KDLoss
+from kdloss.losses.contrastive import CRDEmbed, CRDLoss
+from kdloss.memory import ContrastMemory
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
 
@@ -24,6 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AttentionLoss",
+    "CRDEmbed",
+    "CRDLoss",
+    "ContrastMemory",
     "ConvAdapter",
     "CosineHiddenLoss",
     "FeatureTap",

@@ -1,7 +1,8 @@
 """Stateless ``nn.Module`` wrappers: each ``forward`` is one call of a :mod:`kdloss.functional` function."""
 
 from kdloss.losses.attention import AttentionLoss
+from kdloss.losses.contrastive import CRDEmbed, CRDLoss
 from kdloss.losses.hint import CosineHiddenLoss, HintLoss
 from kdloss.losses.kl import KDLoss
 
-__all__ = ["AttentionLoss", "CosineHiddenLoss", "HintLoss", "KDLoss"]
+__all__ = ["AttentionLoss", "CRDEmbed", "CRDLoss", "CosineHiddenLoss", "HintLoss", "KDLoss"]
