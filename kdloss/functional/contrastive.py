@@ -56,7 +56,8 @@ ScoreMethod = Literal["auto", "matmul", "gather"]
 - ``"auto"``: ``"matmul"`` when ``B * (K+1) >= n_data / 2`` (the crossover measured on CPU, see
   ``docs/crd.md``), else ``"gather"``; CRD's usual sizes (``K = 16384``) always take ``"matmul"``.
   On CUDA ``"auto"`` uses the same rule; it is a reasoned default (one read of the bank
-  against ``B * (K+1)`` scattered row reads), not a measured one: run the benchmark in ``docs/crd.md`` and pass ``method=`` explicitly to change it.
+  against ``B * (K+1)`` scattered row reads), not a measured one: run the benchmark in ``docs/crd.md``
+  and pass ``method=`` explicitly to change it.
 """
 
 _METHODS: tuple[str, ...] = ("auto", "matmul", "gather")
