@@ -72,6 +72,7 @@ class NaiveCRD(nn.Module):
         k: int,
         temperature: float = 0.07,
         momentum: float = 0.5,
+        update: str = "loop",
     ) -> None:
         super().__init__()
         self.embed_s = NaiveEmbed(s_dim, feat_dim)
@@ -79,6 +80,7 @@ class NaiveCRD(nn.Module):
         self.register_buffer("memory_v1", naive_init_bank(n_data, feat_dim))  # student bank
         self.register_buffer("memory_v2", naive_init_bank(n_data, feat_dim))  # teacher bank
         self.n_data, self.k, self.temperature, self.momentum = n_data, k, temperature, momentum
+        self.update = update  # "loop": sequential textbook writes; "index_copy": the reference's one call
         self.z_v1 = -1.0
         self.z_v2 = -1.0
 
@@ -86,15 +88,22 @@ class NaiveCRD(nn.Module):
         v1 = self.embed_s(f_s)
         v2 = self.embed_t(f_t.detach())
         full_idx = torch.cat([idx.view(-1, 1), contrast_idx], 1)
-        out_v1 = naive_exp_scores(v1, self.memory_v2.clone(), full_idx, self.temperature)  # student vs teacher bank
-        out_v2 = naive_exp_scores(v2, self.memory_v1.clone(), full_idx, self.temperature)  # teacher vs student bank
+        # the gather copies the rows, so the in-place update below cannot affect the backward pass
+        out_v1 = naive_exp_scores(v1, self.memory_v2, full_idx, self.temperature)  # student vs teacher bank
+        out_v2 = naive_exp_scores(v2, self.memory_v1, full_idx, self.temperature)  # teacher vs student bank
         if self.z_v1 < 0:
             self.z_v1 = float(out_v1.mean().detach()) * self.n_data
         if self.z_v2 < 0:
             self.z_v2 = float(out_v2.mean().detach()) * self.n_data
         loss = naive_nce(out_v1 / self.z_v1, self.n_data) + naive_nce(out_v2 / self.z_v2, self.n_data)
-        naive_update(self.memory_v1, idx, v1, self.momentum)
-        naive_update(self.memory_v2, idx, v2, self.momentum)
+        if self.update == "loop":
+            naive_update(self.memory_v1, idx, v1, self.momentum)
+            naive_update(self.memory_v2, idx, v2, self.momentum)
+        else:
+            with torch.no_grad():
+                for bank, v in ((self.memory_v1, v1), (self.memory_v2, v2)):
+                    rows = naive_normalize(bank[idx] * self.momentum + v.detach() * (1 - self.momentum))
+                    bank.index_copy_(0, idx, rows)
         return loss
 
 
