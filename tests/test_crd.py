@@ -408,3 +408,53 @@ def test_repr() -> None:
     r = repr(CRDLoss(S_DIM, T_DIM, N, feat_dim=D, n_negatives=K))
     assert "embed_student" in r
     assert "ContrastMemory(n_data=64, feat_dim=8, n_negatives=16, temperature=0.07, momentum=0.5" in r
+
+
+def test_user_loop_as_in_the_docs() -> None:
+    """docs/crd.md's loop with tiny models: a Dataset wrapper supplies the indices, the banks follow."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    from kdloss import FeatureTap, KDLoss
+
+    class WithIndex(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
+        def __init__(self, base: TensorDataset) -> None:
+            self.base = base
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+            x, y = self.base[i]
+            return x, y, i
+
+    torch.manual_seed(0)
+    base = TensorDataset(torch.randn(32, 6), torch.arange(32) % 3)
+    train_set = WithIndex(base)
+    loader = DataLoader(train_set, batch_size=8, shuffle=True, drop_last=True)
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+    student, teacher = net(), net()
+    crd = CRDLoss(5, 5, n_data=len(train_set), feat_dim=4, n_negatives=8, negatives="class", labels=base.tensors[1])
+    kd = KDLoss(temperature=4.0)
+    opt = torch.optim.SGD(list(student.parameters()) + list(crd.parameters()), lr=0.05)
+    bank0 = crd.memory.bank_student.clone()
+    seen = []
+    with FeatureTap(student, "1") as s_tap, FeatureTap(teacher, "1", detach=True) as t_tap:
+        for x, y, index in loader:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+            loss = (
+                0.1 * torch.nn.functional.cross_entropy(s_logits, y)
+                + 0.9 * kd(s_logits, t_logits)
+                + 0.8 * crd(s_tap["1"], t_tap["1"], index)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen.append(index)
+    changed = (crd.memory.bank_student != bank0).any(dim=1)
+    assert torch.equal(changed.nonzero().flatten(), torch.cat(seen).sort().values)  # exactly the seen rows
+    assert crd.embed_student.linear.weight.grad is not None
