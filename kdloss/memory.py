@@ -18,10 +18,11 @@ from kdloss.functional.contrastive import (
     _METHODS,
     ScoreMethod,
     _is_integer,
+    _last_occurrence,
+    _momentum_rows,
+    _resolve_method,
+    _score_views,
     check_index_range,
-    crd_logits,
-    crd_normalizer,
-    crd_update_rows,
 )
 
 __all__ = ["ContrastMemory", "NegativeSampling"]
@@ -53,9 +54,10 @@ class ContrastMemory(nn.Module):
     positive) and ``K`` negatives, returns the two ``(B, K+1)`` float32 logit tensors, and, in
     training mode, sets :math:`Z` on the first call and updates the positives' rows
     (``row = normalize(m * row + (1 - m) * embedding)``) after scoring. The scores are taken
-    against a copy of the banks when a gradient is needed, so the in-place update cannot corrupt
-    the backward pass. Nothing in a step reads a tensor's value on the host when
-    ``validate=False``: negatives are sampled on the banks' device with ``torch.randint``/``torch.rand``.
+    against a copy of the banks (the two banks stacked, for one batched product), so the in-place
+    update cannot corrupt the backward pass. Nothing in a step reads a tensor's value on the host
+    when ``validate=False``: negatives are sampled on the banks' device with
+    ``torch.randint``/``torch.rand``.
 
     Duplicate indices in a batch: every occurrence is scored; the bank row takes the **last**
     occurrence's embedding (after the all-gather under DDP: the highest rank's last occurrence),
@@ -324,33 +326,36 @@ class ContrastMemory(nn.Module):
         Raises:
             TypeError, ShapeError, ValueError: bad inputs (checked before any state changes).
         """
+        s, t = self.scores(student_embedding, teacher_embedding, indices, negatives, generator=generator).unbind(0)
+        return s, t
+
+    def scores(
+        self,
+        student_embedding: Tensor,
+        teacher_embedding: Tensor,
+        indices: Tensor,
+        negatives: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """:meth:`forward` with both views stacked: ``(2, B, K+1)`` float32 (student view first)."""
         self._check_inputs(student_embedding, teacher_embedding, indices, negatives)
         idx = indices.long()
         if negatives is None:
             negatives = self.sample_negatives(idx, generator)
         contrast = torch.cat([idx.unsqueeze(1), negatives.long()], dim=1)
 
-        needs_grad = torch.is_grad_enabled() and (student_embedding.requires_grad or teacher_embedding.requires_grad)
-        update = self.training
-        # Score against copies when autograd will read the banks after the in-place update.
-        copy = needs_grad and update
-        bank_t = self.bank_teacher.to(torch.float32, copy=copy)
-        bank_s = self.bank_student.to(torch.float32, copy=copy)
-        opts: dict[str, Any] = {
-            "temperature": self.temperature,
-            "method": self.method,
-            "chunk_size": self.chunk_size,
-            "validate": False,
-        }
-        student_logits = crd_logits(student_embedding, bank_t, contrast, **opts)
-        teacher_logits = crd_logits(teacher_embedding, bank_s, contrast, **opts)
+        # View 0: student embedding vs teacher bank; view 1: teacher embedding vs student bank. The
+        # stacked banks are a copy, so the in-place update below cannot change what autograd saved.
+        anchors = torch.stack([student_embedding.float(), teacher_embedding.float()])
+        banks = torch.stack([self.bank_teacher, self.bank_student])
+        path = _resolve_method(self.method, contrast.numel(), self.n_data)
+        logits = _score_views(anchors, banks, contrast, self.temperature, path, self.chunk_size)
 
-        if update:
+        if self.training:
             with torch.no_grad():
                 if not self._z_known:
-                    z = torch.stack(
-                        [crd_normalizer(student_logits, self.n_data), crd_normalizer(teacher_logits, self.n_data)]
-                    )
+                    z = logits.detach().exp().mean(dim=(1, 2)) * self.n_data
                     world = self._world()
                     if world > 1:
                         dist.all_reduce(z, group=self.process_group)
@@ -359,13 +364,14 @@ class ContrastMemory(nn.Module):
                     self.normalizers.copy_(torch.where(self.normalizers > 0, self.normalizers, z))
                     self._z_known = True
                 all_idx = self._all_gather(idx)
-                s_all = self._all_gather(student_embedding.detach().float())
-                t_all = self._all_gather(teacher_embedding.detach().float())
-                rows_s = crd_update_rows(self.bank_student, all_idx, s_all, self.momentum)
-                rows_t = crd_update_rows(self.bank_teacher, all_idx, t_all, self.momentum)
-                self.bank_student.index_copy_(0, all_idx, rows_s.to(self.bank_student.dtype))
-                self.bank_teacher.index_copy_(0, all_idx, rows_t.to(self.bank_teacher.dtype))
-        return student_logits, teacher_logits
+                # (B, 2d): teacher then student embedding, the order of `banks`
+                emb = self._all_gather(torch.cat([teacher_embedding.detach(), student_embedding.detach()], 1).float())
+                emb = emb.view(-1, 2, self.feat_dim).transpose(0, 1)  # (2, B_all, d)
+                old = banks.index_select(1, all_idx).float()
+                rows = _momentum_rows(old, emb, _last_occurrence(all_idx), self.momentum)
+                self.bank_teacher.index_copy_(0, all_idx, rows[0].to(self.bank_teacher.dtype))
+                self.bank_student.index_copy_(0, all_idx, rows[1].to(self.bank_student.dtype))
+        return logits
 
     # -- state -------------------------------------------------------------------------------
     def _load_from_state_dict(

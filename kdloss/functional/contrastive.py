@@ -15,6 +15,7 @@ call in order:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Literal
 
@@ -245,14 +246,28 @@ def crd_logits(
     path = _resolve_method(method, indices.numel(), bank.shape[0])
     if validate:
         check_index_range("indices", indices, bank.shape[0])
-    idx = indices.long()
-    with torch.autocast(device_type=anchor.device.type, enabled=False):
+    return _score_views(anchor.unsqueeze(0), bank.unsqueeze(0), indices.long(), temperature, path, chunk_size)[0]
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Disable autocast only where it is on (entering ``torch.autocast`` costs host time)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _score_views(
+    anchors: Tensor, banks: Tensor, idx: Tensor, temperature: float, path: str, chunk_size: int | None
+) -> Tensor:
+    """``(V, B, d)`` anchors against ``(V, N, d)`` banks at shared ``(B, K+1)`` long indices -> ``(V, B, K+1)``."""
+    with _autocast_off(anchors.device.type):
         if path == "matmul":
-            full = anchor.float() @ bank.float().t()
-            out = full.gather(1, idx)
+            full = torch.bmm(anchors.float(), banks.float().transpose(1, 2))  # (V, B, N)
+            out = full.gather(2, idx.unsqueeze(0).expand(anchors.shape[0], -1, -1))
         else:
-            chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, anchor.shape[0] * anchor.shape[1]))
-            out = _GatherDot.apply(anchor, bank.detach(), idx, chunk)
+            chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, anchors.shape[1] * anchors.shape[2]))
+            views = [_GatherDot.apply(anchors[v], banks[v].detach(), idx, chunk) for v in range(anchors.shape[0])]
+            out = torch.stack(views)
     return out / temperature
 
 
@@ -349,17 +364,22 @@ def crd_nce_loss(
         )
     _check_n_data(n_data)
     check_reduction(reduction)
+    log_z: Tensor | float
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise ShapeError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
         log_z = normalizer.detach().float().reshape(()).log()
     else:
-        log_z = torch.tensor(math.log(check_positive("normalizer", normalizer)), device=logits.device)
-    k = logits.shape[1] - 1
+        log_z = math.log(check_positive("normalizer", normalizer))
+    return reduce_loss(_nce_rows(logits, log_z, n_data), reduction, rows=logits.shape[0])
+
+
+def _nce_rows(logits: Tensor, log_z: Tensor | float, n_data: int) -> Tensor:
+    """Per-anchor NCE loss of ``(..., B, K+1)`` logits with ``log Z`` broadcastable to ``(..., B)``."""
+    k = logits.shape[-1] - 1
     log_c = math.log(k / n_data)
-    log_p = logits.float() - log_z
-    per_row = F.softplus(log_c - log_p[:, 0]) + F.softplus(log_p[:, 1:] - log_c).sum(dim=1)
-    return reduce_loss(per_row, reduction, rows=logits.shape[0])
+    log_p = logits.float() - (log_z.unsqueeze(-1) if isinstance(log_z, Tensor) else log_z)
+    return F.softplus(log_c - log_p[..., 0]) + F.softplus(log_p[..., 1:] - log_c).sum(dim=-1)
 
 
 def _last_occurrence(indices: Tensor) -> Tensor:
@@ -405,10 +425,14 @@ def crd_update_rows(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum:
         >>> crd_update_rows(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor([[0.0, 1.0]]))
         tensor([[0.7071, 0.7071]])
     """
-    last = _last_occurrence(indices.long())
-    emb = embeddings.detach().float()[last]
-    old = bank.detach()[indices.long()].float()
-    return F.normalize(momentum * old + (1.0 - momentum) * emb, dim=1)
+    idx = indices.long()
+    return _momentum_rows(bank.detach()[idx].float(), embeddings, _last_occurrence(idx), momentum)
+
+
+def _momentum_rows(old: Tensor, embeddings: Tensor, last: Tensor, momentum: float) -> Tensor:
+    """``normalize(m * old + (1 - m) * emb[last])`` over ``(..., B, d)``, in float32."""
+    emb = embeddings.detach().float().index_select(-2, last)
+    return F.normalize(momentum * old + (1.0 - momentum) * emb, dim=-1)
 
 
 def crd_memory_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum: float = 0.5) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from kdloss._validate import ShapeError
-from kdloss.functional.contrastive import ScoreMethod, crd_embed, crd_nce_loss, crd_normalizer
+from kdloss.functional.contrastive import ScoreMethod, _nce_rows, crd_embed
 from kdloss.memory import ContrastMemory, NegativeSampling
 
 __all__ = ["CRDEmbed", "CRDLoss"]
@@ -158,10 +158,9 @@ class CRDLoss(nn.Module):
         mem = self.memory
         v_s = self.embed_student(student_features)
         v_t = self.embed_teacher(teacher_features.detach())
-        logits_s, logits_t = mem(v_s, v_t, indices, negatives, generator=generator)
+        logits = mem.scores(v_s, v_t, indices, negatives, generator=generator)  # (2, B, K+1)
         z = mem.normalizers
         if not mem._z_known:  # evaluation before any training step (or a loaded Z): this batch's Z if unset
-            batch_z = torch.stack([crd_normalizer(logits_s, mem.n_data), crd_normalizer(logits_t, mem.n_data)])
-            z = torch.where(z > 0, z, batch_z)
-        z_s, z_t = z[0], z[1]
-        return crd_nce_loss(logits_s, z_s, mem.n_data) + crd_nce_loss(logits_t, z_t, mem.n_data)
+            z = torch.where(z > 0, z, logits.detach().exp().mean(dim=(1, 2)) * mem.n_data)
+        # the sum of the two views' batch-mean NCE losses (crd_nce_loss of each view)
+        return _nce_rows(logits, z.log().unsqueeze(1), mem.n_data).sum() / max(logits.shape[1], 1)
