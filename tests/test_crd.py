@@ -458,3 +458,13 @@ def test_user_loop_as_in_the_docs() -> None:
     changed = (crd.memory.bank_student != bank0).any(dim=1)
     assert torch.equal(changed.nonzero().flatten(), torch.cat(seen).sort().values)  # exactly the seen rows
     assert crd.embed_student.linear.weight.grad is not None
+
+
+def test_last_occurrence_matches_python() -> None:
+    from kdloss.functional.contrastive import _last_occurrence
+
+    g = torch.Generator().manual_seed(5)
+    for size in (0, 1, 2, 7, 30):
+        idx = torch.randint(0, 5, (size,), generator=g)
+        expected = [max(j for j in range(size) if idx[j] == idx[i]) for i in range(size)]
+        assert _last_occurrence(idx).tolist() == expected

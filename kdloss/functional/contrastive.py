@@ -393,9 +393,7 @@ def _last_occurrence(indices: Tensor) -> Tensor:
     is_end[:-1] = sorted_idx[1:] != sorted_idx[:-1]
     end_pos = torch.where(is_end, pos, b)
     group_end = end_pos.flip(0).cummin(0).values.flip(0)
-    last = torch.empty_like(perm)
-    last[perm] = perm[group_end]
-    return last
+    return torch.empty_like(perm).scatter_(0, perm, perm[group_end])  # scatter: never synchronises
 
 
 def crd_update_rows(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum: float = 0.5) -> Tensor:
