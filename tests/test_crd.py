@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kdloss import ContrastMemory, CRDLoss, ShapeError
 from kdloss.functional import (
@@ -294,6 +296,12 @@ def test_bad_configuration_raises() -> None:
         ContrastMemory(N, D, n_negatives=0)
     with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\], got 1.5"):
         ContrastMemory(N, D, momentum=1.5)
+    with pytest.raises(ValueError, match="labels must be non-negative class ids, got minimum -1"):
+        ContrastMemory(N, D, negatives="class", labels=torch.arange(N) - 1)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        ContrastMemory(N, D, negatives="class", labels=torch.zeros(N))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got 0"):
+        ContrastMemory(N, D, chunk_size=0)
 
 
 def test_checkpoint_of_another_dataset_size_is_rejected() -> None:
@@ -468,3 +476,18 @@ def test_last_occurrence_matches_python() -> None:
         idx = torch.randint(0, 5, (size,), generator=g)
         expected = [max(j for j in range(size) if idx[j] == idx[i]) for i in range(size)]
         assert _last_occurrence(idx).tolist() == expected
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 4),
+    k=st.integers(1, 6),
+    n=st.integers(8, 40),
+    z=st.floats(0.5, 50.0),
+    seed=st.integers(0, 2**16),
+)
+def test_nce_matches_reference_and_is_positive(b: int, k: int, n: int, z: float, seed: int) -> None:
+    logits = torch.randn(b, k + 1, generator=torch.Generator().manual_seed(seed)) * 3
+    ours = crd_nce_loss(logits, z, n)
+    torch.testing.assert_close(ours, naive_nce(logits.exp() / z, n), rtol=1e-5, atol=1e-5)
+    assert ours > 0  # every term is -log of a probability-like ratio in (0, 1)
