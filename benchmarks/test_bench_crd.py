@@ -10,6 +10,7 @@ issue 3 are skipped without CUDA. The table for the docs comes from the script f
 
     PYTHONPATH=. python benchmarks/test_bench_crd.py --device cpu --threads 1 --batch 64 --k 4096
     PYTHONPATH=. python benchmarks/test_bench_crd.py --device cuda --batch 64 256      # the H100 targets
+    PYTHONPATH=. python benchmarks/test_bench_crd.py --device cpu --threads 1 --scoring --reps 3  # auto's rule
 """
 
 from __future__ import annotations
@@ -140,6 +141,28 @@ def test_bench_crd_step_gpu(benchmark: pytest.FixtureRequest, size: Size, impl: 
     assert torch.isfinite(loss).all()
 
 
+def _scoring_step(v: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, method: str) -> Callable[[], None]:
+    from kdloss.functional import crd_logits
+
+    def step() -> None:
+        crd_logits(v, bank, idx, method=method, validate=False).sum().backward()  # type: ignore[arg-type]
+
+    return step
+
+
+def scoring_table(device: str, reps: int) -> None:
+    """The matmul-vs-gather crossover of ``crd_logits`` (forward + backward) that sets ``method="auto"``."""
+    print("| B | K | B(K+1)/n | matmul ms | gather ms |")
+    print("|---|---|---|---|---|")
+    n, d = 50_000, 128
+    bank = torch.nn.functional.normalize(torch.randn(n, d, device=device), dim=1)
+    for b, k in [(64, 16384), (64, 4096), (64, 1024), (64, 256), (16, 64)]:
+        v = torch.randn(b, d, device=device, requires_grad=True)
+        idx = torch.randint(0, n, (b, k + 1), device=device)
+        ms = {m: time_ms(_scoring_step(v, bank, idx, m), device, reps=reps) for m in ("matmul", "gather")}
+        print(f"| {b} | {k} | {b * (k + 1) / n:.2f} | {ms['matmul']:.2f} | {ms['gather']:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,9 +175,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU); 0 keeps the default")
     p.add_argument("--variants", action="store_true", help="also time method/bank dtype/class sampling variants")
     p.add_argument("--json", default="", help="write the results to this JSON file")
+    p.add_argument("--scoring", action="store_true", help="only the matmul-vs-gather table of crd_logits")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.scoring:
+        scoring_table(a.device, a.reps)
+        return
     hw = torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# CRD step, device={a.device} ({hw}), torch {torch.__version__}, threads={torch.get_num_threads()}")
     print("| B | K | d | n_data | variant | kdloss ms | naive ms | naive+cpu sampling ms | naive / kdloss |")
