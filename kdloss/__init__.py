@@ -33,6 +33,8 @@ from kdloss.losses import (
     SPLoss,
     VIDLoss,
 )
+from kdloss.losses.contrastive import CRDEmbed, CRDLoss
+from kdloss.memory import ContrastMemory
 from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
@@ -45,6 +47,9 @@ __all__ = [
     "Adapter",
     "AttentionLoss",
     "CCLoss",
+    "CRDEmbed",
+    "CRDLoss",
+    "ContrastMemory",
     "ConvAdapter",
     "CosineHiddenLoss",
     "DISTLoss",

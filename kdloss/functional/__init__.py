@@ -1,6 +1,14 @@
 """Pure loss functions: tensors in, tensor out. Each carries the canonical docstring of its loss."""
 
 from kdloss.functional.attention import attention_loss, attention_map
+from kdloss.functional.contrastive import (
+    crd_embed,
+    crd_logits,
+    crd_memory_update,
+    crd_nce_loss,
+    crd_normalizer,
+    crd_update_rows,
+)
 from kdloss.functional.feature import ab_loss, ft_loss, hcl_loss, vid_loss
 from kdloss.functional.hint import cosine_hidden_loss, hint_loss
 from kdloss.functional.kl import log_probs, soft_kl
@@ -13,6 +21,12 @@ __all__ = [
     "attention_map",
     "cc_loss",
     "cosine_hidden_loss",
+    "crd_embed",
+    "crd_logits",
+    "crd_memory_update",
+    "crd_nce_loss",
+    "crd_normalizer",
+    "crd_update_rows",
     "dist_loss",
     "dkd_loss",
     "dkd_warmup_factor",

@@ -1,6 +1,7 @@
 """Stateless ``nn.Module`` wrappers: each ``forward`` is one call of a :mod:`kdloss.functional` function."""
 
 from kdloss.losses.attention import AttentionLoss
+from kdloss.losses.contrastive import CRDEmbed, CRDLoss
 from kdloss.losses.feature import ABLoss, FTLoss, HCLLoss, VIDLoss
 from kdloss.losses.hint import CosineHiddenLoss, HintLoss
 from kdloss.losses.kl import KDLoss
@@ -11,6 +12,8 @@ __all__ = [
     "ABLoss",
     "AttentionLoss",
     "CCLoss",
+    "CRDEmbed",
+    "CRDLoss",
     "CosineHiddenLoss",
     "DISTLoss",
     "DKDLoss",
