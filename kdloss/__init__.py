@@ -15,7 +15,16 @@ from kdloss.adapters import (
     check_optimizer,
 )
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
+from kdloss.heads import (
+    ClassifierHead,
+    FinetuneResult,
+    HeadsOutput,
+    IntermediateHeads,
+    evaluate_heads,
+    finetune_heads,
+)
 from kdloss.losses import AttentionLoss, CosineHiddenLoss, HintLoss, KDLoss
+from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
 
@@ -24,22 +33,32 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "AttentionLoss",
+    "ClassifierHead",
+    "CohortLoss",
     "ConvAdapter",
     "CosineHiddenLoss",
     "FeatureTap",
+    "FinetuneResult",
     "FrozenTeacher",
+    "HeadsOutput",
     "HintLoss",
+    "IntermediateHeads",
     "KDLoss",
     "LinearAdapter",
     "LossParts",
+    "MultiHeadKDLoss",
     "PoolAdapter",
     "Reduction",
+    "SelfDistillationLoss",
     "ShapeError",
+    "TOFDLoss",
     "WeightedSum",
     "__version__",
     "adapter_for",
     "adapter_parameters",
     "check_optimizer",
+    "evaluate_heads",
+    "finetune_heads",
     "unwrap_model",
     "weighted_sum",
 ]
