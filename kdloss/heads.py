@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from kdloss.adapters import check_optimizer
 from kdloss.tap import FeatureTap, unwrap_model
+from kdloss.teacher import FrozenTeacher
 
 __all__ = [
     "ClassifierHead",
@@ -106,8 +107,18 @@ class _PoolFlatten(nn.Module):
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:
-    """A deep copy with re-initialised weights, reset BatchNorm statistics, no hooks, trainable."""
-    clone = copy.deepcopy(module)
+    """A deep copy with re-initialised weights, reset BatchNorm statistics, no hooks, trainable.
+
+    Parameters owned by a submodule that has ``reset_parameters`` are not copied (an empty tensor
+    of the same shape takes their place and ``reset_parameters`` fills it); any other parameter or
+    buffer is copied as is.
+    """
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        if callable(getattr(sub, "reset_parameters", None)):
+            for p in sub.parameters(recurse=False):
+                memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=True)
+    clone = copy.deepcopy(module, memo)
     for sub in clone.modules():
         for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks):
             hooks.clear()
@@ -147,6 +158,18 @@ def _build_body(
     return nn.Sequential(*(_fresh_copy(m) for _, m in rest), _PoolFlatten())
 
 
+def _eval_mode(module: nn.Module) -> dict[nn.Module, bool]:
+    """Put ``module`` in eval mode and return every submodule's previous mode."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    return modes
+
+
+def _restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for m, mode in modes.items():
+        m.training = mode
+
+
 class IntermediateHeads(nn.Module):
     """Classifier heads mounted on a model's intermediate stages by module path, the model unchanged.
 
@@ -159,7 +182,8 @@ class IntermediateHeads(nn.Module):
     Two uses:
 
     - **DIH / MHKD / TOFD teacher cohorts** (``detach=True``, the default): the backbone runs
-      under ``torch.no_grad()`` and the heads read detached features; fine-tune the heads with
+      under ``torch.no_grad()`` and in eval mode (restored afterwards, so BatchNorm statistics
+      never move whatever mode the model was left in), and the heads read detached features; fine-tune the heads with
       :func:`finetune_heads`, then ``output.cohort()`` is the ``(k + 1, B, C)`` input of
       :func:`kdloss.functional.cohort_kd`.
     - **Self-distillation / student heads** (``detach=False``): the backbone runs with autograd,
@@ -173,9 +197,10 @@ class IntermediateHeads(nn.Module):
 
     Args:
         model: the backbone (any ``nn.Module`` returning ``(B, C)`` logits; DDP/compile wrappers
-            are unwrapped).
-        paths: module paths (or glob patterns, e.g. ``"layer*"``) of the stages to mount heads
-            on; one head per resolved path, in the order given.
+            and :class:`kdloss.FrozenTeacher` are unwrapped, so paths are those of the bare model).
+        paths: module paths of the stages to mount heads on, or glob patterns (``"layer?"`` for
+            ``layer1`` .. ``layer4``; ``*`` also matches dots, so ``"layer*"`` would match every
+            block inside too); one head per resolved path, in the order given.
         num_classes: the classes ``C`` the heads predict; must equal the model's output size.
         example_input: one example batch (a tensor, or a tuple of positional arguments) on the
             model's device; two samples are enough.
@@ -246,6 +271,8 @@ class IntermediateHeads(nn.Module):
         if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
             raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
         backbone = unwrap_model(model)
+        if isinstance(backbone, FrozenTeacher):  # read the wrapped teacher itself: paths as in the bare model
+            backbone = unwrap_model(backbone.module)
         self._backbone: tuple[nn.Module] = (backbone,)  # a tuple: referenced, not registered
         self.head_type: HeadType = head
         self.num_classes = num_classes
@@ -311,8 +338,7 @@ class IntermediateHeads(nn.Module):
     def _example_forward(
         backbone: nn.Module, tap_paths: list[str], args: tuple[Any, ...]
     ) -> tuple[dict[str, Any], Any]:
-        modes = {m: m.training for m in backbone.modules()}
-        backbone.eval()
+        modes = _eval_mode(backbone)
         try:
             with torch.no_grad(), FeatureTap(backbone, tap_paths, detach=True, clone=True) as tap:
                 try:
@@ -325,8 +351,7 @@ class IntermediateHeads(nn.Module):
                     ) from exc
                 captured = {p: tap.get(p) for p in tap.modules if p in tap}
         finally:
-            for m, mode in modes.items():
-                m.training = mode
+            _restore_modes(modes)
         return captured, out
 
     def _check_output(self, backbone: nn.Module, out: Any) -> None:
@@ -374,11 +399,17 @@ class IntermediateHeads(nn.Module):
         return len(self.heads)
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grad_backbone: bool) -> HeadsOutput:
-        with self._tap as tap:
-            with torch.set_grad_enabled(grad_backbone and torch.is_grad_enabled()):
-                logits = self.backbone(*args, **kwargs)
-            feats = [tap[p] for p in self.paths]
-            final = tap[self.feature_path].flatten(1) if self.feature_path is not None else None
+        backbone = self.backbone
+        modes = None if grad_backbone else _eval_mode(backbone)
+        try:
+            with self._tap as tap:
+                with torch.set_grad_enabled(grad_backbone and torch.is_grad_enabled()):
+                    logits = backbone(*args, **kwargs)
+                feats = [tap[p] for p in self.paths]
+                final = tap[self.feature_path].flatten(1) if self.feature_path is not None else None
+        finally:
+            if modes is not None:
+                _restore_modes(modes)
         if not isinstance(logits, Tensor):
             raise TypeError(f"the model must return a logits tensor, got {type(logits).__name__}")
         head_feats: list[Tensor] = []
