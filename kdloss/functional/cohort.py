@@ -134,11 +134,6 @@ def _check_weights(weights: Sequence[float] | Tensor | None, k: int, what: str) 
     return [float(w) for w in values]
 
 
-def _per_row_kl(log_q: Tensor, log_p: Tensor, temperature: float) -> Tensor:
-    """``T^2 * sum_c p (log p - log q)`` over the last dimension (``log_q`` broadcasts)."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1) * (temperature**2)
-
-
 # -- DIH cohort --------------------------------------------------------------------------------
 def cohort_kd(
     student_logits: Tensor,
@@ -177,7 +172,10 @@ def cohort_kd(
 
     The student's log-softmax is computed **once** for all ``K`` teachers (the teacher logits are
     stacked to ``(K, B, C)``), in float32 whatever the input dtype (float64 stays float64); the
-    teachers are detached.
+    teachers are detached. As :math:`\sum_j w_j \mathrm{KL}(p_j \| q) = \sum_j w_j \sum_c p_{j,c}
+    \log p_{j,c} - \sum_c \bar p_c \log q_c` with :math:`\bar p = \sum_j w_j p_j`, the graph
+    autograd keeps is that of one ``(B, C)`` cross-entropy against :math:`\bar p`: the backward
+    pass does not grow with ``K``.
 
     Reductions: ``"batchmean"`` (default) averages the KD and CE terms over the batch;
     ``"sum"`` sums them; ``"none"`` keeps one value per sample, ``(B,)``, for the total and for
@@ -239,15 +237,25 @@ def cohort_kd(
 
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, stacked.dtype), torch.float32)
     s = student_logits.to(dtype)
-    # The student's log-softmax is computed once and broadcast against the K teachers. The floor
-    # keeps classes of probability 0 (-inf logits) at 0 * finite = 0, as in soft_kl.
+    # The student's log-softmax is computed once, (B, C), for all K teachers. Since
+    #   sum_j w_j KL(p_j || q) = sum_j w_j sum_c p_j log p_j  -  sum_c (sum_j w_j p_j) log q,
+    # the only term with a gradient is the student's cross-entropy against the weighted sum of
+    # the teachers' distributions: autograd keeps (B, C) tensors, never (K, B, C) ones, and the
+    # backward pass costs one softmax whatever K. The floor keeps classes of probability 0
+    # (-inf logits) at 0 * finite = 0, as in soft_kl.
     log_q = F.log_softmax(s / temperature, dim=-1).clamp(min=_LOG_FLOOR)
-    log_p = F.log_softmax(stacked.detach().to(dtype) / temperature, dim=-1).clamp(min=_LOG_FLOOR)
-    kd_rows = _per_row_kl(log_q.unsqueeze(0), log_p, temperature)  # (K, B)
+    with torch.no_grad():
+        log_p = F.log_softmax(stacked.detach().to(dtype) / temperature, dim=-1).clamp(min=_LOG_FLOOR)
+        p = log_p.exp()
+        neg_entropy = (p * log_p).sum(dim=-1)  # (K, B)
+        w_t = p.new_tensor(w) if w is not None else p.new_ones(k)
+        p_mix = torch.einsum("k,kbc->bc", w_t, p)  # (B, C): sum_j w_j p_j
+        # per-teacher values, for the logged parts only (no graph)
+        kd_rows = (neg_entropy - torch.einsum("kbc,bc->kb", p, log_q.detach())) * (temperature**2)  # (K, B)
+    t2 = temperature**2
+    kd_mix = t2 * ((w_t.unsqueeze(1) * neg_entropy).sum(dim=0) - (p_mix * log_q).sum(dim=-1))  # (B,)
     ce_rows = F.cross_entropy(s, labels, reduction="none")  # (B,)
 
-    w_t = kd_rows.new_tensor(w) if w is not None else kd_rows.new_ones(k)
-    kd_mix = (w_t.unsqueeze(1) * kd_rows).sum(dim=0)  # (B,)
     w_sum = float(sum(w)) if w is not None else float(k)
     if form == "authors":
         total_rows = a * kd_mix + (1.0 - a) * w_sum * ce_rows
@@ -257,8 +265,7 @@ def cohort_kd(
     batch = student_logits.shape[0]
     total = reduce_loss(total_rows, red, rows=batch)
     parts: dict[str, Tensor] = {}
-    kd_detached = kd_rows.detach()
-    kd_values = kd_detached if red == "none" else kd_detached.sum(dim=1)
+    kd_values = kd_rows if red == "none" else kd_rows.sum(dim=1)
     if red == "batchmean":
         kd_values = kd_values / max(batch, 1)
     for i, name in enumerate(names):
