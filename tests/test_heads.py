@@ -343,3 +343,28 @@ def test_mhkd_paired_heads_teacher_and_student() -> None:
     assert student.conv1.weight.grad is not None
     direct = cohort_kd(s_out.logits.detach(), t_out.cohort(), y, temperature=4.0, alpha=0.9)
     assert torch.isfinite(direct.total)
+
+
+# -- the reference trainers' models (reference_trainers.models, when present) ---------------------
+DIH_K = {  # EXPERIMENTS.md section 3: k per teacher
+    "resnet34": 4,
+    "resnet18": 4,
+    "vgg11_dih": 4,
+    "wrn_28_2": 3,
+    "resnet110": 3,
+    "resnet20": 3,
+    "resnet14": 3,
+    "resnet8": 3,
+}
+
+
+@pytest.mark.parametrize("name", list(DIH_K))
+def test_heads_on_reference_trainers_models_with_dih_k(name: str) -> None:
+    models = pytest.importorskip("reference_trainers.models")
+    torch.manual_seed(0)
+    net = models.build_model(name, num_classes=100).requires_grad_(False)
+    before = _snapshot(net)
+    heads = IntermediateHeads(net, models.head_paths(name), 100, example_input=torch.zeros(2, 3, 32, 32))
+    assert heads.k == DIH_K[name]
+    assert heads(torch.randn(2, 3, 32, 32)).cohort().shape == (DIH_K[name] + 1, 2, 100)
+    _assert_identical(net, before)
