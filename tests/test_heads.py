@@ -368,3 +368,20 @@ def test_heads_on_reference_trainers_models_with_dih_k(name: str) -> None:
     assert heads.k == DIH_K[name]
     assert heads(torch.randn(2, 3, 32, 32)).cohort().shape == (DIH_K[name] + 1, 2, 100)
     _assert_identical(net, before)
+
+
+def test_docs_cohorts_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every python block of docs/cohorts.md, in order, in one namespace (the page's own loop)."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "cohorts.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 4
+    namespace: dict[str, object] = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "True" in printed  # result.backbone_unchanged
+    assert "'kd/4'" in printed or "kd/4" in printed
+    assert "feat/2" in printed

@@ -181,8 +181,8 @@ def cohort_kd(
     ``"sum"`` sums them; ``"none"`` keeps one value per sample, ``(B,)``, for the total and for
     every part. ``"mean"`` is refused: it would divide KD by ``B * C`` and CE by ``B``.
 
-    Asif, Tang & Harrer, *Ensemble Knowledge Distillation for Learning Improved and Efficient
-    Networks* / *Distilling Knowledge via Intermediate Classifiers* (DIH), 2019-2021.
+    Asadian & Salehi-Abari, *Distilling Knowledge via Intermediate Classifiers* (DIH),
+    arXiv:2103.00497, 2021.
 
     Args:
         student_logits: ``(B, C)`` student logits.
@@ -300,7 +300,8 @@ def paired_head_kd(
     T)`. All ``K`` pairs are computed in one batched pass over ``(K, B, C)`` stacks; the
     teachers are detached; float32 compute.
 
-    Wang, Ge, Liu, ... *Multi-head Knowledge Distillation for Model Compression* (MHKD), 2020.
+    Wang, Lohit, Jones & Fu, *Multi-head Knowledge Distillation for Model Compression* (MHKD),
+    arXiv:2012.02911, 2020.
 
     Args:
         student_logits: ``K`` student heads' logits: ``(K, B, C)``, a sequence or a mapping.
@@ -371,7 +372,7 @@ def orthogonality_penalty(weight: Tensor) -> Tensor:
     (orthonormal rows or columns). TOFD adds it, weighted, for its feature adapters so that they
     keep the features' information instead of collapsing it.
 
-    Zhang, Ma & ... *Task-Oriented Feature Distillation* (TOFD), NeurIPS 2020.
+    Zhang, Shi, Shi, Ma & Bao, *Task-Oriented Feature Distillation* (TOFD), NeurIPS 2020.
 
     Args:
         weight: a floating-point tensor with at least 2 dimensions.
@@ -431,7 +432,7 @@ def tofd_loss(
     (:func:`orthogonality_penalty`). ``"batchmean"`` reduction for KD and CE, ``"mean"`` for the
     feature MSE (FitNets' convention).
 
-    Zhang, Ma, Song, Gao, Bao & Ma, *Task-Oriented Feature Distillation*, NeurIPS 2020.
+    Zhang, Shi, Shi, Ma & Bao, *Task-Oriented Feature Distillation*, NeurIPS 2020.
 
     Args:
         student_logits, teacher_logits, labels, temperature, alpha, weights: as
