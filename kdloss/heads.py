@@ -212,6 +212,9 @@ class IntermediateHeads(nn.Module):
             feature hints).
         detach: read the backbone as a frozen teacher (see above).
         hidden: the width of MHKD's hidden ``Linear`` (default: the stage's channels).
+        clone: copy the stage outputs when captured; needed when an in-place module (such as
+            ``ReLU(inplace=True)``) runs right after a tapped stage and overwrites its output
+            (:class:`kdloss.FeatureTap` raises a ``RuntimeError`` saying so otherwise).
 
     Raises:
         KeyError: for a path that matches no submodule (the message lists the closest names).
@@ -260,6 +263,7 @@ class IntermediateHeads(nn.Module):
         feature_path: str | None = None,
         detach: bool = True,
         hidden: int | None = None,
+        clone: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -294,7 +298,7 @@ class IntermediateHeads(nn.Module):
                 raise ValueError(f"feature_path must name exactly one submodule, got {feature_path!r} -> {resolved}")
             self.feature_path = resolved[0]
         tap_paths = self.paths + ([self.feature_path] if self.feature_path is not None else [])
-        self._tap = FeatureTap(backbone, tap_paths, detach=detach)
+        self._tap = FeatureTap(backbone, tap_paths, detach=detach, clone=clone)
 
         args = example_input if isinstance(example_input, tuple) else (example_input,)
         captured, out = self._example_forward(backbone, tap_paths, args)

@@ -325,3 +325,26 @@ def test_self_distillation_matches_loop() -> None:
         self_distillation_loss(exits, final, y, exit_features=fe)
     with pytest.raises(ShapeError, match="same classes"):
         self_distillation_loss(exits[..., :4], final, y)
+
+
+# -- invariants --------------------------------------------------------------------------------------
+def test_cohort_invariants() -> None:
+    student, teachers, labels = _data(4)
+    base = cohort_kd(student, teachers, labels, temperature=2.0, alpha=0.6, weights=[1, 2, 3, 4])
+    # the order of the teachers does not matter once their weights follow them
+    perm = cohort_kd(student, teachers[[2, 0, 3, 1]], labels, temperature=2.0, alpha=0.6, weights=[3, 1, 4, 2])
+    torch.testing.assert_close(perm.total, base.total)
+    # a cohort of copies of the student: every KD part is 0, the total is the CE counted K times
+    copies = student.detach().expand(4, B, C)
+    same = cohort_kd(student, copies, labels, temperature=2.0, alpha=0.6)
+    for j in range(4):
+        assert same.parts[f"kd/{j}"].abs().item() < 1e-12
+    torch.testing.assert_close(same.total, 4 * 0.4 * F.cross_entropy(student, labels))
+    # shifting any logits row by a constant changes nothing
+    shifted = cohort_kd(student + 5.0, teachers - 3.0, labels, temperature=2.0, alpha=0.6, weights=[1, 2, 3, 4])
+    torch.testing.assert_close(shifted.total, base.total)
+    # alpha = 0 is the cross-entropy alone (K times), alpha = 1 the KD alone
+    ce_only = cohort_kd(student, teachers, labels, temperature=2.0, alpha=0.0)
+    torch.testing.assert_close(ce_only.total, 4 * F.cross_entropy(student, labels))
+    kd_only = cohort_kd(student, teachers, labels, temperature=2.0, alpha=1.0)
+    torch.testing.assert_close(kd_only.total, sum(soft_kl(student, t, temperature=2.0) for t in teachers))

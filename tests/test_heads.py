@@ -385,3 +385,13 @@ def test_docs_cohorts_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "True" in printed  # result.backbone_unchanged
     assert "'kd/4'" in printed or "kd/4" in printed
     assert "feat/2" in printed
+
+
+def test_clone_protects_stage_outputs_from_inplace_modules() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="modified in place after capture"):
+        IntermediateHeads(net, ["0"], 2, example_input=x)(x)
+    heads = IntermediateHeads(net, ["0"], 2, example_input=x, clone=True)
+    out = heads(x)
+    torch.testing.assert_close(out.head_features[0], net[0](x).flatten(1))  # the pre-ReLU values
