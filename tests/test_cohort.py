@@ -348,3 +348,19 @@ def test_cohort_invariants() -> None:
     torch.testing.assert_close(ce_only.total, 4 * F.cross_entropy(student, labels))
     kd_only = cohort_kd(student, teachers, labels, temperature=2.0, alpha=1.0)
     torch.testing.assert_close(kd_only.total, sum(soft_kl(student, t, temperature=2.0) for t in teachers))
+
+
+def test_head_losses_compile_fullgraph() -> None:
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(3, B, C, generator=g), torch.randn(3, B, C, generator=g)
+    y = torch.randint(0, C, (B,), generator=g)
+    fs, ft, w = [torch.randn(B, 4, generator=g)] * 3, [torch.randn(B, 4, generator=g)] * 3, torch.randn(4, 4)
+
+    def fn(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mhkd = paired_head_kd(s, t, y, temperature=2.0, alpha=0.5).total
+        tofd = tofd_loss(s, t, y, fs, ft, adapter_weights=[w], temperature=2.0, beta=0.1, gamma=0.01).total
+        byot = self_distillation_loss(s, t[0], y, exit_features=fs, final_feature=ft[0]).total
+        return mhkd + tofd + byot
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(s, t, y), fn(s, t, y))
