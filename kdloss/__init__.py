@@ -23,23 +23,51 @@ from kdloss.heads import (
     evaluate_heads,
     finetune_heads,
 )
-from kdloss.losses import AttentionLoss, CosineHiddenLoss, HintLoss, KDLoss
+from kdloss.losses import (
+    ABLoss,
+    AttentionLoss,
+    CCLoss,
+    CosineHiddenLoss,
+    DISTLoss,
+    DKDLoss,
+    FSPLoss,
+    FTLoss,
+    HCLLoss,
+    HintLoss,
+    KDLoss,
+    NSTLoss,
+    PKTLoss,
+    RKDLoss,
+    SPLoss,
+    VIDLoss,
+)
 from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
+from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABConnector",
+    "ABLoss",
     "Adapter",
     "AttentionLoss",
+    "CCLoss",
     "ClassifierHead",
     "CohortLoss",
     "ConvAdapter",
     "CosineHiddenLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "FSPLoss",
+    "FTLoss",
+    "FTParaphraser",
+    "FTTranslator",
     "FeatureTap",
     "FinetuneResult",
     "FrozenTeacher",
+    "HCLLoss",
     "HeadsOutput",
     "HintLoss",
     "IntermediateHeads",
@@ -47,11 +75,18 @@ __all__ = [
     "LinearAdapter",
     "LossParts",
     "MultiHeadKDLoss",
+    "NSTLoss",
+    "PKTLoss",
     "PoolAdapter",
+    "RKDLoss",
     "Reduction",
+    "ReviewKDFusion",
+    "SPLoss",
     "SelfDistillationLoss",
     "ShapeError",
     "TOFDLoss",
+    "VIDLoss",
+    "VIDRegressor",
     "WeightedSum",
     "__version__",
     "adapter_for",

@@ -198,9 +198,9 @@ class IntermediateHeads(nn.Module):
     Args:
         model: the backbone (any ``nn.Module`` returning ``(B, C)`` logits; DDP/compile wrappers
             and :class:`kdloss.FrozenTeacher` are unwrapped, so paths are those of the bare model).
-        paths: module paths of the stages to mount heads on, or glob patterns (``"layer?"`` for
-            ``layer1`` .. ``layer4``; ``*`` also matches dots, so ``"layer*"`` would match every
-            block inside too); one head per resolved path, in the order given.
+        paths: module paths of the stages to mount heads on, or :class:`kdloss.FeatureTap` glob
+            patterns (``"layer*"`` is ``layer1`` .. ``layer4``: ``*`` stays within one dotted
+            part); one head per resolved path, in the order given.
         num_classes: the classes ``C`` the heads predict; must equal the model's output size.
         example_input: one example batch (a tensor, or a tuple of positional arguments) on the
             model's device; two samples are enough.

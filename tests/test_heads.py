@@ -112,7 +112,7 @@ def test_heads_on_torchvision_resnet18(resnet18: nn.Module, head: str, in_featur
 
 
 def test_tofd_heads_are_fresh_copies_of_the_remaining_stages(resnet18: nn.Module) -> None:
-    heads = IntermediateHeads(resnet18, "layer?", 10, example_input=torch.randn(2, 3, 32, 32), head="tofd")
+    heads = IntermediateHeads(resnet18, "layer*", 10, example_input=torch.randn(2, 3, 32, 32), head="tofd")
     assert heads.paths == ["layer1", "layer2", "layer3", "layer4"]
     first = heads.heads[0].body  # type: ignore[union-attr]
     # layer2, layer3, layer4 copies, then the pooling: deep copies with their own, re-drawn weights

@@ -2,16 +2,31 @@
 
 from kdloss.losses.attention import AttentionLoss
 from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
+from kdloss.losses.feature import ABLoss, FTLoss, HCLLoss, VIDLoss
 from kdloss.losses.hint import CosineHiddenLoss, HintLoss
 from kdloss.losses.kl import KDLoss
+from kdloss.losses.logit import DISTLoss, DKDLoss
+from kdloss.losses.relational import CCLoss, FSPLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss
 
 __all__ = [
+    "ABLoss",
     "AttentionLoss",
+    "CCLoss",
     "CohortLoss",
     "CosineHiddenLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "FSPLoss",
+    "FTLoss",
+    "HCLLoss",
     "HintLoss",
     "KDLoss",
     "MultiHeadKDLoss",
+    "NSTLoss",
+    "PKTLoss",
+    "RKDLoss",
+    "SPLoss",
     "SelfDistillationLoss",
     "TOFDLoss",
+    "VIDLoss",
 ]
