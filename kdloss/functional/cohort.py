@@ -435,13 +435,17 @@ def tofd_loss(
     Zhang, Shi, Shi, Ma & Bao, *Task-Oriented Feature Distillation*, NeurIPS 2020.
 
     Args:
-        student_logits, teacher_logits, labels, temperature, alpha, weights: as
-            :func:`paired_head_kd`.
+        student_logits: ``K`` student heads' logits, as :func:`paired_head_kd`.
+        teacher_logits: the teacher heads' logits at the same stages.
+        labels: ``(B,)`` integer class indices.
         student_features: ``K`` adapted student head features.
         teacher_features: ``K`` teacher head features, same shapes (detached inside).
         adapter_weights: the student adapters' weights for the orthogonality penalty.
+        temperature: ``T > 0``.
+        alpha: KD weight in ``[0, 1]``.
         beta: weight of the feature term (>= 0).
         gamma: weight of the orthogonality penalty (>= 0).
+        weights: optional ``K`` non-negative per-pair weights of the KD + CE terms.
 
     Returns:
         :class:`kdloss.LossParts` with the parts of :func:`paired_head_kd` plus ``"feat/<j>"``
