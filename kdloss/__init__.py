@@ -15,6 +15,14 @@ from kdloss.adapters import (
     check_optimizer,
 )
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
+from kdloss.heads import (
+    ClassifierHead,
+    FinetuneResult,
+    HeadsOutput,
+    IntermediateHeads,
+    evaluate_heads,
+    finetune_heads,
+)
 from kdloss.losses import (
     ABLoss,
     AttentionLoss,
@@ -33,6 +41,7 @@ from kdloss.losses import (
     SPLoss,
     VIDLoss,
 )
+from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
 from kdloss.losses.contrastive import CRDEmbed, CRDLoss
 from kdloss.memory import ContrastMemory
 from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
@@ -49,6 +58,8 @@ __all__ = [
     "CCLoss",
     "CRDEmbed",
     "CRDLoss",
+    "ClassifierHead",
+    "CohortLoss",
     "ContrastMemory",
     "ConvAdapter",
     "CosineHiddenLoss",
@@ -59,12 +70,16 @@ __all__ = [
     "FTParaphraser",
     "FTTranslator",
     "FeatureTap",
+    "FinetuneResult",
     "FrozenTeacher",
     "HCLLoss",
+    "HeadsOutput",
     "HintLoss",
+    "IntermediateHeads",
     "KDLoss",
     "LinearAdapter",
     "LossParts",
+    "MultiHeadKDLoss",
     "NSTLoss",
     "PKTLoss",
     "PoolAdapter",
@@ -72,7 +87,9 @@ __all__ = [
     "Reduction",
     "ReviewKDFusion",
     "SPLoss",
+    "SelfDistillationLoss",
     "ShapeError",
+    "TOFDLoss",
     "VIDLoss",
     "VIDRegressor",
     "WeightedSum",
@@ -80,6 +97,8 @@ __all__ = [
     "adapter_for",
     "adapter_parameters",
     "check_optimizer",
+    "evaluate_heads",
+    "finetune_heads",
     "unwrap_model",
     "weighted_sum",
 ]

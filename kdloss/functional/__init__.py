@@ -1,6 +1,7 @@
 """Pure loss functions: tensors in, tensor out. Each carries the canonical docstring of its loss."""
 
 from kdloss.functional.attention import attention_loss, attention_map
+from kdloss.functional.cohort import cohort_kd, orthogonality_penalty, paired_head_kd, self_distillation_loss, tofd_loss
 from kdloss.functional.contrastive import (
     crd_embed,
     crd_logits,
@@ -20,6 +21,7 @@ __all__ = [
     "attention_loss",
     "attention_map",
     "cc_loss",
+    "cohort_kd",
     "cosine_hidden_loss",
     "crd_embed",
     "crd_logits",
@@ -37,9 +39,13 @@ __all__ = [
     "hint_loss",
     "log_probs",
     "nst_loss",
+    "orthogonality_penalty",
+    "paired_head_kd",
     "pkt_loss",
     "rkd_loss",
+    "self_distillation_loss",
     "soft_kl",
     "sp_loss",
+    "tofd_loss",
     "vid_loss",
 ]

@@ -1,6 +1,7 @@
 """Stateless ``nn.Module`` wrappers: each ``forward`` is one call of a :mod:`kdloss.functional` function."""
 
 from kdloss.losses.attention import AttentionLoss
+from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
 from kdloss.losses.contrastive import CRDEmbed, CRDLoss
 from kdloss.losses.feature import ABLoss, FTLoss, HCLLoss, VIDLoss
 from kdloss.losses.hint import CosineHiddenLoss, HintLoss
@@ -14,6 +15,7 @@ __all__ = [
     "CCLoss",
     "CRDEmbed",
     "CRDLoss",
+    "CohortLoss",
     "CosineHiddenLoss",
     "DISTLoss",
     "DKDLoss",
@@ -22,9 +24,12 @@ __all__ = [
     "HCLLoss",
     "HintLoss",
     "KDLoss",
+    "MultiHeadKDLoss",
     "NSTLoss",
     "PKTLoss",
     "RKDLoss",
     "SPLoss",
+    "SelfDistillationLoss",
+    "TOFDLoss",
     "VIDLoss",
 ]
