@@ -55,7 +55,10 @@ def check_positive(name: str, value: float) -> float:
     """Raise unless ``value`` is a finite number greater than zero."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    # Comparisons only (no math.isfinite): under torch.compile a Python float argument that
+    # changes between calls becomes a symbolic float, which math.isfinite cannot trace.
+    # NaN fails both comparisons, +inf the second.
+    if not (value > 0 and value < math.inf):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
