@@ -41,6 +41,7 @@ __all__ = [
     "DtypeCase",
     "Tol",
     "assert_close",
+    "assert_compiled_matches_eager",
     "compile_fullgraph",
     "dtype_case_for",
     "grads",
@@ -198,10 +199,14 @@ COMPILE_BACKEND: str = os.environ.get("KDLOSS_TEST_COMPILE_BACKEND", "")
 """Overrides the backend of every :func:`compile_fullgraph` call when set (e.g. ``inductor``)."""
 
 
-def compile_fullgraph(fn: Callable[..., object], *, backend: str = "inductor") -> Callable[..., object]:
+def compile_fullgraph(
+    fn: Callable[..., object], *, backend: str = "inductor", dynamic: bool | None = None
+) -> Callable[..., object]:
     """``torch.compile(fn, fullgraph=True, backend=backend)`` after resetting dynamo.
 
-    ``fullgraph=True`` makes any graph break an error whatever the backend. ``inductor`` also
+    ``fullgraph=True`` makes any graph break an error whatever the backend. ``dynamic=True`` traces
+    sizes and Python floats (a temperature) symbolically from the first call: what a training loop
+    gets after its first recompilation (a smaller last batch, a temperature schedule). ``inductor`` also
     generates and compiles C++ (CPU) or Triton (GPU) kernels: on a cold cache the first such compile
     in a process costs 15-20 s of CPU (toolchain setup), later ones 3-5 s per forward+backward
     graph; mark those tests ``slow``. ``backend="aot_eager"`` (dynamo + AOTAutograd, the backward
@@ -212,7 +217,36 @@ def compile_fullgraph(fn: Callable[..., object], *, backend: str = "inductor") -
     # Compile in this process: a pool of compile workers costs more (each imports torch) than the
     # one or two kernels a loss needs.
     torch._inductor.config.compile_threads = 1
-    return torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND or backend)  # type: ignore[no-any-return]
+    return torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND or backend, dynamic=dynamic)  # type: ignore[no-any-return]
+
+
+def assert_compiled_matches_eager(
+    fn: Callable[..., Tensor],
+    calls: Sequence[tuple[object, ...]],
+    tol: Tol,
+    *,
+    backend: str = "inductor",
+    dynamic: bool | None = True,
+) -> Callable[..., object]:
+    """Compile ``fn`` once (:func:`compile_fullgraph`) and check it against eager on each call.
+
+    For every ``args`` in ``calls`` (vary the batch size and the float hyper-parameters there, to
+    exercise the dynamic graph), the outputs and the gradient of ``out.sum()`` with respect to
+    ``args[0]`` (a floating-point tensor) must agree within ``tol``. Returns the compiled function.
+    """
+    compiled = compile_fullgraph(fn, backend=backend, dynamic=dynamic)
+    for args in calls:
+        first = args[0]
+        assert isinstance(first, Tensor)
+        x_eager, x_comp = first.detach().clone().requires_grad_(True), first.detach().clone().requires_grad_(True)
+        eager = fn(x_eager, *args[1:])
+        got = compiled(x_comp, *args[1:])
+        assert isinstance(got, Tensor)
+        assert_close(got, eager, tol, msg=f"compiled value, call with shape {tuple(first.shape)}")
+        (g_eager,) = torch.autograd.grad(eager.sum(), x_eager)
+        (g_comp,) = torch.autograd.grad(got.sum(), x_comp)
+        assert_close(g_comp, g_eager, tol, msg=f"compiled gradient, call with shape {tuple(first.shape)}")
+    return compiled
 
 
 def seeds(n: int, start: int = 0) -> Sequence[int]:

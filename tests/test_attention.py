@@ -17,7 +17,7 @@ from tests.conftest import (
     DtypeCase,
     Tol,
     assert_close,
-    compile_fullgraph,
+    assert_compiled_matches_eager,
     grads,
     make_tensor,
     roundtrip_module,
@@ -223,33 +223,29 @@ def test_gradcheck_float64(sizes: tuple[tuple[int, int], tuple[int, int]]) -> No
 
 @pytest.mark.slow
 def test_compile_fullgraph_matches_eager() -> None:
-    """One compile for the family: two pairs, one with pooling; inductor, forward and backward.
+    """One compile for the family: two pairs, one with pooling; inductor, forward and backward,
+    ``dynamic=True`` (a second batch size and beta use the same graph).
 
     Slow on a cold cache: the first inductor compile in a process sets up the C++ toolchain (~10 s).
     """
 
-    def family(s1: Tensor, s2: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
-        return attention_loss([s1, s2], [t1, t2], beta=1000.0, reduction="none")
+    def family(s1: Tensor, s2: Tensor, t1: Tensor, t2: Tensor, beta: float) -> Tensor:
+        return attention_loss([s1, s2], [t1, t2], beta=beta, reduction="none")
 
-    s1, s2 = (
-        make_tensor(2, 3, 4, 4, seed=18, dtype=torch.float32),
-        make_tensor(2, 4, 2, 2, seed=19, dtype=torch.float32),
-    )
-    t1, t2 = (
-        make_tensor(2, 5, 8, 8, seed=20, dtype=torch.float32),
-        make_tensor(2, 6, 2, 2, seed=21, dtype=torch.float32),
-    )
-    compiled = compile_fullgraph(family)
-    e1, c1 = s1.clone().requires_grad_(True), s1.clone().requires_grad_(True)
-    eager = family(e1, s2, t1, t2)
-    got = compiled(c1, s2, t1, t2)
-    assert isinstance(got, Tensor)
-    assert_close(got, eager, Tol(1e-5, 1e-5))
-    eager.sum().backward()
-    got.sum().backward()
-    assert e1.grad is not None
-    assert c1.grad is not None
-    assert_close(c1.grad, e1.grad, Tol(1e-5, 1e-5))
+    calls = [
+        (
+            make_tensor(b, 3, 4, 4, seed=18 + b, dtype=torch.float32),
+            make_tensor(b, 4, 2, 2, seed=19, dtype=torch.float32),
+            make_tensor(b, 5, 8, 8, seed=20, dtype=torch.float32),
+            make_tensor(b, 6, 2, 2, seed=21, dtype=torch.float32),
+            beta,
+        )
+        for b, beta in ((2, 1000.0), (3, 2.5))
+    ]
+    compiled = assert_compiled_matches_eager(family, calls, Tol(1e-5, 1e-5))
+    s1, s2, t1, t2, _ = calls[0]
+    with pytest.raises((ValueError, RuntimeError), match=r"must have the same batch size"):
+        compiled(s1, s2, t1[:1], t2, 1.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from tests.conftest import (
     DtypeCase,
     Tol,
     assert_close,
-    compile_fullgraph,
+    assert_compiled_matches_eager,
     grads,
     make_tensor,
     roundtrip_module,
@@ -236,33 +236,33 @@ def test_gradcheck_float64(loss, reduction: str) -> None:  # type: ignore[no-unt
 
 @pytest.mark.slow
 def test_compile_fullgraph_matches_eager() -> None:
-    """One compile for the family: hint (mean, none) and cosine in one graph; inductor, forward and backward.
+    """One compile for the family: hint (mean, none) and cosine in one graph; inductor, forward and
+    backward, ``dynamic=True`` (a second batch size and eps use the same graph).
 
     Slow on a cold cache: the first inductor compile in a process sets up the C++ toolchain (~10 s).
     """
 
-    def family(s: Tensor, t: Tensor, h: Tensor) -> Tensor:
+    def family(s: Tensor, t: Tensor, h: Tensor, eps: float) -> Tensor:
         return torch.cat(
             [
                 hint_loss(s, t).reshape(1),
                 hint_loss(s, t, reduction="none"),
-                cosine_hidden_loss(h, t, reduction="sum").reshape(1),
+                cosine_hidden_loss(s, h, reduction="sum", eps=eps).reshape(1),
             ]
         )
 
-    s, t = make_tensor(2, 3, 4, 4, seed=19, dtype=torch.float32), make_tensor(2, 3, 4, 4, seed=20, dtype=torch.float32)
-    h = make_tensor(2, 48, seed=21, dtype=torch.float32)
-    compiled = compile_fullgraph(family)
-    s_e, s_c = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
-    eager = family(s_e, t, h)
-    got = compiled(s_c, t, h)
-    assert isinstance(got, Tensor)
-    assert_close(got, eager, Tol(1e-5, 1e-5))
-    eager.sum().backward()
-    got.sum().backward()
-    assert s_e.grad is not None
-    assert s_c.grad is not None
-    assert_close(s_c.grad, s_e.grad, Tol(1e-5, 1e-5))
+    calls = [
+        (
+            make_tensor(b, 3, 4, 4, seed=19 + b, dtype=torch.float32),
+            make_tensor(b, 3, 4, 4, seed=20, dtype=torch.float32),
+            make_tensor(b, 48, seed=21, dtype=torch.float32),
+            eps,
+        )
+        for b, eps in ((2, 1e-8), (3, 1e-6))
+    ]
+    compiled = assert_compiled_matches_eager(family, calls, Tol(1e-5, 1e-5))
+    with pytest.raises((ValueError, RuntimeError), match=r"with an adapter"):
+        compiled(calls[0][0], calls[0][1][:, :2], calls[0][2], 1e-8)
 
 
 # --------------------------------------------------------------------------------------------
