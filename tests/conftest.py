@@ -21,6 +21,7 @@ How tolerances are meant (see :class:`DtypeCase`):
 from __future__ import annotations
 
 import copy
+import io
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,7 @@ __all__ = [
     "Tol",
     "assert_close",
     "assert_compiled_matches_eager",
+    "assert_state_dict_roundtrip",
     "compile_fullgraph",
     "dtype_case_for",
     "grads",
@@ -183,16 +185,30 @@ def grads(fn: Callable[..., Tensor], *inputs: Tensor) -> tuple[Tensor, ...]:
 
 
 def roundtrip_module(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(how, copy)`` for each way a loss module must survive being copied.
-
-    ``pickle`` and ``deepcopy`` copies, and a fresh module of the same class rebuilt from
-    ``copy.copy`` that loads the original's ``state_dict`` strictly.
-    """
+    """Yield ``(how, copy)`` for each way a whole loss module must survive being copied or saved:
+    ``pickle``, ``copy.deepcopy`` and ``torch.save`` / ``torch.load`` of the module object."""
     yield "pickle", pickle.loads(pickle.dumps(module))
     yield "deepcopy", copy.deepcopy(module)
-    clone = copy.copy(module)
-    clone.load_state_dict(module.state_dict(), strict=True)
-    yield "state_dict", clone
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    yield "torch.save", torch.load(buf, weights_only=False)
+
+
+def assert_state_dict_roundtrip(module: nn.Module, fresh: nn.Module) -> None:
+    """Save ``module.state_dict()`` with ``torch.save``, load it (``weights_only=True``) strictly into
+    ``fresh`` (a newly built module of the same class), and check both hold the same tensors."""
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    result = fresh.load_state_dict(state, strict=True)
+    assert not result.missing_keys
+    assert not result.unexpected_keys
+    ours, theirs = module.state_dict(), fresh.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        assert torch.equal(value, theirs[key]), key
 
 
 COMPILE_BACKEND: str = os.environ.get("KDLOSS_TEST_COMPILE_BACKEND", "")

@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +42,13 @@ __all__ = [
     "temperatures",
 ]
 
-PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-"""The settings every property test uses (40 examples, no deadline: CPU time is shared in CI)."""
+PROPERTY_SETTINGS = settings(
+    max_examples=int(os.environ.get("KDLOSS_TEST_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+"""The settings every property test uses: 40 examples (``KDLOSS_TEST_EXAMPLES`` raises it for a
+deeper run), no deadline (CPU time is shared in CI)."""
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 """Seeds for the tensors' random generator."""
@@ -116,7 +123,7 @@ class LogitPair:
     @property
     def rows(self) -> int:
         """Number of rows (samples, or positions of a sequence)."""
-        return self.student[..., 0].numel() if self.student.shape[-1] else self.student.shape[:-1].numel()
+        return math.prod(self.student.shape[:-1])
 
 
 @st.composite

@@ -18,6 +18,7 @@ from tests.conftest import (
     Tol,
     assert_close,
     assert_compiled_matches_eager,
+    assert_state_dict_roundtrip,
     grads,
     make_tensor,
     roundtrip_module,
@@ -288,6 +289,7 @@ def test_module_equals_function_and_round_trips(module, fn, kwargs: dict[str, ob
     assert list(module.parameters()) == []
     assert list(module.buffers()) == []
     assert module.state_dict() == {}
+    assert_state_dict_roundtrip(module, type(module)())
     for how, clone in roundtrip_module(module):
         assert type(clone) is type(module), how
         assert repr(clone) == repr(module), how

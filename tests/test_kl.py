@@ -20,6 +20,7 @@ from tests.conftest import (
     Tol,
     assert_close,
     assert_compiled_matches_eager,
+    assert_state_dict_roundtrip,
     grads,
     make_tensor,
     roundtrip_module,
@@ -634,6 +635,7 @@ def test_module_equals_function_and_round_trips(config: dict[str, object]) -> No
     assert list(module.parameters()) == []
     assert list(module.buffers()) == []
     assert module.state_dict() == {}
+    assert_state_dict_roundtrip(module, KDLoss())
     for how, clone in roundtrip_module(module):
         assert type(clone) is KDLoss, how
         assert repr(clone) == repr(module), how
