@@ -821,6 +821,12 @@ FUNCTION_ERRORS = [
         ValueError,
         r"labels must be on the logits' device cpu, got meta",
     ),
+    (
+        "ignore_index",
+        lambda: soft_kl(Z, Z, labels=torch.zeros(4, dtype=torch.long), ignore_index=None),
+        TypeError,
+        r"ignore_index must be an int, got NoneType None",
+    ),
 ]
 
 
@@ -849,6 +855,7 @@ MODULE_ERRORS = [
         r"beta is the JSD mixture weight and needs direction='jsd', got direction='forward'",
     ),
     ("beta-range", dict(direction="jsd", beta=1.5), ValueError, r"beta must lie in \(0, 1\), got 1.5"),
+    ("ignore_index", dict(ignore_index=-1.0), TypeError, r"ignore_index must be an int, got float -1.0"),
 ]
 
 

@@ -11,7 +11,9 @@ from kdloss import Reduction, ShapeError
 from kdloss._validate import (
     check_batch,
     check_float,
+    check_int,
     check_ndim,
+    check_nonnegative,
     check_positive,
     check_reduction,
     check_same_device,
@@ -60,6 +62,25 @@ def test_check_positive() -> None:
     for bad in (True, "2", None, torch.tensor(2.0), [2.0]):
         with pytest.raises(TypeError, match=rf"temperature must be a positive number, got {type(bad).__name__} "):
             check_positive("temperature", bad)  # type: ignore[arg-type]
+
+
+def test_check_nonnegative() -> None:
+    assert check_nonnegative("beta", 0) == 0.0
+    assert isinstance(check_nonnegative("beta", 3), float)
+    assert check_nonnegative("beta", 1000.0) == 1000.0
+    for bad in (-1e-9, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"beta must be a finite number >= 0, got {bad!r}"):
+            check_nonnegative("beta", bad)
+    for bad in (False, "1", None):
+        with pytest.raises(TypeError, match=rf"beta must be a number >= 0, got {type(bad).__name__} "):
+            check_nonnegative("beta", bad)  # type: ignore[arg-type]
+
+
+def test_check_int() -> None:
+    assert check_int("ignore_index", -100) == -100
+    for bad in (True, 1.0, None, torch.tensor(1)):
+        with pytest.raises(TypeError, match=rf"ignore_index must be an int, got {type(bad).__name__} "):
+            check_int("ignore_index", bad)  # type: ignore[arg-type]
 
 
 def test_check_unit_interval() -> None:
