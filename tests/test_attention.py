@@ -194,6 +194,15 @@ def test_extreme_and_zero_features_stay_finite(dtype: torch.dtype) -> None:
     assert torch.isfinite(attention_map(torch.zeros(2, 3, 4, 4, dtype=dtype))).all()
 
 
+def test_inside_autocast_region_computes_in_float32(device: str) -> None:
+    s, t = pairs(torch.bfloat16, device)
+    outside = attention_loss(s, t, beta=1000.0)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        inside = attention_loss(s, t, beta=1000.0)
+    assert inside.dtype == torch.float32
+    assert_close(inside, outside, Tol(1e-6, 1e-6))
+
+
 def test_non_contiguous_inputs() -> None:
     base = make_tensor(2, 3, 4, 4, seed=12)
     t = make_tensor(2, 6, 4, 4, seed=13)

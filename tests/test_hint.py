@@ -189,6 +189,17 @@ def test_hint_large_half_precision_features_stay_finite() -> None:
     assert g.dtype == torch.float16
 
 
+@pytest.mark.parametrize("loss", [hint_loss, cosine_hidden_loss], ids=["hint", "cosine"])
+def test_inside_autocast_region_computes_in_float32(loss, device: str) -> None:  # type: ignore[no-untyped-def]
+    s, t = make_tensor(3, 4, 5, 5, seed=24, dtype=torch.bfloat16, device=device), make_tensor(3, 4, 5, 5, seed=25)
+    t = t.to(device, torch.bfloat16)
+    outside = loss(s, t)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        inside = loss(s, t)
+    assert inside.dtype == torch.float32
+    assert_close(inside, outside, Tol(1e-6, 1e-6))
+
+
 def test_cosine_zero_vector() -> None:
     """An all-zero representation: loss 1 (cosine 0 by the eps floor), finite gradient of size ~1/eps."""
     s = torch.zeros(2, 3, dtype=torch.float64)

@@ -442,6 +442,19 @@ def test_low_precision_naive_is_off_soft_kl_computes_in_float32(dtype: torch.dty
     assert torch.equal(gs, g32.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_inside_autocast_region_computes_in_float32(device: str, dtype: torch.dtype) -> None:
+    """Called inside torch.autocast (an AMP training step) with low-precision logits: the same
+    float32 result as outside it, for every direction."""
+    s, t = (x.to(device, dtype) for x in logits_pair(4, 3, 11, seed=21))
+    for direction in DIRECTIONS:
+        outside = soft_kl(s, t, temperature=2.0, direction=direction)  # type: ignore[arg-type]
+        with torch.autocast(device_type=device, dtype=dtype):
+            inside = soft_kl(s, t, temperature=2.0, direction=direction)  # type: ignore[arg-type]
+        assert inside.dtype == torch.float32
+        assert_close(inside, outside, Tol(1e-6, 1e-6), msg=direction)
+
+
 def test_kl_div_broadcasts_silently_soft_kl_raises() -> None:
     """F.kl_div accepts a (4, 5) input against a (5,) target and broadcasts; soft_kl refuses."""
     s = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
