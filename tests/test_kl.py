@@ -485,8 +485,11 @@ def test_batchmean_on_sequences_divides_by_counted_positions() -> None:
     # without a mask: N = B * L
     bm = soft_kl(s, t, temperature=2.0)
     assert_close(bm, soft_kl(s.flatten(0, 1), t.flatten(0, 1), temperature=2.0), F64)
-    kl_div = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="batchmean", log_target=True) * 4
-    assert_close(kl_div / 4, bm, F64)  # F.kl_div's batchmean divides by B = 3 only: L = 4 times larger
+    # F.kl_div's batchmean divides by B = 3 only, so it is L = 4 times ours
+    t_sq = 2.0**2
+    kl_div = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="batchmean", log_target=True)
+    length = s.shape[1]
+    assert_close(kl_div * t_sq, bm * length, F64)
     # labels with ignore_index count the same way
     labels = torch.where(mask, 1, -1)
     assert_close(soft_kl(s, t, temperature=2.0, labels=labels, ignore_index=-1), total / 8, F64)
