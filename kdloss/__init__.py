@@ -15,6 +15,14 @@ from kdloss.adapters import (
     check_optimizer,
 )
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
+from kdloss.heads import (
+    ClassifierHead,
+    FinetuneResult,
+    HeadsOutput,
+    IntermediateHeads,
+    evaluate_heads,
+    finetune_heads,
+)
 from kdloss.losses import (
     ABLoss,
     AttentionLoss,
@@ -34,6 +42,9 @@ from kdloss.losses import (
     SPLoss,
     VIDLoss,
 )
+from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
+from kdloss.losses.contrastive import CRDEmbed, CRDLoss
+from kdloss.memory import ContrastMemory
 from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
@@ -46,6 +57,11 @@ __all__ = [
     "Adapter",
     "AttentionLoss",
     "CCLoss",
+    "CRDEmbed",
+    "CRDLoss",
+    "ClassifierHead",
+    "CohortLoss",
+    "ContrastMemory",
     "ConvAdapter",
     "CosineHiddenLoss",
     "DISTLoss",
@@ -55,13 +71,17 @@ __all__ = [
     "FTParaphraser",
     "FTTranslator",
     "FeatureTap",
+    "FinetuneResult",
     "FrozenTeacher",
     "HCLLoss",
+    "HeadsOutput",
     "HintLoss",
+    "IntermediateHeads",
     "KDCELoss",
     "KDLoss",
     "LinearAdapter",
     "LossParts",
+    "MultiHeadKDLoss",
     "NSTLoss",
     "PKTLoss",
     "PoolAdapter",
@@ -69,7 +89,9 @@ __all__ = [
     "Reduction",
     "ReviewKDFusion",
     "SPLoss",
+    "SelfDistillationLoss",
     "ShapeError",
+    "TOFDLoss",
     "VIDLoss",
     "VIDRegressor",
     "WeightedSum",
@@ -77,6 +99,8 @@ __all__ = [
     "adapter_for",
     "adapter_parameters",
     "check_optimizer",
+    "evaluate_heads",
+    "finetune_heads",
     "unwrap_model",
     "weighted_sum",
 ]

@@ -29,7 +29,7 @@ class LossParts(NamedTuple):
 def _check_weight(name: str, w: float) -> float:
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         raise TypeError(f"weight of {name!r} must be a real number (int or float), got {type(w).__name__} {w!r}")
-    if not math.isfinite(w):
+    if not -math.inf < w < math.inf:  # comparisons only: traceable under torch.compile; NaN fails
         raise ValueError(f"weight of {name!r} must be a finite number, got {w!r}")
     return float(w)
 

@@ -103,6 +103,8 @@ def test_errors() -> None:
         kd_ce_loss(s[0], t[0], y[0])
     with pytest.raises(TypeError, match="student_logits must be a floating-point tensor"):
         kd_ce_loss(y[:, None].expand(4, 9), t, y)
+    with pytest.raises(TypeError, match=r"ignore_index must be an int, got float -100\.0"):
+        kd_ce_loss(s, t, y, ignore_index=-100.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="mask must be a bool tensor"):
         kd_ce_loss(s, t, y, mask=torch.ones(4))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\) or equal ignore_index=-100, got 9"):

@@ -11,6 +11,7 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_int,
     check_positive,
     check_reduction,
     check_same_device,
@@ -82,7 +83,7 @@ def kd_ce_loss(
         A float32 (float64 for float64 input) scalar, or the per-row losses for ``"none"``.
 
     Raises:
-        TypeError: non-floating logits, non-integer ``labels``, non-bool ``mask``.
+        TypeError: non-floating logits, non-integer ``labels``, non-bool ``mask``, a non-int ``ignore_index``.
         ShapeError: logits of different shapes or fewer than 2 dims; ``labels``/``mask`` not matching the rows.
         ValueError: ``temperature`` not > 0, ``alpha`` outside ``[0, 1]``, an unknown ``reduction``,
             different devices, or (for CPU tensors outside ``torch.compile``, where the check costs no device
@@ -117,6 +118,7 @@ def kd_ce_loss(
     check_positive("temperature", temperature)
     check_unit_interval("alpha", alpha)
     check_reduction(reduction, _KD_CE_REDUCTIONS)
+    check_int("ignore_index", ignore_index)
     rows_shape = student_logits.shape[:-1]
     c = student_logits.shape[-1]
     _check_row_tensor("labels", labels, rows_shape, student_logits.device)

@@ -14,6 +14,7 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_int,
     check_positive,
     check_reduction,
     check_same_device,
@@ -147,7 +148,8 @@ def soft_kl(
         A float32 (float64 for float64 input) scalar, or the per-row losses for ``"none"``.
 
     Raises:
-        TypeError: if logits are not floating point, or ``mask``/``labels`` have the wrong dtype.
+        TypeError: if logits are not floating point, ``mask``/``labels`` have the wrong dtype, or
+            ``ignore_index`` is not an int.
         ShapeError: if the two logits' shapes differ (batch or class count), if the logits have
             fewer than 2 dimensions, or ``mask``/``labels`` do not match the rows.
         ValueError: for a temperature that is not > 0, an unknown ``reduction``/``direction``,
@@ -193,6 +195,7 @@ def soft_kl(
         _check_row_tensor("mask", mask, rows_shape, student_logits.device)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    check_int("ignore_index", ignore_index)
     if labels is not None:
         _check_row_tensor("labels", labels, rows_shape, student_logits.device)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:

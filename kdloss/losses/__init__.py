@@ -1,6 +1,8 @@
 """Stateless ``nn.Module`` wrappers: each ``forward`` is one call of a :mod:`kdloss.functional` function."""
 
 from kdloss.losses.attention import AttentionLoss
+from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
+from kdloss.losses.contrastive import CRDEmbed, CRDLoss
 from kdloss.losses.feature import ABLoss, FTLoss, HCLLoss, VIDLoss
 from kdloss.losses.hint import CosineHiddenLoss, HintLoss
 from kdloss.losses.kd_ce import KDCELoss
@@ -12,6 +14,9 @@ __all__ = [
     "ABLoss",
     "AttentionLoss",
     "CCLoss",
+    "CRDEmbed",
+    "CRDLoss",
+    "CohortLoss",
     "CosineHiddenLoss",
     "DISTLoss",
     "DKDLoss",
@@ -21,9 +26,12 @@ __all__ = [
     "HintLoss",
     "KDCELoss",
     "KDLoss",
+    "MultiHeadKDLoss",
     "NSTLoss",
     "PKTLoss",
     "RKDLoss",
     "SPLoss",
+    "SelfDistillationLoss",
+    "TOFDLoss",
     "VIDLoss",
 ]
