@@ -15,7 +15,12 @@ output written once; scalars and the loss are ignored.
   feature's and the weight's gradients). The 1x1 convolution's FLOPs (``2 B H W Cs Ct`` forward,
   3x for forward+backward) are not in the floor: for hint the floor is a bytes floor only;
 - attention transfer over pairs ``(B, Cs_i, H_i, W_i)`` / ``(B, Ct_i, H_i, W_i)``: forward
-  ``sum_i B H_i W_i (Cs_i + Ct_i) e``, forward+backward adds ``sum_i B H_i W_i Cs_i e``.
+  ``sum_i B H_i W_i (Cs_i + Ct_i) e``, forward+backward adds ``sum_i B H_i W_i Cs_i e``;
+- CRD step (float32), batch ``B``, ``K`` negatives, embedding ``d``, feature width ``in``: forward
+  ``(2 B (K+1) d + 2 B in + 2 in d + 2 B d) * 4`` (the gathered bank rows dominate), forward+backward
+  adds ``(B in + 2 in d) * 4``;
+- cohort KD of ``K`` teachers over ``(B, C)`` float32 logits: forward ``(K + 1) B C 4 + 8 B``,
+  forward+backward adds ``B C 4``.
 """
 
 from __future__ import annotations
@@ -39,15 +44,9 @@ TEMPERATURE = 4.0
 ALPHA = 0.9
 JSD_BETA = 0.5
 
-# TODO(after merge): families written on other branches, which bring their own pytest-benchmark files
-# (benchmarks/test_bench_crd.py, benchmarks/test_bench_cohort.py). Add them here as Cases too, so that
-# run_gpu.py's table covers them; until then every results table lists them as not covered.
-PENDING_FAMILIES = {
-    "crd_step": "CRD step (embedding heads + memory bank + NCE): branch `crd`, benchmarks/test_bench_crd.py there; "
-    "not in this table yet",
-    "cohort": "cohort KD of k heads (student log-softmax once for all heads): branch `cohort`, "
-    "benchmarks/test_bench_cohort.py there; not in this table yet",
-}
+# Families not in the tables yet (listed under every results table). CRD and cohort KD have their
+# own, more detailed suites too: benchmarks/test_bench_crd.py and benchmarks/test_bench_cohort.py.
+PENDING_FAMILIES: dict[str, str] = {}
 
 
 @dataclass
@@ -63,7 +62,10 @@ class Case:
     bytes_fwd: int
     bytes_fwdbwd: int
     shape: str
+    # per implementation, the module whose parameters a forward+backward step differentiates too
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    # compare kdloss with the baseline before timing (off for stateful steps whose state diverges)
+    check: bool = True
 
     @property
     def id(self) -> str:
@@ -150,20 +152,18 @@ def _hint_case(size: str, b: int, cs: int, ct: int, hw: int, dtype: torch.dtype)
             "kdloss": lambda x: hint_loss(adapter(x["s"]), x["t"]),
             "naive": lambda x: naive.hint_mse(plain(x["s"]), x["t"]),
         },
-        grads_of=lambda x: [x["s"], *adapter.parameters()],
+        grads_of=lambda x: [x["s"]],
         bytes_fwd=(b * hw * hw * (cs + ct) + cs * ct) * e,
         bytes_fwdbwd=(b * hw * hw * (2 * cs + ct) + 2 * cs * ct) * e,
         shape=f"B={b} {cs}->{ct}ch {hw}x{hw}",
-        modules={"adapter": adapter, "plain": plain},
+        modules={"kdloss": adapter, "naive": plain},
     )
 
 
 def grads_of(case: Case, impl: str, x: Inputs) -> list[Tensor]:
     """The tensors whose gradients a forward+backward step computes for this implementation."""
-    if case.family == "hint":
-        mod = case.modules["adapter" if impl == "kdloss" else "plain"]  # each differentiates its own conv
-        return [x["s"], *mod.parameters()]
-    return case.grads_of(x)
+    mod = case.modules.get("naive" if impl == "compiled" else impl)
+    return case.grads_of(x) + (list(mod.parameters()) if mod is not None else [])
 
 
 # ----------------------------------------------------------------------------- attention transfer
@@ -197,6 +197,94 @@ def _at_case(size: str, b: int, pairs: list[tuple[int, int, int]], dtype: torch.
     )
 
 
+# ----------------------------------------------------------------------------- CRD step
+
+
+def _crd_case(size: str, b: int, k: int, d: int, n_data: int, in_dim: int) -> Case:
+    """One CRD step: both heads, scores against both banks for the same given negatives, NCE, bank update.
+
+    Bytes (float32): the ``B (K + 1)`` bank rows of ``d`` floats read from each bank dominate:
+    forward ``(2 B (K+1) d + 2 B in + 2 in d + 2 B d) * 4`` (rows, features, head weights, bank
+    writes); forward+backward adds ``(B in + 2 in d) * 4`` (feature and head gradients). Not compared
+    with the baseline before timing: both update their banks every call (benchmarks/test_bench_crd.py
+    checks that they do the same work).
+    """
+    from kdloss import CRDLoss
+    from tests.naive_crd import NaiveCRD
+
+    torch.manual_seed(0)
+    crd = CRDLoss(in_dim, in_dim, n_data, feat_dim=d, n_negatives=k, validate=False)
+    ref = NaiveCRD(in_dim, in_dim, n_data, d, k, update="index_copy")
+
+    def make(device: torch.device, seed: int) -> Inputs:
+        crd.to(device)
+        ref.to(device)
+        g = torch.Generator(device=device).manual_seed(seed)
+        return {
+            "fs": torch.randn(b, in_dim, device=device, generator=g).requires_grad_(True),
+            "ft": torch.randn(b, in_dim, device=device, generator=g),
+            "idx": torch.randperm(n_data, device=device, generator=g)[:b],
+            "neg": torch.randint(0, n_data, (b, k), device=device, generator=g),
+        }
+
+    fwd = (2 * b * (k + 1) * d + 2 * b * in_dim + 2 * in_dim * d + 2 * b * d) * 4
+    return Case(
+        family="crd_step",
+        size=size,
+        dtype=torch.float32,
+        make=make,
+        impls={
+            "kdloss": lambda x: crd(x["fs"], x["ft"], x["idx"], negatives=x["neg"]),
+            "naive": lambda x: ref(x["fs"], x["ft"], x["idx"], x["neg"]),
+        },
+        grads_of=lambda x: [x["fs"]],
+        bytes_fwd=fwd,
+        bytes_fwdbwd=fwd + (b * in_dim + 2 * in_dim * d) * 4,
+        shape=f"B={b} K={k} d={d} N={n_data}",
+        modules={"kdloss": crd, "naive": ref},
+        check=False,
+    )
+
+
+# ----------------------------------------------------------------------------- cohort KD
+
+
+def _cohort_case(size: str, k: int, b: int, c: int) -> Case:
+    """DIH cohort KD: one student against ``K`` teachers (heads) + CE, authors' form, T = 5, alpha = 0.1.
+
+    Baseline: ``tests/naive_cohort.py``'s ``cohort_kl_div`` (one textbook log-softmax + kl_div per teacher).
+    Bytes: forward ``(K + 1) B C e + 8 B`` (student and teachers read once, labels), forward+backward
+    adds ``B C e``.
+    """
+    from kdloss import CohortLoss
+    from tests.naive_cohort import cohort_kl_div
+
+    loss = CohortLoss(temperature=5.0, alpha=0.1)
+
+    def make(device: torch.device, seed: int) -> Inputs:
+        g = torch.Generator(device=device).manual_seed(seed)
+        return {
+            "s": torch.randn(b, c, device=device, generator=g).requires_grad_(True),
+            "t": torch.randn(k, b, c, device=device, generator=g),
+            "y": torch.randint(0, c, (b,), device=device, generator=g),
+        }
+
+    return Case(
+        family="cohort",
+        size=size,
+        dtype=torch.float32,
+        make=make,
+        impls={
+            "kdloss": lambda x: loss(x["s"], x["t"], x["y"]).total,
+            "naive": lambda x: cohort_kl_div(x["s"], list(x["t"].unbind(0)), x["y"], 5.0, 0.1),
+        },
+        grads_of=lambda x: [x["s"]],
+        bytes_fwd=(k + 1) * b * c * 4 + 8 * b,
+        bytes_fwdbwd=(k + 2) * b * c * 4 + 8 * b,
+        shape=f"K={k} {b}x{c}",
+    )
+
+
 # ----------------------------------------------------------------------------- the size tables
 
 
@@ -215,6 +303,10 @@ def gpu_cases() -> list[Case]:
     cases.append(_hint_case("fitnets", 128, 64, 128, 16, f32))
     cases.append(_hint_case("fitnets", 128, 64, 128, 16, bf16))
     cases.append(_at_case("wrn-cifar", 128, [(16, 32, 32), (32, 64, 16), (64, 128, 8)], f32))
+    cases.append(_crd_case("cifar-b64", 64, 16384, 128, 50_000, 256))
+    cases.append(_crd_case("cifar-b256", 256, 16384, 128, 50_000, 256))
+    cases.append(_cohort_case("dih-k5", 5, 1024, 1000))
+    cases.append(_cohort_case("dih-k4", 4, 4096, 100))
     return cases
 
 
@@ -228,6 +320,8 @@ def cpu_cases() -> list[Case]:
     ]
     cases.append(_hint_case("tiny", 8, 16, 32, 8, f32))
     cases.append(_at_case("tiny", 8, [(4, 8, 16), (8, 16, 8), (16, 32, 4)], f32))
+    cases.append(_crd_case("tiny", 16, 512, 32, 4096, 64))
+    cases.append(_cohort_case("tiny", 4, 64, 100))
     return cases
 
 
@@ -266,6 +360,8 @@ def step(case: Case, impl: str, fn: LossFn, mode: str) -> Callable[[Inputs], Any
 
 def reference_check(case: Case, x: Inputs) -> None:
     """kdloss and the naive baseline compute the same value on ``x`` (so a benchmark cannot time a wrong loss)."""
+    if not case.check:
+        return
     with torch.no_grad():
         a = case.impls["kdloss"](x).float()
         b = case.impls["naive"](x).float()

@@ -184,6 +184,9 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
             f"| {r['case']} | {r['shape']} | {r['mode']} | {r['impl']} | {_fmt_time(r['median_s'])} | "
             f"{r['pct_of_floor']:.1f} | {speed} | {_fmt_bytes(r['peak_extra_bytes'])} | {ops} | {sync} |"
         )
+    if meta.get("errors"):
+        lines += ["", "Entries that failed (not timed):", ""]
+        lines += [f"- {e['case']} {e['mode']} {e['impl']}: {e['error'][:300]}" for e in meta["errors"]]
     if meta.get("pending"):
         lines += ["", "Not benchmarked yet (written on other branches):", ""]
         lines += [f"- {k}: {v}" for k, v in meta["pending"].items()]
@@ -256,13 +259,23 @@ def main(argv: list[str] | None = None) -> int:
         "kernels_disabled": os.environ.get("KDLOSS_DISABLE_KERNELS", "0"),
         "pending": PENDING_FAMILIES,
     }
-    records = []
+    records: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
     for case in gpu_cases() if cuda else cpu_cases():
         if families and case.family not in families:
             continue
         for mode in MODES:
             for impl in impls:
-                rec = measure(case, impl, mode, device, args)
+                try:
+                    rec = measure(case, impl, mode, device, args)
+                except Exception as exc:  # one failing entry (e.g. a compile error) must not lose the run
+                    print(f"{case.id:28s} {mode:7s} {impl:9s} ERROR {type(exc).__name__}: {exc}", flush=True)
+                    errors.append(
+                        {"case": case.id, "impl": impl, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
+                    )
+                    if cuda:
+                        torch.cuda.empty_cache()
+                    continue
                 records.append(rec)
                 print(
                     f"{case.id:28s} {mode:7s} {impl:9s} {_fmt_time(rec['median_s']):>12s} "
@@ -273,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    meta["errors"] = errors
     (out / f"results-{tag}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=1) + "\n")
     (out / f"results-{tag}.md").write_text(markdown(meta, records))
     print(f"wrote {out / f'results-{tag}.json'} and {out / f'results-{tag}.md'}")

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.cases import PENDING_FAMILIES, Case, cases_for, implementation, reference_check, step
+from benchmarks.cases import Case, cases_for, implementation, reference_check, step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = {c.id: c for c in cases_for(DEVICE)}
@@ -92,7 +92,7 @@ def test_results_markdown_lists_everything() -> None:
         "reps": 2,
         "rotate_mib": 100,
         "max_sets": 10,
-        "pending": PENDING_FAMILIES,
+        "pending": {"fam": "not covered yet"},
     }
     base = {"case": "kd-x-float32", "shape": "2x3", "mode": "fwd", "bytes": 48, "pct_of_floor": 1.0}
     records = [
@@ -102,8 +102,7 @@ def test_results_markdown_lists_everything() -> None:
     text = markdown(meta, records)
     assert "| kd-x-float32 | 2x3 | fwd | kdloss | 1.000 ms | 1.0 | 2.00 | 1.0 MiB | 1 | no |" in text
     assert "| kd-x-float32 | 2x3 | fwd | naive | 2.000 ms | 1.0 | 1.00 | - | - | - |" in text
-    for family in PENDING_FAMILIES:
-        assert f"- {family}: " in text
+    assert "- fam: not covered yet" in text
 
 
 def test_check_targets_reads_a_results_file() -> None:
