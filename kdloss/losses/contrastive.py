@@ -71,16 +71,23 @@ class CRDLoss(nn.Module):
         n_negatives: :math:`K` (16384).
         temperature: :math:`\tau` (0.07).
         momentum: bank momentum :math:`m` (0.5).
-        negatives, labels, replacement, bank_dtype, method, chunk_size, validate, process_group:
-            passed to :class:`kdloss.ContrastMemory` (``bank_dtype`` as its ``dtype``).
+        negatives: ``"uniform"`` or ``"class"``, passed to :class:`kdloss.ContrastMemory`.
+        labels: dataset labels for ``negatives="class"``, passed to the memory.
+        replacement: class-mode sampling with replacement, passed to the memory.
+        bank_dtype: the banks' dtype (the memory's ``dtype``): float32 or bfloat16.
+        method: scoring path, passed to the memory.
+        chunk_size: chunk of the gather scoring path, passed to the memory.
+        validate: check index ranges on every call (host synchronisation), passed to the memory.
+        process_group: the DDP process group, passed to the memory.
 
     Shape:
         ``(B, *), (B, *), (B,) -> ()`` float32.
 
     Raises:
-        ValueError, ShapeError, TypeError: bad configuration (here) or inputs (in
-        :meth:`forward`, before any state changes): wrong feature width, indices outside
-        ``[0, n_data)``, mismatched batch sizes, class mode without labels.
+        ValueError: a bad configuration (here), class mode without labels, indices outside
+            the bank (in :meth:`forward`, before any state changes).
+        ShapeError: a wrong feature width or mismatched batch sizes.
+        TypeError: non-float features or non-integer indices.
 
     Example:
         >>> import torch
