@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the recipe, turn input errors into a message and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
     try:
         rc: int = args.func(args)
     except StopRequested as e:

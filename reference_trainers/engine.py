@@ -90,6 +90,7 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "StopRequested",
+    "TeacherCache",
     "TrainConfig",
     "atomic_write_bytes",
     "environment",
@@ -98,6 +99,7 @@ __all__ = [
     "save_checkpoint",
     "setup",
     "summarise",
+    "teacher_cache",
     "train_run",
     "write_reports",
 ]
@@ -266,6 +268,16 @@ class RunData:
 
 
 @dataclass
+class TeacherCache:
+    """Teacher outputs for every training sample (``outputs[key][i]`` for sample ``i`` of the
+    split), the seconds it took to compute them, and the teacher side they came from."""
+
+    outputs: dict[str, Tensor]
+    seconds: float
+    teacher: nn.Module
+
+
+@dataclass
 class RunSpec:
     """One (method, seed) run.
 
@@ -277,6 +289,8 @@ class RunSpec:
         epochs: number of epochs.
         scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or None.
         teacher: the teacher side (``images -> dict``), or None.
+        teacher_cache: outputs of ``teacher`` precomputed by :func:`teacher_cache` (shared
+            between runs); None: computed by the run itself when the pipeline allows.
         resume: continue from this run's checkpoint when there is one.
     """
 
@@ -287,6 +301,7 @@ class RunSpec:
     epochs: int
     scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None
     teacher: nn.Module | None = None
+    teacher_cache: TeacherCache | None = None
     resume: bool = False
 
 
@@ -476,13 +491,30 @@ def evaluate(ctx: Context, model: nn.Module, source: BatchSource, augment: Tenso
     return float(correct) / max(1, int(total))
 
 
-def _teacher_cache(ctx: Context, teacher: nn.Module, source: BatchSource, augment: TensorAugment) -> dict[str, Tensor]:
-    """Teacher outputs for every training sample, indexed by the sample's index in its split."""
-    cache: dict[str, Tensor] = {}
-    n = source.num_samples
+def _prepare_teacher(ctx: Context, teacher: nn.Module) -> None:
+    teacher.to(ctx.device).eval()
+    if ctx.use_channels_last:
+        teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def teacher_cache(ctx: Context, teacher: nn.Module, data: RunData) -> TeacherCache | None:
+    """Compute the teacher's outputs on every training sample once, when that is valid.
+
+    Returns None when ``config.cache_teacher`` is off or the training pipeline is random (a
+    random augmentation or a non-deterministic source): the teacher must then run online. A
+    recipe can compute it once and pass it to several runs (``RunSpec.teacher_cache``) that use
+    the same teacher side (same keys); otherwise :func:`train_run` computes it per run.
+    """
+    if not (ctx.config.cache_teacher and data.train.deterministic and data.train_augment.deterministic):
+        return None
+    _prepare_teacher(ctx, teacher)
+    source, augment = data.train, data.eval_augment
     full = getattr(source, "all_batches", None)
     if full is None:
         raise TrainerError(f"{type(source).__name__} cannot be cached: it has no all_batches()")
+    t0 = time.perf_counter()
+    cache: dict[str, Tensor] = {}
+    n = source.num_samples
     with torch.no_grad(), ctx.autocast():
         for b in full(ctx.config.eval_batch_size):
             out = teacher(augment.normalise(b.images))
@@ -490,7 +522,11 @@ def _teacher_cache(ctx: Context, teacher: nn.Module, source: BatchSource, augmen
                 if k not in cache:
                     cache[k] = torch.empty((n, *v.shape[1:]), dtype=v.dtype, device=ctx.device)
                 cache[k][b.index] = v
-    return cache
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    ctx.log(f"teacher outputs ({', '.join(cache)}) of {n} training images cached in {seconds:.1f} s")
+    return TeacherCache(cache, seconds, teacher)
 
 
 def _progress(ctx: Context, total: int, desc: str) -> Any:
@@ -568,16 +604,14 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
     cache: dict[str, Tensor] | None = None
     cache_time: float | None = None
     if teacher is not None:
-        teacher.to(ctx.device).eval()
-        if ctx.use_channels_last:
-            teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        if cfg.cache_teacher and data.train.deterministic and data.train_augment.deterministic:
-            t0 = time.perf_counter()
-            cache = _teacher_cache(ctx, teacher, data.train, data.eval_augment)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            cache_time = time.perf_counter() - t0
-            ctx.log(f"[{spec.method} seed {spec.seed}] teacher outputs cached in {cache_time:.1f} s")
+        _prepare_teacher(ctx, teacher)
+        tc = spec.teacher_cache
+        if tc is not None and tc.teacher is not teacher:
+            raise ValueError("RunSpec.teacher_cache was computed from another teacher side than RunSpec.teacher")
+        if tc is None and cfg.cache_teacher:
+            tc = teacher_cache(ctx, teacher, data)
+        if tc is not None and cfg.cache_teacher:
+            cache, cache_time = tc.outputs, tc.seconds
 
     aug_gen_device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
     for epoch in range(start_epoch, spec.epochs):

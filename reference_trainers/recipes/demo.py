@@ -18,14 +18,14 @@ import torch
 
 import kdloss
 from reference_trainers.data import CIFAR10_MEAN, CIFAR10_STD
-from reference_trainers.engine import RunResult, RunSpec, setup, train_run
+from reference_trainers.engine import RunResult, RunSpec, setup, teacher_cache, train_run
 from reference_trainers.methods import AttentionStep, CEStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import DeepNN, LightNN
 from reference_trainers.recipes.common import config_from_args, finish, load_splits, run_data
 
 NAME = "demo"
 HELP = "offline demo: distil a small teacher into a student on the embedded CIFAR-10 subset (CPU, minutes)"
-TEACHER_WIDTHS = (64, 64, 64, 32)
+TEACHER_WIDTHS = (32, 32, 32, 32)
 METHODS = ("teacher", "student-ce", "kd", "hint+kd", "at+kd")
 
 
@@ -49,21 +49,20 @@ def run(args: argparse.Namespace) -> int:
     results: list[RunResult] = []
     for seed in args.seeds:
         data = run_data(ctx, splits, seed=seed, batch_size=args.batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD)
-        res = train_run(
-            ctx,
-            RunSpec("teacher", seed, lambda: CEStep(DeepNN(n, TEACHER_WIDTHS)), adam, t_epochs, resume=args.resume),
-            data,
-        )
+        build_teacher = lambda: CEStep(DeepNN(n, TEACHER_WIDTHS))  # noqa: E731
+        res = train_run(ctx, RunSpec("teacher", seed, build_teacher, adam, t_epochs, resume=args.resume), data)
         results.append(res)
         assert res.step is not None
-        teacher = res.step.student
+        # one teacher side for every method: its outputs are computed once (no augmentation) and shared
+        t_side = TeacherOutputs(res.step.student, {"features": "features", "at0": "features.4", "at1": "features.9"})
+        cache = teacher_cache(ctx, t_side, data)
 
-        def spec(method: str, build: object, t_side: torch.nn.Module | None, s: int = seed) -> RunSpec:
-            return RunSpec(method, s, build, adam, epochs, teacher=t_side, resume=args.resume)  # type: ignore[arg-type]
+        def spec(method: str, build: object, s: int = seed, t: torch.nn.Module = t_side, c: object = cache) -> RunSpec:
+            return RunSpec(method, s, build, adam, epochs, teacher=t, teacher_cache=c, resume=args.resume)  # type: ignore[arg-type]
 
-        results.append(train_run(ctx, spec("student-ce", lambda: CEStep(LightNN(n)), None), data))
+        results.append(train_run(ctx, spec("student-ce", lambda: CEStep(LightNN(n))), data))
         build_kd = lambda: KDStep(LightNN(n), temperature=T, kd_weight=0.5, ce_weight=0.5)  # noqa: E731
-        results.append(train_run(ctx, spec("kd", build_kd, TeacherOutputs(teacher)), data))
+        results.append(train_run(ctx, spec("kd", build_kd), data))
         build_hint = lambda: HintStep(  # noqa: E731
             LightNN(n),
             "features",
@@ -73,13 +72,10 @@ def run(args: argparse.Namespace) -> int:
             kd_weight=0.5,
             temperature=T,
         )
-        results.append(
-            train_run(ctx, spec("hint+kd", build_hint, TeacherOutputs(teacher, {"features": "features"})), data)
-        )
-        at_side = TeacherOutputs(teacher, {"at0": "features.4", "at1": "features.9"})
+        results.append(train_run(ctx, spec("hint+kd", build_hint), data))
         build_at = lambda: AttentionStep(  # noqa: E731
             LightNN(n), ["features.2", "features.5"], beta=1000.0, ce_weight=0.5, kd_weight=0.5, temperature=T
         )
-        results.append(train_run(ctx, spec("at+kd", build_at, at_side), data))
+        results.append(train_run(ctx, spec("at+kd", build_at), data))
     finish(ctx, args, NAME, results, {"data": splits.description, "teacher_widths": TEACHER_WIDTHS})
     return 0
