@@ -362,10 +362,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to memory, then :func:`atomic_write_bytes`."""
+    """``torch.save`` to memory, check that it loads with ``weights_only=True``, then :func:`atomic_write_bytes`.
+
+    Raises:
+        TypeError: if ``obj`` holds something ``weights_only`` loading would refuse (nothing is written).
+    """
     buf = io.BytesIO()
     torch.save(dict(obj), buf)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TypeError(f"checkpoint for {str(path)!r} holds objects weights_only loading refuses: {e}") from e
+    atomic_write_bytes(path, data)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -703,7 +712,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                     "train_time_s": train_time,
                     "images": images_seen,
                     "teacher_cache_s": cache_time,
-                    "torch": torch.__version__,
+                    "torch": str(torch.__version__),
                 },
                 ckpt_path,
             )
