@@ -13,6 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from reference_trainers.engine import StopRequested
 from reference_trainers.errors import TrainerError
 from reference_trainers.recipes import RECIPES
@@ -38,9 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the recipe, turn input errors into a message and exit code 2."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.smoke:
+    if args.smoke and not any(a == "--epochs" or a.startswith("--epochs=") for a in argv):
         args.epochs = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         rc: int = args.func(args)
     except StopRequested as e:

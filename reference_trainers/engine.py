@@ -93,6 +93,7 @@ __all__ = [
     "TeacherCache",
     "TrainConfig",
     "atomic_write_bytes",
+    "check_ranks_agree",
     "environment",
     "evaluate",
     "load_checkpoint",
@@ -311,7 +312,7 @@ class RunResult:
 
     ``history`` holds one dict per epoch: ``epoch``, ``loss`` and the named loss parts (means
     over the epoch), ``lr``, ``val_acc``, ``test_acc`` (only where measured), ``time_s``,
-    ``images_per_s``. Accuracies are fractions in [0, 1].
+    ``images`` (trained on, all ranks), ``images_per_s``. Accuracies are fractions in [0, 1].
     """
 
     method: str
@@ -673,6 +674,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
             "parts": {k: v for k, v in means.items() if k != "total"},
             "lr": optimizer.param_groups[0]["lr"],
             "time_s": epoch_time,
+            "images": global_seen,
             "images_per_s": global_seen / epoch_time if epoch_time > 0 else float("nan"),
             "val_acc": None,
             "test_acc": None,
@@ -722,7 +724,33 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                 f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} as asked "
                 f"(--stop-after-epoch); continue with --resume"
             )
+    if ctx.distributed:
+        check_ranks_agree(ctx, step)
+        ctx.log(f"[{spec.method} seed {spec.seed}] all {ctx.world_size} ranks hold the same weights")
     return _result(spec, history, best, train_time, images_seen, cache_time, step)
+
+
+def check_ranks_agree(ctx: Context, module: nn.Module) -> None:
+    """Under DDP, check that every rank holds the same parameters and buffers (two float64 checksums).
+
+    Raises:
+        TrainerError: naming the ranks whose checksums differ from rank 0's.
+    """
+    if not ctx.distributed:
+        return
+    s1 = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    s2 = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for t in module.state_dict().values():
+        if t.is_floating_point():
+            flat = t.detach().flatten().double()
+            s1 += flat.sum()
+            s2 += (flat * torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)).sum()
+    mine = torch.stack([s1, s2])
+    gathered = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, mine)
+    bad = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    if bad:
+        raise TrainerError(f"DDP ranks {bad} hold other weights than rank 0 after training: {gathered}")
 
 
 def _result(

@@ -2,7 +2,7 @@
 
 - :func:`add_common_arguments` adds ``--out --seeds --epochs --batch-size --device --no-amp
   --no-channels-last --compile --no-teacher-cache --max-batches --smoke --resume
-  --stop-after-epoch --deterministic --no-progress --dataset --data-root --download
+  --stop-after-epoch --deterministic --threads --no-progress --dataset --data-root --download
   --val-size --workers --train-subset --test-subset`` (a recipe sets its own defaults with
   ``parser.set_defaults``).
 - :func:`config_from_args` -> :class:`~reference_trainers.engine.TrainConfig`.
@@ -66,6 +66,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
     g.add_argument("--no-teacher-cache", action="store_true", help="run the teacher on every batch")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset",
