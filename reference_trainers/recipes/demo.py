@@ -30,10 +30,10 @@ METHODS = ("teacher", "student-ce", "kd", "hint+kd", "at+kd")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: --epochs)")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default 6; --smoke: --epochs)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
-    p.set_defaults(epochs=6, dataset="embedded")
+    p.set_defaults(epochs=8, teacher_epochs=6, dataset="embedded")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     splits = load_splits(args, ctx, default_val=1000)
     n = splits.num_classes
     lr, epochs, T = args.lr, args.epochs, args.temperature
-    t_epochs = args.teacher_epochs or epochs
+    t_epochs = epochs if args.smoke else args.teacher_epochs
 
     def adam(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
