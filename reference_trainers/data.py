@@ -375,8 +375,10 @@ class TensorBatches:
         drop_last: drop the last incomplete batch.
         seed: the shuffle seed.
         rank / world_size: DDP sharding: every process takes every ``world_size``-th sample of
-            the epoch's order (the order is truncated to a multiple of ``world_size`` when shuffled,
-            padded by repetition otherwise never: evaluation shards cover every sample once).
+            the epoch's order (truncated to a multiple of ``world_size`` when shuffled; unshuffled
+            evaluation shards cover every sample exactly once).
+        storage: where the uint8 split is kept (default ``device``); the CPU (pinned) when it
+            does not fit in GPU memory, batches are then copied to ``device`` one at a time.
 
     ``deterministic`` is True: every epoch holds the same samples (possibly in another order).
     """
@@ -394,14 +396,18 @@ class TensorBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        storage: torch.device | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
+        self.storage = torch.device(storage) if storage is not None else self.device
+        self.images = split.images.to(self.storage)
+        self.labels = split.labels.to(self.storage)
+        if self.storage.type == "cpu" and self.device.type == "cuda":
+            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.rank, self.world_size = rank, world_size
 
@@ -426,15 +432,24 @@ class TensorBatches:
     def all_batches(self, batch_size: int) -> Iterator[Batch]:
         """Every sample of the split (all ranks' shards) once, in index order (for the teacher cache)."""
         for start in range(0, self.num_samples, batch_size):
-            idx = torch.arange(start, min(start + batch_size, self.num_samples), device=self.device)
-            yield Batch(self.images[idx], self.labels[idx], idx)
+            idx = torch.arange(start, min(start + batch_size, self.num_samples), device=self.storage)
+            yield self._batch(idx)
+
+    def _batch(self, idx: Tensor) -> Batch:
+        if self.storage == self.device:
+            return Batch(self.images[idx], self.labels[idx], idx)
+        nb = self.device.type == "cuda"
+        return Batch(
+            self.images[idx].to(self.device, non_blocking=nb),
+            self.labels[idx].to(self.device, non_blocking=nb),
+            idx.to(self.device, non_blocking=nb),
+        )
 
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` (its shuffle order depends on ``epoch`` and ``seed`` only)."""
-        order = self._order(epoch).to(self.device)
+        order = self._order(epoch).to(self.storage)
         for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield Batch(self.images[idx], self.labels[idx], idx)
+            yield self._batch(order[b * self.batch_size : (b + 1) * self.batch_size])
 
 
 class FolderBatches:

@@ -214,3 +214,15 @@ def test_torchvision_cifar_reads_a_local_root(tmp_path: Path, monkeypatch: pytes
     assert test.images.shape == (2, 3, 32, 32)
     assert classes[0] == "c0"
     assert train.labels.tolist()[:2] == [1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tensor_batches_from_cpu_storage_to_the_gpu() -> None:
+    data = _split(20)
+    src = TensorBatches(data, 8, "cuda", shuffle=True, seed=3, storage="cpu")
+    on_gpu = TensorBatches(data, 8, "cuda", shuffle=True, seed=3)
+    for a, b in zip(src.batches(1), on_gpu.batches(1)):
+        assert a.images.is_cuda
+        assert torch.equal(a.images, b.images)
+        assert torch.equal(a.index, b.index)

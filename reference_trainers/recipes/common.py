@@ -20,11 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import torch
+
 from reference_trainers.data import DataSplits, TensorAugment, TensorBatches, TensorSplit, load_dataset
 from reference_trainers.engine import Context, RunData, RunResult, TrainConfig, environment, markdown_table, summarise
 from reference_trainers.engine import write_reports as _write_reports
 
-__all__ = ["add_common_arguments", "config_from_args", "finish", "load_splits", "run_data"]
+__all__ = ["add_common_arguments", "config_from_args", "finish", "load_splits", "run_data", "storage_device"]
 
 
 def _positive_int(s: str) -> int:
@@ -121,8 +123,20 @@ def load_splits(args: argparse.Namespace, ctx: Context, *, default_val: int) -> 
     return splits
 
 
-def _on(ctx: Context, s: TensorSplit) -> TensorSplit:
-    return TensorSplit(s.images.to(ctx.device), s.labels.to(ctx.device))
+def _on(device: torch.device, s: TensorSplit) -> TensorSplit:
+    return TensorSplit(s.images.to(device), s.labels.to(device))
+
+
+def storage_device(ctx: Context, splits: DataSplits, *, fraction: float = 0.5) -> torch.device:
+    """``ctx.device`` when the uint8 splits take at most ``fraction`` of the free GPU memory, else the CPU."""
+    if ctx.device.type != "cuda":
+        return ctx.device
+    need = sum(s.images.nbytes for s in (splits.train, splits.val, splits.test) if isinstance(s, TensorSplit))
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    if need <= fraction * free:
+        return ctx.device
+    ctx.log(f"data ({need / 2**30:.1f} GiB) do not fit in GPU memory ({free / 2**30:.1f} GiB free): kept on the CPU")
+    return torch.device("cpu")
 
 
 def run_data(
@@ -136,15 +150,20 @@ def run_data(
     crop_padding: int = 0,
     flip: bool = False,
 ) -> RunData:
-    """Tensor batch sources of one seed (train shuffled by the seed, sharded by rank) and augmentations."""
+    """Tensor batch sources of one seed (train shuffled by the seed, sharded by rank) and augmentations.
+
+    The splits are moved to the device once (kept in ``splits`` for the next seeds) when they fit
+    (:func:`storage_device`), else kept on the CPU and copied batch by batch.
+    """
+    storage = storage_device(ctx, splits)
     for name in ("train", "val", "test"):
         s = getattr(splits, name)
         if s is not None and not isinstance(s, TensorSplit):
             raise TypeError(f"run_data needs tensor splits; {name} is {type(s).__name__}")
-        if isinstance(s, TensorSplit) and s.images.device != ctx.device:
-            setattr(splits, name, _on(ctx, s))  # moved once, reused by every run
+        if isinstance(s, TensorSplit) and s.images.device != storage:
+            setattr(splits, name, _on(storage, s))  # moved once, reused by every run
     train, val, test = cast(TensorSplit, splits.train), splits.val, cast(TensorSplit, splits.test)
-    shard = {"rank": ctx.rank, "world_size": ctx.world_size}
+    shard: dict[str, Any] = {"rank": ctx.rank, "world_size": ctx.world_size, "storage": storage}
     ebs = ctx.config.eval_batch_size
     return RunData(
         train=TensorBatches(train, batch_size, ctx.device, shuffle=True, seed=seed, **shard),
