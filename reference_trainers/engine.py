@@ -591,6 +591,11 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                 f"({got.get('class')} / {got.get('student')}), but this run is {spec.method!r} seed {spec.seed} "
                 f"({signature['class']} / {signature['student']}); differing state: {mismatched[:4]}"
             )
+        if int(ck["epochs"]) != spec.epochs:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} belongs to a run of {ck['epochs']} epochs, this run asks for "
+                f"{spec.epochs}; resume with the same --epochs, or use another --out / drop --resume to start over"
+            )
         step.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None and ck["scheduler"] is not None:

@@ -262,3 +262,10 @@ def _one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def test_resume_with_other_epochs_is_refused(tmp_path: Path) -> None:
+    teacher = _teacher()
+    train_run(_ctx(tmp_path), _hint_spec(teacher, 1), _data(augment=False))
+    with pytest.raises(CheckpointError, match="belongs to a run of 1 epochs, this run asks for 2"):
+        train_run(_ctx(tmp_path), _hint_spec(teacher, 2, resume=True), _data(augment=False))

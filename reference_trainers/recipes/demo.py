@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     t_epochs = epochs if args.smoke else args.teacher_epochs
 
     def adam(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, fused=ctx.device.type == "cuda")
 
     results: list[RunResult] = []
     for seed in args.seeds:

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     lr, epochs = args.lr, args.epochs
 
     def adam(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, fused=ctx.device.type == "cuda")
 
     results: list[RunResult] = []
     for seed in args.seeds:
