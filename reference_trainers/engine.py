@@ -634,7 +634,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
         aug_gen = torch.Generator(device=aug_gen_device).manual_seed(spec.seed * 1_000_003 + epoch + 7)
         n_batches = len(data.train) if cfg.max_batches is None else min(len(data.train), cfg.max_batches)
         sums: dict[str, Tensor] = {}
-        seen = 0
+        seen = steps = 0
         bar = _progress(ctx, n_batches, f"{spec.method} s{spec.seed} epoch {epoch + 1}/{spec.epochs}")
         update_every = max(1, n_batches // 20)
         t0 = time.perf_counter()
@@ -654,6 +654,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
             for k, v in out.parts.items():
                 sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
             seen += b.labels.numel()
+            steps += 1
             bar.update(1)
             if (i + 1) % update_every == 0 or i + 1 == n_batches:
                 elapsed = time.perf_counter() - t0
@@ -664,7 +665,8 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
         bar.close()
         if scheduler is not None:
             scheduler.step()
-        steps = max(1, i + 1 if n_batches else 1)
+        if steps == 0:
+            raise TrainerError(f"{spec.method!r}: the training split gave no batch (empty, or smaller than one batch?)")
         means = {k: float(v) / steps for k, v in sums.items()}
         if ctx.distributed:
             vec = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=ctx.device)
