@@ -34,7 +34,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +200,21 @@ def _read_image(path: Path) -> Tensor:
         raise DataError(f"cannot decode image {str(path)!r}: {e}") from e
 
 
+def _from_workers(loader: Iterable[tuple[Tensor, Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Re-raise a DataError from a DataLoader worker with its own message, not the worker's traceback."""
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except DataError as e:
+            text = str(e)
+            marker = "DataError: "
+            raise DataError(text[text.rindex(marker) + len(marker) :] if marker in text else text) from None
+        yield item
+
+
 class _FolderDataset(torch.utils.data.Dataset[tuple[Tensor, int, int]]):
     def __init__(self, samples: list[tuple[Path, int]], transform: Callable[[Tensor], Tensor] | None = None) -> None:
         self.samples = samples
@@ -262,8 +277,9 @@ def load_image_folder_tensors(
     loader = torch.utils.data.DataLoader(
         _FolderDataset(samples), batch_size=512, num_workers=num_workers, collate_fn=_Collate(samples)
     )
-    images, labels = [], []
-    for x, y, _ in loader:
+    images: list[Tensor] = []
+    labels: list[Tensor] = []
+    for x, y, _ in _from_workers(loader):  # type: ignore[arg-type]
         if images and x.shape[1:] != images[0].shape[1:]:
             raise DataError(
                 f"images of different sizes under {str(root)!r}: {tuple(x.shape[1:])} and "
@@ -524,13 +540,14 @@ class FolderBatches:
     def all_batches(self, batch_size: int) -> Iterator[Batch]:
         """Every sample once, in index order, whatever the rank (for the teacher cache)."""
         kwargs = {**self.loader_kwargs, "batch_size": batch_size, "drop_last": False}
-        for x, y, i in torch.utils.data.DataLoader(self.dataset, shuffle=False, **kwargs):  # type: ignore[arg-type]
+        loader = torch.utils.data.DataLoader(self.dataset, shuffle=False, **kwargs)  # type: ignore[arg-type]
+        for x, y, i in _from_workers(loader):  # type: ignore[arg-type]
             yield Batch(x.to(self.device), y.to(self.device), i.to(self.device))
 
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` (shuffled by ``(seed, epoch)``, or by the DistributedSampler)."""
         nb = self.device.type == "cuda"
-        for x, y, i in self._loader(epoch):
+        for x, y, i in _from_workers(self._loader(epoch)):  # type: ignore[arg-type]
             yield Batch(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), i.to(self.device))
 
 

@@ -269,3 +269,21 @@ def test_resume_with_other_epochs_is_refused(tmp_path: Path) -> None:
     train_run(_ctx(tmp_path), _hint_spec(teacher, 1), _data(augment=False))
     with pytest.raises(CheckpointError, match="belongs to a run of 1 epochs, this run asks for 2"):
         train_run(_ctx(tmp_path), _hint_spec(teacher, 2, resume=True), _data(augment=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_with_bf16_autocast_and_channels_last(tmp_path: Path) -> None:
+    ctx = Context(TrainConfig(device="cuda", progress=False, out_dir=tmp_path), torch.device("cuda"))
+    d = _data(augment=True)
+    data = RunData(
+        TensorBatches(_split(48, 1), 16, "cuda", shuffle=True, seed=0),
+        TensorBatches(_split(16, 2), 64, "cuda"),
+        TensorBatches(_split(16, 3), 64, "cuda"),
+        TensorAugment(MEAN, STD, crop_padding=2, flip=True, channels_last=True),
+        TensorAugment(MEAN, STD, channels_last=True),
+    )
+    assert d.train_augment.flip
+    res = train_run(ctx, _hint_spec(_teacher(), 2), data)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    assert next(iter(_state(res).values())).is_cuda
