@@ -847,7 +847,8 @@ def _plot_png(results: Sequence[RunResult], rows: Sequence[Mapping[str, Any]], t
     names = [r["method"] for r in rows]
     means = [100 * (r["test_selected_mean"] or 0.0) for r in rows]
     sds = [100 * (r["test_selected_sd"] or 0.0) for r in rows]
-    ax1.bar(names, means, yerr=sds, capsize=4, color="tab:blue", alpha=0.8)
+    bars = ax1.bar(names, means, yerr=sds, capsize=4, color="tab:blue", alpha=0.8)
+    ax1.bar_label(bars, labels=[f"{m:.1f}±{s:.1f}" for m, s in zip(means, sds)], padding=3, fontsize="small")
     lo = min(means) - 5 if means else 0
     ax1.set_ylim(max(0.0, lo), min(100.0, max(means) + 5) if means else 100)
     ax1.set_ylabel("test accuracy (%), model selected on val")
@@ -862,6 +863,7 @@ def _plot_png(results: Sequence[RunResult], rows: Sequence[Mapping[str, Any]], t
                 xs = [h["epoch"] for h in r.history if h["test_acc"] is not None]
                 ys = [100 * h["test_acc"] for h in r.history if h["test_acc"] is not None]
             ax2.plot(xs, ys, color=color, alpha=0.8, marker=".", label=method if j == 0 else None)
+    ax2.xaxis.get_major_locator().set_params(integer=True)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation accuracy (%)")
     ax2.set_title("training curves")
