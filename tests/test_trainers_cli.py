@@ -77,6 +77,18 @@ def test_help_lists_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
 # ------------------------------------------------------------------------------------ bad input
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--methods", "kd,magic"], "unknown method(s) ['magic'] in --methods"),
+        (["tutorial-cifar10", "--phases", "kd,nope"], "unknown phase(s) ['nope'] in --phases"),
+    ],
+)
+def test_unknown_method_or_phase(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_missing_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     rc = main(["tutorial-cifar10", "--smoke", "--data-root", str(tmp_path / "missing"), "--out", str(out)])

@@ -21,6 +21,7 @@ import torch
 import kdloss
 from reference_trainers.data import CIFAR10_MEAN, CIFAR10_STD
 from reference_trainers.engine import RunResult, RunSpec, setup, teacher_cache, train_run
+from reference_trainers.errors import TrainerError
 from reference_trainers.methods import AttentionStep, CEStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import LightNN, SmallCNN
 from reference_trainers.recipes.common import config_from_args, finish, load_splits, run_data
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown} in --methods; choose from {', '.join(METHODS)}")
+        raise TrainerError(f"unknown method(s) {unknown} in --methods; choose from {', '.join(METHODS)}")
     ctx = setup(config_from_args(args, NAME))
     splits = load_splits(args, ctx, default_val=1000)
     n = splits.num_classes

@@ -26,6 +26,7 @@ import torch
 import kdloss
 from reference_trainers.data import IMAGENET_MEAN, IMAGENET_STD
 from reference_trainers.engine import RunResult, RunSpec, setup, train_run
+from reference_trainers.errors import TrainerError
 from reference_trainers.methods import CEStep, CosineStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import DeepNN, LightNN
 from reference_trainers.recipes.common import config_from_args, finish, load_splits, run_data
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     phases = [x.strip() for x in args.phases.split(",") if x.strip()]
     unknown = [x for x in phases if x not in PHASES]
     if unknown or not phases:
-        raise SystemExit(f"error: unknown phase(s) {unknown} in --phases; choose from {', '.join(PHASES)}")
+        raise TrainerError(f"unknown phase(s) {unknown} in --phases; choose from {', '.join(PHASES)}")
     ctx = setup(config_from_args(args, NAME))
     splits = load_splits(args, ctx, default_val=5000)
     n = splits.num_classes
