@@ -215,6 +215,8 @@ def setup(config: TrainConfig) -> Context:
     device = torch.device(want)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
