@@ -589,6 +589,7 @@ class TensorAugment:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_padding, self.flip, self.channels_last = crop_padding, flip, channels_last
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @property
     def deterministic(self) -> bool:
@@ -597,9 +598,12 @@ class TensorAugment:
 
     def normalise(self, x: Tensor) -> Tensor:
         """``(x / 255 - mean) / std`` in float32 (channels-last if configured), no randomness."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        out = (x.float() / 255.0 - mean) / std
+        if x.device not in self._stats:  # made once per device: a host-to-device copy per batch would sync
+            mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+            self._stats[x.device] = (1.0 / (255.0 * std), mean / std)
+        scale, shift = self._stats[x.device]
+        out = x.float() * scale - shift
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
