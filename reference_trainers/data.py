@@ -474,7 +474,8 @@ class FolderBatches:
     Images are decoded to uint8 ``(3, H, W)`` tensors by ``torchvision.io`` in the workers and
     ``transform`` (uint8 tensor to uint8 tensor, e.g. ``torchvision.transforms.v2.RandomResizedCrop``)
     is applied there; batches are moved to ``device`` (pinned, non-blocking on CUDA). Under DDP a
-    ``DistributedSampler`` shards the data; its epoch is set on every call of :meth:`batches`.
+    ``DistributedSampler`` shards the shuffled training data (its epoch is set on every call of
+    :meth:`batches`); unshuffled (evaluation) data are split ``rank::world_size``, every sample once.
 
     Args:
         root: the tree (``root/<class>/<image>``).
@@ -509,10 +510,13 @@ class FolderBatches:
         self.deterministic = deterministic
         self.dataset = _FolderDataset(samples, transform)
         self.sampler: torch.utils.data.Sampler[int] | None = None
-        if world_size > 1:
+        self.shard: list[int] | None = None
+        if world_size > 1 and shuffle:
             self.sampler = torch.utils.data.DistributedSampler(
-                self.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle
+                self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
             )
+        elif world_size > 1:  # evaluation: every sample exactly once over the ranks (no padding)
+            self.shard = list(range(rank, len(self.dataset), world_size))
         self.shuffle, self.seed = shuffle, seed
         self.loader_kwargs = {
             "batch_size": batch_size,
@@ -531,6 +535,8 @@ class FolderBatches:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
             return torch.utils.data.DataLoader(self.dataset, sampler=self.sampler, **self.loader_kwargs)  # type: ignore[arg-type]
+        if self.shard is not None:
+            return torch.utils.data.DataLoader(self.dataset, sampler=self.shard, **self.loader_kwargs)  # type: ignore[arg-type]
         gen = _epoch_generator(self.seed, epoch) if self.shuffle else None
         return torch.utils.data.DataLoader(self.dataset, shuffle=self.shuffle, generator=gen, **self.loader_kwargs)  # type: ignore[arg-type]
 

@@ -228,3 +228,12 @@ def test_tensor_batches_from_cpu_storage_to_the_gpu() -> None:
         assert a.images.is_cuda
         assert torch.equal(a.images, b.images)
         assert torch.equal(a.index, b.index)
+
+
+def test_folder_batches_shard_across_ranks(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "train", per_class=5)
+    evals = [torch.cat([b.index for b in FolderBatches(root, 2, rank=r, world_size=3).batches()]) for r in range(3)]
+    assert sorted(torch.cat(evals).tolist()) == list(range(10))  # every sample once, no padding
+    sources = [FolderBatches(root, 2, shuffle=True, rank=r, world_size=2) for r in range(2)]
+    train = [torch.cat([b.index for b in src.batches(1)]) for src in sources]
+    assert set(train[0].tolist()).isdisjoint(train[1].tolist())
