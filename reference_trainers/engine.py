@@ -165,6 +165,7 @@ class Context:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def is_main(self) -> bool:

@@ -189,6 +189,8 @@ def finish(
         "environment": environment(ctx),
         **meta,
     }
+    wall = time.perf_counter() - ctx.started
+    meta["wall_time_s"] = wall
     paths = _write_reports(ctx.config.out_dir, results, meta)
     print(markdown_table(summarise(results)), end="")
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    print(f"\n{len(results)} runs in {wall:.0f} s of wall time; wrote {', '.join(str(p) for p in paths.values())}")
