@@ -62,6 +62,7 @@ __all__ = [
     "load_embedded_cifar10",
     "load_image_folder_tensors",
     "load_torchvision_cifar",
+    "split_indices",
     "split_validation",
 ]
 
@@ -299,14 +300,26 @@ def split_validation(train: TensorSplit, val_size: int, *, seed: int = 0) -> tup
     Raises:
         ValueError: if ``val_size`` is negative or leaves no training sample.
     """
-    n = len(train)
+    if val_size == 0:
+        split_indices(len(train), 0)
+        return train, None
+    train_idx, val_idx = split_indices(len(train), val_size, seed=seed)
+    return train.subset(train_idx), train.subset(val_idx)
+
+
+def split_indices(n: int, val_size: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Sorted ``(train_indices, val_indices)`` of a fixed random split of ``range(n)``.
+
+    What :func:`split_validation` uses; for the DataLoader path pass each part as
+    ``FolderBatches(..., indices=...)``.
+
+    Raises:
+        ValueError: if ``val_size`` is negative or leaves no training sample.
+    """
     if val_size < 0 or val_size >= n:
         raise ValueError(f"val_size must be in [0, {n - 1}] for a training set of {n} images, got {val_size}")
-    if val_size == 0:
-        return train, None
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
-    return train.subset(train_idx), train.subset(val_idx)
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
 def load_dataset(
@@ -484,6 +497,8 @@ class FolderBatches:
             non-deterministic (``deterministic=False``), which turns the teacher cache off.
         num_workers: decoding processes.
         classes: expected class names (raises :class:`DataError` when they differ).
+        indices: keep only these samples (positions in the sorted file list), e.g. one part of
+            :func:`split_indices`; batch indices then count within this selection.
     """
 
     def __init__(
@@ -501,10 +516,17 @@ class FolderBatches:
         deterministic: bool = True,
         num_workers: int = 0,
         classes: list[str] | None = None,
+        indices: Sequence[int] | Tensor | None = None,
     ) -> None:
         samples, found = _scan_folder(Path(root))
         if classes is not None and found != classes:
             raise DataError(f"image folder {str(root)!r} has classes {found}, expected {classes}")
+        if indices is not None:
+            idx = [int(i) for i in indices]
+            bad = [i for i in idx if not 0 <= i < len(samples)]
+            if bad:
+                raise ValueError(f"indices must be in [0, {len(samples)}) for {str(root)!r}, got {bad[:5]}")
+            samples = [samples[i] for i in idx]
         self.classes = found
         self.device = torch.device(device)
         self.deterministic = deterministic

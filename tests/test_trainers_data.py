@@ -17,6 +17,7 @@ from reference_trainers.data import (
     load_dataset,
     load_image_folder_tensors,
     load_torchvision_cifar,
+    split_indices,
     split_validation,
 )
 
@@ -235,5 +236,12 @@ def test_folder_batches_shard_across_ranks(tmp_path: Path) -> None:
     evals = [torch.cat([b.index for b in FolderBatches(root, 2, rank=r, world_size=3).batches()]) for r in range(3)]
     assert sorted(torch.cat(evals).tolist()) == list(range(10))  # every sample once, no padding
     sources = [FolderBatches(root, 2, shuffle=True, rank=r, world_size=2) for r in range(2)]
+    train_idx, val_idx = split_indices(10, 3)
+    assert sorted([*train_idx.tolist(), *val_idx.tolist()]) == list(range(10))
+    val = FolderBatches(root, 8, indices=val_idx)
+    assert val.num_samples == 3
+    assert torch.equal(next(iter(val.batches())).labels, torch.tensor([0 if i < 5 else 1 for i in val_idx.tolist()]))
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 10\)"):
+        FolderBatches(root, 2, indices=[10])
     train = [torch.cat([b.index for b in src.batches(1)]) for src in sources]
     assert set(train[0].tolist()).isdisjoint(train[1].tolist())
