@@ -32,7 +32,11 @@ Behaviour:
 - **Teacher cache**: when the train source and its augmentation are deterministic (the same
   images every epoch) and ``config.cache_teacher`` is on, the teacher's outputs for every
   training image are computed once, kept on the device, and looked up by sample index; else the
-  teacher runs under ``no_grad`` on every batch.
+  teacher runs under ``no_grad`` on every batch. :func:`teacher_cache` computes it up front so
+  several runs can share it (``RunSpec.teacher_cache``).
+- **DDP**: under ``torchrun`` the student side is wrapped in ``DistributedDataParallel``, the
+  batch sources shard the data by rank, accuracies and loss means are reduced over ranks, and
+  :func:`check_ranks_agree` verifies at the end of each run that all ranks hold the same weights.
 - **Accuracies**: per epoch the validation accuracy; the test accuracy is measured only at the
   epochs where validation reaches a new best (ties keep the earlier epoch) and at the last
   epoch, so the reported test accuracy is the one of the model *selected on validation*,
@@ -41,9 +45,10 @@ Behaviour:
   file in the same directory, fsync, ``os.replace``) after every epoch and hold the step's
   ``state_dict`` (student, adapters, heads, banks), optimiser, scheduler, RNG states (python,
   torch CPU and CUDA; the trainers use no numpy randomness), the epoch, the seed, the history
-  and a signature of the step (class and parameter shapes). They are read with ``torch.load(weights_only=True)`` only: a
-  checkpoint that needs arbitrary pickle is refused (:class:`CheckpointError`), never loaded
-  unsafely, and so is a checkpoint of another model or method.
+  and a signature of the step (class and parameter shapes). Before writing, the bytes are
+  checked to load with ``weights_only=True``; they are read with ``torch.load(weights_only=True)``
+  only: a checkpoint that needs arbitrary pickle is refused (:class:`CheckpointError`), never
+  loaded unsafely, and so is a checkpoint of another model, method or number of epochs.
 - **Resume** (``RunSpec.resume``): a finished checkpoint returns its stored result without
   training; a partial one continues after its last epoch with every state restored, so the
   final weights are bit-identical to an uninterrupted run on CPU (shuffle and augmentation
