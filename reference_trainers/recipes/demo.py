@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default 8; --smoke: --epochs)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the KD term (CE gets 1 - it)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.set_defaults(epochs=8, teacher_epochs=8, dataset="embedded")
 
@@ -51,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     splits = load_splits(args, ctx, default_val=1000)
     n = splits.num_classes
     lr, epochs, T = args.lr, args.epochs, args.temperature
+    if not 0.0 <= args.kd_weight <= 1.0:
+        raise TrainerError(f"--kd-weight must be in [0, 1], got {args.kd_weight}")
+    kd_w, ce_w = args.kd_weight, 1.0 - args.kd_weight
     t_epochs = epochs if args.smoke else args.teacher_epochs
 
     def adam(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -92,18 +96,18 @@ def run(args: argparse.Namespace) -> int:
 
         builders = {
             "student-ce": lambda: CEStep(LightNN(n)),
-            "kd": lambda: KDStep(LightNN(n), temperature=T, kd_weight=0.5, ce_weight=0.5),
+            "kd": lambda: KDStep(LightNN(n), temperature=T, kd_weight=kd_w, ce_weight=ce_w),
             "hint+kd": lambda: HintStep(
                 LightNN(n),
                 "features",
                 kdloss.ConvAdapter(16, TEACHER_WIDTHS[1], kernel_size=3),
                 hint_weight=0.25,
-                ce_weight=0.5,
-                kd_weight=0.5,
+                ce_weight=ce_w,
+                kd_weight=kd_w,
                 temperature=T,
             ),
             "at+kd": lambda: AttentionStep(
-                LightNN(n), ["features.2", "features.5"], beta=1000.0, ce_weight=0.5, kd_weight=0.5, temperature=T
+                LightNN(n), ["features.2", "features.5"], beta=1000.0, ce_weight=ce_w, kd_weight=kd_w, temperature=T
             ),
         }
         for method in methods:
