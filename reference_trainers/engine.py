@@ -673,6 +673,9 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
         bar.close()
         if scheduler is not None:
             scheduler.step()
+        if ctx.distributed:  # DDP syncs buffers (BatchNorm statistics) before each forward: do it once more
+            for buf in step.buffers():
+                dist.broadcast(buf, 0)
         if steps == 0:
             raise TrainerError(f"{spec.method!r}: the training split gave no batch (empty, or smaller than one batch?)")
         means = {k: float(v) / steps for k, v in sums.items()}
