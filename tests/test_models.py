@@ -19,6 +19,7 @@ from reference_trainers.models import (
     build_model,
     feature_path,
     feature_shapes,
+    head_paths,
     load_torchvision_weights,
     model_spec,
     num_parameters,
@@ -51,12 +52,16 @@ PARAMS_100 = {
     "wrn_40_2": 2_255_156,
     "vgg8": 3_965_028,
     "vgg11": 9_277_284,
+    "vgg11_dih": 9_277_284,
     "vgg13": 9_462_180,
     "vgg16": 14_774_436,
     "vgg19": 20_086_692,
     "tv_resnet18": 11_227_812,
     "tv_resnet34": 21_335_972,
     "tv_resnet50": 23_712_932,
+    "tv_resnet18_cifar": 11_220_132,
+    "tv_resnet34_cifar": 21_328_292,
+    "tv_resnet50_cifar": 23_705_252,
 }
 
 # What the community benchmark's papers print (CIFAR-100), in millions: they are the exact counts
@@ -114,7 +119,7 @@ def test_dih_resnets_and_cifar10_heads() -> None:
 @pytest.mark.parametrize("name", OWN)
 def test_output_stages_and_feature_with_feature_tap(name: str) -> None:
     spec = model_spec(name)
-    size = spec.input_size if spec.family != "torchvision" else 64
+    size = min(spec.input_size, 64)
     net = build_model(name, 7)
     x = torch.randn(2, 3, size, size)
     paths = [*stage_paths(name), spec.hint_path, feature_path(name)]
@@ -157,6 +162,20 @@ def test_feature_shapes_of_the_benchmark_pairs() -> None:
     net.train()
     feature_shapes(net, ["layer1"], 32)
     assert net.training  # the mode is restored
+
+
+def test_head_paths() -> None:
+    assert head_paths("resnet110") == ["layer1", "layer2", "layer3"]  # DIH: k = 3
+    assert head_paths("resnet18") == ["layer1", "layer2", "layer3", "layer4"]  # k = 4
+    assert head_paths("wrn_28_2") == ["block1", "block2", "block3"]  # k = 3
+    assert head_paths("vgg11_dih") == ["pool0", "pool1", "pool2", "pool3"]  # k = 4, after each max-pool
+    assert feature_shapes(build_model("vgg11_dih", 10), [*head_paths("vgg11_dih"), "flatten"]) == {
+        "pool0": (64, 16, 16),
+        "pool1": (128, 8, 8),
+        "pool2": (256, 4, 4),
+        "pool3": (512, 2, 2),
+        "flatten": (512,),
+    }
 
 
 def test_vgg_geometry_and_preact() -> None:
@@ -252,9 +271,14 @@ def test_torchvision_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     key = "layer3.1.conv2.weight"
     torch.testing.assert_close(student.get_parameter(key), imagenet.get_parameter(key))
     torch.testing.assert_close(student.get_parameter("fc.weight"), fc_before)
+    cifar = load_torchvision_weights(build_model("tv_resnet18_cifar", 10), "tv_resnet18_cifar", path)
+    torch.testing.assert_close(cifar.get_parameter(key), imagenet.get_parameter(key))
+    assert cifar.get_parameter("conv1.weight").shape == (64, 3, 3, 3)  # the CIFAR stem stays fresh
     torch.save(build_model("resnet18", 10).state_dict(), path)
     with pytest.raises(ValueError, match="does not fit tv_resnet18"):
         load_torchvision_weights(student, "tv_resnet18", path)
+    with pytest.raises(FileNotFoundError, match=r"weights file .*nope\.pth does not exist"):
+        load_torchvision_weights(student, "tv_resnet18", tmp_path / "nope.pth")
 
 
 @pytest.mark.parametrize("module", ["__init__", "cifar_resnet", "wrn", "vgg"])

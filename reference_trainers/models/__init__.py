@@ -43,6 +43,7 @@ __all__ = [
     "build_model",
     "feature_path",
     "feature_shapes",
+    "head_paths",
     "load_torchvision_weights",
     "model_spec",
     "num_parameters",
@@ -68,6 +69,7 @@ class ModelSpec:
         hint_path: the student's guided layer / teacher's hint layer of the community benchmark's
             FitNet (its ``feat[2]``, the middle stage for 3-stage models).
         stem_path: the stem's output (the benchmark's ``feat[0]``).
+        head_paths: where DIH-style intermediate classifier heads mount (``None``: the stages).
         input_size: the image side the model was designed for (32 for CIFAR, 224 for ImageNet).
         reference: where the architecture comes from.
     """
@@ -80,6 +82,7 @@ class ModelSpec:
     classifier_path: str
     hint_path: str
     stem_path: str | None = None
+    head_paths: tuple[str, ...] | None = None
     input_size: int = 32
     reference: str = ""
 
@@ -146,6 +149,12 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     return spec.factory(num_classes)
+
+
+def head_paths(name: str) -> list[str]:
+    """Where intermediate classifier heads mount on ``name`` (DIH: after each stage / max-pool)."""
+    spec = model_spec(name)
+    return list(spec.head_paths if spec.head_paths is not None else spec.stage_paths)
 
 
 def stage_paths(name: str) -> list[str]:
@@ -275,33 +284,55 @@ for _name in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19"):
         )
     )
 
+register_model(
+    ModelSpec(
+        "vgg11_dih",
+        "vgg",
+        _lazy(".vgg", "vgg11_dih"),
+        ("block1", "block2", "block3", "block4"),
+        "flatten",
+        "classifier",
+        "block2",
+        "block0",
+        head_paths=("pool0", "pool1", "pool2", "pool3"),
+        reference="VGG-11 (BN) of the DIH paper (Asadian et al., 2021): a max-pool after every block",
+    )
+)
 
-def _torchvision(arch: str) -> Callable[[int], nn.Module]:
+
+def _torchvision(arch: str, cifar_stem: bool) -> Callable[[int], nn.Module]:
     def factory(num_classes: int) -> nn.Module:
         import torchvision  # type: ignore[import-untyped]
 
         model: nn.Module = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        if cifar_stem:
+            conv = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            model.conv1 = conv
+            model.maxpool = nn.Identity()
         return model
 
-    factory.__name__ = arch
+    factory.__name__ = arch + ("_cifar" if cifar_stem else "")
     return factory
 
 
 for _name, _hint in (("resnet18", "layer3.1"), ("resnet34", "layer3.5"), ("resnet50", "layer3.5")):
-    register_model(
-        ModelSpec(
-            f"tv_{_name}",
-            "torchvision",
-            _torchvision(_name),
-            ("layer1", "layer2", "layer3", "layer4"),
-            "avgpool",
-            "fc",
-            _hint,
-            "maxpool",
-            input_size=224,
-            reference=f"torchvision.models.{_name} (He et al., CVPR 2016)",
+    for _cifar in (False, True):
+        register_model(
+            ModelSpec(
+                f"tv_{_name}" + ("_cifar" if _cifar else ""),
+                "torchvision",
+                _torchvision(_name, _cifar),
+                ("layer1", "layer2", "layer3", "layer4"),
+                "avgpool",
+                "fc",
+                _hint,
+                "relu" if _cifar else "maxpool",
+                input_size=32 if _cifar else 224,
+                reference=f"torchvision.models.{_name} (He et al., CVPR 2016)"
+                + (", CIFAR stem: 3x3 stride-1 conv1, no max-pool" if _cifar else ""),
+            )
         )
-    )
 
 register_model(
     ModelSpec(
@@ -327,10 +358,11 @@ register_model(
         reference="PyTorch knowledge-distillation tutorial (student)",
     )
 )
-del _name, _hint
+del _name, _hint, _cifar
 
 
 _TV_WEIGHTS = {"tv_resnet18": "ResNet18_Weights", "tv_resnet34": "ResNet34_Weights", "tv_resnet50": "ResNet50_Weights"}
+_TV_WEIGHTS.update({k + "_cifar": v for k, v in _TV_WEIGHTS.items()})
 
 
 def load_torchvision_weights(model: nn.Module, name: str, path: str | Path | None = None) -> nn.Module:
@@ -338,7 +370,8 @@ def load_torchvision_weights(model: nn.Module, name: str, path: str | Path | Non
 
     Looks in ``path`` when given (a state dict saved with ``torch.save``), else in torchvision's
     cache (``$TORCH_HOME/hub/checkpoints``) for the ``IMAGENET1K_V1`` file. Never downloads.
-    The classifier keeps its fresh initialisation when its shape differs from ImageNet's.
+    The classifier (``fc``) keeps its fresh initialisation when its shape differs from
+    ImageNet's, and so does the 3x3 ``conv1`` of the ``*_cifar`` variants.
 
     Raises:
         KeyError: if ``name`` is not a ``tv_*`` model.
@@ -362,11 +395,15 @@ def load_torchvision_weights(model: nn.Module, name: str, path: str | Path | Non
             )
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise FileNotFoundError(f"weights file {path} does not exist (pass the path of a torchvision state dict)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in kept and not k.startswith("fc.")]
+    missing = [
+        k
+        for k in own
+        if k not in kept and not k.startswith("fc.") and not (name.endswith("_cifar") and k == "conv1.weight")
+    ]
     if missing:
         raise ValueError(
             f"{path} does not fit {name}: {len(missing)} tensors missing or of another shape, e.g. {missing[:3]}"

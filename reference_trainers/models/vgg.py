@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["VGG", "VGG_CONFIGS", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
+__all__ = ["VGG", "VGG_CONFIGS", "vgg8", "vgg11", "vgg11_dih", "vgg13", "vgg16", "vgg19"]
 
 VGG_CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
@@ -54,6 +54,9 @@ class VGG(nn.Module):
     Args:
         config: five tuples of channels, one per block (see :data:`VGG_CONFIGS`).
         num_classes: outputs of the classifier.
+        pool_every_block: the DIH paper's variant: a 2x2 max-pool after every block (``pool3``
+            always, and ``pool4`` a global max-pool of the 2x2 map), as in the common
+            ``[64, 'M', 128, 'M', ...]`` CIFAR VGG. Same parameters as the benchmark's.
 
     Shape:
         ``(B, 3, 32, 32) -> (B, num_classes)``; ``block0`` ... ``block4`` output 32x32, 16x16,
@@ -69,7 +72,7 @@ class VGG(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, config: Sequence[Sequence[int]], num_classes: int) -> None:
+    def __init__(self, config: Sequence[Sequence[int]], num_classes: int, *, pool_every_block: bool = False) -> None:
         super().__init__()
         config = [tuple(b) for b in config]
         if len(config) != 5 or any(not b or min(b) < 1 for b in config):
@@ -77,6 +80,7 @@ class VGG(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.config = tuple(config)
+        self.pool_every_block = pool_every_block
         ins = [3] + [b[-1] for b in config[:4]]
         self.block0 = _block(config[0], ins[0])
         self.block1 = _block(config[1], ins[1])
@@ -88,7 +92,8 @@ class VGG(nn.Module):
         self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.pool4 = nn.AdaptiveAvgPool2d(1)
+        # DIH's VGG max-pools after every block (down to 1x1 at 32 px); the benchmark averages.
+        self.pool4: nn.Module = nn.AdaptiveMaxPool2d(1) if pool_every_block else nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.classifier = nn.Linear(in_channels, num_classes)
         for m in self.modules():
@@ -109,7 +114,7 @@ class VGG(nn.Module):
         return [f"block{i}.{3 * len(self.config[i]) - 2}" for i in range(1, 5)]
 
     def forward(self, x: Tensor) -> Tensor:
-        pool3 = x.shape[-2] == 64
+        pool3 = self.pool_every_block or x.shape[-2] == 64
         x = self.pool0(self.block0(x))
         x = self.pool1(self.block1(x))
         x = self.pool2(self.block2(x))
@@ -121,7 +126,7 @@ class VGG(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"config={self.config}"
+        return f"config={self.config}, pool_every_block={self.pool_every_block}"
 
 
 def vgg8(num_classes: int = 100) -> VGG:
@@ -132,6 +137,11 @@ def vgg8(num_classes: int = 100) -> VGG:
 def vgg11(num_classes: int = 100) -> VGG:
     """vgg11 with BN (configuration "A")."""
     return VGG(VGG_CONFIGS["vgg11"], num_classes)
+
+
+def vgg11_dih(num_classes: int = 100) -> VGG:
+    """vgg11 with BN as in the DIH paper: max-pool after each of the five blocks (1x1 at the end)."""
+    return VGG(VGG_CONFIGS["vgg11"], num_classes, pool_every_block=True)
 
 
 def vgg13(num_classes: int = 100) -> VGG:
