@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,15 @@ PARAMS_100 = {
 PUBLISHED_M = {"resnet110": 1.73, "resnet8x4": 1.23, "resnet32x4": 7.43, "wrn_40_2": 2.25, "vgg13": 9.46}
 
 OWN = [n for n in MODEL_NAMES if model_spec(n).family != "tutorial"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors on a shared CPU: one torch thread is faster; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _has_tutorial() -> bool:
