@@ -37,10 +37,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reference_trainers.models.tutorial import DeepNN, LightNN, count_parameters
+
 __all__ = [
     "MODEL_NAMES",
+    "DeepNN",
+    "LightNN",
     "ModelSpec",
     "build_model",
+    "count_parameters",
     "feature_path",
     "feature_shapes",
     "head_paths",

@@ -1,0 +1,907 @@
+"""The one training loop of the reference trainers, and its results, checkpoints and reports.
+
+A recipe describes *what* to train; this module does the rest the same way for every recipe.
+
+The API, in the order a recipe uses it:
+
+1. ``ctx = setup(config)``: picks the device (``"auto"``: CUDA when available), joins the
+   ``torchrun`` process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, gloo on CPU) and returns a
+   :class:`Context` (device, rank, world size, config).
+2. A :class:`DistillStep` per method: an ``nn.Module`` that owns the **student side** (the
+   ``student`` plus every trainable extra: adapters, heads, memory banks, as submodules) and
+   whose ``forward(images, labels, teacher)`` returns a :class:`kdloss.LossParts` (total + named
+   parts). ``teacher`` is the dict the teacher side returned for these images (``None`` without
+   a teacher). Ready-made steps are in :mod:`reference_trainers.methods`.
+3. A teacher side (optional): any module mapping normalised images to a ``dict[str, Tensor]``
+   (``{"logits": ..., "features": ...}``); :class:`reference_trainers.methods.TeacherOutputs`
+   builds one from a trained model, tapped paths and parameter-free transforms.
+4. ``result = train_run(ctx, RunSpec(...), data)`` trains one (method, seed): seeds every RNG,
+   builds the step (so each method starts from the same weights for a seed), moves it to the
+   device (channels-last on CUDA), optionally ``compile()``-s the student in place, wraps the
+   step (student side only, never the teacher) in DDP, runs ``epochs`` epochs of
+   ``optimizer.zero_grad(); loss = step(...).total; loss.backward(); optimizer.step()`` under
+   bf16 autocast on CUDA, steps the scheduler once per epoch, evaluates on the validation and
+   test splits, writes a checkpoint after every epoch and returns a :class:`RunResult`.
+   ``RunData`` bundles the batch sources (:mod:`reference_trainers.data`) and the train / eval
+   augmentations.
+5. ``write_reports(out_dir, results, meta)``: ``results.json``, ``results.md`` and
+   ``results.png`` (accuracy per method with error bars over seeds, and training curves).
+
+Behaviour:
+
+- **Teacher cache**: when the train source and its augmentation are deterministic (the same
+  images every epoch) and ``config.cache_teacher`` is on, the teacher's outputs for every
+  training image are computed once, kept on the device, and looked up by sample index; else the
+  teacher runs under ``no_grad`` on every batch. :func:`teacher_cache` computes it up front so
+  several runs can share it (``RunSpec.teacher_cache``).
+- **DDP**: under ``torchrun`` the student side is wrapped in ``DistributedDataParallel``, the
+  batch sources shard the data by rank, accuracies and loss means are reduced over ranks, and
+  :func:`check_ranks_agree` verifies at the end of each run that all ranks hold the same weights.
+- **Accuracies**: per epoch the validation accuracy; the test accuracy is measured only at the
+  epochs where validation reaches a new best (ties keep the earlier epoch) and at the last
+  epoch, so the reported test accuracy is the one of the model *selected on validation*,
+  never selected on test. Without a validation split the selection falls back to the last epoch.
+- **Checkpoints** (``<out>/checkpoints/<method>-seed<seed>.pt``) are written atomically (temp
+  file in the same directory, fsync, ``os.replace``) after every epoch and hold the step's
+  ``state_dict`` (student, adapters, heads, banks), optimiser, scheduler, RNG states (python,
+  torch CPU and CUDA; the trainers use no numpy randomness), the epoch, the seed, the history
+  and a signature of the step (class and parameter shapes). Before writing, the bytes are
+  checked to load with ``weights_only=True``; they are read with ``torch.load(weights_only=True)``
+  only: a checkpoint that needs arbitrary pickle is refused (:class:`CheckpointError`), never
+  loaded unsafely, and so is a checkpoint of another model, method or number of epochs.
+- **Resume** (``RunSpec.resume``): a finished checkpoint returns its stored result without
+  training; a partial one continues after its last epoch with every state restored, so the
+  final weights are bit-identical to an uninterrupted run on CPU (shuffle and augmentation
+  generators are derived from ``(seed, epoch)``, dropout from the restored torch RNG).
+- **Reports and checkpoints** are written by rank 0 only, always atomically: a failed run never
+  leaves a half-written file.
+- ``config.max_batches`` caps the batches per epoch (training and evaluation) for smoke runs;
+  ``config.stop_after_epoch`` raises :class:`StopRequested` after that epoch's checkpoint (to
+  test resuming).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import pickle
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import kdloss
+from reference_trainers.data import Batch, TensorAugment
+from reference_trainers.errors import CheckpointError, TrainerError
+
+__all__ = [
+    "BatchSource",
+    "Context",
+    "DistillStep",
+    "RunData",
+    "RunResult",
+    "RunSpec",
+    "StopRequested",
+    "TeacherCache",
+    "TrainConfig",
+    "atomic_write_bytes",
+    "check_ranks_agree",
+    "environment",
+    "evaluate",
+    "load_checkpoint",
+    "save_checkpoint",
+    "setup",
+    "summarise",
+    "teacher_cache",
+    "train_run",
+    "write_reports",
+]
+
+CHECKPOINT_FORMAT = "reference_trainers.checkpoint/1"
+
+
+class StopRequested(TrainerError):
+    """Raised after the epoch named by ``TrainConfig.stop_after_epoch`` (its checkpoint is written)."""
+
+
+class BatchSource(Protocol):
+    """What the engine needs from a batch source (:class:`~reference_trainers.data.TensorBatches`,
+    :class:`~reference_trainers.data.FolderBatches`)."""
+
+    deterministic: bool
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def batches(self, epoch: int = 0) -> Iterator[Batch]: ...
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every run of a recipe (the CLI fills them).
+
+    Attributes:
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        amp: bf16 autocast on CUDA (ignored on CPU, which trains in float32).
+        channels_last: channels-last weights and images on CUDA.
+        compile: ``torch.compile`` the student in place (``nn.Module.compile``).
+        cache_teacher: cache teacher outputs when the training pipeline is deterministic.
+        max_batches: cap on batches per epoch (train and eval), for smoke runs; None: all.
+        eval_batch_size: batch size of evaluation and of the teacher cache.
+        progress: show tqdm progress bars (rank 0 only).
+        deterministic: ``torch.use_deterministic_algorithms(True)`` and deterministic cuDNN.
+        stop_after_epoch: raise :class:`StopRequested` after this epoch (1-based), for resume tests.
+        out_dir: where checkpoints and reports go.
+    """
+
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    cache_teacher: bool = True
+    max_batches: int | None = None
+    eval_batch_size: int = 1024
+    progress: bool = True
+    deterministic: bool = False
+    stop_after_epoch: int | None = None
+    out_dir: Path = Path("runs/out")
+
+
+@dataclass
+class Context:
+    """The process's place in the run: device, DDP rank and world size, and the config."""
+
+    config: TrainConfig
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def use_amp(self) -> bool:
+        return self.config.amp and self.device.type == "cuda"
+
+    @property
+    def use_channels_last(self) -> bool:
+        return self.config.channels_last and self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.use_amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def setup(config: TrainConfig) -> Context:
+    """Resolve the device and join the ``torchrun`` process group when ``WORLD_SIZE > 1``.
+
+    Under torchrun each process uses ``cuda:LOCAL_RANK`` on GPUs (NCCL) or the CPU (gloo).
+
+    Raises:
+        TrainerError: if CUDA is asked for but not available.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = config.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainerError(f"--device {config.device!r} asks for CUDA, but torch.cuda.is_available() is False")
+    device = torch.device(want)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not config.deterministic
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Context(config=config, device=device, rank=rank, world_size=world)
+
+
+class DistillStep(nn.Module):
+    """Base class of a method's student side: the trained modules and the loss of one step.
+
+    Subclasses set ``self.student`` (the model that is evaluated and reported) and any extra
+    trainable or stateful modules as attributes (they are then in ``parameters()``, the DDP
+    wrapper and the checkpoint), and implement :meth:`forward`. The teacher is never a
+    submodule: its outputs come in through ``teacher``.
+    """
+
+    student: nn.Module
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
+        """Return the step's loss: ``LossParts(total, parts)`` with named, detached parts."""
+        raise NotImplementedError
+
+    def signature(self) -> dict[str, Any]:
+        """What a checkpoint must match: the step's class and every state tensor's shape."""
+        return {
+            "class": type(self).__name__,
+            "student": type(self.student).__name__,
+            "shapes": {k: list(v.shape) for k, v in self.state_dict().items()},
+        }
+
+
+@dataclass
+class RunData:
+    """The batch sources of one run and the augmentations applied on the device.
+
+    ``train_augment`` may be random (crop/flip); ``eval_augment`` (validation, test, teacher
+    cache) should only normalise. ``val`` may be None (then no selection on validation).
+    """
+
+    train: BatchSource
+    val: BatchSource | None
+    test: BatchSource
+    train_augment: TensorAugment
+    eval_augment: TensorAugment
+
+
+@dataclass
+class TeacherCache:
+    """Teacher outputs for every training sample (``outputs[key][i]`` for sample ``i`` of the
+    split), the seconds it took to compute them, and the teacher side they came from."""
+
+    outputs: dict[str, Tensor]
+    seconds: float
+    teacher: nn.Module
+
+
+@dataclass
+class RunSpec:
+    """One (method, seed) run.
+
+    Attributes:
+        method: the method's name in the results ("teacher", "kd", ...), also the checkpoint name.
+        seed: seeds python and torch before ``build`` and the data order.
+        build: returns the :class:`DistillStep` (called after seeding, on the CPU).
+        optimizer: ``params -> torch.optim.Optimizer``.
+        epochs: number of epochs.
+        scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or None.
+        teacher: the teacher side (``images -> dict``), or None.
+        teacher_cache: outputs of ``teacher`` precomputed by :func:`teacher_cache` (shared
+            between runs); None: computed by the run itself when the pipeline allows.
+        resume: continue from this run's checkpoint when there is one.
+    """
+
+    method: str
+    seed: int
+    build: Callable[[], DistillStep]
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    epochs: int
+    scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None
+    teacher: nn.Module | None = None
+    teacher_cache: TeacherCache | None = None
+    resume: bool = False
+
+
+@dataclass
+class RunResult:
+    """What one run measured (``step`` is the trained student side, not serialised).
+
+    ``history`` holds one dict per epoch: ``epoch``, ``loss`` and the named loss parts (means
+    over the epoch), ``lr``, ``val_acc``, ``test_acc`` (only where measured), ``time_s``,
+    ``images`` (trained on, all ranks), ``images_per_s``. Accuracies are fractions in [0, 1].
+    """
+
+    method: str
+    seed: int
+    epochs: int
+    history: list[dict[str, Any]]
+    val_last: float | None
+    val_best: float | None
+    best_epoch: int
+    test_selected: float
+    test_last: float
+    train_time_s: float
+    images_per_s: float
+    teacher_cache_s: float | None
+    step: DistillStep | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "step"}
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, ``os.replace``.
+
+    Either the old file (or none) or the complete new one is there, whatever happens.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable (not supported everywhere)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to memory, check that it loads with ``weights_only=True``, then :func:`atomic_write_bytes`.
+
+    Raises:
+        TypeError: if ``obj`` holds something ``weights_only`` loading would refuse (nothing is written).
+    """
+    buf = io.BytesIO()
+    torch.save(dict(obj), buf)
+    data = buf.getvalue()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TypeError(f"checkpoint for {str(path)!r} holds objects weights_only loading refuses: {e}") from e
+    atomic_write_bytes(path, data)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)``; never falls back to unsafe pickle.
+
+    Raises:
+        CheckpointError: if the file is missing, truncated, not a checkpoint of this package, or
+            needs arbitrary pickle (the message says it was refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load checkpoint {str(path)!r}: it is not loadable with weights_only=True "
+            f"(it holds arbitrary Python objects, which could run code); it was not loaded. ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch file): {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a reference_trainers checkpoint (format {CHECKPOINT_FORMAT})")
+    return obj
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
+# --------------------------------------------------------------------------------------------- environment
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(ctx: Context) -> dict[str, Any]:
+    """Versions and hardware to record with the results."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "kdloss": kdloss.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(ctx.device),
+        "world_size": ctx.world_size,
+        "git_commit": _git_commit(),
+        "argv": sys.argv,
+    }
+    with contextlib.suppress(ImportError):
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    if ctx.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(ctx.device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# --------------------------------------------------------------------------------------------- RNG
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": None}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+def _limited(it: Iterator[Batch], max_batches: int | None) -> Iterator[Batch]:
+    for i, b in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield b
+
+
+def evaluate(ctx: Context, model: nn.Module, source: BatchSource, augment: TensorAugment) -> float:
+    """Top-1 accuracy of ``model`` on ``source`` (summed over DDP ranks), in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    total = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    with torch.no_grad(), ctx.autocast():
+        for b in _limited(source.batches(0), ctx.config.max_batches):
+            logits = model(augment.normalise(b.images))
+            correct += (logits.argmax(1) == b.labels).sum()
+            total += b.labels.numel()
+    if ctx.distributed:
+        both = torch.stack([correct, total])
+        dist.all_reduce(both)
+        correct, total = both[0], both[1]
+    model.train(was_training)
+    return float(correct) / max(1, int(total))
+
+
+def _prepare_teacher(ctx: Context, teacher: nn.Module) -> None:
+    teacher.to(ctx.device).eval()
+    if ctx.use_channels_last:
+        teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def teacher_cache(ctx: Context, teacher: nn.Module, data: RunData) -> TeacherCache | None:
+    """Compute the teacher's outputs on every training sample once, when that is valid.
+
+    Returns None when ``config.cache_teacher`` is off or the training pipeline is random (a
+    random augmentation or a non-deterministic source): the teacher must then run online. A
+    recipe can compute it once and pass it to several runs (``RunSpec.teacher_cache``) that use
+    the same teacher side (same keys); otherwise :func:`train_run` computes it per run.
+    """
+    if not (ctx.config.cache_teacher and data.train.deterministic and data.train_augment.deterministic):
+        return None
+    _prepare_teacher(ctx, teacher)
+    source, augment = data.train, data.eval_augment
+    full = getattr(source, "all_batches", None)
+    if full is None:
+        raise TrainerError(f"{type(source).__name__} cannot be cached: it has no all_batches()")
+    t0 = time.perf_counter()
+    cache: dict[str, Tensor] = {}
+    n = source.num_samples
+    with torch.no_grad(), ctx.autocast():
+        for b in full(ctx.config.eval_batch_size):
+            out = teacher(augment.normalise(b.images))
+            for k, v in out.items():
+                if k not in cache:
+                    cache[k] = torch.empty((n, *v.shape[1:]), dtype=v.dtype, device=ctx.device)
+                cache[k][b.index] = v
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    ctx.log(f"teacher outputs ({', '.join(cache)}) of {n} training images cached in {seconds:.1f} s")
+    return TeacherCache(cache, seconds, teacher)
+
+
+def _progress(ctx: Context, total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (ctx.config.progress and ctx.is_main),
+    )
+
+
+def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
+    """Train one (method, seed); see the module docstring for everything it does.
+
+    Raises:
+        CheckpointError: resuming from a checkpoint of another method, seed or model.
+        StopRequested: after ``config.stop_after_epoch`` (the checkpoint of that epoch is written).
+    """
+    cfg = ctx.config
+    if spec.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {spec.epochs}")
+    ckpt_path = Path(cfg.out_dir) / "checkpoints" / f"{spec.method}-seed{spec.seed}.pt"
+    _seed_everything(spec.seed)
+    step = spec.build()
+    if not isinstance(step, DistillStep):
+        raise TypeError(f"RunSpec.build must return a DistillStep, got {type(step).__name__}")
+    step.to(ctx.device)
+    if ctx.use_channels_last:
+        step.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    params = [p for p in step.parameters() if p.requires_grad]
+    optimizer = spec.optimizer(params)
+    kdloss.check_optimizer(optimizer, step)
+    scheduler = spec.scheduler(optimizer) if spec.scheduler is not None else None
+    signature = step.signature()
+
+    history: list[dict[str, Any]] = []
+    start_epoch, train_time, images_seen = 0, 0.0, 0
+    best: dict[str, Any] = {"val": None, "epoch": 0, "test": None}
+    if spec.resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if (ck["method"], ck["seed"]) != (spec.method, spec.seed) or ck["signature"] != signature:
+            got = ck.get("signature", {})
+            mismatched = sorted(
+                set(map(str, got.get("shapes", {}).items())) ^ set(map(str, signature["shapes"].items()))
+            )
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} was written for method {ck['method']!r} seed {ck['seed']} "
+                f"({got.get('class')} / {got.get('student')}), but this run is {spec.method!r} seed {spec.seed} "
+                f"({signature['class']} / {signature['student']}); differing state: {mismatched[:4]}"
+            )
+        if int(ck["epochs"]) != spec.epochs:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} belongs to a run of {ck['epochs']} epochs, this run asks for "
+                f"{spec.epochs}; resume with the same --epochs, or use another --out / drop --resume to start over"
+            )
+        step.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scheduler is not None and ck["scheduler"] is not None:
+            scheduler.load_state_dict(ck["scheduler"])
+        history, best = list(ck["history"]), dict(ck["best"])
+        start_epoch, train_time, images_seen = int(ck["epoch"]), float(ck["train_time_s"]), int(ck["images"])
+        _set_rng_state(ck["rng"])
+        ctx.log(f"[{spec.method} seed {spec.seed}] resumed from {ckpt_path} after epoch {start_epoch}")
+        if ck["done"]:
+            return _result(spec, history, best, train_time, images_seen, ck.get("teacher_cache_s"), step)
+
+    if cfg.compile:
+        step.student.compile()
+    model: nn.Module = step
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            step, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+
+    teacher = spec.teacher
+    cache: dict[str, Tensor] | None = None
+    cache_time: float | None = None
+    if teacher is not None:
+        _prepare_teacher(ctx, teacher)
+        tc = spec.teacher_cache
+        if tc is not None and tc.teacher is not teacher:
+            raise ValueError("RunSpec.teacher_cache was computed from another teacher side than RunSpec.teacher")
+        if tc is None and cfg.cache_teacher:
+            tc = teacher_cache(ctx, teacher, data)
+        if tc is not None and cfg.cache_teacher:
+            cache, cache_time = tc.outputs, tc.seconds
+
+    aug_gen_device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    for epoch in range(start_epoch, spec.epochs):
+        model.train()
+        aug_gen = torch.Generator(device=aug_gen_device).manual_seed(spec.seed * 1_000_003 + epoch + 7)
+        n_batches = len(data.train) if cfg.max_batches is None else min(len(data.train), cfg.max_batches)
+        sums: dict[str, Tensor] = {}
+        seen = steps = 0
+        bar = _progress(ctx, n_batches, f"{spec.method} s{spec.seed} epoch {epoch + 1}/{spec.epochs}")
+        update_every = max(1, n_batches // 20)
+        t0 = time.perf_counter()
+        for i, b in enumerate(_limited(data.train.batches(epoch), cfg.max_batches)):
+            x = data.train_augment(b.images, aug_gen)
+            t_out: dict[str, Tensor] | None = None
+            if cache is not None:
+                t_out = {k: v[b.index] for k, v in cache.items()}
+            elif teacher is not None:
+                with torch.no_grad(), ctx.autocast():
+                    t_out = teacher(x)
+            with ctx.autocast():
+                out: kdloss.LossParts = model(x, b.labels, t_out)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            optimizer.step()
+            for k, v in out.parts.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
+            seen += b.labels.numel()
+            steps += 1
+            bar.update(1)
+            if (i + 1) % update_every == 0 or i + 1 == n_batches:
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{float(out.parts['total']):.4f}", img_s=f"{seen * ctx.world_size / elapsed:.0f}")
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - t0
+        bar.close()
+        if scheduler is not None:
+            scheduler.step()
+        if steps == 0:
+            raise TrainerError(f"{spec.method!r}: the training split gave no batch (empty, or smaller than one batch?)")
+        means = {k: float(v) / steps for k, v in sums.items()}
+        if ctx.distributed:
+            vec = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=ctx.device)
+            dist.all_reduce(vec)
+            means = {k: float(v) / ctx.world_size for k, v in zip(sorted(means), vec.tolist())}
+        global_seen = seen * ctx.world_size
+        train_time += epoch_time
+        images_seen += global_seen
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": means.get("total", float("nan")),
+            "parts": {k: v for k, v in means.items() if k != "total"},
+            "lr": optimizer.param_groups[0]["lr"],
+            "time_s": epoch_time,
+            "images": global_seen,
+            "images_per_s": global_seen / epoch_time if epoch_time > 0 else float("nan"),
+            "val_acc": None,
+            "test_acc": None,
+        }
+        last = epoch + 1 == spec.epochs
+        if data.val is not None:
+            rec["val_acc"] = evaluate(ctx, step.student, data.val, data.eval_augment)
+            if best["val"] is None or rec["val_acc"] > best["val"]:
+                best = {"val": rec["val_acc"], "epoch": epoch + 1, "test": None}
+        if (data.val is not None and best["epoch"] == epoch + 1) or last:
+            rec["test_acc"] = evaluate(ctx, step.student, data.test, data.eval_augment)
+            if best["epoch"] == epoch + 1:
+                best["test"] = rec["test_acc"]
+        history.append(rec)
+        msg = f"[{spec.method} seed {spec.seed}] epoch {epoch + 1}/{spec.epochs} loss {rec['loss']:.4f}"
+        if rec["val_acc"] is not None:
+            msg += f" val {100 * rec['val_acc']:.2f}%"
+        if rec["test_acc"] is not None:
+            msg += f" test {100 * rec['test_acc']:.2f}%"
+        ctx.log(msg + f" ({rec['images_per_s']:.0f} img/s)")
+        if ctx.is_main:
+            save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "method": spec.method,
+                    "seed": spec.seed,
+                    "signature": signature,
+                    "epoch": epoch + 1,
+                    "epochs": spec.epochs,
+                    "done": last,
+                    "model": step.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": _rng_state(),
+                    "history": history,
+                    "best": best,
+                    "train_time_s": train_time,
+                    "images": images_seen,
+                    "teacher_cache_s": cache_time,
+                    "torch": str(torch.__version__),
+                },
+                ckpt_path,
+            )
+        ctx.barrier()
+        if cfg.stop_after_epoch is not None and epoch + 1 == cfg.stop_after_epoch and not last:
+            raise StopRequested(
+                f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} as asked "
+                f"(--stop-after-epoch); continue with --resume"
+            )
+    if ctx.distributed:
+        check_ranks_agree(ctx, step)
+        ctx.log(f"[{spec.method} seed {spec.seed}] all {ctx.world_size} ranks hold the same weights")
+    return _result(spec, history, best, train_time, images_seen, cache_time, step)
+
+
+def check_ranks_agree(ctx: Context, module: nn.Module) -> None:
+    """Under DDP, check that every rank holds the same parameters and buffers (two float64 checksums).
+
+    Raises:
+        TrainerError: naming the ranks whose checksums differ from rank 0's.
+    """
+    if not ctx.distributed:
+        return
+    s1 = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    s2 = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for t in module.state_dict().values():
+        if t.is_floating_point():
+            flat = t.detach().flatten().double()
+            s1 += flat.sum()
+            s2 += (flat * torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)).sum()
+    mine = torch.stack([s1, s2])
+    gathered = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, mine)
+    bad = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    if bad:
+        raise TrainerError(f"DDP ranks {bad} hold other weights than rank 0 after training: {gathered}")
+
+
+def _result(
+    spec: RunSpec,
+    history: list[dict[str, Any]],
+    best: Mapping[str, Any],
+    train_time: float,
+    images_seen: int,
+    cache_time: float | None,
+    step: DistillStep,
+) -> RunResult:
+    last = history[-1]
+    has_val = best["val"] is not None
+    return RunResult(
+        method=spec.method,
+        seed=spec.seed,
+        epochs=len(history),
+        history=history,
+        val_last=last["val_acc"],
+        val_best=best["val"],
+        best_epoch=int(best["epoch"]) if has_val else len(history),
+        test_selected=float(best["test"]) if has_val else float(last["test_acc"]),
+        test_last=float(last["test_acc"]),
+        train_time_s=train_time,
+        images_per_s=images_seen / train_time if train_time > 0 else float("nan"),
+        teacher_cache_s=cache_time,
+        step=step,
+    )
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def _mean_sd(xs: Sequence[float | None]) -> tuple[float | None, float | None]:
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd
+
+
+def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One row per method (in first-seen order): mean and sample standard deviation over seeds.
+
+    Keys: ``method``, ``seeds``, ``n``, and ``<metric>_mean`` / ``<metric>_sd`` for ``val_last``,
+    ``val_best``, ``test_selected``, ``test_last``, ``train_time_s``, ``images_per_s``.
+    """
+    rows: list[dict[str, Any]] = []
+    for method in dict.fromkeys(r.method for r in results):
+        rs = [r for r in results if r.method == method]
+        row: dict[str, Any] = {"method": method, "seeds": [r.seed for r in rs], "n": len(rs)}
+        for key in ("val_last", "val_best", "test_selected", "test_last", "train_time_s", "images_per_s"):
+            row[f"{key}_mean"], row[f"{key}_sd"] = _mean_sd([getattr(r, key) for r in rs])
+        rows.append(row)
+    return rows
+
+
+def _pct(m: float | None, sd: float | None) -> str:
+    return "—" if m is None else f"{100 * m:.2f} ± {100 * (sd or 0.0):.2f}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The results table in Markdown (accuracies in %, mean ± sd over seeds)."""
+    head = (
+        "| method | seeds | val acc, last epoch | val acc, best epoch | test acc (selected on val) "
+        "| test acc, last epoch | train time (s) | images/s |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {', '.join(map(str, r['seeds']))} | {_pct(r['val_last_mean'], r['val_last_sd'])} "
+            f"| {_pct(r['val_best_mean'], r['val_best_sd'])} | {_pct(r['test_selected_mean'], r['test_selected_sd'])} "
+            f"| {_pct(r['test_last_mean'], r['test_last_sd'])} | {r['train_time_s_mean']:.1f} "
+            f"| {r['images_per_s_mean']:.0f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def _plot_png(results: Sequence[RunResult], rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["method"] for r in rows]
+    means = [100 * (r["test_selected_mean"] or 0.0) for r in rows]
+    sds = [100 * (r["test_selected_sd"] or 0.0) for r in rows]
+    bars = ax1.bar(names, means, yerr=sds, capsize=4, color="tab:blue", alpha=0.8)
+    ax1.bar_label(bars, labels=[f"{m:.1f}±{s:.1f}" for m, s in zip(means, sds)], padding=3, fontsize="small")
+    lo = min(means) - 5 if means else 0
+    ax1.set_ylim(max(0.0, lo), min(100.0, max(means) + 5) if means else 100)
+    ax1.set_ylabel("test accuracy (%), model selected on val")
+    ax1.set_title("accuracy per method (mean ± sd over seeds)")
+    ax1.tick_params(axis="x", rotation=30)
+    for i, method in enumerate(names):
+        color = f"C{i % 10}"
+        for j, r in enumerate(x for x in results if x.method == method):
+            xs = [h["epoch"] for h in r.history]
+            ys = [100 * h["val_acc"] if h["val_acc"] is not None else float("nan") for h in r.history]
+            if all(math.isnan(y) for y in ys):
+                xs = [h["epoch"] for h in r.history if h["test_acc"] is not None]
+                ys = [100 * h["test_acc"] for h in r.history if h["test_acc"] is not None]
+            ax2.plot(xs, ys, color=color, alpha=0.8, marker=".", label=method if j == 0 else None)
+    ax2.xaxis.get_major_locator().set_params(integer=True)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation accuracy (%)")
+    ax2.set_title("training curves")
+    ax2.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_reports(
+    out_dir: str | os.PathLike[str], results: Sequence[RunResult], meta: Mapping[str, Any], *, plot: bool = True
+) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and (``plot``) ``results.png`` atomically; return their paths.
+
+    ``meta`` is recorded as is in the JSON (recipe, options, seeds, data, environment...).
+    """
+    out = Path(out_dir)
+    rows = summarise(results)
+    table = markdown_table(rows)
+    title = str(meta.get("recipe", "results"))
+    doc = {"meta": dict(meta), "summary": rows, "runs": [r.to_json() for r in results]}
+    paths = {"json": out / "results.json", "md": out / "results.md"}
+    md = f"# {title}\n\n{meta.get('data', '')}\n\n{table}"
+    png = _plot_png(results, rows, title) if plot else None
+    atomic_write_bytes(paths["json"], _json_bytes(doc))
+    atomic_write_bytes(paths["md"], md.encode())
+    if png is not None:
+        paths["png"] = out / "results.png"
+        atomic_write_bytes(paths["png"], png)
+    return paths

@@ -1,0 +1,17 @@
+"""The errors the reference trainers raise for bad input; the CLI turns each into a message and exit code 2."""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "DataError", "TrainerError"]
+
+
+class TrainerError(Exception):
+    """Base class: a problem with the user's input (data, checkpoint, options), not a bug."""
+
+
+class DataError(TrainerError):
+    """A missing data root, an unreadable or corrupt image, an inconsistent data set."""
+
+
+class CheckpointError(TrainerError):
+    """A checkpoint that is unreadable, unsafe (arbitrary pickle), or written for another model or run."""

@@ -1,0 +1,289 @@
+"""reference_trainers.engine: exact resume, safe checkpoints, teacher cache, selection on validation, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kdloss
+from reference_trainers.data import TensorAugment, TensorBatches, TensorSplit
+from reference_trainers.engine import (
+    CHECKPOINT_FORMAT,
+    Context,
+    RunData,
+    RunResult,
+    RunSpec,
+    StopRequested,
+    TrainConfig,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    summarise,
+    teacher_cache,
+    train_run,
+    write_reports,
+)
+from reference_trainers.errors import CheckpointError
+from reference_trainers.methods import CEStep, HintStep, KDStep, TeacherOutputs
+from reference_trainers.models import DeepNN, LightNN
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _split(n: int, seed: int) -> TensorSplit:
+    g = torch.Generator().manual_seed(seed)
+    return TensorSplit(
+        torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g), torch.randint(0, 3, (n,), generator=g)
+    )
+
+
+def _data(*, augment: bool, seed: int = 0) -> RunData:
+    return RunData(
+        train=TensorBatches(_split(48, 1), 16, shuffle=True, seed=seed),
+        val=TensorBatches(_split(16, 2), 64),
+        test=TensorBatches(_split(16, 3), 64),
+        train_augment=TensorAugment(MEAN, STD, crop_padding=2 if augment else 0, flip=augment),
+        eval_augment=TensorAugment(MEAN, STD),
+    )
+
+
+def _ctx(tmp: Path, **kw: object) -> Context:
+    return Context(TrainConfig(device="cpu", progress=False, out_dir=tmp, **kw), torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def _teacher() -> nn.Module:
+    torch.manual_seed(0)
+    return DeepNN(3, (4, 4, 4, 4), image_size=8)
+
+
+def _hint_spec(teacher: nn.Module, epochs: int, *, resume: bool = False, method: str = "hint") -> RunSpec:
+    return RunSpec(
+        method,
+        5,
+        lambda: HintStep(
+            LightNN(3, width=2, image_size=8),
+            "features",
+            kdloss.ConvAdapter(2, 4, 3),
+            hint_weight=0.5,
+            ce_weight=0.5,
+            kd_weight=0.5,
+            temperature=2.0,
+        ),
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        epochs,
+        scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5),
+        teacher=TeacherOutputs(teacher, {"features": "features"}),
+        resume=resume,
+    )
+
+
+def _state(res: RunResult) -> dict[str, torch.Tensor]:
+    assert res.step is not None
+    return res.step.state_dict()
+
+
+@pytest.mark.parametrize("augment", [True, False], ids=["augmented-online-teacher", "cached-teacher"])
+def test_kill_and_resume_gives_bit_identical_weights(tmp_path: Path, augment: bool) -> None:
+    teacher = _teacher()
+    full = train_run(_ctx(tmp_path / "a"), _hint_spec(teacher, 2), _data(augment=augment))
+    with pytest.raises(StopRequested, match="stopped after epoch 1"):
+        train_run(_ctx(tmp_path / "b", stop_after_epoch=1), _hint_spec(teacher, 2), _data(augment=augment))
+    ck = load_checkpoint(tmp_path / "b" / "checkpoints" / "hint-seed5.pt")
+    assert (ck["epoch"], ck["done"]) == (1, False)
+    resumed = train_run(_ctx(tmp_path / "b"), _hint_spec(teacher, 2, resume=True), _data(augment=augment))
+    a, b = _state(full), _state(resumed)
+    assert a.keys() == b.keys()
+    assert any("adapter" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    assert full.test_selected == resumed.test_selected
+    # a finished run resumes to its stored result without training
+    again = train_run(_ctx(tmp_path / "b"), _hint_spec(teacher, 2, resume=True), _data(augment=augment))
+    assert again.history == resumed.history
+    assert torch.equal(_state(again)["student.classifier.3.weight"], b["student.classifier.3.weight"])
+
+
+def test_without_resume_a_run_starts_over_and_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    spec = RunSpec("ce", 1, lambda: CEStep(LightNN(3, width=2, image_size=8)), lambda p: torch.optim.SGD(p, lr=0.1), 1)
+    r1 = train_run(_ctx(tmp_path), replace(spec, resume=True), _data(augment=False))
+    r2 = train_run(_ctx(tmp_path), spec, _data(augment=False))
+    assert r1.history[0]["loss"] == r2.history[0]["loss"]  # same seed, same start
+
+
+class _Evil:
+    ran = False
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_mark_ran, ())
+
+
+def _mark_ran() -> None:
+    _Evil.ran = True
+
+
+def test_unsafe_pickle_checkpoint_is_refused_and_not_executed(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "hint-seed5.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load checkpoint .*weights_only=True"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="refusing"):
+        train_run(_ctx(tmp_path), _hint_spec(_teacher(), 1, resume=True), _data(augment=False))
+    assert not _Evil.ran
+    # nothing was overwritten by the refused run
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_of_another_model_or_method_is_refused(tmp_path: Path) -> None:
+    teacher = _teacher()
+    train_run(_ctx(tmp_path), _hint_spec(teacher, 1), _data(augment=False))
+    src = tmp_path / "checkpoints" / "hint-seed5.pt"
+    os.replace(src, tmp_path / "checkpoints" / "kd-seed5.pt")
+    kd = RunSpec(
+        "kd",
+        5,
+        lambda: KDStep(LightNN(3, width=3, image_size=8), temperature=2.0, kd_weight=0.5, ce_weight=0.5),
+        lambda p: torch.optim.Adam(p),
+        1,
+        teacher=TeacherOutputs(teacher),
+        resume=True,
+    )
+    with pytest.raises(CheckpointError, match=r"was written for method 'hint' seed 5 \(HintStep / LightNN\).*'kd'"):
+        train_run(_ctx(tmp_path), kd, _data(augment=False))
+
+
+def test_truncated_or_foreign_checkpoints(tmp_path: Path) -> None:
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "x": torch.ones(1000)}, tmp_path / "c.pt")
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "t.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "f.pt")
+    with pytest.raises(CheckpointError, match="not a reference_trainers checkpoint"):
+        load_checkpoint(tmp_path / "f.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "results.json"
+    atomic_write_bytes(target, b"old")
+
+    def boom(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["results.json"]  # no temp file left behind
+
+
+def test_teacher_cache_matches_the_online_teacher(tmp_path: Path) -> None:
+    teacher = _teacher()
+    data = _data(augment=False)
+    side = TeacherOutputs(teacher, {"features": "features"})
+    cache = teacher_cache(_ctx(tmp_path), side, data)
+    assert cache is not None
+    assert set(cache.outputs) == {"logits", "features"}
+    x = data.eval_augment(data.train.images)  # type: ignore[attr-defined]
+    online = side(x)
+    for k in online:
+        torch.testing.assert_close(cache.outputs[k], online[k], rtol=1e-5, atol=1e-6)
+    assert teacher_cache(_ctx(tmp_path), side, _data(augment=True)) is None  # random pipeline: no cache
+    assert teacher_cache(_ctx(tmp_path, cache_teacher=False), side, data) is None
+    cached = train_run(_ctx(tmp_path / "c"), _hint_spec(teacher, 1), data)
+    live = train_run(_ctx(tmp_path / "l", cache_teacher=False), _hint_spec(teacher, 1), data)
+    assert cached.teacher_cache_s is not None
+    assert live.teacher_cache_s is None
+    assert cached.history[0]["loss"] == pytest.approx(live.history[0]["loss"], rel=1e-5)
+
+
+def test_test_accuracy_is_the_one_selected_on_validation(tmp_path: Path) -> None:
+    res = train_run(_ctx(tmp_path), _hint_spec(_teacher(), 3), _data(augment=False))
+    vals = [h["val_acc"] for h in res.history]
+    best = vals.index(max(vals)) + 1
+    assert res.best_epoch == best
+    assert res.val_best == max(vals)
+    assert res.val_last == vals[-1]
+    assert res.test_selected == res.history[best - 1]["test_acc"]
+    assert res.test_last == res.history[-1]["test_acc"]
+    # the test set is measured only where validation reached a new best, and at the last epoch
+    new_best = [v > max(vals[:i], default=-1.0) for i, v in enumerate(vals)]
+    measured = [h["test_acc"] is not None for h in res.history]
+    assert measured == [nb or i == len(vals) - 1 for i, nb in enumerate(new_best)]
+
+
+def _fake(method: str, seed: int, acc: float) -> RunResult:
+    h = [
+        {
+            "epoch": 1,
+            "loss": 1.0,
+            "parts": {},
+            "lr": 0.1,
+            "time_s": 1.0,
+            "images_per_s": 10.0,
+            "val_acc": acc,
+            "test_acc": acc,
+        }
+    ]
+    return RunResult(method, seed, 1, h, acc, acc, 1, acc, acc, 2.0, 10.0, None)
+
+
+def test_summary_and_reports(tmp_path: Path) -> None:
+    results = [_fake("kd", 0, 0.5), _fake("kd", 1, 0.7), _fake("ce", 0, 0.4)]
+    rows = summarise(results)
+    assert [r["method"] for r in rows] == ["kd", "ce"]
+    assert rows[0]["test_selected_mean"] == pytest.approx(0.6)
+    assert rows[0]["test_selected_sd"] == pytest.approx(0.1414213, rel=1e-5)  # sample sd over seeds
+    assert rows[1]["test_selected_sd"] == 0.0
+    paths = write_reports(tmp_path / "out", results, {"recipe": "unit", "data": "fake"})
+    doc = json.loads(paths["json"].read_text())
+    assert doc["meta"]["recipe"] == "unit"
+    assert len(doc["runs"]) == 3
+    assert doc["summary"][0]["n"] == 2
+    assert "| kd | 0, 1 | 60.00 ± 14.14 |" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md", "results.png"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_with_other_epochs_is_refused(tmp_path: Path) -> None:
+    teacher = _teacher()
+    train_run(_ctx(tmp_path), _hint_spec(teacher, 1), _data(augment=False))
+    with pytest.raises(CheckpointError, match="belongs to a run of 1 epochs, this run asks for 2"):
+        train_run(_ctx(tmp_path), _hint_spec(teacher, 2, resume=True), _data(augment=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_with_bf16_autocast_and_channels_last(tmp_path: Path) -> None:
+    ctx = Context(TrainConfig(device="cuda", progress=False, out_dir=tmp_path), torch.device("cuda"))
+    d = _data(augment=True)
+    data = RunData(
+        TensorBatches(_split(48, 1), 16, "cuda", shuffle=True, seed=0),
+        TensorBatches(_split(16, 2), 64, "cuda"),
+        TensorBatches(_split(16, 3), 64, "cuda"),
+        TensorAugment(MEAN, STD, crop_padding=2, flip=True, channels_last=True),
+        TensorAugment(MEAN, STD, channels_last=True),
+    )
+    assert d.train_augment.flip
+    res = train_run(ctx, _hint_spec(_teacher(), 2), data)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    assert next(iter(_state(res).values())).is_cuda
