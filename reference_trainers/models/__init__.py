@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reference_trainers.models.small import SmallCNN
 from reference_trainers.models.tutorial import DeepNN, LightNN, count_parameters
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "DeepNN",
     "LightNN",
     "ModelSpec",
+    "SmallCNN",
     "build_model",
     "count_parameters",
     "feature_path",
