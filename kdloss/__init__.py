@@ -15,31 +15,92 @@ from kdloss.adapters import (
     check_optimizer,
 )
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
-from kdloss.losses import AttentionLoss, CosineHiddenLoss, HintLoss, KDLoss
+from kdloss.heads import (
+    ClassifierHead,
+    FinetuneResult,
+    HeadsOutput,
+    IntermediateHeads,
+    evaluate_heads,
+    finetune_heads,
+)
+from kdloss.losses import (
+    ABLoss,
+    AttentionLoss,
+    CCLoss,
+    CosineHiddenLoss,
+    DISTLoss,
+    DKDLoss,
+    FSPLoss,
+    FTLoss,
+    HCLLoss,
+    HintLoss,
+    KDCELoss,
+    KDLoss,
+    NSTLoss,
+    PKTLoss,
+    RKDLoss,
+    SPLoss,
+    VIDLoss,
+)
+from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
+from kdloss.losses.contrastive import CRDEmbed, CRDLoss
+from kdloss.memory import ContrastMemory
+from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABConnector",
+    "ABLoss",
     "Adapter",
     "AttentionLoss",
+    "CCLoss",
+    "CRDEmbed",
+    "CRDLoss",
+    "ClassifierHead",
+    "CohortLoss",
+    "ContrastMemory",
     "ConvAdapter",
     "CosineHiddenLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "FSPLoss",
+    "FTLoss",
+    "FTParaphraser",
+    "FTTranslator",
     "FeatureTap",
+    "FinetuneResult",
     "FrozenTeacher",
+    "HCLLoss",
+    "HeadsOutput",
     "HintLoss",
+    "IntermediateHeads",
+    "KDCELoss",
     "KDLoss",
     "LinearAdapter",
     "LossParts",
+    "MultiHeadKDLoss",
+    "NSTLoss",
+    "PKTLoss",
     "PoolAdapter",
+    "RKDLoss",
     "Reduction",
+    "ReviewKDFusion",
+    "SPLoss",
+    "SelfDistillationLoss",
     "ShapeError",
+    "TOFDLoss",
+    "VIDLoss",
+    "VIDRegressor",
     "WeightedSum",
     "__version__",
     "adapter_for",
     "adapter_parameters",
     "check_optimizer",
+    "evaluate_heads",
+    "finetune_heads",
     "unwrap_model",
     "weighted_sum",
 ]

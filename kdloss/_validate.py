@@ -19,7 +19,9 @@ __all__ = [
     "ShapeError",
     "check_batch",
     "check_float",
+    "check_int",
     "check_ndim",
+    "check_nonnegative",
     "check_positive",
     "check_reduction",
     "check_same_device",
@@ -55,9 +57,28 @@ def check_positive(name: str, value: float) -> float:
     """Raise unless ``value`` is a finite number greater than zero."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    # Comparisons only (no math.isfinite): under torch.compile a Python float argument that
+    # changes between calls becomes a symbolic float, which math.isfinite cannot trace.
+    # NaN fails both comparisons, +inf the second.
+    if not (value > 0 and value < math.inf):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """Raise unless ``value`` is a finite number greater than or equal to zero (a loss weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__} {value!r}")
+    if not (value >= 0 and value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: int) -> int:
+    """Raise a ``TypeError`` unless ``value`` is an ``int`` (not a ``bool``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_unit_interval(name: str, value: float, *, open_ends: bool = False) -> float:

@@ -33,15 +33,27 @@ class Adapter(nn.Module):
     """Base class of kdloss's adapters: shape checks with context and the forgotten-optimiser guard.
 
     Subclasses implement :meth:`_forward`. ``stale_check_steps`` is the training forward at
-    which the guard compares the weights with their initial values (0 disables it).
+    which the guard compares the weights with their initial values (0 disables it). The guard
+    runs only in training mode with gradients enabled and outside ``torch.compile``; it warns
+    (``RuntimeWarning``) once when gradients reached the weights but the weights did not move.
+    With gradient accumulation over more than ``stale_check_steps`` forwards, raise it.
+
+    Args:
+        stale_check_steps: the training forward at which to check (``>= 0``; 0 disables it).
+
+    Raises:
+        ValueError: if ``stale_check_steps`` is negative.
     """
 
     def __init__(self, *, stale_check_steps: int = 8) -> None:
         super().__init__()
+        if isinstance(stale_check_steps, bool) or not isinstance(stale_check_steps, int):
+            raise TypeError(f"stale_check_steps must be an int, got {type(stale_check_steps).__name__}")
         if stale_check_steps < 0:
             raise ValueError(f"stale_check_steps must be >= 0, got {stale_check_steps}")
         self.stale_check_steps = stale_check_steps
         self._forwards = 0
+        self._saw_grad = False
         self._initial: list[Tensor] | None = None
 
     def _forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -60,10 +72,13 @@ class Adapter(nn.Module):
         if not params:
             self._forwards = self.stale_check_steps + 1
             return
+        # Gradients may be set to None before each forward (optimizer.zero_grad()), so remember
+        # whether any forward saw one.
+        self._saw_grad = self._saw_grad or any(p.grad is not None for p in params)
         if self._forwards == 0:
             self._initial = [p.detach().clone() for p in params]
         elif self._forwards == self.stale_check_steps and self._initial is not None:
-            got_grads = any(p.grad is not None for p in params)
+            got_grads = self._saw_grad
             unchanged = all(torch.equal(p.detach(), p0) for p, p0 in zip(params, self._initial))
             if got_grads and unchanged:
                 warnings.warn(
@@ -89,6 +104,17 @@ class ConvAdapter(Adapter):
         kernel_size: an odd kernel size (1 or 3 usually).
         bn: add a ``BatchNorm2d`` after the convolution (its bias then replaces the conv's).
         relu: add a ReLU at the end.
+        stale_check_steps: see :class:`Adapter` (the forgotten-optimiser guard).
+
+    Shape:
+        ``(B, in_channels, H, W) -> (B, out_channels, H, W)``.
+
+    Raises:
+        ValueError: for channel counts below 1 or an even ``kernel_size``.
+        ShapeError: (in ``forward``) for an input that is not ``(B, in_channels, H, W)``.
+        TypeError: (in ``forward``) for a non-floating-point input.
+
+    Romero et al., *FitNets: Hints for Thin Deep Nets*, ICLR 2015 (the regressor).
 
     Example:
         >>> import torch
@@ -130,6 +156,19 @@ class ConvAdapter(Adapter):
 class LinearAdapter(Adapter):
     """A linear map of flattened features, ``(B, *) -> (B, out_features)``.
 
+    Args:
+        in_features: the number of elements of one student sample (``prod(*)``).
+        out_features: the number of elements of one teacher sample.
+        bias: add a bias.
+        stale_check_steps: see :class:`Adapter` (the forgotten-optimiser guard).
+
+    Shape:
+        ``(B, *) -> (B, out_features)`` with ``prod(*) == in_features``.
+
+    Raises:
+        ValueError: for sizes below 1.
+        ShapeError: (in ``forward``) for an input with another number of elements per sample.
+
     Example:
         >>> import torch
         >>> LinearAdapter(1024, 2048)(torch.zeros(4, 16, 8, 8)).shape
@@ -162,6 +201,18 @@ class PoolAdapter(Adapter):
     integer that divides ``D`` and the features are averaged in groups of ``D // out_size``
     neighbours: the tutorial's ``avg_pool1d(kernel_size=2)`` of the teacher's 2048 features to
     1024. For feature maps ``(B, C, H, W)`` with ``out_size=(h, w)``, ``adaptive_avg_pool2d``.
+    It has no parameters, so it can sit on the teacher side as well.
+
+    Args:
+        out_size: the number of features to pool down to, or the ``(h, w)`` of a feature map.
+
+    Shape:
+        ``(B, *) -> (B, out_size)`` or ``(B, C, H, W) -> (B, C, h, w)``.
+
+    Raises:
+        ValueError: for a size below 1 or a tuple that is not ``(h, w)``.
+        ShapeError: (in ``forward``) for a feature count that ``out_size`` does not divide, fewer
+            features than ``out_size``, or a non-4-D input with ``(h, w)``.
 
     Example:
         >>> import torch
@@ -182,6 +233,11 @@ class PoolAdapter(Adapter):
         if isinstance(self.out_size, int):
             flat = x.flatten(1)
             d = flat.shape[1]
+            if d < self.out_size:
+                raise ShapeError(
+                    f"PoolAdapter({self.out_size}) can only pool down: got {d} features, fewer than "
+                    f"{self.out_size} (input shape {tuple(x.shape)}); use a LinearAdapter on the student side"
+                )
             if d % self.out_size:
                 raise ShapeError(
                     f"PoolAdapter({self.out_size}) needs a feature count divisible by {self.out_size}, "
@@ -209,11 +265,20 @@ def adapter_for(
     - anything else of equal batch: :class:`LinearAdapter` on the flattened features, reshaped
       to the teacher's per-sample shape.
 
-    The adapter is created on the student example's device and dtype. Hand its parameters to
-    the optimiser (:func:`adapter_parameters`).
+    The adapter is created on the student example's device, in its dtype if that is float32 or
+    float64 and in float32 otherwise (features computed under autocast are float16/bfloat16, the
+    weights should not be). Hand its parameters to the optimiser (:func:`adapter_parameters`).
+
+    Args:
+        student_example: a student feature, ``(B, *)``.
+        teacher_example: the teacher feature it must match, ``(B, *)``.
+        kernel_size: the :class:`ConvAdapter`'s kernel size (odd).
+        bn: add BatchNorm to a :class:`ConvAdapter`.
+        relu: add a ReLU to a :class:`ConvAdapter`.
 
     Raises:
         ShapeError: if the batch sizes differ, or the student map is smaller than the teacher's.
+        TypeError: if an example is not a floating-point tensor.
 
     Example:
         >>> import torch
@@ -232,6 +297,8 @@ def adapter_for(
             f"student_example and teacher_example must share the batch dimension, got {tuple(s)} and {tuple(t)}"
         )
     device, dtype = student_example.device, student_example.dtype
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32  # keep trainable weights in float32 when the features come from autocast
     if s == t:
         return nn.Identity()
     if len(s) == 4 and len(t) == 4:
@@ -257,6 +324,15 @@ def adapter_for(
 def adapter_parameters(*modules: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of the given adapters (or any modules), each once, in order.
 
+    Hand them to the optimiser together with the student's parameters (or as their own
+    parameter group, e.g. with another learning rate).
+
+    Args:
+        modules: adapters, or any modules (``nn.Identity`` contributes nothing).
+
+    Raises:
+        TypeError: if an argument is not an ``nn.Module``.
+
     Example:
         >>> import torch
         >>> student = torch.nn.Linear(4, 4)
@@ -266,7 +342,9 @@ def adapter_parameters(*modules: nn.Module) -> list[nn.Parameter]:
     """
     seen: set[int] = set()
     out: list[nn.Parameter] = []
-    for m in modules:
+    for i, m in enumerate(modules):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"adapter_parameters takes nn.Modules, got {type(m).__name__} as argument {i}")
         for p in m.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
@@ -275,7 +353,30 @@ def adapter_parameters(*modules: nn.Module) -> list[nn.Parameter]:
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, *modules: nn.Module) -> None:
-    """Raise a ``ValueError`` naming every trainable parameter of ``modules`` not in ``optimizer``."""
+    """Raise a ``ValueError`` naming every trainable parameter of ``modules`` not in ``optimizer``.
+
+    Call it once after building the optimiser: adapters created by :func:`adapter_for` after the
+    optimiser was built are the usual culprit.
+
+    Args:
+        optimizer: the optimiser that trains the student.
+        modules: the adapters (or any modules) whose trainable parameters it must hold.
+
+    Raises:
+        TypeError: if ``optimizer`` is not a ``torch.optim.Optimizer``.
+        ValueError: listing the missing parameters by name.
+
+    Example:
+        >>> import torch
+        >>> adapter = ConvAdapter(16, 32)
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        >>> check_optimizer(opt, adapter)
+        Traceback (most recent call last):
+        ...
+        ValueError: optimizer is missing 2 trainable adapter parameter(s): ConvAdapter.conv.weight, ...
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [
         f"{type(m).__name__}.{name}"

@@ -19,7 +19,16 @@ class FrozenTeacher(nn.Module):
     that: :meth:`train` always leaves the teacher in eval mode, every parameter has
     ``requires_grad=False``, and :meth:`forward` runs under ``torch.no_grad()``.
 
-    The wrapped model is ``self.module`` (so ``state_dict`` keys gain a ``module.`` prefix).
+    The wrapped model is ``self.module``, so ``state_dict`` keys gain a ``module.`` prefix: load a
+    plain teacher checkpoint with ``teacher.module.load_state_dict(...)``. :class:`kdloss.FeatureTap`
+    unwraps it (paths need no ``module.`` prefix). Its outputs carry no graph, so they can be
+    used directly as targets.
+
+    Args:
+        module: the trained teacher.
+
+    Raises:
+        TypeError: if ``module`` is not an ``nn.Module``.
 
     Example:
         >>> import torch
@@ -43,5 +52,12 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the teacher in eval mode without building a graph.
+
+        A submodule switched back to training mode from outside (``teacher.module.train()``)
+        is put back in eval mode first.
+        """
+        if not torch.compiler.is_compiling() and any(m.training for m in self.module.modules()):
+            self.module.train(False)
         with torch.no_grad():
             return self.module(*args, **kwargs)

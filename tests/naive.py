@@ -67,3 +67,43 @@ def cosine_hidden(student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
     """The tutorial's hidden loss: CosineEmbeddingLoss with target +1."""
     target = torch.ones(student_hidden.shape[0], device=student_hidden.device)
     return torch.nn.CosineEmbeddingLoss()(student_hidden.flatten(1), teacher_hidden.flatten(1), target)
+
+
+def kl_rows(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, direction: str = "forward", beta: float = 0.5
+) -> Tensor:
+    """Per-row textbook divergence times T^2, shape ``logits.shape[:-1]`` (no masking, no floor).
+
+    forward: sum_c p (log p - log q); reverse: sum_c q (log q - log p);
+    jsd: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
+    """
+    q = F.softmax(student_logits / temperature, dim=-1)
+    p = F.softmax(teacher_logits / temperature, dim=-1)
+    if direction == "forward":
+        rows = (p * (p.log() - q.log())).sum(-1)
+    elif direction == "reverse":
+        rows = (q * (q.log() - p.log())).sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        rows = beta * (p * (p.log() - m.log())).sum(-1) + (1 - beta) * (q * (q.log() - m.log())).sum(-1)
+    return rows * temperature**2
+
+
+def at_loss_pooled(student_feature: Tensor, teacher_feature: Tensor, beta: float = 1.0) -> Tensor:
+    """Attention transfer for one pair whose spatial sizes differ by an integer factor.
+
+    The larger map's channel mean of x^2 is average-pooled (kernel = stride = the factor) to the
+    smaller size before flattening and normalising; then as :func:`at_loss`.
+    """
+
+    def q(x: Tensor) -> Tensor:
+        return x.pow(2).mean(1, keepdim=True)
+
+    qs, qt = q(student_feature), q(teacher_feature)
+    if qs.shape[-1] > qt.shape[-1]:
+        qs = F.avg_pool2d(qs, qs.shape[-1] // qt.shape[-1])
+    elif qt.shape[-1] > qs.shape[-1]:
+        qt = F.avg_pool2d(qt, qt.shape[-1] // qs.shape[-1])
+    a_s = F.normalize(qs.view(qs.size(0), -1))
+    a_t = F.normalize(qt.view(qt.size(0), -1))
+    return beta * (a_s - a_t).pow(2).mean()

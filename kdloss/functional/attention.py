@@ -13,6 +13,7 @@ from kdloss._validate import (
     ShapeError,
     check_batch,
     check_float,
+    check_nonnegative,
     check_positive,
     check_reduction,
     check_same_device,
@@ -44,6 +45,10 @@ def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Ten
         p: the exponent, 2 in the paper.
         eps: lower bound of the norm, so that an all-zero map gives zeros, not NaN.
 
+    Raises:
+        ShapeError: if ``feature`` is not 4-D. TypeError: if it is not floating point.
+        ValueError: if ``p`` or ``eps`` is not a finite number > 0.
+
     Returns:
         ``(B, H * W)`` unit-norm maps in float32 (float64 for float64 input).
 
@@ -57,6 +62,7 @@ def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Ten
     if feature.ndim != 4:
         raise ShapeError(f"feature must be a (B, C, H, W) feature map, got shape {tuple(feature.shape)}")
     check_positive("p", p)
+    check_positive("eps", eps)
     return F.normalize(_spatial_energy(feature, p).flatten(1), dim=1, eps=eps)
 
 
@@ -95,7 +101,9 @@ def attention_loss(
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
 
     Raises:
-        ValueError: if the two sequences differ in length or are empty, or ``beta < 0``.
+        ValueError: if the two sequences differ in length or are empty, ``p`` is not > 0, ``beta``
+            is not a finite number >= 0, or ``reduction`` is unknown; different devices.
+        TypeError: for non-floating-point feature maps or a ``beta`` that is not a number.
         ShapeError: if a map is not 4-D or the batch sizes differ.
 
     Example:
@@ -115,8 +123,7 @@ def attention_loss(
     if not s_list:
         raise ValueError("student_features must hold at least one feature map, got an empty sequence")
     check_positive("p", p)
-    if not beta >= 0:
-        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    check_nonnegative("beta", beta)
     check_reduction(reduction)
 
     per_pair: list[Tensor] = []

@@ -10,6 +10,7 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_positive,
     check_reduction,
     check_same_device,
     check_same_shape,
@@ -24,10 +25,9 @@ def _pair(name_s: str, student: Tensor, name_t: str, teacher: Tensor) -> tuple[T
     check_float(name_s, student)
     check_float(name_t, teacher)
     check_same_device(**{name_s: student, name_t: teacher})
-    if student.ndim < 2:
-        raise ShapeError(
-            f"{name_s} must have a batch and at least one feature dimension, got shape {tuple(student.shape)}"
-        )
+    for name, t in ((name_s, student), (name_t, teacher)):
+        if t.ndim < 2:
+            raise ShapeError(f"{name} must have a batch and at least one feature dimension, got shape {tuple(t.shape)}")
     dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
     return student.to(dtype), teacher.detach().to(dtype)
 
@@ -90,7 +90,7 @@ def cosine_hidden_loss(
     .. math::
 
         \ell_b = 1 - \frac{\langle h_{s,b}, h_{t,b} \rangle}
-        {\max(\lVert h_{s,b} \rVert \, \lVert h_{t,b} \rVert, \epsilon)}
+        {\max(\lVert h_{s,b} \rVert, \epsilon) \, \max(\lVert h_{t,b} \rVert, \epsilon)}
 
     This is :class:`torch.nn.CosineEmbeddingLoss` with target :math:`+1`, the hidden-representation
     loss of PyTorch's knowledge-distillation tutorial. Features are flattened from dimension 1;
@@ -103,11 +103,13 @@ def cosine_hidden_loss(
         student_hidden: ``(B, *)`` student representation (after any adapter or pooling).
         teacher_hidden: ``(B, *)`` teacher representation with the same number of elements.
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
-        eps: lower bound of the norm product, as in :func:`torch.nn.functional.cosine_similarity`.
+        eps: lower bound of each norm, as in :func:`torch.nn.functional.cosine_similarity`. A
+            representation that is all zeros gives a loss of 1 and a gradient of size ~1/eps.
 
     Raises:
         ShapeError: if the flattened sizes differ (pool the larger one first, e.g. with
-            :class:`kdloss.PoolAdapter`). TypeError/ValueError: as :func:`hint_loss`.
+            :class:`kdloss.PoolAdapter`). TypeError/ValueError: as :func:`hint_loss`, and for an
+            ``eps`` that is not a finite number > 0.
 
     Example:
         >>> import torch
@@ -117,6 +119,7 @@ def cosine_hidden_loss(
     """
     s, t = _pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
     check_reduction(reduction)
+    check_positive("eps", eps)
     s, t = s.flatten(1), t.flatten(1)
     check_same_shape(
         "student_hidden (flattened)",

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss import kernels as _kernels
 from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_int,
     check_positive,
     check_reduction,
     check_same_device,
@@ -59,6 +61,16 @@ def log_probs(logits: Tensor, temperature: float) -> Tensor:
     check_float("logits", logits)
     check_positive("temperature", temperature)
     return F.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+
+
+def _has_finite(x: Tensor) -> Tensor:
+    """Rows with a logit that is not ``-inf``: one reduction (``amax``) instead of ``(x == -inf).all()``'s two.
+
+    Same result for every input, NaN rows included (they count, and propagate NaN, as before).
+    """
+    if x.shape[-1] == 0:
+        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return x.detach().amax(dim=-1) != float("-inf")
 
 
 def _check_row_tensor(name: str, t: Tensor, rows_shape: torch.Size, device: torch.device) -> None:
@@ -136,7 +148,8 @@ def soft_kl(
         A float32 (float64 for float64 input) scalar, or the per-row losses for ``"none"``.
 
     Raises:
-        TypeError: if logits are not floating point, or ``mask``/``labels`` have the wrong dtype.
+        TypeError: if logits are not floating point, ``mask``/``labels`` have the wrong dtype, or
+            ``ignore_index`` is not an int.
         ShapeError: if the two logits' shapes differ (batch or class count), if the logits have
             fewer than 2 dimensions, or ``mask``/``labels`` do not match the rows.
         ValueError: for a temperature that is not > 0, an unknown ``reduction``/``direction``,
@@ -182,10 +195,17 @@ def soft_kl(
         _check_row_tensor("mask", mask, rows_shape, student_logits.device)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    check_int("ignore_index", ignore_index)
     if labels is not None:
         _check_row_tensor("labels", labels, rows_shape, student_logits.device)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+
+    if direction == "forward" and _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
+        per_row, valid = _kernels.fused_kd_rows(
+            student_logits, teacher_logits, temperature=temperature, mask=mask, labels=labels, ignore_index=ignore_index
+        )
+        return reduce_loss(per_row, reduction, rows=valid.sum(), elements_per_row=student_logits.shape[-1])
 
     dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
     s = student_logits.to(dtype)
@@ -193,8 +213,7 @@ def soft_kl(
 
     # Rows that count. A row with no finite logit has no distribution: it is zeroed before the
     # log-softmax so that neither its value nor its gradient can become NaN.
-    neg_inf = float("-inf")
-    valid = ~((s == neg_inf).all(dim=-1) | (t == neg_inf).all(dim=-1))
+    valid = _has_finite(student_logits) & _has_finite(teacher_logits)
     if mask is not None:
         valid = valid & mask
     if labels is not None:

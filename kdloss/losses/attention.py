@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_positive, check_reduction
+from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction
 from kdloss.functional.attention import attention_loss
 
 __all__ = ["AttentionLoss"]
@@ -24,9 +24,7 @@ class AttentionLoss(nn.Module):
     def __init__(self, *, p: float = 2.0, beta: float = 1.0, reduction: Reduction = "mean") -> None:
         super().__init__()
         self.p = check_positive("p", p)
-        if not beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_nonnegative("beta", beta)
         self.reduction: Reduction = check_reduction(reduction)
 
     def forward(

@@ -51,4 +51,4 @@ class CosineHiddenLoss(nn.Module):
         return cosine_hidden_loss(student_hidden, teacher_hidden, reduction=self.reduction, eps=self.eps)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}"
+        return f"reduction={self.reduction!r}, eps={self.eps}"

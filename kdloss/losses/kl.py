@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_positive, check_reduction, check_unit_interval
+from kdloss._validate import Reduction, check_int, check_positive, check_reduction, check_unit_interval
 from kdloss.functional.kl import _DIRECTIONS, Direction, soft_kl
 
 __all__ = ["KDLoss"]
@@ -45,7 +45,7 @@ class KDLoss(nn.Module):
             check_unit_interval("beta", beta, open_ends=True)
         self.direction: Direction = direction
         self.beta = beta
-        self.ignore_index = ignore_index
+        self.ignore_index = check_int("ignore_index", ignore_index)
 
     def forward(
         self,

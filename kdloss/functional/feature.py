@@ -1,0 +1,322 @@
+"""Feature methods whose trainable parts live on the student side: VID, AB, FT and ReviewKD's HCL.
+
+Only the loss arithmetic is here. The trainable parts (VID's regressor and variance, AB's
+connector, FT's paraphraser and translator, ReviewKD's fusion) are explicit modules in
+:mod:`kdloss.methods_modules`, owned by the student side so that the optimiser, DDP and
+checkpoints see them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdloss._validate import (
+    Reduction,
+    ShapeError,
+    check_float,
+    check_positive,
+    check_reduction,
+    check_same_device,
+    check_same_shape,
+    reduce_loss,
+)
+
+__all__ = ["ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
+
+
+def _dtype(*ts: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in ts:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check_pair(ns: str, s: Tensor, nt: str, t: Tensor, hint: str) -> None:
+    check_float(ns, s)
+    check_float(nt, t)
+    check_same_device(**{ns: s, nt: t})
+    check_same_shape(ns, s, nt, t, hint=hint)
+    if s.ndim < 2:
+        raise ShapeError(f"{ns} must be (B, ...) with a feature dimension, got shape {tuple(s.shape)}")
+
+
+def vid_loss(
+    pred_mean: Tensor,
+    teacher_features: Tensor,
+    variance: Tensor,
+    *,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Variational information distillation: Gaussian negative log-likelihood of the teacher.
+
+    The student predicts the teacher's feature with a mean :math:`\mu(s)` (a small regressor on
+    the student's feature) and a learned per-channel variance :math:`\sigma_c^2` (see
+    :class:`kdloss.methods_modules.VIDRegressor`); the loss is the negative log-likelihood of
+    the teacher feature :math:`t` without the constant :math:`\frac12\log 2\pi`:
+
+    .. math::
+
+        \ell_{b,c,h,w} = \log \sigma_c + \frac{(t_{b,c,h,w} - \mu_{b,c,h,w})^2}{2 \sigma_c^2} .
+
+    Maximising this likelihood maximises a variational lower bound of the mutual information
+    between teacher and student features. Teacher detached; float32 compute.
+
+    Reductions: ``"none"`` keeps the element-wise :math:`\ell`; ``"mean"`` (default, as in the
+    authors' and RepDistiller's code) averages over all elements; ``"batchmean"`` sums over
+    :math:`c, h, w` and averages over the batch (the paper's per-sample sum); ``"sum"`` sums.
+
+    Args:
+        pred_mean: ``(B, C, *)`` predicted mean (the regressor's output on the student feature).
+        teacher_features: ``(B, C, *)`` teacher feature; detached inside.
+        variance: ``(C,)`` positive per-channel variances :math:`\sigma_c^2` (trainable upstream).
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError: non-floating inputs.
+        ShapeError: ``pred_mean`` and the teacher of different shapes, ``variance`` not ``(C,)``.
+        ValueError: an unknown ``reduction``, different devices.
+
+    Ahn, Hu, Damianou, Lawrence & Dai, *Variational Information Distillation for Knowledge
+    Transfer*, CVPR 2019.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import vid_loss
+        >>> t = torch.zeros(2, 3, 4, 4)
+        >>> vid_loss(t + 1.0, t, torch.ones(3))
+        tensor(0.5000)
+    """
+    _check_pair("pred_mean", pred_mean, "teacher_features", teacher_features, "pred_mean predicts the teacher feature")
+    check_float("variance", variance)
+    check_same_device(pred_mean=pred_mean, variance=variance)
+    channels = pred_mean.shape[1]
+    if variance.shape != (channels,):
+        raise ShapeError(f"variance must have shape (C,) = ({channels},), got {tuple(variance.shape)}")
+    check_reduction(reduction)
+    dtype = _dtype(pred_mean, teacher_features, variance)
+    var = variance.to(dtype).view(1, channels, *([1] * (pred_mean.ndim - 2)))
+    diff = teacher_features.detach().to(dtype) - pred_mean.to(dtype)
+    nll = 0.5 * (diff.square() / var + var.log())
+    return reduce_loss(nll, reduction, rows=nll.shape[0], elements_per_row=math.prod(nll.shape[1:]))
+
+
+def ab_loss(
+    student_preact: Tensor,
+    teacher_preact: Tensor,
+    *,
+    margin: float = 1.0,
+    reduction: Reduction = "batchmean",
+) -> Tensor:
+    r"""Activation-boundary transfer: a squared hinge that puts the student's pre-activations on
+    the teacher's side of the ReLU boundary, by a margin.
+
+    With :math:`\rho(t) = \mathbb{1}[t > 0]` the teacher's activation pattern and :math:`r(s)`
+    the student's pre-activation after its connector
+    (:class:`kdloss.methods_modules.ABConnector`),
+
+    .. math::
+
+        \ell = \rho(t) \odot \max(0, \mu - r(s))^2 + (1 - \rho(t)) \odot \max(0, \mu + r(s))^2 ,
+
+    the paper's :math:`\lVert \rho(t) \odot \sigma(\mu 1 - r(s)) + (1 - \rho(t)) \odot
+    \sigma(\mu 1 + r(s)) \rVert_2^2` with :math:`\sigma` = ReLU, element by element. Teacher
+    detached (only its sign is used); float32 compute. In the paper AB is an initialisation
+    stage: student and connectors are first trained with this loss alone, then the student is
+    trained with cross-entropy (and optionally KD).
+
+    Reductions: ``"none"`` keeps the element-wise :math:`\ell`; ``"batchmean"`` (default, the
+    paper's squared norm per sample averaged over the batch); ``"mean"`` averages over all
+    elements; ``"sum"`` sums. The authors' code further divides by 1000 and weights layers;
+    pass such weights yourself.
+
+    Args:
+        student_preact: ``(B, C, *)`` connector output on the student's pre-ReLU feature.
+        teacher_preact: ``(B, C, *)`` the teacher's pre-ReLU feature; detached inside.
+        margin: :math:`\mu > 0` (1 in the paper).
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError: non-floating inputs.
+        ShapeError: different shapes (use a connector), no feature dimension.
+        ValueError: ``margin <= 0``, an unknown ``reduction``, different devices.
+
+    Heo, Lee, Yun & Choi, *Knowledge Transfer via Distillation of Activation Boundaries Formed
+    by Hidden Neurons*, AAAI 2019.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import ab_loss
+        >>> t = torch.tensor([[1.0, -1.0]])
+        >>> ab_loss(torch.tensor([[2.0, -2.0]]), t)
+        tensor(0.)
+        >>> ab_loss(torch.tensor([[0.0, 0.0]]), t)
+        tensor(2.)
+    """
+    _check_pair(
+        "student_preact",
+        student_preact,
+        "teacher_preact",
+        teacher_preact,
+        "map the student feature with an ABConnector first",
+    )
+    check_positive("margin", margin)
+    check_reduction(reduction)
+    dtype = _dtype(student_preact, teacher_preact)
+    s = student_preact.to(dtype)
+    on = teacher_preact.detach() > 0
+    loss = torch.where(on, F.relu(margin - s), F.relu(margin + s)).square()
+    return reduce_loss(loss, reduction, rows=loss.shape[0], elements_per_row=math.prod(loss.shape[1:]))
+
+
+def ft_loss(
+    student_factor: Tensor,
+    teacher_factor: Tensor,
+    *,
+    p: int = 1,
+    reduction: Reduction = "batchmean",
+) -> Tensor:
+    r"""Factor transfer: distance between the L2-normalised factors of student and teacher.
+
+    The teacher factor :math:`F_T` is the encoder output of a paraphraser trained to reconstruct
+    the teacher's feature; the student factor :math:`F_S` the output of a translator on the
+    student's feature (:class:`kdloss.methods_modules.FTParaphraser`,
+    :class:`kdloss.methods_modules.FTTranslator`). Per sample, with flattened factors,
+
+    .. math::
+
+        \ell = \Big\lVert \frac{F_T}{\lVert F_T \rVert_2} - \frac{F_S}{\lVert F_S \rVert_2}
+        \Big\rVert_p, \qquad p \in \{1, 2\} .
+
+    The paper uses :math:`p = 1` and a weight :math:`\beta`; RepDistiller averages
+    the absolute differences over all elements (``reduction="mean"``) with weight 200. Teacher
+    detached; float32 compute.
+
+    Reductions: ``"none"``: :math:`\ell` per sample ``(B,)``; ``"batchmean"`` (default, the paper)
+    its mean over the batch; ``"mean"``: the element-wise mean, i.e. :math:`\sum_b \ell_b / (B D)`
+    for ``p=1`` (RepDistiller) and the same division for ``p=2``; ``"sum"``: the sum.
+
+    Args:
+        student_factor: ``(B, *)`` translator output.
+        teacher_factor: ``(B, *)`` paraphraser factor, same shape; detached inside.
+        p: 1 (paper) or 2.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError: non-floating factors.
+        ShapeError: different shapes, no feature dimension.
+        ValueError: ``p`` not 1 or 2, an unknown ``reduction``, different devices.
+
+    Kim, Park & Kwak, *Paraphrasing Complex Network: Network Compression via Factor Transfer*,
+    NeurIPS 2018.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import ft_loss
+        >>> ft_loss(torch.tensor([[3.0, 4.0]]), torch.tensor([[6.0, 8.0]]))
+        tensor(0.)
+        >>> ft_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
+        tensor(2.)
+    """
+    _check_pair("student_factor", student_factor, "teacher_factor", teacher_factor, "the translator's output size")
+    if p not in (1, 2) or isinstance(p, bool):
+        raise ValueError(f"p must be 1 or 2, got {p!r}")
+    check_reduction(reduction)
+    dtype = _dtype(student_factor, teacher_factor)
+    s = F.normalize(student_factor.to(dtype).flatten(1), dim=1)
+    t = F.normalize(teacher_factor.detach().to(dtype).flatten(1), dim=1)
+    diff = t - s
+    if p == 1:
+        per_sample = diff.abs().sum(dim=1)
+    else:
+        sq = diff.square().sum(dim=1)
+        # sqrt with a finite gradient at 0 (identical factors)
+        per_sample = torch.where(sq > 0, sq.clamp(min=1e-30).sqrt(), 0.0)
+    return reduce_loss(per_sample, reduction, rows=per_sample.shape[0], elements_per_row=s.shape[1])
+
+
+def hcl_loss(
+    student_features: Tensor | Sequence[Tensor],
+    teacher_features: Tensor | Sequence[Tensor],
+    *,
+    levels: Sequence[int] = (4, 2, 1),
+) -> Tensor:
+    r"""ReviewKD's hierarchical context loss: MSE at full resolution and on pooled pyramids.
+
+    For each pair of same-shape maps (the student's fused features from
+    :class:`kdloss.methods_modules.ReviewKDFusion` against the teacher's), with
+    :math:`P_l` = adaptive average pooling to :math:`l \times l`,
+
+    .. math::
+
+        \ell = \frac{\mathrm{MSE}(f_s, f_t) + \sum_{k} 2^{-k}\, \mathrm{MSE}(P_{l_k} f_s, P_{l_k} f_t)}
+        {1 + \sum_k 2^{-k}},
+
+    over the levels :math:`l_k` (``levels``, :math:`k = 1, 2, \ldots`) that are smaller than the
+    map's height (larger ones are skipped); the loss is the sum of :math:`\ell` over pairs. This
+    is the authors' code's weighting (the paper describes the pyramid without the weights).
+    Teacher detached; float32 compute.
+
+    Reductions: none; MSE is the mean over all elements of each (pooled) map, as in the authors'
+    code. Its weight is a hyper-parameter of the recipe.
+
+    Args:
+        student_features: one ``(B, C, H, W)`` map or a sequence of them.
+        teacher_features: the teacher maps, same shapes.
+        levels: pooled sizes, in the order they are weighted (the authors': 4, 2, 1).
+
+    Raises:
+        TypeError: non-floating maps.
+        ShapeError: maps not 4-D or of different shapes.
+        ValueError: an empty sequence, different lengths, a level < 1, different devices.
+
+    Chen, Liu, Zhao & Jia, *Distilling Knowledge via Knowledge Review*, CVPR 2021.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import hcl_loss
+        >>> hcl_loss(torch.ones(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
+        tensor(1.)
+    """
+    s_list = [student_features] if isinstance(student_features, Tensor) else list(student_features)
+    t_list = [teacher_features] if isinstance(teacher_features, Tensor) else list(teacher_features)
+    if len(s_list) != len(t_list):
+        raise ValueError(
+            f"student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} maps"
+        )
+    if not s_list:
+        raise ValueError("student_features must hold at least one feature map, got an empty sequence")
+    levels = tuple(levels)
+    for level in levels:
+        if isinstance(level, bool) or not isinstance(level, int) or level < 1:
+            raise ValueError(f"levels must be integers >= 1, got {levels!r}")
+    terms: list[Tensor] = []
+    for j, (fs, ft) in enumerate(zip(s_list, t_list)):
+        ns, nt = f"student_features[{j}]", f"teacher_features[{j}]"
+        _check_pair(ns, fs, nt, ft, "ReviewKD fuses the student features to the teacher's shapes")
+        if fs.ndim != 4:
+            raise ShapeError(f"{ns} must be a (B, C, H, W) feature map, got shape {tuple(fs.shape)}")
+        dtype = _dtype(fs, ft)
+        s, t = fs.to(dtype), ft.detach().to(dtype)
+        if s.numel() == 0:  # an empty batch: 0, not mse_loss's NaN
+            terms.append(s.sum())
+            continue
+        loss = F.mse_loss(s, t)
+        weight, weights = 1.0, 1.0
+        for level in levels:
+            if level >= s.shape[-2]:
+                continue
+            weight /= 2.0
+            loss = loss + weight * F.mse_loss(
+                F.adaptive_avg_pool2d(s, (level, level)), F.adaptive_avg_pool2d(t, (level, level))
+            )
+            weights += weight
+        terms.append(loss / weights)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total

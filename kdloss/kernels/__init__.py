@@ -1,0 +1,203 @@
+"""Optional fused GPU kernels (Triton) behind the soft-KL losses of :mod:`kdloss.functional`.
+
+Nothing here imports Triton until a fused kernel is actually launched, so ``import kdloss`` works
+without Triton and CPU code never touches it. The functional API dispatches here by itself (see
+:func:`use_fused`); users do not call these functions directly.
+
+Set the environment variable ``KDLOSS_DISABLE_KERNELS=1`` (read at every call) or use
+:func:`set_kernels_enabled` to force the eager PyTorch path everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["fused_kd_rows", "kernels_available", "kernels_enabled", "set_kernels_enabled", "use_fused"]
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_triton_ok: bool | None = None
+_enabled = True
+
+
+def kernels_available() -> bool:
+    """Whether Triton can be imported (checked once, on the first call)."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            importlib.import_module("triton")
+        except Exception:  # ImportError, or a broken install
+            _triton_ok = False
+        else:
+            _triton_ok = True
+    return _triton_ok
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    """Allow (``True``, the default) or forbid (``False``) the fused kernels process-wide.
+
+    Example:
+        >>> from kdloss.kernels import kernels_enabled, set_kernels_enabled
+        >>> set_kernels_enabled(False); kernels_enabled()
+        False
+        >>> set_kernels_enabled(True)
+    """
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def kernels_enabled() -> bool:
+    """``False`` if :func:`set_kernels_enabled` turned the kernels off or ``KDLOSS_DISABLE_KERNELS`` is set (not 0)."""
+    return _enabled and os.environ.get("KDLOSS_DISABLE_KERNELS", "0") in ("", "0")
+
+
+def use_fused(student_logits: Tensor, teacher_logits: Tensor) -> bool:
+    """Whether a soft-KL call on these (already validated) logits takes the fused kernel.
+
+    True only on CUDA, for float32/bfloat16/float16 logits, outside ``torch.compile`` tracing
+    (the compiler fuses the eager path itself), when the kernels are enabled and Triton imports.
+
+    Example:
+        >>> import torch
+        >>> use_fused(torch.zeros(2, 3), torch.zeros(2, 3))  # CPU: always the eager path
+        False
+    """
+    return (
+        not torch.compiler.is_compiling()  # first: under dynamo this folds to False before anything else is traced
+        and student_logits.is_cuda
+        and student_logits.dtype in _FUSED_DTYPES
+        and teacher_logits.dtype in _FUSED_DTYPES
+        and kernels_enabled()
+        and kernels_available()
+    )
+
+
+def _block_size(c: int) -> int:
+    b = 16
+    while b < c and b < 4096:
+        b *= 2
+    return b
+
+
+class _FusedKD(torch.autograd.Function):
+    """Per-row ``kl_weight * KL + ce_weight * CE``; the gradient is computed in the forward pass.
+
+    The backward only scales the saved gradient in place by the incoming per-row gradient, so the
+    extra memory is one gradient-sized buffer. It can therefore run once: a second backward
+    through the same graph (``retain_graph=True``) raises instead of returning a wrong result.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        s2: Tensor,
+        t2: Tensor,
+        labels: Tensor | None,
+        mask: Tensor | None,
+        temperature: float,
+        kl_weight: float,
+        ce_weight: float,
+        ignore_index: int,
+        block: int,
+        write_grad: bool,
+    ) -> tuple[Tensor, Tensor]:
+        from kdloss.kernels._kd_triton import _kd_rows_kernel
+
+        rows, c = s2.shape
+        loss = torch.empty(rows, device=s2.device, dtype=torch.float32)
+        valid = torch.empty(rows, device=s2.device, dtype=torch.bool)
+        grad = torch.empty((rows, c) if write_grad else (1, 1), device=s2.device, dtype=s2.dtype)
+        if rows > 0:
+            _kd_rows_kernel[(rows,)](
+                s2,
+                t2,
+                labels if labels is not None else loss,
+                mask if mask is not None else loss,
+                loss,
+                valid,
+                grad,
+                s2.stride(0),
+                s2.stride(1),
+                t2.stride(0),
+                t2.stride(1),
+                grad.stride(0),
+                c,
+                float(temperature),
+                float(kl_weight * temperature**2),
+                float(kl_weight * temperature),
+                float(ce_weight),
+                int(ignore_index),
+                HAS_MASK=mask is not None,
+                HAS_LABELS=labels is not None,
+                HAS_CE=ce_weight != 0.0,
+                WRITE_GRAD=write_grad,
+                BLOCK=block,
+                num_warps=4 if block <= 1024 else 8,
+                enable_fp_fusion=True,  # explicit: Triton 3.9 warns when it is left to the default
+            )
+        ctx.grad = grad if write_grad else None  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(valid)
+        return loss, valid
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _grad_valid: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        grad: Tensor | None = ctx.grad  # type: ignore[attr-defined]
+        if grad is None:
+            raise RuntimeError(
+                "the fused soft-KL backward can run only once per forward (its gradient is scaled in place); "
+                "for retain_graph=True / double backward set KDLOSS_DISABLE_KERNELS=1 to use the eager path"
+            )
+        ctx.grad = None  # type: ignore[attr-defined]
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def fused_kd_rows(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    block_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``kl_weight * T^2 * KL(p_t || q_s) + ce_weight * CE(s, labels)`` and the rows that count.
+
+    Arguments are assumed validated (by :func:`kdloss.functional.soft_kl` or
+    :func:`kdloss.functional.kd_ce_loss`). Runs on whatever device Triton can launch on (CUDA, or
+    CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        ``(loss, valid)``: float32 per-row losses (0 where the row does not count) and a bool
+        tensor of the rows that count, both of the logits' shape without the class dimension.
+    """
+    rows_shape = student_logits.shape[:-1]
+    c = student_logits.shape[-1]
+    s2 = student_logits.reshape(-1, c)
+    t2 = teacher_logits.detach().reshape(-1, c)
+    # Any row stride is read in place; a class stride other than 1 (a transposed view) is copied
+    # once, so that the kernel's loads are contiguous and its column offsets cannot overflow int32.
+    if s2.stride(1) != 1:
+        s2 = s2.contiguous()
+    if t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    # the kernel indexes labels and mask by row: they must be dense
+    lab = labels.reshape(-1).contiguous() if labels is not None else None
+    msk = mask.reshape(-1).contiguous() if mask is not None else None
+    if ce_weight != 0.0 and lab is None:
+        raise ValueError("ce_weight != 0 needs labels")
+    block = block_size if block_size is not None else _block_size(c)
+    # needs_input_grad cannot tell inside forward whether grad mode is on: decide here
+    write_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, valid = _FusedKD.apply(s2, t2, lab, msk, temperature, kl_weight, ce_weight, ignore_index, block, write_grad)
+    return loss.reshape(rows_shape), valid.reshape(rows_shape)

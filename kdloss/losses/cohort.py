@@ -1,0 +1,205 @@
+"""Module forms of :mod:`kdloss.functional.cohort` (DIH cohorts, MHKD, TOFD, self-distillation)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from kdloss._validate import Reduction, check_positive, check_reduction, check_unit_interval
+from kdloss.compose import LossParts
+from kdloss.functional.cohort import (
+    _COHORT_REDUCTIONS,
+    _FORMS,
+    CohortForm,
+    TeacherLogits,
+    _check_weights,
+    cohort_kd,
+    paired_head_kd,
+    self_distillation_loss,
+    tofd_loss,
+)
+
+__all__ = ["CohortLoss", "MultiHeadKDLoss", "SelfDistillationLoss", "TOFDLoss"]
+
+
+def _check_nonneg(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class CohortLoss(nn.Module):
+    """DIH cohort distillation; see :func:`kdloss.functional.cohort_kd` for the formula and the two forms.
+
+    Holds the hyper-parameters only (validated here). ``forward`` returns a
+    :class:`kdloss.LossParts` (``total`` and the per-teacher parts).
+
+    Example:
+        >>> import torch
+        >>> loss = CohortLoss(temperature=5.0, alpha=0.1)
+        >>> loss
+        CohortLoss(temperature=5.0, alpha=0.1, form='authors', reduction='batchmean')
+        >>> total, parts = loss(torch.zeros(2, 10), torch.zeros(4, 2, 10), torch.tensor([0, 1]))
+        >>> round(total.item(), 4)  # 4 teachers, CE counted 4 times: 4 * 0.9 * ln(10)
+        8.2893
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        *,
+        weights: Sequence[float] | None = None,
+        form: CohortForm = "authors",
+        reduction: Reduction = "batchmean",
+    ) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha = check_unit_interval("alpha", alpha)
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {', '.join(map(repr, _FORMS))}, got {form!r}")
+        self.form: CohortForm = form
+        self.reduction: Reduction = check_reduction(reduction, _COHORT_REDUCTIONS)
+        self.weights = _check_weights(weights, len(weights), "teacher") if weights is not None else None
+
+    def forward(self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor) -> LossParts:
+        return cohort_kd(
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            weights=self.weights,
+            form=self.form,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"temperature={self.temperature}, alpha={self.alpha}, form={self.form!r}, reduction={self.reduction!r}"
+        if self.weights is not None:
+            s += f", weights={self.weights}"
+        return s
+
+
+class MultiHeadKDLoss(nn.Module):
+    """MHKD over paired student/teacher heads; see :func:`kdloss.functional.paired_head_kd`.
+
+    Example:
+        >>> import torch
+        >>> MultiHeadKDLoss(temperature=4.0, alpha=0.9)(torch.zeros(3, 2, 10), torch.zeros(3, 2, 10),
+        ...                                             torch.tensor([0, 1])).parts["kd/2"]
+        tensor(0.)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        *,
+        weights: Sequence[float] | None = None,
+        reduction: Reduction = "batchmean",
+    ) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha = check_unit_interval("alpha", alpha)
+        self.reduction: Reduction = check_reduction(reduction, _COHORT_REDUCTIONS)
+        self.weights = _check_weights(weights, len(weights), "head pair") if weights is not None else None
+
+    def forward(self, student_logits: TeacherLogits, teacher_logits: TeacherLogits, labels: Tensor) -> LossParts:
+        return paired_head_kd(
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            weights=self.weights,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+
+
+class TOFDLoss(nn.Module):
+    """TOFD: paired-head KD + feature L2 + orthogonality penalty; see :func:`kdloss.functional.tofd_loss`.
+
+    Stateless: the student's adapters are the caller's (they belong with the student, in its
+    optimiser); pass their weights to :meth:`forward` for the orthogonality term.
+
+    Example:
+        >>> import torch
+        >>> TOFDLoss(temperature=3.0, alpha=0.5, beta=0.05, gamma=0.01)
+        TOFDLoss(temperature=3.0, alpha=0.5, beta=0.05, gamma=0.01)
+    """
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, *, beta: float = 0.05, gamma: float = 0.0) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha = check_unit_interval("alpha", alpha)
+        self.beta = _check_nonneg("beta", beta)
+        self.gamma = _check_nonneg("gamma", gamma)
+
+    def forward(
+        self,
+        student_logits: TeacherLogits,
+        teacher_logits: TeacherLogits,
+        labels: Tensor,
+        student_features: Sequence[Tensor],
+        teacher_features: Sequence[Tensor],
+        adapter_weights: Sequence[Tensor] = (),
+    ) -> LossParts:
+        return tofd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            student_features,
+            teacher_features,
+            adapter_weights=adapter_weights,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            gamma=self.gamma,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}"
+
+
+class SelfDistillationLoss(nn.Module):
+    """Self-distillation over early exits; see :func:`kdloss.functional.self_distillation_loss`.
+
+    Example:
+        >>> import torch
+        >>> SelfDistillationLoss(temperature=3.0, alpha=0.3, beta=0.03)
+        SelfDistillationLoss(temperature=3.0, alpha=0.3, beta=0.03)
+    """
+
+    def __init__(self, temperature: float = 3.0, alpha: float = 0.3, *, beta: float = 0.03) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha = check_unit_interval("alpha", alpha)
+        self.beta = _check_nonneg("beta", beta)
+
+    def forward(
+        self,
+        exit_logits: TeacherLogits,
+        final_logits: Tensor,
+        labels: Tensor,
+        exit_features: Sequence[Tensor] | None = None,
+        final_feature: Tensor | None = None,
+    ) -> LossParts:
+        return self_distillation_loss(
+            exit_logits,
+            final_logits,
+            labels,
+            exit_features=exit_features,
+            final_feature=final_feature,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}"

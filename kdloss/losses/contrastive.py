@@ -1,0 +1,173 @@
+"""Contrastive representation distillation as one module: embedding heads + memory banks + NCE."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdloss._validate import ShapeError
+from kdloss.functional.contrastive import ScoreMethod, _nce_rows, crd_embed
+from kdloss.memory import ContrastMemory, NegativeSampling
+
+__all__ = ["CRDEmbed", "CRDLoss"]
+
+
+class CRDEmbed(nn.Module):
+    """A CRD embedding head: flatten, ``nn.Linear(in_features, feat_dim)``, L2 normalisation.
+
+    See :func:`kdloss.functional.crd_embed`.
+
+    Example:
+        >>> import torch
+        >>> CRDEmbed(12, 4)(torch.randn(2, 3, 4)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, in_features: int, feat_dim: int = 128) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("feat_dim", feat_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.linear = nn.Linear(in_features, feat_dim)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return crd_embed(features, self.linear.weight, self.linear.bias)
+
+
+class CRDLoss(nn.Module):
+    r"""Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020), the whole method.
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{CRD}} = \mathcal{L}_{\mathrm{NCE}}(s^{S \to T\text{-bank}})
+            + \mathcal{L}_{\mathrm{NCE}}(s^{T \to S\text{-bank}})
+
+    with the per-view NCE loss of :func:`kdloss.functional.crd_nce_loss`, the logits of
+    :func:`kdloss.functional.crd_logits` and the normalisers :math:`Z` fixed from the first batch.
+
+    Unlike the stateless losses, this module owns state, as named submodules:
+
+    - ``embed_student``, ``embed_teacher``: :class:`CRDEmbed` heads (trainable parameters: give
+      them to the optimiser, e.g. ``list(student.parameters()) + list(crd.parameters())``;
+      the memory has no parameters);
+    - ``memory``: a :class:`kdloss.ContrastMemory` (the two banks, ``Z``, the sampler; buffers).
+
+    The loss arithmetic itself is in :mod:`kdloss.functional.contrastive`. Teacher features are
+    detached (the teacher head still learns). The banks are updated in training mode only
+    (``crd.train()``), after scoring, like batch-norm statistics. In evaluation mode before any
+    training step (and with no loaded :math:`Z`), :math:`Z` is taken from the current batch, not stored.
+
+    The data loader must supply each sample's dataset index (``indices``), e.g. a ``Dataset``
+    wrapper returning ``(x, y, index)``; see ``docs/crd.md``, which also covers DDP.
+
+    Args:
+        student_dim: flattened width of the student features.
+        teacher_dim: flattened width of the teacher features.
+        n_data: dataset size (bank rows).
+        feat_dim: embedding width (128).
+        n_negatives: :math:`K` (16384).
+        temperature: :math:`\tau` (0.07).
+        momentum: bank momentum :math:`m` (0.5).
+        negatives: ``"uniform"`` or ``"class"``, passed to :class:`kdloss.ContrastMemory`.
+        labels: dataset labels for ``negatives="class"``, passed to the memory.
+        replacement: class-mode sampling with replacement, passed to the memory.
+        bank_dtype: the banks' dtype (the memory's ``dtype``): float32 or bfloat16.
+        method: scoring path, passed to the memory.
+        chunk_size: chunk of the gather scoring path, passed to the memory.
+        validate: check index ranges on every call (host synchronisation), passed to the memory.
+        process_group: the DDP process group, passed to the memory.
+
+    Shape:
+        ``(B, *), (B, *), (B,) -> ()`` float32.
+
+    Raises:
+        ValueError: a bad configuration (here), class mode without labels, indices outside
+            the bank (in :meth:`forward`, before any state changes).
+        ShapeError: a wrong feature width or mismatched batch sizes.
+        TypeError: non-float features or non-integer indices.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> crd = CRDLoss(16, 32, n_data=100, feat_dim=8, n_negatives=20)
+        >>> loss = crd(torch.randn(4, 16), torch.randn(4, 32), torch.tensor([3, 14, 15, 92]))
+        >>> loss.shape, bool(loss > 0)
+        (torch.Size([]), True)
+    """
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        n_data: int,
+        *,
+        feat_dim: int = 128,
+        n_negatives: int = 16384,
+        temperature: float = 0.07,
+        momentum: float = 0.5,
+        negatives: NegativeSampling = "uniform",
+        labels: Tensor | None = None,
+        replacement: bool = False,
+        bank_dtype: torch.dtype = torch.float32,
+        method: ScoreMethod = "auto",
+        chunk_size: int | None = None,
+        validate: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__()
+        self.embed_student = CRDEmbed(student_dim, feat_dim)
+        self.embed_teacher = CRDEmbed(teacher_dim, feat_dim)
+        self.memory = ContrastMemory(
+            n_data,
+            feat_dim,
+            n_negatives=n_negatives,
+            temperature=temperature,
+            momentum=momentum,
+            negatives=negatives,
+            labels=labels,
+            replacement=replacement,
+            dtype=bank_dtype,
+            method=method,
+            chunk_size=chunk_size,
+            validate=validate,
+            process_group=process_group,
+        )
+
+    def forward(
+        self,
+        student_features: Tensor,
+        teacher_features: Tensor,
+        indices: Tensor,
+        *,
+        negatives: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """One CRD step: embed, sample, score, loss; updates the banks in training mode.
+
+        Args:
+            student_features: ``(B, *)`` student features (flattened to ``student_dim``).
+            teacher_features: ``(B, *)`` teacher features (flattened to ``teacher_dim``); detached.
+            indices: ``(B,)`` dataset indices of the samples.
+            negatives: optional ``(B, n_negatives)`` negative indices (sampled when ``None``).
+            generator: optional generator for the sampling.
+        """
+        for name, feats, head in (
+            ("student_features", student_features, self.embed_student),
+            ("teacher_features", teacher_features, self.embed_teacher),
+        ):
+            width = head.linear.in_features
+            if not isinstance(feats, Tensor) or feats.ndim < 2 or math.prod(feats.shape[1:]) != width:
+                shape = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+                raise ShapeError(f"{name} must be (B, ...) with {width} features per sample, got shape {shape}")
+        mem = self.memory
+        v_s = self.embed_student(student_features)
+        v_t = self.embed_teacher(teacher_features.detach())
+        logits = mem.scores(v_s, v_t, indices, negatives, generator=generator)  # (2, B, K+1)
+        z = mem.normalizers
+        if not mem._z_known:  # evaluation before any training step (or a loaded Z): this batch's Z if unset
+            z = torch.where(z > 0, z, logits.detach().exp().mean(dim=(1, 2)) * mem.n_data)
+        # the sum of the two views' batch-mean NCE losses (crd_nce_loss of each view)
+        return _nce_rows(logits, z.log().unsqueeze(1), mem.n_data).sum() / max(logits.shape[1], 1)

@@ -1,0 +1,87 @@
+"""Module forms of :func:`kdloss.functional.dkd_loss` and :func:`kdloss.functional.dist_loss`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from kdloss._validate import Reduction, check_positive, check_reduction
+from kdloss.functional.logit import _check_nonneg, dist_loss, dkd_loss
+
+__all__ = ["DISTLoss", "DKDLoss"]
+
+
+class DKDLoss(nn.Module):
+    """Decoupled KD (TCKD + NCKD); see :func:`kdloss.functional.dkd_loss` for the formula.
+
+    Holds the hyper-parameters only. ``forward(student_logits, teacher_logits, labels, epoch=None)``;
+    ``epoch`` is needed only when ``warmup_epochs > 0``.
+
+    Example:
+        >>> import torch
+        >>> DKDLoss(beta=8.0, temperature=4.0, warmup_epochs=20)
+        DKDLoss(alpha=1.0, beta=8.0, temperature=4.0, reduction='batchmean', warmup_epochs=20.0)
+        >>> DKDLoss()(torch.zeros(2, 10), torch.zeros(2, 10), torch.tensor([1, 2]))
+        tensor(0.)
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        reduction: Reduction = "batchmean",
+        warmup_epochs: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.alpha = _check_nonneg("alpha", alpha)
+        self.beta = _check_nonneg("beta", beta)
+        self.temperature = check_positive("temperature", temperature)
+        self.reduction: Reduction = check_reduction(reduction)
+        self.warmup_epochs = _check_nonneg("warmup_epochs", warmup_epochs)
+
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, epoch: float | None = None
+    ) -> Tensor:
+        return dkd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            epoch=epoch,
+            warmup_epochs=self.warmup_epochs,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
+        if self.warmup_epochs:
+            s += f", warmup_epochs={self.warmup_epochs}"
+        return s
+
+
+class DISTLoss(nn.Module):
+    """DIST's inter- and intra-class Pearson relations; see :func:`kdloss.functional.dist_loss`.
+
+    Example:
+        >>> import torch
+        >>> DISTLoss(beta=2.0, gamma=2.0, temperature=4.0)
+        DISTLoss(beta=2.0, gamma=2.0, temperature=4.0, eps=1e-08)
+    """
+
+    def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.beta = _check_nonneg("beta", beta)
+        self.gamma = _check_nonneg("gamma", gamma)
+        self.temperature = check_positive("temperature", temperature)
+        self.eps = _check_nonneg("eps", eps)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return dist_loss(
+            student_logits, teacher_logits, beta=self.beta, gamma=self.gamma, temperature=self.temperature, eps=self.eps
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, eps={self.eps}"

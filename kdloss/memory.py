@@ -1,0 +1,411 @@
+"""Contrastive memory banks for CRD: two banks as buffers, the fixed normalisers, negative sampling.
+
+:class:`ContrastMemory` is the stateful half of contrastive representation distillation
+(Tian, Krishnan & Isola, ICLR 2020); the arithmetic lives in :mod:`kdloss.functional.contrastive`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kdloss._validate import ShapeError, check_float, check_ndim, check_positive, check_same_device, check_unit_interval
+from kdloss.functional.contrastive import (
+    _METHODS,
+    ScoreMethod,
+    _is_integer,
+    _last_occurrence,
+    _momentum_rows,
+    _resolve_method,
+    _score_views,
+    check_index_range,
+)
+
+__all__ = ["ContrastMemory", "NegativeSampling"]
+
+NegativeSampling = Literal["uniform", "class"]
+"""``"uniform"``: negatives uniform over the dataset, with replacement (the reference's default,
+which may also draw the anchor itself). ``"class"``: only samples of other classes (the
+reference recipe's "exact" mode); needs the dataset's labels."""
+
+_SAMPLINGS: tuple[str, ...] = ("uniform", "class")
+_BANK_DTYPES = (torch.float32, torch.bfloat16)
+_RAND_HIGH = 1 << 62  # random integers reduced modulo the row's range: bias below 2**-40
+
+
+class ContrastMemory(nn.Module):
+    r"""The two CRD memory banks, their fixed normalisers, the momentum update and negative sampling.
+
+    Buffers (all in ``state_dict``, so a checkpoint and a resume reproduce them):
+
+    - ``bank_student``, ``bank_teacher``: ``(n_data, feat_dim)`` banks in ``dtype`` (float32 or
+      bfloat16), initialised uniformly in :math:`[-1/\sqrt{d/3}, 1/\sqrt{d/3}]`;
+    - ``normalizers``: ``(2,)`` float32, :math:`Z` of the student view then of the teacher view,
+      ``-1`` until the first training step sets them to ``mean(exp(logits)) * n_data`` of that
+      batch, then fixed (a loaded checkpoint keeps its values);
+    - ``labels``: ``(n_data,)`` int64 dataset labels, with ``negatives="class"`` only.
+
+    One call (:meth:`forward`) scores the student embedding against the **teacher** bank and the
+    teacher embedding against the **student** bank, at the anchor's own index (column 0, the
+    positive) and ``K`` negatives, returns the two ``(B, K+1)`` float32 logit tensors, and, in
+    training mode, sets :math:`Z` on the first call and updates the positives' rows
+    (``row = normalize(m * row + (1 - m) * embedding)``) after scoring. The scores are taken
+    against a copy of the banks (the two banks stacked, for one batched product), so the in-place
+    update cannot corrupt the backward pass. Nothing in a step reads a tensor's value on the host
+    when ``validate=False``: negatives are sampled on the banks' device with
+    ``torch.randint``/``torch.rand``.
+
+    Duplicate indices in a batch: every occurrence is scored; the bank row takes the **last**
+    occurrence's embedding (after the all-gather under DDP: the highest rank's last occurrence),
+    deterministically, see :func:`kdloss.functional.crd_update_rows`.
+
+    DDP: when ``torch.distributed`` is initialised with more than one process (in
+    ``process_group``), the detached embeddings and indices of every rank are all-gathered
+    before the update, so every rank applies the same update and holds bit-identical banks; the
+    first batch's :math:`Z` is averaged over ranks. Negatives are drawn per rank from the full
+    bank. The gather carries no gradient: each rank's loss depends on its own embeddings only,
+    and DDP's gradient averaging gives the gradient of the mean of the per-rank losses, which
+    for equal batch sizes is the single-process loss over the concatenated batch (no extra
+    scaling). Every rank must call with the same batch size (``DistributedSampler`` ensures it).
+    DDP would otherwise broadcast rank 0's buffers on each forward; that is harmless here (the
+    banks are identical) but costs two bank transfers per step: wrap with
+    ``broadcast_buffers=False`` or keep this module out of the DDP wrapper (``docs/crd.md``).
+
+    Args:
+        n_data: dataset size :math:`N` (rows of each bank).
+        feat_dim: embedding width :math:`d`.
+        n_negatives: :math:`K` negatives per anchor (16384 in the paper).
+        temperature: :math:`\tau` (0.07).
+        momentum: :math:`m` of the bank update (0.5).
+        negatives: ``"uniform"`` or ``"class"``, see :data:`NegativeSampling`.
+        labels: ``(n_data,)`` non-negative integer labels of the dataset, required by
+            ``negatives="class"`` (allowed, and stored, otherwise).
+        replacement: ``"class"`` mode only. ``False`` (default, the reference's rule): each
+            anchor's ``K`` negatives are distinct when its class has at least ``K`` samples of
+            other classes, drawn with replacement otherwise; costs a ``(B, n_data)`` random key
+            matrix and a top-k per step. ``True``: always with replacement (one ``randint`` per
+            negative, the fastest).
+        dtype: bank dtype, ``torch.float32`` or ``torch.bfloat16``; scores are float32 anyway.
+        method: scoring path, see :data:`kdloss.functional.contrastive.ScoreMethod`.
+        chunk_size: chunk of the ``"gather"`` path.
+        validate: check index ranges on every call (two host synchronisations); ``False`` for
+            a synchronisation-free step once the data pipeline is trusted.
+        process_group: the DDP process group (default: the world), ignored without DDP.
+        device: where to create the buffers.
+        generator: seed source for the initial banks (CPU generator), for reproducible runs.
+
+    Raises:
+        ValueError: bad sizes or hyper-parameters, ``negatives="class"`` without labels or with
+            fewer than two classes, an unknown ``dtype``/``method``/``negatives``.
+        ShapeError: ``labels`` not of shape ``(n_data,)`` (the dataset size does not match).
+
+    Example:
+        >>> import torch
+        >>> mem = ContrastMemory(100, 8, n_negatives=16)
+        >>> v = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+        >>> ls, lt = mem(v, v, torch.tensor([0, 1, 2, 3]))
+        >>> ls.shape, bool((mem.normalizers > 0).all())
+        (torch.Size([4, 17]), True)
+    """
+
+    bank_student: Tensor
+    bank_teacher: Tensor
+    normalizers: Tensor
+    labels: Tensor
+    _class_order: Tensor
+    _class_start: Tensor
+    _class_count: Tensor
+    _row_too_few: Tensor
+
+    def __init__(
+        self,
+        n_data: int,
+        feat_dim: int = 128,
+        *,
+        n_negatives: int = 16384,
+        temperature: float = 0.07,
+        momentum: float = 0.5,
+        negatives: NegativeSampling = "uniform",
+        labels: Tensor | None = None,
+        replacement: bool = False,
+        dtype: torch.dtype = torch.float32,
+        method: ScoreMethod = "auto",
+        chunk_size: int | None = None,
+        validate: bool = True,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("n_data", n_data), ("feat_dim", feat_dim), ("n_negatives", n_negatives)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.n_data = n_data
+        self.feat_dim = feat_dim
+        self.n_negatives = n_negatives
+        self.temperature = check_positive("temperature", temperature)
+        self.momentum = check_unit_interval("momentum", momentum)
+        if negatives not in _SAMPLINGS:
+            raise ValueError(f"negatives must be one of {', '.join(map(repr, _SAMPLINGS))}, got {negatives!r}")
+        self.negatives: NegativeSampling = negatives
+        self.replacement = bool(replacement)
+        if dtype not in _BANK_DTYPES:
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+        self.method: ScoreMethod = method
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.validate = bool(validate)
+        self.process_group = process_group
+
+        bound = 1.0 / math.sqrt(feat_dim / 3.0)
+        for name in ("bank_student", "bank_teacher"):
+            bank = torch.rand(n_data, feat_dim, generator=generator).mul_(2 * bound).sub_(bound)
+            self.register_buffer(name, bank.to(device=device, dtype=dtype))
+        self.register_buffer("normalizers", torch.full((2,), -1.0, device=device))
+        self._z_known = False
+
+        if labels is None:
+            if negatives == "class":
+                raise ValueError(
+                    "negatives='class' samples negatives from other classes and needs the dataset's labels: "
+                    "pass labels=<(n_data,) integer tensor>"
+                )
+        else:
+            if not isinstance(labels, Tensor) or not _is_integer(labels):
+                raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+            if labels.shape != (n_data,):
+                raise ShapeError(
+                    f"labels must have one entry per dataset sample, shape (n_data,) = ({n_data},), "
+                    f"got {tuple(labels.shape)}: the dataset size does not match the bank"
+                )
+            if int(labels.min()) < 0:
+                raise ValueError(f"labels must be non-negative class ids, got minimum {int(labels.min())}")
+            self.register_buffer("labels", labels.detach().to(device=device, dtype=torch.long).clone())
+            self._build_class_tables()
+
+    # -- class tables ------------------------------------------------------------------------
+    def _build_class_tables(self) -> None:
+        """Per-class lists as one order (samples sorted by class) + start/count per class; built once."""
+        labels = self.labels
+        n_classes = int(labels.max()) + 1
+        count = torch.bincount(labels, minlength=n_classes)
+        start = torch.cumsum(count, 0) - count
+        order = torch.argsort(labels, stable=True)
+        other = self.n_data - count
+        if self.negatives == "class" and int(other[count > 0].min()) == 0:
+            raise ValueError("negatives='class' needs at least two classes in labels, got one")
+        for name, value in (
+            ("_class_order", order),
+            ("_class_start", start),
+            ("_class_count", count),
+            ("_row_too_few", other < self.n_negatives),
+        ):
+            self.register_buffer(name, value, persistent=False)
+        # static: can any class draw K distinct negatives, must any class draw with replacement?
+        self._any_fits = bool((other >= self.n_negatives).any())
+        self._any_too_few = bool(((other < self.n_negatives) & (count > 0)).any())
+
+    # -- sampling ----------------------------------------------------------------------------
+    def sample_negatives(self, indices: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``(B, K)`` negative indices for the anchors ``indices`` on the banks' device, without sync.
+
+        ``"uniform"``: ``torch.randint(0, n_data)``. ``"class"``: for an anchor of class ``c``,
+        positions in the other classes' part of the class-sorted order (``n_data - count[c]``
+        of them) are drawn and mapped past class ``c``'s segment, so the anchor's class is never
+        drawn; without replacement when enough (``replacement=False``, via random keys and
+        top-k), with replacement otherwise.
+
+        Args:
+            indices: ``(B,)`` integer anchor indices (only their labels matter, class mode).
+            generator: optional ``torch.Generator`` on the banks' device.
+        """
+        device = self.bank_student.device
+        b, k = indices.shape[0], self.n_negatives
+        if self.negatives == "uniform":
+            return torch.randint(0, self.n_data, (b, k), device=device, generator=generator)
+        cls = self.labels[indices.long()]
+        count = self._class_count[cls]
+        start = self._class_start[cls]
+        with_repl = self._sample_with_replacement(start, count, b, k, generator)
+        if self.replacement or not self._any_fits:
+            return with_repl
+        keys = torch.rand(b, self.n_data, device=device, generator=generator)
+        same = self.labels.unsqueeze(0) == cls.unsqueeze(1)
+        keys.masked_fill_(same, -1.0)
+        distinct = keys.topk(k, dim=1, sorted=False).indices
+        if not self._any_too_few:
+            return distinct
+        return torch.where(self._row_too_few[cls].unsqueeze(1), with_repl, distinct)
+
+    def _sample_with_replacement(
+        self, start: Tensor, count: Tensor, b: int, k: int, generator: torch.Generator | None
+    ) -> Tensor:
+        device = self.bank_student.device
+        n_other = (self.n_data - count).unsqueeze(1)
+        r = torch.randint(0, _RAND_HIGH, (b, k), device=device, generator=generator) % n_other
+        pos = r + torch.where(r >= start.unsqueeze(1), count.unsqueeze(1), 0)
+        return self._class_order[pos]
+
+    # -- distributed helpers -----------------------------------------------------------------
+    def _world(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return int(dist.get_world_size(self.process_group))
+
+    def _all_gather(self, t: Tensor) -> Tensor:
+        world = self._world()
+        if world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous(), group=self.process_group)
+        return torch.cat(parts, 0)
+
+    # -- validation --------------------------------------------------------------------------
+    def _check_inputs(self, student: Tensor, teacher: Tensor, indices: Tensor, negatives: Tensor | None) -> None:
+        check_float("student_embedding", student)
+        check_float("teacher_embedding", teacher)
+        check_ndim("student_embedding", student, (2,), "(B, feat_dim)")
+        check_ndim("teacher_embedding", teacher, (2,), "(B, feat_dim)")
+        for name, t in (("student_embedding", student), ("teacher_embedding", teacher)):
+            if t.shape[1] != self.feat_dim:
+                raise ShapeError(f"{name} must have feat_dim={self.feat_dim} columns, got shape {tuple(t.shape)}")
+        if not isinstance(indices, Tensor) or not _is_integer(indices):
+            raise TypeError(f"indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices))}")
+        check_ndim("indices", indices, (1,), "(B,): the dataset index of each sample")
+        b = student.shape[0]
+        if teacher.shape[0] != b or indices.shape[0] != b:
+            raise ShapeError(
+                "student_embedding, teacher_embedding and indices must have the same batch size, got shapes "
+                f"{tuple(student.shape)}, {tuple(teacher.shape)} and {tuple(indices.shape)}"
+            )
+        check_same_device(bank=self.bank_student, student_embedding=student, teacher_embedding=teacher, indices=indices)
+        if negatives is not None:
+            if not isinstance(negatives, Tensor) or not _is_integer(negatives):
+                raise TypeError(f"negatives must be an integer tensor, got {getattr(negatives, 'dtype', negatives)}")
+            if negatives.shape != (b, self.n_negatives):
+                raise ShapeError(
+                    f"negatives must have shape (B, n_negatives) = ({b}, {self.n_negatives}), "
+                    f"got {tuple(negatives.shape)}"
+                )
+            check_same_device(bank=self.bank_student, negatives=negatives)
+        if self.validate:
+            check_index_range("indices", indices, self.n_data)
+            if negatives is not None:
+                check_index_range("negatives", negatives, self.n_data)
+
+    # -- the step ----------------------------------------------------------------------------
+    def forward(
+        self,
+        student_embedding: Tensor,
+        teacher_embedding: Tensor,
+        indices: Tensor,
+        negatives: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Score both views, then (training mode) set ``Z`` once and update the banks.
+
+        Args:
+            student_embedding: ``(B, feat_dim)`` L2-normalised student embeddings.
+            teacher_embedding: ``(B, feat_dim)`` L2-normalised teacher embeddings.
+            indices: ``(B,)`` dataset indices of the batch (the positives).
+            negatives: optional ``(B, K)`` negative indices; sampled when ``None``.
+            generator: optional generator for the sampling (on the banks' device).
+
+        Returns:
+            ``(student_logits, teacher_logits)``, each ``(B, K+1)`` float32, positive in
+            column 0: the student embedding against the teacher bank, and the teacher embedding
+            against the student bank. Divide ``exp`` of them by :attr:`normalizers` (see
+            :func:`kdloss.functional.crd_nce_loss`).
+
+        Raises:
+            TypeError, ShapeError, ValueError: bad inputs (checked before any state changes).
+        """
+        s, t = self.scores(student_embedding, teacher_embedding, indices, negatives, generator=generator).unbind(0)
+        return s, t
+
+    def scores(
+        self,
+        student_embedding: Tensor,
+        teacher_embedding: Tensor,
+        indices: Tensor,
+        negatives: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """:meth:`forward` with both views stacked: ``(2, B, K+1)`` float32 (student view first)."""
+        self._check_inputs(student_embedding, teacher_embedding, indices, negatives)
+        idx = indices.long()
+        if negatives is None:
+            negatives = self.sample_negatives(idx, generator)
+        contrast = torch.cat([idx.unsqueeze(1), negatives.long()], dim=1)
+
+        # View 0: student embedding vs teacher bank; view 1: teacher embedding vs student bank. The
+        # stacked banks are a copy, so the in-place update below cannot change what autograd saved.
+        anchors = torch.stack([student_embedding.float(), teacher_embedding.float()])
+        banks = torch.stack([self.bank_teacher, self.bank_student])
+        path = _resolve_method(self.method, contrast.numel(), self.n_data)
+        logits = _score_views(anchors, banks, contrast, self.temperature, path, self.chunk_size)
+
+        if self.training:
+            with torch.no_grad():
+                if not self._z_known:
+                    z = logits.detach().exp().mean(dim=(1, 2)) * self.n_data
+                    world = self._world()
+                    if world > 1:
+                        dist.all_reduce(z, group=self.process_group)
+                        z = z / world
+                    # keep a Z that is already set (e.g. loaded from a checkpoint): no host sync
+                    self.normalizers.copy_(torch.where(self.normalizers > 0, self.normalizers, z))
+                    self._z_known = True
+                all_idx = self._all_gather(idx)
+                # (B, 2d): teacher then student embedding, the order of `banks`
+                emb = self._all_gather(torch.cat([teacher_embedding.detach(), student_embedding.detach()], 1).float())
+                emb = emb.view(-1, 2, self.feat_dim).transpose(0, 1)  # (2, B_all, d)
+                old = banks.index_select(1, all_idx).float()
+                rows = _momentum_rows(old, emb, _last_occurrence(all_idx), self.momentum)
+                self.bank_teacher.index_copy_(0, all_idx, rows[0].to(self.bank_teacher.dtype))
+                self.bank_student.index_copy_(0, all_idx, rows[1].to(self.bank_student.dtype))
+        return logits
+
+    # -- state -------------------------------------------------------------------------------
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        for name in ("bank_student", "bank_teacher"):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.shape != (self.n_data, self.feat_dim):
+                raise ShapeError(
+                    f"{prefix}{name} in the checkpoint has shape {tuple(saved.shape)} (n_data, feat_dim), "
+                    f"this ContrastMemory has ({self.n_data}, {self.feat_dim}): the dataset size does not match"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # Re-derive on the next training step: a loaded Z > 0 is kept, a loaded -1 is set again.
+        self._z_known = False
+        if hasattr(self, "labels") and isinstance(getattr(self, "labels", None), Tensor):
+            self._build_class_tables()
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_data={self.n_data}, feat_dim={self.feat_dim}, n_negatives={self.n_negatives}, "
+            f"temperature={self.temperature}, momentum={self.momentum}, negatives={self.negatives!r}, "
+            f"dtype={self.bank_student.dtype}, method={self.method!r}, validate={self.validate}"
+        )
