@@ -102,12 +102,14 @@ def test_benchmark_comparison_with_published_numbers(tmp_path: Path) -> None:
 
 def test_dih_smoke_and_missing_methods(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["dih", *TINY, "--out", str(tmp_path), "--teacher", "resnet14", "--student", "resnet8", "--seeds", "30"]
-    assert main([*argv, "--batch-size", "8", "--method", "kd,fitnet2,at"]) == 0
+    assert main([*argv, "--batch-size", "8", "--method", "kd,fitnet2,at,dih"]) == 0
     doc = _results(tmp_path)
-    assert _methods(doc) == ["teacher-resnet14", "kd", "fitnet2", "at"]
+    assert _methods(doc) == ["teacher-resnet14", "kd", "fitnet2", "at", "dih"]
+    dih = next(r for r in doc["runs"] if r["method"] == "dih")  # type: ignore[attr-defined]
+    assert {"kd/0", "kd/1", "kd/2", "kd/3", "ce"} <= set(dih["history"][0]["parts"])  # 3 heads + final
     assert (tmp_path / "checkpoints" / "fitnet2-stage1-seed30.pt").is_file()  # stage 1 is a checkpointed run
     assert doc["meta"]["heads_k"] == 3  # type: ignore[index]
-    for method, missing in (("dih", "kdloss.heads"), ("crd", "memory bank"), ("takd", "teacher-assistant")):
+    for method, missing in (("crd", "dataset index"), ("takd", "teacher-assistant"), ("mhkd", "student side")):
         if method in available_methods():
             continue
         assert main([*argv, "--method", method]) == 2
@@ -188,6 +190,7 @@ def test_teacher_checkpoint_formats(tmp_path: Path) -> None:
 def test_method_registry() -> None:
     assert {"ce", "kd", "fitnet", "fitnet2", "at"} <= set(available_methods())
     assert {"crd", "dih", "mhkd", "tofd", "takd"} <= set(METHODS)
+    assert "dih" in available_methods()  # kdloss.heads is there
     with pytest.raises(TrainerError, match="unknown method 'kdd'"):
         get_method("kdd")
     with pytest.raises(ValueError, match="'kd' is already registered"):

@@ -11,13 +11,13 @@ shortened run keeps the schedule's shape; at the default epochs they are the pub
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from reference_trainers.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from reference_trainers.engine import (
@@ -86,6 +86,7 @@ def add_cifar_arguments(p: argparse.ArgumentParser, d: CifarDefaults) -> None:
     g.add_argument("--hint-weight", type=float, default=100.0, help="fitnet's hint weight (100, the benchmark's)")
     g.add_argument("--at-beta", type=float, default=1000.0, help="at's beta (1000)")
     g.add_argument("--fitnet-stage1-epochs", type=int, default=40, help="fitnet2's hint pre-training epochs (40)")
+    g.add_argument("--head-epochs", type=int, default=20, help="dih's head fine-tuning epochs (20, Adam 1e-3)")
     p.set_defaults(epochs=None, batch_size=d.batch_size, seeds=list(d.seeds), dataset=d.dataset)
 
 
@@ -135,6 +136,25 @@ def write_comparison(path: Path, results: Sequence[RunResult], published: dict[s
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
+class TrainBatches:
+    """Re-iterable ``(images, labels)`` of the training split, augmented and normalised on the device
+    (a new epoch's order and augmentation on every iteration), at most ``max_batches`` per pass."""
+
+    def __init__(self, data: RunData, seed: int, max_batches: int | None) -> None:
+        self.data, self.seed, self.max_batches = data, seed, max_batches
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        gen: torch.Generator | None = None
+        for i, b in enumerate(self.data.train.batches(self.epoch)):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            if gen is None:
+                gen = torch.Generator(device=b.images.device).manual_seed(self.seed * 7919 + self.epoch)
+            yield self.data.train_augment(b.images, gen), b.labels
+        self.epoch += 1
+
+
 def _scaled(milestones: Sequence[int], epochs: int, default_epochs: int) -> list[int]:
     return [max(1, round(m * epochs / default_epochs)) for m in milestones]
 
@@ -176,6 +196,7 @@ def run_cifar_kd(args: argparse.Namespace, recipe: str, d: CifarDefaults, meta: 
         )
 
     results: list[RunResult] = []
+    shared: dict[str, Any] = {}  # what methods reuse across seeds (the DIH heads)
     teacher_seed = args.seeds[0]
     if args.teacher_checkpoint is not None:
         teacher = build_model(args.teacher, n)
@@ -237,7 +258,11 @@ def run_cifar_kd(args: argparse.Namespace, recipe: str, d: CifarDefaults, meta: 
                     "at_beta": args.at_beta,
                     "fitnet_stage1_epochs": args.fitnet_stage1_epochs if not args.smoke else 1,
                     "steps_per_epoch": len(data.train),
+                    "head_epochs": 1 if args.smoke else args.head_epochs,
+                    "log": ctx.log,
                 },
+                train_batches=TrainBatches(data_for(teacher_seed), teacher_seed, ctx.config.max_batches),
+                shared=shared,
             )
             built = get_method(method).make(msetup)
             spec = RunSpec(

@@ -21,17 +21,19 @@ Built in (defaults of the community benchmark, CRD / RepDistiller, EXPERIMENTS.m
             mean_i (a_s - a_t)^2`` (Zagoruyko & Komodakis, ICLR 2017; the benchmark's beta)
 ``dkd``     decoupled KD (Zhao et al., CVPR 2022) when ``kdloss.DKDLoss`` exists
 ``dist``    DIST (Huang et al., NeurIPS 2022) when ``kdloss.DISTLoss`` exists
+``dih``     DIH (Asadian et al., 2021): heads fine-tuned on the frozen teacher
+            (``kdloss.IntermediateHeads``, ``finetune_heads``), then ``kdloss.CohortLoss``
 ==========  ===================================================================================
 
-Methods that need parts not in this kdloss (CRD's memory bank, DIH / MHKD / TOFD heads, TAKD's
-assistant) are registered as *unavailable*: selecting them raises an error that says what is
-missing.
+Methods that need what the recipes do not provide yet (CRD: sample indices in the step; MHKD,
+TOFD: student-side heads; TAKD: an assistant phase) are registered as *unavailable*: selecting
+them raises an error that says what is missing.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +45,7 @@ import kdloss
 from reference_trainers.engine import DistillStep
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import AttentionStep, CEStep, HintStep, KDStep, TeacherOutputs
-from reference_trainers.models import build_model, feature_shapes, model_spec, stage_paths
+from reference_trainers.models import build_model, feature_shapes, head_paths, model_spec, stage_paths
 
 __all__ = [
     "METHODS",
@@ -64,7 +66,12 @@ resumable like every run. ``optimizer_kind`` is ``"main"`` (the recipe's) or ``"
 
 @dataclass(frozen=True)
 class MethodSetup:
-    """Everything a method may need to build one student run."""
+    """Everything a method may need to build one student run.
+
+    ``train_batches`` re-iterates the augmented, normalised training batches ``(images, labels)``
+    on the device (for head fine-tuning); ``shared`` is one dict for the whole recipe run, where a
+    method keeps what all seeds reuse (the fine-tuned DIH heads of the teacher).
+    """
 
     student: str
     teacher: str
@@ -75,6 +82,8 @@ class MethodSetup:
     kd_weight: float
     train_phase: PhaseTrainer | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    train_batches: Iterable[tuple[Tensor, Tensor]] | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -356,6 +365,72 @@ def _make_dist(setup: MethodSetup) -> Built:
     return Built(build, TeacherOutputs(setup.teacher_model))
 
 
+class CohortTeacher(nn.Module):
+    """The DIH teacher side: ``{"logits": (B, C), "cohort": (B, k + 1, C)}`` from the frozen
+    teacher and its fine-tuned intermediate heads (batch first, so the engine can cache it)."""
+
+    def __init__(self, model: nn.Module, heads: nn.Module) -> None:
+        super().__init__()
+        self.teacher = kdloss.FrozenTeacher(model)
+        self.heads = heads
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            out = self.heads(images)
+            cohort = out.cohort()  # (k + 1, B, C): the heads, then the final classifier
+        return {"logits": out.logits, "cohort": cohort.transpose(0, 1)}
+
+
+class CohortStep(DistillStep):
+    """DIH's student step: ``kdloss.CohortLoss`` over the teacher's cohort (every head + the final
+    classifier), ``sum_j [alpha * T^2 * KL_j + (1 - alpha) * CE]`` in the authors' form."""
+
+    def __init__(self, student: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.cohort = loss
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
+        if teacher is None or "cohort" not in teacher:
+            raise KeyError("CohortStep needs the teacher output 'cohort' (CohortTeacher)")
+        logits = self.student(images)
+        out: kdloss.LossParts = self.cohort(logits.float(), teacher["cohort"].transpose(0, 1).float(), labels)
+        return out
+
+
+def _make_dih(setup: MethodSetup) -> Built:
+    key = f"dih-heads/{setup.teacher}/{id(setup.teacher_model)}"
+    heads = setup.shared.get(key)
+    if heads is None:
+        if setup.train_batches is None:
+            raise TrainerError("method 'dih' needs the recipe's training batches to fine-tune the teacher's heads")
+        model = setup.teacher_model.requires_grad_(False).eval()
+        device = next(model.parameters()).device
+        example = torch.zeros(2, 3, 32, 32, device=device)
+        heads = kdloss.IntermediateHeads(model, head_paths(setup.teacher), setup.num_classes, example_input=example)
+        heads.to(device)
+        epochs = int(setup.options.get("head_epochs", 20))
+        result = kdloss.finetune_heads(heads, setup.train_batches, epochs=epochs, lr=1e-3)
+        if torch.distributed.is_initialized():  # every rank saw its own shard: keep rank 0's heads
+            for t in [*heads.parameters(), *heads.buffers()]:
+                torch.distributed.broadcast(t.data, 0)
+        log = setup.options.get("log")
+        if callable(log):
+            losses = ", ".join(f"{x:.3f}" for x in result.head_losses)
+            log(
+                f"DIH: {len(result.head_losses)} heads on {setup.teacher} fine-tuned for {epochs} epochs "
+                f"(last-epoch CE per head: {losses}); backbone unchanged: {result.backbone_unchanged}"
+            )
+        setup.shared[key] = heads
+    t_side = CohortTeacher(setup.teacher_model, heads)
+
+    def build() -> DistillStep:
+        loss = kdloss.CohortLoss(setup.temperature, setup.kd_weight, form="authors")
+        return CohortStep(build_model(setup.student, setup.num_classes), loss)
+
+    return Built(build, t_side)
+
+
 def _unavailable(name: str, what: str) -> MethodEntry:
     def make(setup: MethodSetup) -> Built:
         raise TrainerError(f"method {name!r} is not available: {what}")
@@ -380,11 +455,23 @@ if hasattr(kdloss, "DISTLoss"):
     )
 else:
     register_method(_unavailable("dist", "kdloss.DISTLoss (the methods branch) is not in this kdloss"))
-register_method(_unavailable("crd", "kdloss's CRD memory bank (kdloss.memory, the crd branch) is not wired in yet"))
-for _name in ("dih", "mhkd", "tofd"):
-    register_method(
-        _unavailable(_name, "kdloss.heads (intermediate classifier heads, the cohort branch) is not wired in yet")
+register_method(
+    _unavailable(
+        "crd",
+        "CRD's memory bank needs each sample's dataset index in the step, which the engine's "
+        "DistillStep.forward(images, labels, teacher) does not pass yet",
     )
+)
+if hasattr(kdloss, "IntermediateHeads") and hasattr(kdloss, "CohortLoss"):
+    register_method(
+        MethodEntry(
+            "dih", "DIH: fine-tune heads on the frozen teacher, then the cohort teaches (CohortLoss)", _make_dih
+        )
+    )
+else:
+    register_method(_unavailable("dih", "kdloss.heads (intermediate classifier heads) is not in this kdloss"))
+for _name in ("mhkd", "tofd"):
+    register_method(_unavailable(_name, "its heads on the student side are not wired into the recipes yet"))
 register_method(_unavailable("takd", "a teacher-assistant phase is not implemented yet"))
 
 

@@ -6,12 +6,13 @@ weight decay 5e-4), batch 64, 200 epochs, lr x0.1 at epochs 60, 120 and 180, T =
 ``--dataset cifar10``), crop + flip augmentation. Teachers of the paper: resnet34, resnet18,
 vgg11_dih, wrn_28_2, resnet110, resnet20, resnet14, resnet8 (any registered model works).
 
-Methods available here: ``kd``, ``fitnet2`` (FitNets in two stages: 40 epochs of hint training
-of the student up to its guided layer with SGD nesterov, then KD), ``at`` and ``ce``. The cohort
-methods ``dih``, ``mhkd``, ``tofd`` (they need ``kdloss.heads``), ``crd`` (``kdloss.memory``) and
-``takd`` (a teacher-assistant phase) have registry slots in
-:mod:`reference_trainers.recipes.cifar_methods` and fail with a message saying what is missing
-until they are registered with ``register_method(..., replace=True)``.
+Methods: ``kd``, ``fitnet2`` (FitNets in two stages: 40 epochs of hint training of the student
+up to its guided layer with SGD nesterov, then KD), ``at``, ``ce`` and ``dih`` (k heads
+fine-tuned on the frozen teacher with ``kdloss.finetune_heads``, ``--head-epochs``, then the
+cohort teaches with ``kdloss.CohortLoss``, authors' form). ``crd``, ``mhkd``, ``tofd`` and
+``takd`` have registry slots in :mod:`reference_trainers.recipes.cifar_methods` that fail with a
+message saying what is missing until they are registered with ``register_method(...,
+replace=True)``.
 
 Differences from the authors, on purpose: checkpoints are selected on a validation split carved
 from the training set, never on the test set (the authors selected on test).
@@ -25,13 +26,13 @@ from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_argumen
 
 NAME = "dih"
 HELP = (
-    "DIH's setting (resnet110 -> resnet8, T 5, alpha 0.1): KD, two-stage FitNets, AT; cohort slots (EXPERIMENTS.md 3)"
+    "DIH's setting (resnet110 -> resnet8, T 5, alpha 0.1): KD, two-stage FitNets, AT, the DIH cohort (EXPERIMENTS.md 3)"
 )
 
 DEFAULTS = CifarDefaults(
     teacher="resnet110",
     student="resnet8",
-    methods=("ce", "kd", "fitnet2", "at"),
+    methods=("ce", "kd", "fitnet2", "at", "dih"),
     seeds=(30, 50, 67),
     epochs=200,
     lr=0.1,
