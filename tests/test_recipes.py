@@ -74,7 +74,7 @@ def _methods(doc: dict[str, object]) -> list[str]:
 
 
 def test_benchmark_cifar100_smoke(tmp_path: Path) -> None:
-    extra = [m for m in ("dkd", "dist") if m in available_methods()]
+    extra = [m for m in ("dkd", "dist", "sp", "pkt", "rkd", "nst") if m in available_methods()]
     methods = ",".join(["ce", "kd", "fitnet", "at", *extra])
     argv = ["benchmark-cifar100", *TINY, "--out", str(tmp_path), "--teacher", "resnet14", "--student", "resnet8"]
     assert main([*argv, "--batch-size", "8", "--method", methods, "--seeds", "0,1"]) == 0
@@ -190,7 +190,7 @@ def test_teacher_checkpoint_formats(tmp_path: Path) -> None:
 def test_method_registry() -> None:
     assert {"ce", "kd", "fitnet", "fitnet2", "at"} <= set(available_methods())
     assert {"crd", "dih", "mhkd", "tofd", "takd"} <= set(METHODS)
-    assert "dih" in available_methods()  # kdloss.heads is there
+    assert {"dih", "dkd", "dist", "sp", "pkt", "rkd", "nst"} <= set(available_methods())  # kdloss has them
     with pytest.raises(TrainerError, match="unknown method 'kdd'"):
         get_method("kdd")
     with pytest.raises(ValueError, match="'kd' is already registered"):

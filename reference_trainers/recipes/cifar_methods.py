@@ -21,6 +21,9 @@ Built in (defaults of the community benchmark, CRD / RepDistiller, EXPERIMENTS.m
             mean_i (a_s - a_t)^2`` (Zagoruyko & Komodakis, ICLR 2017; the benchmark's beta)
 ``dkd``     decoupled KD (Zhao et al., CVPR 2022) when ``kdloss.DKDLoss`` exists
 ``dist``    DIST (Huang et al., NeurIPS 2022) when ``kdloss.DISTLoss`` exists
+``sp``      CE + 3000 * SP on the last stage; ``pkt``: CE + 30000 * PKT and ``rkd``: CE + RKD
+            (25 distance + 50 angle) on the penultimate feature; ``nst``: CE + 50 * NST on the
+            stage pairs (the benchmark's weights), when kdloss has the loss
 ``dih``     DIH (Asadian et al., 2021): heads fine-tuned on the frozen teacher
             (``kdloss.IntermediateHeads``, ``finetune_heads``), then ``kdloss.CohortLoss``
 ==========  ===================================================================================
@@ -431,6 +434,78 @@ def _make_dih(setup: MethodSetup) -> Built:
     return Built(build, t_side)
 
 
+class _TappedStepBase(DistillStep):
+    """A student step that reads ``paths`` of its student with a persistent FeatureTap."""
+
+    def __init__(self, student: nn.Module, paths: list[str]) -> None:
+        super().__init__()
+        self.student = student
+        self.paths = list(paths)
+        self._tap = kdloss.FeatureTap(student, self.paths)
+        self._tap.attach()
+
+    def _features(self) -> list[Tensor]:
+        return [self._tap[p] for p in self.paths]
+
+
+class FeatureRelationStep(_TappedStepBase):
+    """``CE + beta * loss(student features, teacher features)`` for kdloss's feature-relation losses
+    (SP, PKT, RKD, NST): ``loss`` gets the list of tapped student features and the teacher's
+    ``"rel0"``, ``"rel1"``, ... (a single tensor each when ``single``)."""
+
+    def __init__(self, student: nn.Module, paths: list[str], loss: nn.Module, name: str, *, beta: float, single: bool):
+        super().__init__(student, paths)
+        self.loss = loss
+        self.name = name
+        self.single = single
+        self.objective = kdloss.WeightedSum(**{name: beta, "ce": 1.0})
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
+        logits = self.student(images)
+        feats = [f.float() for f in self._features()]
+        if teacher is None or any(f"rel{i}" not in teacher for i in range(len(feats))):
+            raise KeyError(f"FeatureRelationStep({self.name}) needs the teacher outputs rel0 .. rel{len(feats) - 1}")
+        t_feats = [teacher[f"rel{i}"].float() for i in range(len(feats))]
+        value = self.loss(feats[0], t_feats[0]) if self.single else self.loss(feats, t_feats)
+        out: kdloss.LossParts = self.objective(**{self.name: value, "ce": F.cross_entropy(logits.float(), labels)})
+        return out
+
+
+# name -> (kdloss class, default beta of the community benchmark, which features, help)
+_RELATIONS: dict[str, tuple[str, float, str, str]] = {
+    "sp": ("SPLoss", 3000.0, "last", "similarity-preserving KD on the last stage (Tung & Mori, ICCV 2019)"),
+    "pkt": ("PKTLoss", 30000.0, "penultimate", "probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018)"),
+    "rkd": ("RKDLoss", 1.0, "penultimate", "relational KD, distance 25 + angle 50 (Park et al., CVPR 2019)"),
+    "nst": ("NSTLoss", 50.0, "stages", "neuron selectivity transfer on every stage pair (Huang & Wang, 2017)"),
+}
+
+
+def _make_relation(name: str) -> Callable[[MethodSetup], Built]:
+    cls_name, default_beta, which, _ = _RELATIONS[name]
+
+    def make(setup: MethodSetup) -> Built:
+        s_spec, t_spec = model_spec(setup.student), model_spec(setup.teacher)
+        if which == "penultimate":
+            pairs = [(s_spec.feature_path, t_spec.feature_path)]
+        elif which == "last":
+            pairs = [(s_spec.stage_paths[-1], t_spec.stage_paths[-1])]
+        else:
+            pairs = matching_stage_pairs(setup.student, setup.teacher)
+        beta = float(setup.options.get(f"{name}_beta", default_beta))
+        loss_cls: Any = getattr(kdloss, cls_name)
+
+        def build() -> DistillStep:
+            student = build_model(setup.student, setup.num_classes)
+            return FeatureRelationStep(
+                student, [s for s, _ in pairs], loss_cls(), name, beta=beta, single=which == "penultimate"
+            )
+
+        t_side = TeacherOutputs(setup.teacher_model, {f"rel{i}": t for i, (_, t) in enumerate(pairs)})
+        return Built(build, t_side)
+
+    return make
+
+
 def _unavailable(name: str, what: str) -> MethodEntry:
     def make(setup: MethodSetup) -> Built:
         raise TrainerError(f"method {name!r} is not available: {what}")
@@ -455,6 +530,11 @@ if hasattr(kdloss, "DISTLoss"):
     )
 else:
     register_method(_unavailable("dist", "kdloss.DISTLoss (the methods branch) is not in this kdloss"))
+for _name, (_cls, _beta, _which, _help) in _RELATIONS.items():
+    if hasattr(kdloss, _cls):
+        register_method(MethodEntry(_name, f"{_help}: CE + {_beta:g} * {_cls}", _make_relation(_name)))
+    else:
+        register_method(_unavailable(_name, f"kdloss.{_cls} is not in this kdloss"))
 register_method(
     _unavailable(
         "crd",
