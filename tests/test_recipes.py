@@ -148,10 +148,14 @@ def test_hint_imagenette_smoke(
     assert "no ImageNet weights for tv_resnet50" in capsys.readouterr().err
     out = tmp_path / "fixed"
     assert main([*argv, "--out", str(out), "--random-init", "--batch-size", "4"]) == 0
-    assert _methods(_results(out)) == ["teacher", "hint"]
+    doc = _results(out)
+    assert _methods(doc) == ["teacher", "hint"]
+    assert doc["summary"][1]["val_best_mean"] is not None  # type: ignore[index]  # selected on a split of train/
     out = tmp_path / "faithful"
     assert main([*argv, "--out", str(out), "--random-init", "--batch-size", "4", "--faithful"]) == 0
-    assert _methods(_results(out)) == ["hint-faithful"]
+    doc = _results(out)
+    assert _methods(doc) == ["hint-faithful"]
+    assert doc["summary"][0]["val_best_mean"] is None  # type: ignore[index]  # the source: the last epoch
     assert main(["hint-imagenette", "--smoke", "--device", "cpu", "--data-root", str(tmp_path / "absent")]) == 2
     assert "must contain train/" in capsys.readouterr().err
 

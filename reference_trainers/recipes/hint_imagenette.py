@@ -21,8 +21,9 @@ logits are random, so the KL distils noise); the 1x1 ``Conv2d(1024, 256)`` sits 
 side and is not trained (a fixed random projection); the model kept is simply the last one. The
 default fixes them: the teacher is fine-tuned on the training set first (``--teacher-epochs``,
 default 2), the regressor is a trainable 1x1 ``Conv2d(256, 1024)`` on the student side (in the
-optimiser and the checkpoint). Both modes report the last epoch's model on ``val/`` (there is
-no separate validation split, and nothing is selected on training accuracy).
+optimiser and the checkpoint), and the reported model is selected on a validation split carved
+from ``train/`` (``--val-size``, default min(500, 10 %)), next to the last epoch's; ``val/``
+(Imagenette's held-out set) is only the test set. ``--faithful`` reports the last epoch's model.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import kdloss
-from reference_trainers.data import IMAGENET_MEAN, IMAGENET_STD, FolderBatches, TensorAugment
+from reference_trainers.data import IMAGENET_MEAN, IMAGENET_STD, FolderBatches, TensorAugment, split_indices
 from reference_trainers.engine import DistillStep, RunData, RunResult, RunSpec, setup, train_run
 from reference_trainers.errors import DataError, TrainerError
 from reference_trainers.methods import CEStep, HintStep, TeacherOutputs
@@ -158,6 +159,27 @@ def run(args: argparse.Namespace) -> int:
     n = len(classes)
     norm = TensorAugment(IMAGENET_MEAN, IMAGENET_STD, channels_last=ctx.use_channels_last)
 
+    # Corrected mode: model selection on a validation split of train/ (the source picked the best
+    # epoch on training accuracy, and its by-reference copy kept the last one); faithful: none.
+    n_train = len(FolderBatches(root / "train", 1, classes=classes).dataset)
+    val_size = 0 if args.faithful else (args.val_size if args.val_size is not None else min(500, n_train // 10))
+    if args.smoke and not args.faithful:
+        val_size = min(max(val_size, 1), 4)
+    train_idx, held_idx = split_indices(n_train, val_size)
+    held = None
+    if val_size:
+        held = FolderBatches(
+            root / "train",
+            ctx.config.eval_batch_size,
+            ctx.device,
+            transform=val_tf,
+            num_workers=args.workers,
+            classes=classes,
+            indices=held_idx,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+
     def data_for(seed: int) -> RunData:
         train = FolderBatches(
             root / "train",
@@ -169,10 +191,11 @@ def run(args: argparse.Namespace) -> int:
             deterministic=False,
             num_workers=args.workers,
             classes=classes,
+            indices=train_idx,
             rank=ctx.rank,
             world_size=ctx.world_size,
         )
-        return RunData(train=train, val=None, test=val_src, train_augment=norm, eval_augment=norm)
+        return RunData(train=train, val=held, test=val_src, train_augment=norm, eval_augment=norm)
 
     def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=args.lr, momentum=0.9)
