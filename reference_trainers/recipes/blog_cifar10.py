@@ -1,0 +1,303 @@
+"""``blog-cifar10``: the KD tutorial blog's ResNet-50 -> ResNet-18 on CIFAR-10 (EXPERIMENTS.md section 4).
+
+SGD (lr 0.01, momentum 0.9, weight decay 5e-4), cosine annealing over 10 epochs, batch 128;
+random crop (4-pixel padding), horizontal flip, ``Normalize((0.4914, 0.4822, 0.4465), (0.2023,
+0.1994, 0.2010))``. Models: torchvision's ResNet-50 (teacher) and ResNet-18 (student) adapted
+to 32x32 images (``tv_resnet50_cifar``, ``tv_resnet18_cifar``: 3x3 stride-1 ``conv1``, no
+max-pool); the teacher (and with ``--pretrained-student`` the student) starts from ImageNet
+weights when available (``--imagenet-weights DIR`` or torchvision's cache; never downloaded;
+without them from scratch, which the log says).
+
+Methods (``--method``): ``student-ce`` (the baseline); ``kd``: ``0.1 * CE + 0.9 * KL_T^2``,
+T = 3; ``feature``: ``CE + MSE(conv1x1(f_s), f_t)`` on ``layer4`` (a trainable 1x1 conv on the
+student to the teacher's 2048 channels); ``at``: ``CE + 1000 * AT`` on ``layer1`` ... ``layer4``;
+``self-distill``: the student alone with early-exit classifiers on ``layer1`` ... ``layer3``,
+each trained with ``0.1 * CE + 0.9 * KL_T^2`` from the student's own final output. Then the
+teacher and the KD student are exported with TorchScript and compared: parameters, file size,
+latency (batch 1, median of ``--latency-runs``), in ``deploy.json`` / ``deploy.md``.
+
+The source's mistake, offered with ``--faithful``: its teacher is the ImageNet ResNet-50 with its
+1000-way head, used on CIFAR-10 unchanged (so the student also has 1000 outputs and the KL
+distils ImageNet class scores). By default the teacher gets a 10-way head and is fine-tuned on
+CIFAR-10 first (``--teacher-epochs``, default 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kdloss
+from reference_trainers.engine import DistillStep, RunResult, RunSpec, atomic_write_bytes, setup, train_run
+from reference_trainers.errors import TrainerError
+from reference_trainers.methods import AttentionStep, CEStep, HintStep, KDStep, TeacherOutputs
+from reference_trainers.models import build_model, feature_shapes, load_torchvision_weights, num_parameters
+from reference_trainers.recipes.common import config_from_args, finish, load_splits, run_data
+
+NAME = "blog-cifar10"
+HELP = (
+    "the KD blog's ResNet-50 -> ResNet-18 on CIFAR-10: KD, features, AT, self-distillation, export (EXPERIMENTS.md 4)"
+)
+METHODS = ("student-ce", "kd", "feature", "at", "self-distill")
+BLOG_MEAN = (0.4914, 0.4822, 0.4465)
+BLOG_STD = (0.2023, 0.1994, 0.2010)
+
+
+class SelfDistillStep(DistillStep):
+    """Self-distillation with early exits: ``CE(final) + sum_i [ce_weight * CE(h_i) + kd_weight * KL_T(h_i, final)]``.
+
+    Each exit ``h_i`` is global average pooling + a linear classifier on a tapped student stage;
+    the final output is the (detached) teacher of every exit. The exits are trained with the
+    student and saved in the checkpoint; only the final classifier is evaluated.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        paths: list[str],
+        channels: list[int],
+        num_classes: int,
+        *,
+        temperature: float,
+        ce_weight: float,
+        kd_weight: float,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.paths = paths
+        self.exits = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(c, num_classes)) for c in channels
+        )
+        self.kd = kdloss.KDLoss(temperature)
+        self.objective = kdloss.WeightedSum(ce=1.0, exit_ce=ce_weight, exit_kd=kd_weight)
+        self._tap = kdloss.FeatureTap(student, paths)
+        self._tap.attach()
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
+        logits = self.student(images)
+        exit_logits = [head(self._tap[p]) for head, p in zip(self.exits, self.paths)]
+        out: kdloss.LossParts = self.objective(
+            ce=F.cross_entropy(logits.float(), labels),
+            exit_ce=torch.stack([F.cross_entropy(e.float(), labels) for e in exit_logits]).sum(),
+            exit_kd=torch.stack([self.kd(e, logits.detach()) for e in exit_logits]).sum(),
+        )
+        return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--faithful", action="store_true", help="the source's ImageNet-headed, not fine-tuned teacher")
+    p.add_argument(
+        "--method", "--methods", dest="methods", default=",".join(METHODS), help=f"among {','.join(METHODS)}"
+    )
+    p.add_argument("--teacher", default="tv_resnet50_cifar", help="teacher model (tv_resnet50_cifar)")
+    p.add_argument("--student", default="tv_resnet18_cifar", help="student model (tv_resnet18_cifar)")
+    p.add_argument("--imagenet-weights", type=Path, default=None, help="directory or file of torchvision weights")
+    p.add_argument("--pretrained-student", action="store_true", help="start the student from ImageNet weights too")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher fine-tuning epochs (default: --epochs)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (0.01)")
+    p.add_argument("--temperature", type=float, default=3.0, help="T (3)")
+    p.add_argument("--alpha", type=float, default=0.1, help="CE weight; the KL gets 1 - alpha (0.1)")
+    p.add_argument("--at-beta", type=float, default=1000.0, help="attention-transfer beta (1000)")
+    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature MSE (1)")
+    p.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 forwards per model (50)")
+    p.set_defaults(epochs=None, batch_size=128)
+
+
+def _imagenet(model: nn.Module, name: str, where: Path | None, ctx: Any) -> bool:
+    base = name.removesuffix("_cifar")
+    path = None
+    if where is not None:
+        path = where if where.is_file() else None
+        if where.is_dir():
+            found = sorted(where.glob(f"{base.removeprefix('tv_')}-*.pth"))
+            path = found[0] if found else None
+        if path is None:
+            raise TrainerError(f"--imagenet-weights {str(where)!r} holds no {base.removeprefix('tv_')}-*.pth file")
+    try:
+        load_torchvision_weights(model, name, path)
+    except (FileNotFoundError, KeyError) as e:
+        if ctx is not None:
+            ctx.log(f"{name}: no ImageNet weights ({e}); starting from random weights")
+        return False
+    except ValueError as e:
+        raise TrainerError(str(e)) from e
+    if ctx is not None:
+        ctx.log(f"{name}: ImageNet weights loaded")
+    return True
+
+
+def _latency_ms(model: nn.Module, x: Tensor, runs: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(runs):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def export_and_compare(
+    models: dict[str, nn.Module], out_dir: Path, device: torch.device, runs: int
+) -> list[dict[str, Any]]:
+    """TorchScript-export each model (traced, eval mode) to ``<out>/<name>.torchscript.pt``; measure it."""
+    rows = []
+    x = torch.randn(1, 3, 32, 32, device=device)
+    for name, model in models.items():
+        model = model.to(device).eval()
+        with torch.no_grad():
+            scripted = torch.jit.trace(model, x)  # type: ignore[no-untyped-call]
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+        path = out_dir / f"{name}.torchscript.pt"
+        atomic_write_bytes(path, buf.getvalue())
+        rows.append(
+            {
+                "model": name,
+                "parameters": num_parameters(model),
+                "file_mb": len(buf.getvalue()) / 1e6,
+                "latency_ms_batch1": _latency_ms(scripted, x, runs),
+                "device": str(device),
+                "file": str(path),
+            }
+        )
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise TrainerError(f"unknown method(s) {unknown} in --method; choose from {', '.join(METHODS)}")
+    epochs = args.epochs or (1 if args.smoke else 10)
+    t_epochs = args.teacher_epochs or epochs
+    ctx = setup(config_from_args(args, NAME))
+    splits = load_splits(args, ctx, default_val=5000)
+    n = splits.num_classes
+    teacher_name = args.teacher.removesuffix("_cifar") if args.faithful else args.teacher
+    student_name = args.student.removesuffix("_cifar") if args.faithful else args.student
+    heads = 1000 if args.faithful else n  # the source: ImageNet's 1000-way heads on CIFAR-10
+    T, alpha = args.temperature, args.alpha
+
+    def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+
+    def cosine(e: int) -> Any:
+        return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=e)
+
+    if args.pretrained_student:  # fail early (and once) on unusable weights
+        _imagenet(build_model(student_name, heads), student_name, args.imagenet_weights, ctx)
+
+    def student() -> nn.Module:
+        model = build_model(student_name, heads)
+        if args.pretrained_student:
+            _imagenet(model, student_name, args.imagenet_weights, None)
+        return model
+
+    results: list[RunResult] = []
+    for seed in args.seeds:
+        data = run_data(
+            ctx, splits, seed=seed, batch_size=args.batch_size, mean=BLOG_MEAN, std=BLOG_STD, crop_padding=4, flip=True
+        )
+        torch.manual_seed(seed)
+        teacher = build_model(teacher_name, heads)
+        pretrained = _imagenet(teacher, teacher_name, args.imagenet_weights, ctx)
+        if not args.faithful:
+
+            def build_teacher(t: nn.Module = teacher) -> DistillStep:
+                return CEStep(t)
+
+            res = train_run(
+                ctx, RunSpec("teacher", seed, build_teacher, sgd, t_epochs, cosine(t_epochs), resume=args.resume), data
+            )
+            results.append(res)
+            assert res.step is not None
+            teacher = res.step.student
+        elif not pretrained:
+            ctx.log("--faithful without ImageNet weights: the teacher is random, as meaningless as the source's head")
+        teacher.eval()
+        t_shapes = feature_shapes(teacher, ["layer1", "layer2", "layer3", "layer4"])
+        s_shapes = feature_shapes(student(), ["layer1", "layer2", "layer3", "layer4"])
+
+        def spec(method: str, build: Any, t_side: nn.Module | None, s: int = seed) -> RunSpec:
+            return RunSpec(method, s, build, sgd, epochs, cosine(epochs), teacher=t_side, resume=args.resume)
+
+        for method in methods:
+            build: Callable[..., DistillStep]
+            if method == "student-ce":
+                results.append(train_run(ctx, spec(method, lambda: CEStep(student()), None), data))
+            elif method == "kd":
+                build = lambda: KDStep(student(), temperature=T, kd_weight=1 - alpha, ce_weight=alpha)  # noqa: E731
+                results.append(train_run(ctx, spec(method, build, TeacherOutputs(teacher)), data))
+            elif method == "feature":
+                s_c, t_c = s_shapes["layer4"][0], t_shapes["layer4"][0]
+
+                def build_feature(s_c: int = s_c, t_c: int = t_c) -> DistillStep:
+                    adapter = kdloss.ConvAdapter(s_c, t_c, 1)
+                    return HintStep(student(), "layer4", adapter, hint_weight=args.feature_weight, ce_weight=1.0)
+
+                build = build_feature
+
+                t_side = TeacherOutputs(teacher, {"features": "layer4"})
+                results.append(train_run(ctx, spec(method, build, t_side), data))
+            elif method == "at":
+                stages = ["layer1", "layer2", "layer3", "layer4"]
+                build = lambda st=stages: AttentionStep(  # noqa: E731
+                    student(), st, beta=args.at_beta, ce_weight=1.0
+                )
+                t_side = TeacherOutputs(teacher, {f"at{i}": p for i, p in enumerate(stages)})
+                results.append(train_run(ctx, spec(method, build, t_side), data))
+            elif method == "self-distill":
+                exits = ["layer1", "layer2", "layer3"]
+                chans = [s_shapes[p][0] for p in exits]
+                build = lambda ex=exits, ch=chans: SelfDistillStep(  # noqa: E731
+                    student(), ex, ch, heads, temperature=T, ce_weight=alpha, kd_weight=1 - alpha
+                )
+                results.append(train_run(ctx, spec(method, build, None), data))
+
+    deploy: list[dict[str, Any]] = []
+    if ctx.is_main:
+        kd_res = next((r for r in reversed(results) if r.method == "kd"), None)
+        last_student = kd_res or next((r for r in reversed(results) if r.method != "teacher"), None)
+        exported = {"teacher": teacher}
+        if last_student is not None and last_student.step is not None:
+            exported[f"student-{last_student.method}"] = last_student.step.student
+        out_dir = Path(ctx.config.out_dir)
+        deploy = export_and_compare(exported, out_dir, ctx.device, 3 if args.smoke else args.latency_runs)
+        md = "| model | parameters | TorchScript file (MB) | latency, batch 1 (ms) | device |\n|---|---|---|---|---|\n"
+        for r in deploy:
+            md += f"| {r['model']} | {r['parameters']:,} | {r['file_mb']:.1f} | {r['latency_ms_batch1']:.2f} "
+            md += f"| {r['device']} |\n"
+        atomic_write_bytes(out_dir / "deploy.json", (json.dumps(deploy, indent=2) + "\n").encode())
+        atomic_write_bytes(out_dir / "deploy.md", md.encode())
+        print(md, end="")
+    finish(
+        ctx,
+        args,
+        NAME,
+        results,
+        {
+            "data": splits.description,
+            "faithful": args.faithful,
+            "teacher": teacher_name,
+            "student": student_name,
+            "heads": heads,
+            "deploy": deploy,
+        },
+    )
+    return 0

@@ -1,0 +1,269 @@
+"""``hint-imagenette``: FitNets-style hints, ResNet-50 -> ResNet-18 on Imagenette (EXPERIMENTS.md section 2).
+
+Data: an Imagenette tree (``--data-root`` with ``train/`` and ``val/`` ImageFolders, e.g.
+``imagenette2-320``), read by a multi-worker DataLoader (``--workers``, default 4):
+train ``RandomResizedCrop(224)`` + horizontal flip, val ``Resize(256)`` + ``CenterCrop(224)``,
+ImageNet normalisation. ``--synthetic`` first writes a synthetic ImageFolder of Imagenette's
+shape (9,469 / 3,925 JPEGs, 10 classes, shorter side 320 px) under ``<out>/synthetic`` and uses
+it: for timing and smoke tests when the real set is absent (its accuracies mean nothing).
+
+Models: torchvision ResNet-50 (teacher) and ResNet-18 (student), ImageNet weights from
+``--imagenet-weights`` (a directory with torchvision's ``resnet50-*.pth`` / ``resnet18-*.pth``,
+or torchvision's cache), ``fc`` replaced by ``Linear(in, 10)``. Without the weights the recipe
+stops with a message saying where it looked, unless ``--random-init``.
+
+Loss: ``alpha * KL_T^2 + (1 - alpha) * CE + beta * MSE`` between the student's ``layer3[1]``
+(N, 256, 14, 14) and the teacher's ``layer3[5]`` (N, 1024, 14, 14); T = 3, alpha = beta = 0.5;
+SGD (lr 0.01, momentum 0.9), 5 epochs, batch 32.
+
+``--faithful`` reproduces the source's mistakes: the teacher's new ``fc`` is never trained (its
+logits are random, so the KL distils noise); the 1x1 ``Conv2d(1024, 256)`` sits on the teacher
+side and is not trained (a fixed random projection); the model kept is simply the last one. The
+default fixes them: the teacher is fine-tuned on the training set first (``--teacher-epochs``,
+default 2), the regressor is a trainable 1x1 ``Conv2d(256, 1024)`` on the student side (in the
+optimiser and the checkpoint), and the reported model is selected on a validation split carved
+from ``train/`` (``--val-size``, default min(500, 10 %)), next to the last epoch's; ``val/``
+(Imagenette's held-out set) is only the test set. ``--faithful`` reports the last epoch's model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import kdloss
+from reference_trainers.data import IMAGENET_MEAN, IMAGENET_STD, FolderBatches, TensorAugment, split_indices
+from reference_trainers.engine import DistillStep, RunData, RunResult, RunSpec, setup, train_run
+from reference_trainers.errors import DataError, TrainerError
+from reference_trainers.methods import CEStep, HintStep, TeacherOutputs
+from reference_trainers.models import build_model, load_torchvision_weights
+from reference_trainers.recipes.common import config_from_args, finish
+
+NAME = "hint-imagenette"
+HELP = "FitNets-style hint ResNet-50 -> ResNet-18 on Imagenette, --faithful or corrected (EXPERIMENTS.md 2)"
+IMAGENETTE_SHAPE = {"train": 9469, "val": 3925, "classes": 10, "short_side": 320}
+
+
+def make_synthetic_imagefolder(
+    root: Path, *, n_train: int, n_val: int, classes: int = 10, short_side: int = 320, seed: int = 0
+) -> Path:
+    """Write a synthetic ImageFolder (``root/train/<class>``, ``root/val/<class>``) of smooth random JPEGs.
+
+    Each image's shorter side is ``short_side`` and its longer side up to 1.5x that, like
+    Imagenette's 320-px release. Existing trees with the same counts are reused.
+    """
+    from torchvision.io import encode_jpeg
+
+    marker = root / f".complete-{n_train}-{n_val}-{classes}-{short_side}"
+    if marker.is_file():
+        return root
+    gen = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            c = i % classes
+            d = root / split / f"class{c:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            long = short_side + int(torch.randint(0, short_side // 2 + 1, (1,), generator=gen))
+            h, w = (short_side, long) if i % 2 else (long, short_side)
+            small = torch.rand(1, 3, 6, 6, generator=gen) * 0.5 + torch.linspace(0, 0.5, classes)[c]
+            img = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+            (d / f"{split}_{i:05d}.jpg").write_bytes(
+                encode_jpeg((img[0] * 255).clamp(0, 255).byte(), quality=85).numpy().tobytes()
+            )
+    marker.write_text("ok\n")
+    return root
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--faithful", action="store_true", help="the source's behaviour, mistakes included")
+    p.add_argument("--synthetic", action="store_true", help="generate and use a synthetic Imagenette-shaped tree")
+    p.add_argument("--imagenet-weights", type=Path, default=None, help="directory of torchvision resnet weights")
+    p.add_argument("--random-init", action="store_true", help="run without ImageNet weights (timing, smoke)")
+    p.add_argument("--teacher-epochs", type=int, default=2, help="teacher fine-tuning epochs (corrected mode)")
+    p.add_argument("--image-size", type=int, default=224, help="crop size (224)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (0.01)")
+    p.add_argument("--temperature", type=float, default=3.0, help="T (3)")
+    p.add_argument("--alpha", type=float, default=0.5, help="KL weight; CE gets 1 - alpha (0.5)")
+    p.add_argument("--beta", type=float, default=0.5, help="hint MSE weight (0.5)")
+    p.set_defaults(epochs=None, batch_size=32, workers=4, dataset="imagefolder")
+
+
+def _weights(model: nn.Module, name: str, args: argparse.Namespace, ctx: Any) -> None:
+    if args.random_init:
+        return
+    path = None
+    if args.imagenet_weights is not None:
+        base = name.removeprefix("tv_")
+        found = sorted(Path(args.imagenet_weights).glob(f"{base}-*.pth")) if args.imagenet_weights.is_dir() else []
+        path = found[0] if found else args.imagenet_weights
+    try:
+        load_torchvision_weights(model, name, path)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainerError(f"{e}. Pass --imagenet-weights DIR, or --random-init to run without them") from e
+    ctx.log(f"{name}: ImageNet weights loaded")
+
+
+def _transforms(size: int) -> tuple[Any, Any]:
+    from torchvision.transforms import v2
+
+    train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    val = v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+    return train, val
+
+
+class _FixedProjection(nn.Module):
+    """The source's teacher-side 1x1 conv: random, frozen, never in the optimiser (``--faithful``)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=1)
+        self.conv.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.conv(x)
+        return out
+
+
+def run(args: argparse.Namespace) -> int:
+    epochs = args.epochs or (1 if args.smoke else 5)
+    ctx = setup(config_from_args(args, NAME))
+    if args.synthetic:
+        counts = (24, 12, 40) if args.smoke else (IMAGENETTE_SHAPE["train"], IMAGENETTE_SHAPE["val"], 320)
+        root = make_synthetic_imagefolder(
+            Path(ctx.config.out_dir) / "synthetic", n_train=counts[0], n_val=counts[1], short_side=counts[2]
+        )
+        ctx.log(f"synthetic Imagenette-shaped tree at {root}")
+    elif args.data_root is None:
+        raise DataError("hint-imagenette needs --data-root (an Imagenette tree with train/ and val/) or --synthetic")
+    else:
+        root = Path(args.data_root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"data root {str(root)!r} must contain {split}/ (Imagenette's layout)")
+    size = min(args.image_size, 32) if args.smoke else args.image_size
+    train_tf, val_tf = _transforms(size)
+    val_src = FolderBatches(
+        root / "val",
+        ctx.config.eval_batch_size,
+        ctx.device,
+        transform=val_tf,
+        num_workers=args.workers,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
+    classes = val_src.classes
+    n = len(classes)
+    norm = TensorAugment(IMAGENET_MEAN, IMAGENET_STD, channels_last=ctx.use_channels_last)
+
+    # Corrected mode: model selection on a validation split of train/ (the source picked the best
+    # epoch on training accuracy, and its by-reference copy kept the last one); faithful: none.
+    n_train = len(FolderBatches(root / "train", 1, classes=classes).dataset)
+    val_size = 0 if args.faithful else (args.val_size if args.val_size is not None else min(500, n_train // 10))
+    if args.smoke and not args.faithful:
+        val_size = min(max(val_size, 1), 4)
+    train_idx, held_idx = split_indices(n_train, val_size)
+    held = None
+    if val_size:
+        held = FolderBatches(
+            root / "train",
+            ctx.config.eval_batch_size,
+            ctx.device,
+            transform=val_tf,
+            num_workers=args.workers,
+            classes=classes,
+            indices=held_idx,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+
+    def data_for(seed: int) -> RunData:
+        train = FolderBatches(
+            root / "train",
+            args.batch_size,
+            ctx.device,
+            shuffle=True,
+            seed=seed,
+            transform=train_tf,
+            deterministic=False,
+            num_workers=args.workers,
+            classes=classes,
+            indices=train_idx,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+        return RunData(train=train, val=held, test=val_src, train_augment=norm, eval_augment=norm)
+
+    def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+
+    results: list[RunResult] = []
+    for seed in args.seeds:
+        data = data_for(seed)
+        torch.manual_seed(seed)
+        teacher = build_model("tv_resnet50", n)
+        _weights(teacher, "tv_resnet50", args, ctx)
+        if not args.faithful:
+
+            def build_teacher(t: nn.Module = teacher) -> DistillStep:
+                return CEStep(t)
+
+            res = train_run(
+                ctx,
+                RunSpec(
+                    "teacher", seed, build_teacher, sgd, 1 if args.smoke else args.teacher_epochs, resume=args.resume
+                ),
+                data,
+            )
+            results.append(res)
+            assert res.step is not None
+            teacher = res.step.student
+        teacher.eval()
+
+        def student() -> nn.Module:
+            s = build_model("tv_resnet18", n)
+            _weights(s, "tv_resnet18", args, ctx)
+            return s
+
+        if args.faithful:
+            torch.manual_seed(seed)
+            t_side = TeacherOutputs(teacher, {"features": "layer3.5"}, {"features": _FixedProjection(1024, 256)})
+            build = lambda: HintStep(  # noqa: E731
+                student(),
+                "layer3.1",
+                nn.Identity(),
+                hint_weight=args.beta,
+                ce_weight=1 - args.alpha,
+                kd_weight=args.alpha,
+                temperature=args.temperature,
+            )
+        else:
+            t_side = TeacherOutputs(teacher, {"features": "layer3.5"})
+            build = lambda: HintStep(  # noqa: E731
+                student(),
+                "layer3.1",
+                kdloss.ConvAdapter(256, 1024, 1),
+                hint_weight=args.beta,
+                ce_weight=1 - args.alpha,
+                kd_weight=args.alpha,
+                temperature=args.temperature,
+            )
+        name = "hint-faithful" if args.faithful else "hint"
+        results.append(
+            train_run(ctx, RunSpec(name, seed, build, sgd, epochs, teacher=t_side, resume=args.resume), data)
+        )
+    finish(
+        ctx,
+        args,
+        NAME,
+        results,
+        {
+            "data": f"ImageFolder {root} ({len(classes)} classes, {size} px crops)",
+            "faithful": args.faithful,
+            "synthetic": args.synthetic,
+        },
+    )
+    return 0
