@@ -134,8 +134,8 @@ def dkd_loss(
     Raises:
         TypeError: non-floating logits, non-integer labels.
         ShapeError: logits not ``(B, C)`` with ``C >= 2`` or of different shapes, labels not ``(B,)``.
-        ValueError: a label outside ``[0, C)`` (checked eagerly with one host synchronisation;
-            skipped under ``torch.compile``),
+        ValueError: a label outside ``[0, C)`` (checked for CPU tensors only, outside
+            ``torch.compile``: on CUDA the check would wait for the device every step),
             ``temperature <= 0``, negative ``alpha``/``beta``, a bad warm-up or ``reduction``,
             different devices.
 
@@ -161,7 +161,9 @@ def dkd_loss(
         raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")
     if labels.device != student_logits.device:
         raise ValueError(f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
-    if not torch.compiler.is_compiling() and labels.numel() > 0:
+    # The range check reads the labels' values: on the CPU only (free there), so that a CUDA step
+    # never waits for the device (as kd_ce_loss); an out-of-range label fails in the gather there.
+    if labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= classes:
             raise ValueError(f"labels must lie in [0, {classes}) (C = {classes}), got values in [{lo}, {hi}]")
