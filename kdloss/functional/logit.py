@@ -201,7 +201,9 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
     denom = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1) + eps
-    corr: Tensor = (a * b).sum(dim=1) / denom
+    # A constant row (e.g. a uniform softmax) has no correlation: with eps = 0 its 0 / 0 is taken
+    # as 0, the value any eps > 0 gives, instead of NaN (in the value and in the gradient).
+    corr: Tensor = (a * b).sum(dim=1) / torch.where(denom > 0, denom, 1.0)
     return corr
 
 
@@ -228,7 +230,8 @@ def dist_loss(
     {\lVert u - \bar u \rVert\, \lVert v - \bar v \rVert + \epsilon}`. The first (inter-class)
     term compares each sample's class ranking, the second (intra-class) term compares how each
     class's probability varies over the batch. ``eps`` follows the authors' code; ``eps=0`` gives
-    the paper's exact correlation. Computed in float32 (float64 stays float64), teacher detached.
+    the paper's exact correlation (a constant row, whose correlation is undefined, counts as 0).
+    Computed in float32 (float64 stays float64), teacher detached.
 
     Reductions: none. The intra-class term couples the whole batch, so the result is a scalar
     (the normalisations above: mean over samples and mean over classes).
