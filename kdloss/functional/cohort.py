@@ -18,6 +18,7 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_nonnegative,
     check_positive,
     check_reduction,
     check_same_device,
@@ -465,9 +466,8 @@ def tofd_loss(
         >>> out.parts["feat/0"], out.parts["orth"]
         (tensor(1.), tensor(0.))
     """
-    for name, value in (("beta", beta), ("gamma", gamma)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    check_nonnegative("beta", beta)
+    check_nonnegative("gamma", gamma)
     head = paired_head_kd(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, weights=weights)
     k = len(head.parts) // 2
     sf, tf = list(student_features), list(teacher_features)
@@ -556,8 +556,7 @@ def self_distillation_loss(
     head = paired_head_kd(stacked, teacher, labels, temperature=temperature, alpha=alpha)
     if (exit_features is None) != (final_feature is None):
         raise ValueError("exit_features and final_feature must be given together (for the feature hints) or not at all")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    check_nonnegative("beta", beta)
     parts: dict[str, Tensor] = {}
     for i, name in enumerate(names):
         parts[f"kd/{name}"] = head.parts[f"kd/{i}"]

@@ -10,6 +10,7 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_nonnegative,
     check_positive,
     check_reduction,
     check_same_device,
@@ -28,14 +29,6 @@ def _compute_dtype(*ts: Tensor) -> torch.dtype:
     for t in ts:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def _check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__} {value!r}")
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, method: str) -> None:
@@ -73,12 +66,12 @@ def dkd_warmup_factor(epoch: float | None, warmup_epochs: float) -> float:
         >>> dkd_warmup_factor(None, 0)
         1.0
     """
-    warm = _check_nonneg("warmup_epochs", warmup_epochs)
+    warm = check_nonnegative("warmup_epochs", warmup_epochs)
     if warm == 0:
         return 1.0
     if epoch is None:
         raise ValueError(f"epoch is required when warmup_epochs > 0 (got warmup_epochs={warmup_epochs!r})")
-    ep = _check_nonneg("epoch", epoch)
+    ep = check_nonnegative("epoch", epoch)
     return min(ep / warm, 1.0)
 
 
@@ -168,8 +161,8 @@ def dkd_loss(
         if lo < 0 or hi >= classes:
             raise ValueError(f"labels must lie in [0, {classes}) (C = {classes}), got values in [{lo}, {hi}]")
     check_positive("temperature", temperature)
-    _check_nonneg("alpha", alpha)
-    _check_nonneg("beta", beta)
+    check_nonnegative("alpha", alpha)
+    check_nonnegative("beta", beta)
     check_reduction(reduction)
     weight = dkd_warmup_factor(epoch, warmup_epochs)
 
@@ -268,9 +261,9 @@ def dist_loss(
             f"got student_logits of shape {tuple(student_logits.shape)}"
         )
     check_positive("temperature", temperature)
-    _check_nonneg("beta", beta)
-    _check_nonneg("gamma", gamma)
-    _check_nonneg("eps", eps)
+    check_nonnegative("beta", beta)
+    check_nonnegative("gamma", gamma)
+    check_nonnegative("eps", eps)
     dtype = _compute_dtype(student_logits, teacher_logits)
     ys = F.softmax(student_logits.to(dtype) / temperature, dim=1)
     yt = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)

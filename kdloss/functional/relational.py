@@ -20,6 +20,7 @@ from kdloss._validate import (
     ShapeError,
     check_batch,
     check_float,
+    check_nonnegative,
     check_positive,
     check_reduction,
     check_same_device,
@@ -43,14 +44,6 @@ def _dtype(*ts: Tensor) -> torch.dtype:
 def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__} {value!r}")
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _pairs(
@@ -340,8 +333,8 @@ def rkd_loss(
     ((_, fs, _, ft),) = _pairs(student_embeddings, teacher_embeddings, "rkd_loss")
     ns, nt = "student_embeddings", "teacher_embeddings"
     _check_embeddings(ns, fs, nt, ft, "rkd_loss")
-    _check_nonneg("distance_weight", distance_weight)
-    _check_nonneg("angle_weight", angle_weight)
+    check_nonnegative("distance_weight", distance_weight)
+    check_nonnegative("angle_weight", angle_weight)
     _check_option("pairs", pairs, ("all", "distinct"))
     batch = fs.shape[0]
     if pairs == "distinct" and angle_weight > 0 and batch < 3:
@@ -436,7 +429,7 @@ def pkt_loss(
     ns, nt = "student_embeddings", "teacher_embeddings"
     _check_embeddings(ns, fs, nt, ft, "pkt_loss")
     check_reduction(reduction)
-    _check_nonneg("eps", eps)
+    check_nonnegative("eps", eps)
     batch = fs.shape[0]
     if not include_self and batch < 3:
         raise ShapeError(
@@ -637,7 +630,7 @@ def nst_loss(
         raise TypeError(f"degree must be an int, got {type(degree).__name__} {degree!r}")
     if degree < 1:
         raise ValueError(f"degree must be >= 1, got {degree}")
-    _check_nonneg("bias", bias)
+    check_nonnegative("bias", bias)
     check_reduction(reduction)
     terms: list[Tensor] = []
     for ns, fs, nt, ft in _pairs(student_features, teacher_features, "nst_loss"):

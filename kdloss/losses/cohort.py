@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_positive, check_reduction, check_unit_interval
+from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction, check_unit_interval
 from kdloss.compose import LossParts
 from kdloss.functional.cohort import (
     _COHORT_REDUCTIONS,
@@ -22,12 +21,6 @@ from kdloss.functional.cohort import (
 )
 
 __all__ = ["CohortLoss", "MultiHeadKDLoss", "SelfDistillationLoss", "TOFDLoss"]
-
-
-def _check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 class CohortLoss(nn.Module):
@@ -138,8 +131,8 @@ class TOFDLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
-        self.beta = _check_nonneg("beta", beta)
-        self.gamma = _check_nonneg("gamma", gamma)
+        self.beta = check_nonnegative("beta", beta)
+        self.gamma = check_nonnegative("gamma", gamma)
 
     def forward(
         self,
@@ -180,7 +173,7 @@ class SelfDistillationLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
-        self.beta = _check_nonneg("beta", beta)
+        self.beta = check_nonnegative("beta", beta)
 
     def forward(
         self,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_positive, check_reduction
-from kdloss.functional.logit import _check_nonneg, dist_loss, dkd_loss
+from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction
+from kdloss.functional.logit import dist_loss, dkd_loss
 
 __all__ = ["DISTLoss", "DKDLoss"]
 
@@ -34,11 +34,11 @@ class DKDLoss(nn.Module):
         warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
-        self.alpha = _check_nonneg("alpha", alpha)
-        self.beta = _check_nonneg("beta", beta)
+        self.alpha = check_nonnegative("alpha", alpha)
+        self.beta = check_nonnegative("beta", beta)
         self.temperature = check_positive("temperature", temperature)
         self.reduction: Reduction = check_reduction(reduction)
-        self.warmup_epochs = _check_nonneg("warmup_epochs", warmup_epochs)
+        self.warmup_epochs = check_nonnegative("warmup_epochs", warmup_epochs)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, epoch: float | None = None
@@ -73,10 +73,10 @@ class DISTLoss(nn.Module):
 
     def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, eps: float = 1e-8) -> None:
         super().__init__()
-        self.beta = _check_nonneg("beta", beta)
-        self.gamma = _check_nonneg("gamma", gamma)
+        self.beta = check_nonnegative("beta", beta)
+        self.gamma = check_nonnegative("gamma", gamma)
         self.temperature = check_positive("temperature", temperature)
-        self.eps = _check_nonneg("eps", eps)
+        self.eps = check_nonnegative("eps", eps)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return dist_loss(

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_positive, check_reduction
+from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction
 from kdloss.functional.relational import (
     CCVariant,
     FSPVariant,
     RKDPairs,
-    _check_nonneg,
     _check_option,
     cc_loss,
     fsp_loss,
@@ -75,8 +74,8 @@ class RKDLoss(nn.Module):
 
     def __init__(self, *, distance_weight: float = 25.0, angle_weight: float = 50.0, pairs: RKDPairs = "all") -> None:
         super().__init__()
-        self.distance_weight = _check_nonneg("distance_weight", distance_weight)
-        self.angle_weight = _check_nonneg("angle_weight", angle_weight)
+        self.distance_weight = check_nonnegative("distance_weight", distance_weight)
+        self.angle_weight = check_nonnegative("angle_weight", angle_weight)
         _check_option("pairs", pairs, ("all", "distinct"))
         self.pairs: RKDPairs = pairs
 
@@ -105,7 +104,7 @@ class PKTLoss(nn.Module):
         super().__init__()
         self.include_self = bool(include_self)
         self.reduction: Reduction = check_reduction(reduction)
-        self.eps = _check_nonneg("eps", eps)
+        self.eps = check_nonnegative("eps", eps)
 
     def forward(self, student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
         return pkt_loss(
@@ -156,7 +155,7 @@ class NSTLoss(nn.Module):
         if degree < 1:
             raise ValueError(f"degree must be >= 1, got {degree}")
         self.degree = degree
-        self.bias = _check_nonneg("bias", bias)
+        self.bias = check_nonnegative("bias", bias)
         self.reduction: Reduction = check_reduction(reduction)
 
     def forward(
