@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -20,9 +21,11 @@ __all__ = [
     "check_batch",
     "check_float",
     "check_int",
+    "check_integer",
     "check_ndim",
     "check_nonnegative",
     "check_positive",
+    "check_positive_int",
     "check_reduction",
     "check_same_device",
     "check_same_shape",
@@ -81,6 +84,18 @@ def check_int(name: str, value: int) -> int:
     return value
 
 
+def check_positive_int(name: str, value: int | None, *, allow_none: bool = False) -> int | None:
+    """Raise a ``ValueError`` unless ``value`` is an ``int`` >= 1 (not a ``bool``), or ``None`` with ``allow_none``.
+
+    A size (rows, channels, a chunk): the message is ``"<name> must be a positive int[ or None], got ..."``.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
 def check_unit_interval(name: str, value: float, *, open_ends: bool = False) -> float:
     """Raise unless ``value`` lies in [0, 1] (or (0, 1) with ``open_ends``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -106,6 +121,20 @@ def check_float(name: str, t: Tensor) -> Tensor:
         raise TypeError(
             f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got dtype {t.dtype}"
         )
+    return t
+
+
+def is_integer(t: Tensor) -> bool:
+    """Whether ``t`` holds integers (not floating point, complex or bool)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def check_integer(name: str, t: object) -> Tensor:
+    """Raise a ``TypeError`` unless ``t`` is an integer tensor (labels, indices); ``bool`` is refused."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")
+    if not is_integer(t):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
     return t
 
 

@@ -17,15 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdloss._validate import ShapeError, check_float
+from kdloss._validate import ShapeError, check_float, check_positive_int
 
 __all__ = ["ABConnector", "FTParaphraser", "FTTranslator", "ReviewKDFusion", "VIDRegressor"]
 
 
 def _check_channels(**sizes: int) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
 
 
 def _check_map(name: str, x: Tensor, channels: int, owner: str) -> None:

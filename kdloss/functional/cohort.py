@@ -18,6 +18,7 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_integer,
     check_nonnegative,
     check_positive,
     check_reduction,
@@ -111,10 +112,7 @@ def _check_student_teachers(student: Tensor, s_name: str, stacked: Tensor, t_nam
 
 
 def _check_labels(labels: Tensor, batch: int, device: torch.device) -> None:
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+    check_integer("labels", labels)
     if labels.shape != (batch,):
         raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")
     if labels.device != device:

@@ -27,8 +27,10 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_integer,
     check_ndim,
     check_positive,
+    check_positive_int,
     check_reduction,
     check_same_device,
     check_unit_interval,
@@ -67,10 +69,6 @@ _METHODS: tuple[str, ...] = ("auto", "matmul", "gather")
 _AUTO_RATIO = 2
 # Default chunk of the gather path: about 2**22 gathered float32 elements (16 MiB) per chunk.
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def _is_integer(t: Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def check_index_range(name: str, indices: Tensor, n_data: int) -> None:
@@ -227,11 +225,10 @@ def crd_logits(
     """
     check_float("anchor", anchor)
     check_float("bank", bank)
+    check_integer("indices", indices)
     check_ndim("anchor", anchor, (2,), "(B, feat_dim)")
     check_ndim("bank", bank, (2,), "(n_data, feat_dim)")
     check_ndim("indices", indices, (2,), "(B, K+1)")
-    if not _is_integer(indices):
-        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
     check_same_device(anchor=anchor, bank=bank, indices=indices)
     if anchor.shape[1] != bank.shape[1]:
         raise ShapeError(f"anchor must have the bank's feature width {bank.shape[1]}, got shape {tuple(anchor.shape)}")
@@ -241,8 +238,7 @@ def crd_logits(
             f"and {tuple(anchor.shape)}"
         )
     check_positive("temperature", temperature)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
     path = _resolve_method(method, indices.numel(), bank.shape[0])
     if validate:
         check_index_range("indices", indices, bank.shape[0])
@@ -467,11 +463,10 @@ def crd_memory_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentu
     """
     check_float("bank", bank)
     check_float("embeddings", embeddings)
+    check_integer("indices", indices)
     check_ndim("bank", bank, (2,), "(n_data, feat_dim)")
     check_ndim("indices", indices, (1,), "(B,)")
     check_ndim("embeddings", embeddings, (2,), "(B, feat_dim)")
-    if not _is_integer(indices):
-        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
     check_same_device(bank=bank, indices=indices, embeddings=embeddings)
     if embeddings.shape != (indices.shape[0], bank.shape[1]):
         raise ShapeError(

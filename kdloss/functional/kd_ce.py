@@ -12,6 +12,7 @@ from kdloss._validate import (
     ShapeError,
     check_float,
     check_int,
+    check_integer,
     check_positive,
     check_reduction,
     check_same_device,
@@ -122,8 +123,7 @@ def kd_ce_loss(
     rows_shape = student_logits.shape[:-1]
     c = student_logits.shape[-1]
     _check_row_tensor("labels", labels, rows_shape, student_logits.device)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    check_integer("labels", labels)
     if mask is not None:
         _check_row_tensor("mask", mask, rows_shape, student_logits.device)
         if mask.dtype != torch.bool:

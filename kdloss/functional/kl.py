@@ -15,6 +15,7 @@ from kdloss._validate import (
     ShapeError,
     check_float,
     check_int,
+    check_integer,
     check_positive,
     check_reduction,
     check_same_device,
@@ -198,8 +199,7 @@ def soft_kl(
     check_int("ignore_index", ignore_index)
     if labels is not None:
         _check_row_tensor("labels", labels, rows_shape, student_logits.device)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        check_integer("labels", labels)
 
     if direction == "forward" and _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
         per_row, valid = _kernels.fused_kd_rows(

@@ -10,6 +10,7 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_integer,
     check_nonnegative,
     check_positive,
     check_reduction,
@@ -145,10 +146,7 @@ def dkd_loss(
         tensor(0.)
     """
     _check_logit_pair(student_logits, teacher_logits, "dkd_loss")
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    check_integer("labels", labels)
     batch, classes = student_logits.shape
     if labels.shape != (batch,):
         raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")

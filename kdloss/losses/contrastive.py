@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdloss._validate import ShapeError
+from kdloss._validate import ShapeError, check_positive_int
 from kdloss.functional.contrastive import ScoreMethod, _nce_rows, crd_embed
 from kdloss.memory import ContrastMemory, NegativeSampling
 
@@ -28,9 +28,8 @@ class CRDEmbed(nn.Module):
 
     def __init__(self, in_features: int, feat_dim: int = 128) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("feat_dim", feat_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("in_features", in_features)
+        check_positive_int("feat_dim", feat_dim)
         self.linear = nn.Linear(in_features, feat_dim)
 
     def forward(self, features: Tensor) -> Tensor:
