@@ -30,6 +30,7 @@ __all__ = [
     "check_same_device",
     "check_same_shape",
     "check_unit_interval",
+    "compute_dtype",
     "reduce_loss",
 ]
 
@@ -181,6 +182,14 @@ def check_batch(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
             f"{name_a} and {name_b} must have the same batch size (first dimension), "
             f"got shapes {_shape(a)} and {_shape(b)}"
         )
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype a loss computes in: float32 for half, bfloat16 and float32 inputs, float64 if any is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def reduce_loss(loss: Tensor, reduction: Reduction, *, rows: Tensor | int, elements_per_row: int = 1) -> Tensor:

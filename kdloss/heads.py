@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from kdloss.adapters import check_optimizer
 from kdloss.tap import FeatureTap, unwrap_model
-from kdloss.teacher import FrozenTeacher
 
 __all__ = [
     "ClassifierHead",
@@ -274,9 +273,7 @@ class IntermediateHeads(nn.Module):
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
         if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
             raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
-        backbone = unwrap_model(model)
-        if isinstance(backbone, FrozenTeacher):  # read the wrapped teacher itself: paths as in the bare model
-            backbone = unwrap_model(backbone.module)
+        backbone = unwrap_model(model)  # also strips FrozenTeacher: paths as in the bare model
         self._backbone: tuple[nn.Module] = (backbone,)  # a tuple: referenced, not registered
         self.head_type: HeadType = head
         self.num_classes = num_classes

@@ -24,6 +24,7 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_unit_interval,
+    compute_dtype,
     reduce_loss,
 )
 from kdloss.compose import LossParts
@@ -234,7 +235,7 @@ def cohort_kd(
     k = stacked.shape[0]
     w = _check_weights(weights, k, "teacher")
 
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, stacked.dtype), torch.float32)
+    dtype = compute_dtype(student_logits, stacked)
     s = student_logits.to(dtype)
     # The student's log-softmax is computed once, (B, C), for all K teachers. Since
     #   sum_j w_j KL(p_j || q) = sum_j w_j sum_c p_j log p_j  -  sum_c (sum_j w_j p_j) log q,
@@ -347,7 +348,7 @@ def paired_head_kd(
     k, batch, c = s_stack.shape
     w = _check_weights(weights, k, "head pair")
 
-    dtype = torch.promote_types(torch.promote_types(s_stack.dtype, t_stack.dtype), torch.float32)
+    dtype = compute_dtype(s_stack, t_stack)
     s = s_stack.to(dtype)
     kd_rows = soft_kl(s, t_stack.to(dtype), temperature=temperature, reduction="none")  # (K, B), batched
     ce_rows = F.cross_entropy(s.reshape(k * batch, c), labels.repeat(k), reduction="none").view(k, batch)

@@ -23,17 +23,11 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_same_shape,
+    compute_dtype,
     reduce_loss,
 )
 
 __all__ = ["ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
-
-
-def _dtype(*ts: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in ts:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _check_pair(ns: str, s: Tensor, nt: str, t: Tensor, hint: str) -> None:
@@ -98,7 +92,7 @@ def vid_loss(
     if variance.shape != (channels,):
         raise ShapeError(f"variance must have shape (C,) = ({channels},), got {tuple(variance.shape)}")
     check_reduction(reduction)
-    dtype = _dtype(pred_mean, teacher_features, variance)
+    dtype = compute_dtype(pred_mean, teacher_features, variance)
     var = variance.to(dtype).view(1, channels, *([1] * (pred_mean.ndim - 2)))
     diff = teacher_features.detach().to(dtype) - pred_mean.to(dtype)
     nll = 0.5 * (diff.square() / var + var.log())
@@ -166,7 +160,7 @@ def ab_loss(
     )
     check_positive("margin", margin)
     check_reduction(reduction)
-    dtype = _dtype(student_preact, teacher_preact)
+    dtype = compute_dtype(student_preact, teacher_preact)
     s = student_preact.to(dtype)
     on = teacher_preact.detach() > 0
     loss = torch.where(on, F.relu(margin - s), F.relu(margin + s)).square()
@@ -226,7 +220,7 @@ def ft_loss(
     if p not in (1, 2) or isinstance(p, bool):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     check_reduction(reduction)
-    dtype = _dtype(student_factor, teacher_factor)
+    dtype = compute_dtype(student_factor, teacher_factor)
     s = F.normalize(student_factor.to(dtype).flatten(1), dim=1)
     t = F.normalize(teacher_factor.detach().to(dtype).flatten(1), dim=1)
     diff = t - s
@@ -300,7 +294,7 @@ def hcl_loss(
         _check_pair(ns, fs, nt, ft, "ReviewKD fuses the student features to the teacher's shapes")
         if fs.ndim != 4:
             raise ShapeError(f"{ns} must be a (B, C, H, W) feature map, got shape {tuple(fs.shape)}")
-        dtype = _dtype(fs, ft)
+        dtype = compute_dtype(fs, ft)
         s, t = fs.to(dtype), ft.detach().to(dtype)
         if s.numel() == 0:  # an empty batch: 0, not mse_loss's NaN
             terms.append(s.sum())

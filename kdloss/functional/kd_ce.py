@@ -18,9 +18,10 @@ from kdloss._validate import (
     check_same_device,
     check_same_shape,
     check_unit_interval,
+    compute_dtype,
     reduce_loss,
 )
-from kdloss.functional.kl import _check_row_tensor, _compute_dtype, _has_finite, soft_kl
+from kdloss.functional.kl import _check_row_tensor, _has_finite, soft_kl
 
 __all__ = ["kd_ce_loss"]
 
@@ -148,7 +149,7 @@ def kd_ce_loss(
         )
         return reduce_loss(per_row, reduction, rows=valid.sum())
 
-    dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
+    dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)
     valid = _has_finite(student_logits) & _has_finite(teacher_logits) & (labels != ignore_index)
     if mask is not None:

@@ -21,6 +21,7 @@ from kdloss._validate import (
     check_same_device,
     check_same_shape,
     check_unit_interval,
+    compute_dtype,
     reduce_loss,
 )
 
@@ -37,11 +38,6 @@ _DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
 # (a -inf logit) contributes 0 * finite = 0 instead of 0 * (-inf - -inf) = NaN, in values and in
 # gradients. No finite float32 log-softmax output comes near it.
 _LOG_FLOOR = -1e30
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
-    return torch.promote_types(t.dtype, torch.float32)
 
 
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -61,7 +57,7 @@ def log_probs(logits: Tensor, temperature: float) -> Tensor:
     """
     check_float("logits", logits)
     check_positive("temperature", temperature)
-    return F.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+    return F.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
 
 
 def _has_finite(x: Tensor) -> Tensor:
@@ -207,7 +203,7 @@ def soft_kl(
         )
         return reduce_loss(per_row, reduction, rows=valid.sum(), elements_per_row=student_logits.shape[-1])
 
-    dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
+    dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)
     t = teacher_logits.detach().to(dtype)
 

@@ -16,6 +16,7 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_same_shape,
+    compute_dtype,
     reduce_loss,
 )
 
@@ -23,13 +24,6 @@ __all__ = ["dist_loss", "dkd_loss", "dkd_warmup_factor"]
 
 # as in kdloss.functional.kl: a floor for log-probabilities of -inf logits
 _LOG_FLOOR = -1e30
-
-
-def _compute_dtype(*ts: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in ts:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, method: str) -> None:
@@ -164,7 +158,7 @@ def dkd_loss(
     check_reduction(reduction)
     weight = dkd_warmup_factor(epoch, warmup_epochs)
 
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype) / temperature
     t = teacher_logits.detach().to(dtype) / temperature
     gt = labels.long().unsqueeze(1) == torch.arange(classes, device=labels.device)
@@ -262,7 +256,7 @@ def dist_loss(
     check_nonnegative("beta", beta)
     check_nonnegative("gamma", gamma)
     check_nonnegative("eps", eps)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     ys = F.softmax(student_logits.to(dtype) / temperature, dim=1)
     yt = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
     inter = 1.0 - _pearson_rows(ys, yt, eps).mean()

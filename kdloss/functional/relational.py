@@ -24,6 +24,7 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
+    compute_dtype,
     reduce_loss,
 )
 
@@ -32,13 +33,6 @@ __all__ = ["cc_loss", "fsp_loss", "fsp_matrix", "nst_loss", "pkt_loss", "rkd_los
 CCVariant = Literal["paper", "repdistiller"]
 RKDPairs = Literal["all", "distinct"]
 FSPVariant = Literal["paper", "repdistiller"]
-
-
-def _dtype(*ts: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in ts:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -133,7 +127,7 @@ def sp_loss(student_features: Tensor | Sequence[Tensor], teacher_features: Tenso
     for ns, fs, nt, ft in _pairs(student_features, teacher_features, "sp_loss"):
         _check_rows(ns, fs, "sp_loss")
         _check_rows(nt, ft, "sp_loss")
-        dtype = _dtype(fs, ft)
+        dtype = compute_dtype(fs, ft)
         qs = fs.to(dtype).flatten(1)
         qt = ft.detach().to(dtype).flatten(1)
         gs = F.normalize(qs @ qs.t(), dim=1)
@@ -219,7 +213,7 @@ def cc_loss(
     if order < 0:
         raise ValueError(f"order must be >= 0, got {order}")
     _check_option("variant", variant, ("paper", "repdistiller"))
-    dtype = _dtype(fs, ft)
+    dtype = compute_dtype(fs, ft)
     s = fs.to(dtype)
     t = ft.detach().to(dtype)
     if variant == "repdistiller":
@@ -342,7 +336,7 @@ def rkd_loss(
             f"rkd_loss(pairs='distinct') needs B >= 3 for the angle term, got student_embeddings of shape "
             f"{tuple(fs.shape)}"
         )
-    dtype = _dtype(fs, ft)
+    dtype = compute_dtype(fs, ft)
     s = fs.to(dtype)
     t = ft.detach().to(dtype)
     n_pairs = batch * (batch - 1)
@@ -435,7 +429,7 @@ def pkt_loss(
         raise ShapeError(
             f"pkt_loss(include_self=False) needs B >= 3, got student_embeddings of shape {tuple(fs.shape)}"
         )
-    dtype = _dtype(fs, ft)
+    dtype = compute_dtype(fs, ft)
     eye = torch.eye(batch, dtype=torch.bool, device=fs.device)
 
     def conditional(e: Tensor) -> Tensor:
@@ -479,7 +473,7 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
         tensor([[[2., 2., 2.],
                  [2., 2., 2.]]])
     """
-    dtype = _dtype(first, second)
+    dtype = compute_dtype(first, second)
     a, b = first.to(dtype), second.to(dtype)
     if a.shape[-2:] != b.shape[-2:]:
         size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
@@ -637,7 +631,7 @@ def nst_loss(
         for name, f in ((ns, fs), (nt, ft)):
             if f.ndim != 4:
                 raise ShapeError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(f.shape)}")
-        dtype = _dtype(fs, ft)
+        dtype = compute_dtype(fs, ft)
         s, t = fs.to(dtype), ft.detach().to(dtype)
         if s.shape[-2:] != t.shape[-2:]:
             size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
