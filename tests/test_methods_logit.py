@@ -18,11 +18,9 @@ from tests._methods_common import (
     assert_matches_reference,
     assert_teacher_detached,
     leaf,
-    single_thread,
 )
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
-_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _labels(b: int, c: int, seed: int = 0) -> torch.Tensor:
