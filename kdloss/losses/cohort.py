@@ -29,6 +29,17 @@ class CohortLoss(nn.Module):
     Holds the hyper-parameters only (validated here). ``forward`` returns a
     :class:`kdloss.LossParts` (``total`` and the per-teacher parts).
 
+    Args:
+        temperature: softening temperature ``T > 0`` (DIH uses 5).
+        alpha: the KD weight in ``[0, 1]`` (DIH uses 0.1).
+        weights: optional ``K`` non-negative per-teacher weights, not all zero.
+        form: ``"authors"`` or ``"normalized"`` (see :func:`kdloss.functional.cohort_kd`).
+        reduction: ``"batchmean" | "sum" | "none"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.cohort_kd`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> loss = CohortLoss(temperature=5.0, alpha=0.1)
@@ -79,6 +90,16 @@ class CohortLoss(nn.Module):
 class MultiHeadKDLoss(nn.Module):
     """MHKD over paired student/teacher heads; see :func:`kdloss.functional.paired_head_kd`.
 
+    Args:
+        temperature: ``T > 0``.
+        alpha: KD weight in ``[0, 1]``.
+        weights: optional ``K`` non-negative per-pair weights.
+        reduction: ``"batchmean" | "sum" | "none"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.paired_head_kd`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> MultiHeadKDLoss(temperature=4.0, alpha=0.9)(torch.zeros(3, 2, 10), torch.zeros(3, 2, 10),
@@ -121,6 +142,16 @@ class TOFDLoss(nn.Module):
     Stateless: the student's adapters are the caller's (they belong with the student, in its
     optimiser); pass their weights to :meth:`forward` for the orthogonality term.
 
+    Args:
+        temperature: ``T > 0``.
+        alpha: KD weight in ``[0, 1]``.
+        beta: weight of the feature term (>= 0).
+        gamma: weight of the orthogonality penalty (>= 0).
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.tofd_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> TOFDLoss(temperature=3.0, alpha=0.5, beta=0.05, gamma=0.01)
@@ -162,6 +193,15 @@ class TOFDLoss(nn.Module):
 
 class SelfDistillationLoss(nn.Module):
     """Self-distillation over early exits; see :func:`kdloss.functional.self_distillation_loss`.
+
+    Args:
+        temperature: ``T > 0``.
+        alpha: KD weight in ``[0, 1]``.
+        beta: feature-hint weight (>= 0).
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.self_distillation_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> import torch

@@ -16,6 +16,17 @@ class DKDLoss(nn.Module):
     Holds the hyper-parameters only. ``forward(student_logits, teacher_logits, labels, epoch=None)``;
     ``epoch`` is needed only when ``warmup_epochs > 0``.
 
+    Args:
+        alpha: weight of TCKD (1.0 in the paper).
+        beta: weight of NCKD (8.0 for most CIFAR-100 teacher-student pairs in mdistiller).
+        temperature: softening temperature ``T > 0`` (4 on CIFAR-100).
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        warmup_epochs: linear warm-up length (mdistiller: 20); 0 (default) disables it.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.dkd_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> DKDLoss(beta=8.0, temperature=4.0, warmup_epochs=20)
@@ -64,6 +75,16 @@ class DKDLoss(nn.Module):
 
 class DISTLoss(nn.Module):
     """DIST's inter- and intra-class Pearson relations; see :func:`kdloss.functional.dist_loss`.
+
+    Args:
+        beta: weight of the inter-class term (1 in the paper).
+        gamma: weight of the intra-class term (1 in the paper).
+        temperature: ``T > 0`` (1 in the paper's ImageNet setting; CIFAR recipes use larger ``T``).
+        eps: added to the correlation's denominator, ``>= 0``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.dist_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> import torch
