@@ -43,7 +43,17 @@ _REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 class ShapeError(ValueError):
-    """A tensor has a shape that does not fit the call (a ``ValueError``)."""
+    """A tensor has a shape that does not fit the call (a ``ValueError``).
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import hint_loss
+        >>> try:
+        ...     hint_loss(torch.zeros(2, 8), torch.zeros(2, 16))
+        ... except ShapeError as e:
+        ...     print(type(e).__name__, isinstance(e, ValueError))
+        ShapeError True
+    """
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdloss._validate import ShapeError, check_float, check_positive_int
+from kdloss._validate import ShapeError, check_float, check_positive, check_positive_int
 
 __all__ = ["ABConnector", "FTParaphraser", "FTTranslator", "ReviewKDFusion", "VIDRegressor"]
 
@@ -95,6 +95,14 @@ class ABConnector(nn.Module):
     Heo et al., *Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden
     Neurons*, AAAI 2019.
 
+    Args:
+        in_channels: the student pre-activation's channels.
+        out_channels: the teacher pre-activation's channels.
+
+    Raises:
+        ValueError: if a channel count is not a positive int. ShapeError (in ``forward``): an input
+            that is not ``(B, in_channels, H, W)``.
+
     Example:
         >>> import torch
         >>> ABConnector(8, 16)(torch.randn(2, 8, 4, 4)).shape
@@ -130,6 +138,15 @@ class FTParaphraser(nn.Module):
     Kim, Park & Kwak, *Paraphrasing Complex Network: Network Compression via Factor Transfer*,
     NeurIPS 2018.
 
+    Args:
+        in_channels: the teacher feature's channels.
+        rate: the paraphrase rate, ``factor_channels / in_channels`` (> 0; 0.5 in the paper).
+
+    Raises:
+        ValueError: if ``in_channels`` is not a positive int or ``rate`` not a finite number > 0.
+        TypeError: if ``rate`` is not a number. ShapeError (in ``forward``): an input that is not
+            ``(B, in_channels, H, W)``.
+
     Example:
         >>> import torch
         >>> para = FTParaphraser(16)
@@ -141,8 +158,7 @@ class FTParaphraser(nn.Module):
     def __init__(self, in_channels: int, *, rate: float = 0.5) -> None:
         super().__init__()
         _check_channels(in_channels=in_channels)
-        if not rate > 0:
-            raise ValueError(f"rate must be > 0, got {rate!r}")
+        check_positive("rate", rate)
         self.in_channels = in_channels
         self.factor_channels = max(1, round(rate * in_channels))
         c, k = in_channels, self.factor_channels
@@ -160,6 +176,14 @@ class FTTranslator(nn.Module):
 
     Its output is the ``student_factor`` of :func:`kdloss.functional.ft_loss`; ``factor_channels``
     must equal the paraphraser's.
+
+    Args:
+        in_channels: the student feature's channels.
+        factor_channels: the factor's channels (the paraphraser's ``factor_channels``).
+
+    Raises:
+        ValueError: if a channel count is not a positive int. ShapeError (in ``forward``): an input
+            that is not ``(B, in_channels, H, W)``.
 
     Example:
         >>> import torch

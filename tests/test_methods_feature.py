@@ -149,8 +149,14 @@ def test_ft_paraphraser_and_translator() -> None:
     assert all(p.grad is None for p in para.parameters())  # the teacher factor is detached
     with pytest.raises(ShapeError, match="FTTranslator expects student_feature"):
         trans(torch.randn(2, 3, 4, 4))
-    with pytest.raises(ValueError, match="rate must be > 0"):
+    with pytest.raises(ValueError, match=r"rate must be a finite number > 0, got 0\.0"):
         FTParaphraser(6, rate=0.0)
+    # inf was accepted (a factor of round(inf) channels: OverflowError deep inside), a string gave
+    # a bare comparison TypeError that did not name the argument
+    with pytest.raises(ValueError, match=r"rate must be a finite number > 0, got inf"):
+        FTParaphraser(6, rate=float("inf"))
+    with pytest.raises(TypeError, match=r"rate must be a positive number, got str"):
+        FTParaphraser(6, rate="0.5")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ HCL / ReviewKD

@@ -20,6 +20,13 @@ class CRDEmbed(nn.Module):
 
     See :func:`kdloss.functional.crd_embed`.
 
+    Args:
+        in_features: the flattened width of the features it embeds.
+        feat_dim: the embedding width (128 in the paper).
+
+    Raises:
+        ValueError: if ``in_features`` or ``feat_dim`` is not a positive int.
+
     Example:
         >>> import torch
         >>> CRDEmbed(12, 4)(torch.randn(2, 3, 4)).shape
