@@ -31,6 +31,7 @@ __all__ = [
     "check_same_shape",
     "check_unit_interval",
     "compute_dtype",
+    "pair_up",
     "reduce_loss",
 ]
 
@@ -200,6 +201,25 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def pair_up(
+    student: Tensor | Sequence[Tensor], teacher: Tensor | Sequence[Tensor], *, one: str, many: str, context: str = ""
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One tensor each, or two equally long, non-empty sequences of them, as two lists (loss over pairs).
+
+    ``one`` and ``many`` name one element and several in the messages (``"feature map"``,
+    ``"maps"``); ``context`` prefixes them (``"fsp_loss: "``). The elements themselves are checked by the caller.
+    """
+    s_list = [student] if isinstance(student, Tensor) else list(student)
+    t_list = [teacher] if isinstance(teacher, Tensor) else list(teacher)
+    if len(s_list) != len(t_list):
+        raise ValueError(
+            f"{context}student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} {many}"
+        )
+    if not s_list:
+        raise ValueError(f"{context}student_features must hold at least one {one}, got an empty sequence")
+    return s_list, t_list
 
 
 def reduce_loss(loss: Tensor, reduction: Reduction, *, rows: Tensor | int, elements_per_row: int = 1) -> Tensor:

@@ -39,3 +39,17 @@ def test_dkd_and_cohort_labels_share_the_message() -> None:
     for call in (lambda: dkd_loss(z, z, [0, 1]), lambda: cohort_kd(z, z.unsqueeze(0), [0, 1])):  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"labels must be an integer tensor, got list"):
             call()
+
+
+def test_pair_up() -> None:
+    from kdloss._validate import pair_up
+
+    x = torch.zeros(2, 3)
+    assert pair_up(x, x, one="tensor", many="tensors") == ([x], [x])
+    assert pair_up([x, x], (x, x), one="tensor", many="tensors") == ([x, x], [x, x])
+    with pytest.raises(
+        ValueError, match=r"^fsp_loss: student_features and teacher_features must pair up, got 1 and 2 maps$"
+    ):
+        pair_up([x], [x, x], one="feature map", many="maps", context="fsp_loss: ")
+    with pytest.raises(ValueError, match=r"student_features must hold at least one feature map, got an empty sequence"):
+        pair_up([], [], one="feature map", many="maps")

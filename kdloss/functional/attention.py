@@ -17,6 +17,7 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
+    pair_up,
     reduce_loss,
 )
 
@@ -114,14 +115,7 @@ def attention_loss(
         >>> attention_loss(s, t)
         tensor(0.)
     """
-    s_list = [student_features] if isinstance(student_features, Tensor) else list(student_features)
-    t_list = [teacher_features] if isinstance(teacher_features, Tensor) else list(teacher_features)
-    if len(s_list) != len(t_list):
-        raise ValueError(
-            f"student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} maps"
-        )
-    if not s_list:
-        raise ValueError("student_features must hold at least one feature map, got an empty sequence")
+    s_list, t_list = pair_up(student_features, teacher_features, one="feature map", many="maps")
     check_positive("p", p)
     check_nonnegative("beta", beta)
     check_reduction(reduction)

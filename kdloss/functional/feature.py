@@ -24,6 +24,7 @@ from kdloss._validate import (
     check_same_device,
     check_same_shape,
     compute_dtype,
+    pair_up,
     reduce_loss,
 )
 
@@ -276,14 +277,7 @@ def hcl_loss(
         >>> hcl_loss(torch.ones(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
         tensor(1.)
     """
-    s_list = [student_features] if isinstance(student_features, Tensor) else list(student_features)
-    t_list = [teacher_features] if isinstance(teacher_features, Tensor) else list(teacher_features)
-    if len(s_list) != len(t_list):
-        raise ValueError(
-            f"student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} maps"
-        )
-    if not s_list:
-        raise ValueError("student_features must hold at least one feature map, got an empty sequence")
+    s_list, t_list = pair_up(student_features, teacher_features, one="feature map", many="maps")
     levels = tuple(levels)
     for level in levels:
         if isinstance(level, bool) or not isinstance(level, int) or level < 1:

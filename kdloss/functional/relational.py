@@ -25,6 +25,7 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     compute_dtype,
+    pair_up,
     reduce_loss,
 )
 
@@ -44,14 +45,7 @@ def _pairs(
     student: Tensor | Sequence[Tensor], teacher: Tensor | Sequence[Tensor], method: str
 ) -> list[tuple[str, Tensor, str, Tensor]]:
     """Pair up one tensor or two equally long sequences, with checked dtype, device and batch size."""
-    s_list = [student] if isinstance(student, Tensor) else list(student)
-    t_list = [teacher] if isinstance(teacher, Tensor) else list(teacher)
-    if len(s_list) != len(t_list):
-        raise ValueError(
-            f"{method}: student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} tensors"
-        )
-    if not s_list:
-        raise ValueError(f"{method}: student_features must hold at least one tensor, got an empty sequence")
+    s_list, t_list = pair_up(student, teacher, one="tensor", many="tensors", context=f"{method}: ")
     out = []
     single = isinstance(student, Tensor)
     for j, (fs, ft) in enumerate(zip(s_list, t_list)):
