@@ -24,6 +24,7 @@ __all__ = [
     "check_integer",
     "check_ndim",
     "check_nonnegative",
+    "check_pair",
     "check_positive",
     "check_positive_int",
     "check_reduction",
@@ -184,6 +185,14 @@ def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, *, hint: st
             detail = f" (class count {sa[-1]} vs {sb[-1]})"
     suffix = f"; {hint}" if hint else ""
     raise ShapeError(f"{name_a} and {name_b} must have the same shape, got {sa} and {sb}{detail}{suffix}")
+
+
+def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, *, hint: str = "") -> None:
+    """A student/teacher pair: two floating-point tensors of one shape on one device (see the checks used)."""
+    check_float(name_a, a)
+    check_float(name_b, b)
+    check_same_device(**{name_a: a, name_b: b})
+    check_same_shape(name_a, a, name_b, b, hint=hint)
 
 
 def check_batch(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:

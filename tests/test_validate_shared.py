@@ -53,3 +53,12 @@ def test_pair_up() -> None:
         pair_up([x], [x, x], one="feature map", many="maps", context="fsp_loss: ")
     with pytest.raises(ValueError, match=r"student_features must hold at least one feature map, got an empty sequence"):
         pair_up([], [], one="feature map", many="maps")
+
+
+def test_kd_ce_loss_labels_not_a_tensor() -> None:
+    """A list of labels fell through to check_same_device and raised a bare AttributeError."""
+    from kdloss.functional import kd_ce_loss
+
+    z = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match=r"labels must be an integer tensor, got list"):
+        kd_ce_loss(z, z, [0, 1])  # type: ignore[arg-type]

@@ -19,10 +19,10 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_pair,
     check_positive,
     check_reduction,
     check_same_device,
-    check_same_shape,
     compute_dtype,
     pair_up,
     reduce_loss,
@@ -32,10 +32,7 @@ __all__ = ["ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
 
 
 def _check_pair(ns: str, s: Tensor, nt: str, t: Tensor, hint: str) -> None:
-    check_float(ns, s)
-    check_float(nt, t)
-    check_same_device(**{ns: s, nt: t})
-    check_same_shape(ns, s, nt, t, hint=hint)
+    check_pair(ns, s, nt, t, hint=hint)
     if s.ndim < 2:
         raise ShapeError(f"{ns} must be (B, ...) with a feature dimension, got shape {tuple(s.shape)}")
 

@@ -10,13 +10,12 @@ from kdloss import kernels as _kernels
 from kdloss._validate import (
     Reduction,
     ShapeError,
-    check_float,
     check_int,
     check_integer,
+    check_pair,
     check_positive,
     check_reduction,
     check_same_device,
-    check_same_shape,
     check_unit_interval,
     compute_dtype,
     reduce_loss,
@@ -102,16 +101,15 @@ def kd_ce_loss(
         >>> kd_ce_loss(student, teacher, torch.tensor([0]), alpha=0.9, temperature=2.0)
         tensor(0.2779)
     """
-    check_float("student_logits", student_logits)
-    check_float("teacher_logits", teacher_logits)
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    check_same_shape(
+    check_pair(
         "student_logits",
         student_logits,
         "teacher_logits",
         teacher_logits,
         hint="the KD term compares two distributions",
     )
+    check_integer("labels", labels)
+    check_same_device(student_logits=student_logits, labels=labels)
     if student_logits.ndim < 2:
         raise ShapeError(
             "student_logits must have at least 2 dimensions, (B, C) or (B, L, C), "
@@ -124,7 +122,6 @@ def kd_ce_loss(
     rows_shape = student_logits.shape[:-1]
     c = student_logits.shape[-1]
     _check_row_tensor("labels", labels, rows_shape, student_logits.device)
-    check_integer("labels", labels)
     if mask is not None:
         _check_row_tensor("mask", mask, rows_shape, student_logits.device)
         if mask.dtype != torch.bool:

@@ -16,10 +16,9 @@ from kdloss._validate import (
     check_float,
     check_int,
     check_integer,
+    check_pair,
     check_positive,
     check_reduction,
-    check_same_device,
-    check_same_shape,
     check_unit_interval,
     compute_dtype,
     reduce_loss,
@@ -162,10 +161,7 @@ def soft_kl(
         >>> soft_kl(teacher, teacher, temperature=2.0)
         tensor(0.)
     """
-    check_float("student_logits", student_logits)
-    check_float("teacher_logits", teacher_logits)
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    check_same_shape(
+    check_pair(
         "student_logits",
         student_logits,
         "teacher_logits",

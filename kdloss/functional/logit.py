@@ -9,13 +9,11 @@ from torch import Tensor
 from kdloss._validate import (
     Reduction,
     ShapeError,
-    check_float,
     check_integer,
     check_nonnegative,
+    check_pair,
     check_positive,
     check_reduction,
-    check_same_device,
-    check_same_shape,
     compute_dtype,
     reduce_loss,
 )
@@ -27,10 +25,7 @@ _LOG_FLOOR = -1e30
 
 
 def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, method: str) -> None:
-    check_float("student_logits", student_logits)
-    check_float("teacher_logits", teacher_logits)
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    check_same_shape(
+    check_pair(
         "student_logits",
         student_logits,
         "teacher_logits",
