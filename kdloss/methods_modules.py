@@ -63,8 +63,8 @@ class VIDRegressor(nn.Module):
     ) -> None:
         super().__init__()
         _check_channels(in_channels=in_channels, mid_channels=mid_channels, out_channels=out_channels)
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        check_positive("eps", eps)
+        check_positive("init_variance", init_variance)
         if not init_variance > eps:
             raise ValueError(f"init_variance must be > eps = {eps}, got {init_variance!r}")
         self.in_channels, self.out_channels, self.eps = in_channels, out_channels, float(eps)

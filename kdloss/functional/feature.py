@@ -65,13 +65,14 @@ def vid_loss(
     Args:
         pred_mean: ``(B, C, *)`` predicted mean (the regressor's output on the student feature).
         teacher_features: ``(B, C, *)`` teacher feature; detached inside.
-        variance: ``(C,)`` positive per-channel variances :math:`\sigma_c^2` (trainable upstream).
+        variance: ``(C,)`` positive per-channel variances :math:`\sigma_c^2` (trainable upstream);
+            a value <= 0 raises (CPU tensors; on CUDA it is not read, to avoid a synchronisation).
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
 
     Raises:
         TypeError: non-floating inputs.
         ShapeError: ``pred_mean`` and the teacher of different shapes, ``variance`` not ``(C,)``.
-        ValueError: an unknown ``reduction``, different devices.
+        ValueError: an unknown ``reduction``, different devices, a ``variance`` <= 0 (CPU tensors).
 
     Ahn, Hu, Damianou, Lawrence & Dai, *Variational Information Distillation for Knowledge
     Transfer*, CVPR 2019.
@@ -90,6 +91,10 @@ def vid_loss(
     if variance.shape != (channels,):
         raise ShapeError(f"variance must have shape (C,) = ({channels},), got {tuple(variance.shape)}")
     check_reduction(reduction)
+    # log of a variance <= 0 is NaN: checked where it is free (CPU, eager); on CUDA it would wait
+    # for the device every step (VIDRegressor's softplus variance is positive by construction).
+    if variance.device.type == "cpu" and not torch.compiler.is_compiling() and bool((variance <= 0).any()):
+        raise ValueError(f"variance must be > 0 in every channel, got minimum {float(variance.min())}")
     dtype = compute_dtype(pred_mean, teacher_features, variance)
     var = variance.to(dtype).view(1, channels, *([1] * (pred_mean.ndim - 2)))
     diff = teacher_features.detach().to(dtype) - pred_mean.to(dtype)
