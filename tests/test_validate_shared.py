@@ -62,3 +62,13 @@ def test_kd_ce_loss_labels_not_a_tensor() -> None:
     z = torch.zeros(2, 3)
     with pytest.raises(TypeError, match=r"labels must be an integer tensor, got list"):
         kd_ce_loss(z, z, [0, 1])  # type: ignore[arg-type]
+
+
+def test_crd_nce_loss_unset_normalizer_raises_instead_of_nan() -> None:
+    """ContrastMemory's normalizers are -1 before its first training step: log(-1) gave NaN silently."""
+    from kdloss.functional import crd_nce_loss
+
+    with pytest.raises(ValueError, match=r"normalizer must be > 0, got -1\.0 \(ContrastMemory"):
+        crd_nce_loss(torch.zeros(2, 5), torch.tensor(-1.0), 100)
+    with pytest.raises(ValueError, match=r"normalizer must be a finite number > 0, got 0\.0"):
+        crd_nce_loss(torch.zeros(2, 5), 0.0, 100)

@@ -343,7 +343,8 @@ def crd_nce_loss(
     Raises:
         TypeError: non-float logits.
         ShapeError: logits not 2-D or with no negative column.
-        ValueError: bad ``n_data``/``reduction``/``normalizer``.
+        ValueError: bad ``n_data``/``reduction``/``normalizer`` (a tensor ``normalizer`` <= 0 is
+            caught on the CPU only: reading a CUDA value would synchronise).
 
     Paper: Tian, Krishnan & Isola, *Contrastive Representation Distillation*, ICLR 2020.
 
@@ -364,6 +365,12 @@ def crd_nce_loss(
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise ShapeError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
+        # log Z of a Z <= 0 is NaN: checked where reading it is free (CPU, eager), not on CUDA.
+        if normalizer.device.type == "cpu" and not torch.compiler.is_compiling() and bool(normalizer.detach() <= 0):
+            raise ValueError(
+                f"normalizer must be > 0, got {float(normalizer)} (ContrastMemory.normalizers are -1 until its "
+                "first training-mode step sets them)"
+            )
         log_z = normalizer.detach().float().reshape(()).log()
     else:
         log_z = math.log(check_positive("normalizer", normalizer))
