@@ -364,3 +364,11 @@ def test_head_losses_compile_fullgraph() -> None:
 
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(s, t, y), fn(s, t, y))
+
+
+def test_multihead_repr_shows_weights() -> None:
+    """MultiHeadKDLoss's repr left out its per-pair weights (CohortLoss shows them)."""
+    from kdloss import MultiHeadKDLoss
+
+    assert "weights=[1.0, 2.0]" in repr(MultiHeadKDLoss(weights=[1.0, 2.0]))
+    assert "weights" not in repr(MultiHeadKDLoss())

@@ -133,7 +133,10 @@ class MultiHeadKDLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+        s = f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+        if self.weights is not None:
+            s += f", weights={self.weights}"
+        return s
 
 
 class TOFDLoss(nn.Module):
