@@ -19,6 +19,7 @@ __all__ = [
     "Reduction",
     "ShapeError",
     "check_batch",
+    "check_class_labels",
     "check_float",
     "check_int",
     "check_integer",
@@ -148,6 +149,26 @@ def check_integer(name: str, t: object) -> Tensor:
         raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")
     if not is_integer(t):
         raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_class_labels(labels: object, logits: Tensor) -> Tensor:
+    """Raise unless ``labels`` are ``(B,)`` integer class indices for ``(B, C)`` ``logits``, on their device.
+
+    The range ``[0, C)`` is checked for CPU tensors outside ``torch.compile`` only: reading a CUDA
+    tensor's values would make every step wait for the device (an out-of-range label then fails
+    in the CUDA kernel that indexes with it).
+    """
+    t = check_integer("labels", labels)
+    batch, classes = logits.shape[0], logits.shape[-1]
+    if t.shape != (batch,):
+        raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(t.shape)}")
+    if t.device != logits.device:
+        raise ValueError(f"labels must be on the logits' device {logits.device}, got {t.device}")
+    if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"labels must lie in [0, {classes}) (C = {classes}), got values in [{lo}, {hi}]")
     return t
 
 

@@ -17,8 +17,8 @@ from torch import Tensor
 from kdloss._validate import (
     Reduction,
     ShapeError,
+    check_class_labels,
     check_float,
-    check_integer,
     check_nonnegative,
     check_positive,
     check_reduction,
@@ -110,14 +110,6 @@ def _check_student_teachers(student: Tensor, s_name: str, stacked: Tensor, t_nam
     check_same_device(**{s_name: student, t_name: stacked})
     if stacked.shape[1:] != student.shape:
         _raise_mismatch(f"{t_name}[{names[0]}]", stacked.shape[1:], s_name, student.shape)
-
-
-def _check_labels(labels: Tensor, batch: int, device: torch.device) -> None:
-    check_integer("labels", labels)
-    if labels.shape != (batch,):
-        raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
 
 
 def _check_weights(weights: Sequence[float] | Tensor | None, k: int, what: str) -> list[float] | None:
@@ -226,7 +218,7 @@ def cohort_kd(
     """
     stacked, names = _stack_logits("teacher_logits", teacher_logits)
     _check_student_teachers(student_logits, "student_logits", stacked, "teacher_logits", names)
-    _check_labels(labels, student_logits.shape[0], student_logits.device)
+    check_class_labels(labels, student_logits)
     check_positive("temperature", temperature)
     a = check_unit_interval("alpha", alpha)
     if form not in _FORMS:
@@ -341,7 +333,7 @@ def paired_head_kd(
         )
     if s_stack.shape != t_stack.shape:
         _raise_mismatch("student head logits", s_stack.shape[1:], "teacher head logits", t_stack.shape[1:])
-    _check_labels(labels, s_stack.shape[1], s_stack.device)
+    check_class_labels(labels, s_stack[0])
     check_positive("temperature", temperature)
     a = check_unit_interval("alpha", alpha)
     red = check_reduction(reduction, _COHORT_REDUCTIONS)
@@ -551,22 +543,22 @@ def self_distillation_loss(
     """
     stacked, names = _stack_logits("exit_logits", exit_logits)
     _check_student_teachers(final_logits, "final_logits", stacked, "exit_logits", names)
-    teacher = final_logits.unsqueeze(0).expand_as(stacked)
-    head = paired_head_kd(stacked, teacher, labels, temperature=temperature, alpha=alpha)
     if (exit_features is None) != (final_feature is None):
         raise ValueError("exit_features and final_feature must be given together (for the feature hints) or not at all")
     check_nonnegative("beta", beta)
+    feats = list(exit_features) if exit_features is not None else []
+    if exit_features is not None and len(feats) != len(names):
+        raise ValueError(f"exit_features must hold one feature per exit ({len(names)}), got {len(feats)}")
+    teacher = final_logits.unsqueeze(0).expand_as(stacked)
+    head = paired_head_kd(stacked, teacher, labels, temperature=temperature, alpha=alpha)
     parts: dict[str, Tensor] = {}
     for i, name in enumerate(names):
         parts[f"kd/{name}"] = head.parts[f"kd/{i}"]
         parts[f"ce/{name}"] = head.parts[f"ce/{i}"]
-    ce_final = F.cross_entropy(final_logits.to(torch.promote_types(final_logits.dtype, torch.float32)), labels)
+    ce_final = F.cross_entropy(final_logits.to(compute_dtype(final_logits)), labels)
     parts["ce/final"] = ce_final.detach()
     total = head.total + ce_final
-    if exit_features is not None and final_feature is not None:
-        feats = list(exit_features)
-        if len(feats) != len(names):
-            raise ValueError(f"exit_features must hold one feature per exit ({len(names)}), got {len(feats)}")
+    if final_feature is not None:
         for name, f in zip(names, feats):
             feat = hint_loss(f, final_feature)
             parts[f"feat/{name}"] = feat.detach()

@@ -9,7 +9,7 @@ from torch import Tensor
 from kdloss._validate import (
     Reduction,
     ShapeError,
-    check_integer,
+    check_class_labels,
     check_nonnegative,
     check_pair,
     check_positive,
@@ -135,18 +135,8 @@ def dkd_loss(
         tensor(0.)
     """
     _check_logit_pair(student_logits, teacher_logits, "dkd_loss")
-    check_integer("labels", labels)
+    check_class_labels(labels, student_logits)  # the range on CPU only: no synchronisation on CUDA
     batch, classes = student_logits.shape
-    if labels.shape != (batch,):
-        raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
-    # The range check reads the labels' values: on the CPU only (free there), so that a CUDA step
-    # never waits for the device (as kd_ce_loss); an out-of-range label fails in the gather there.
-    if labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"labels must lie in [0, {classes}) (C = {classes}), got values in [{lo}, {hi}]")
     check_positive("temperature", temperature)
     check_nonnegative("alpha", alpha)
     check_nonnegative("beta", beta)
