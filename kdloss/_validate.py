@@ -12,21 +12,28 @@ import math
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+import torch
 from torch import Tensor
 
 __all__ = [
     "Reduction",
     "ShapeError",
     "check_batch",
+    "check_class_labels",
     "check_float",
     "check_int",
+    "check_integer",
     "check_ndim",
     "check_nonnegative",
+    "check_pair",
     "check_positive",
+    "check_positive_int",
     "check_reduction",
     "check_same_device",
     "check_same_shape",
     "check_unit_interval",
+    "compute_dtype",
+    "pair_up",
     "reduce_loss",
 ]
 
@@ -39,7 +46,17 @@ _REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 class ShapeError(ValueError):
-    """A tensor has a shape that does not fit the call (a ``ValueError``)."""
+    """A tensor has a shape that does not fit the call (a ``ValueError``).
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import hint_loss
+        >>> try:
+        ...     hint_loss(torch.zeros(2, 8), torch.zeros(2, 16))
+        ... except ShapeError as e:
+        ...     print(type(e).__name__, isinstance(e, ValueError))
+        ShapeError True
+    """
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -81,6 +98,18 @@ def check_int(name: str, value: int) -> int:
     return value
 
 
+def check_positive_int(name: str, value: int | None, *, allow_none: bool = False) -> int | None:
+    """Raise a ``ValueError`` unless ``value`` is an ``int`` >= 1 (not a ``bool``), or ``None`` with ``allow_none``.
+
+    A size (rows, channels, a chunk): the message is ``"<name> must be a positive int[ or None], got ..."``.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
 def check_unit_interval(name: str, value: float, *, open_ends: bool = False) -> float:
     """Raise unless ``value`` lies in [0, 1] (or (0, 1) with ``open_ends``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -106,6 +135,40 @@ def check_float(name: str, t: Tensor) -> Tensor:
         raise TypeError(
             f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), got dtype {t.dtype}"
         )
+    return t
+
+
+def is_integer(t: Tensor) -> bool:
+    """Whether ``t`` holds integers (not floating point, complex or bool)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def check_integer(name: str, t: object) -> Tensor:
+    """Raise a ``TypeError`` unless ``t`` is an integer tensor (labels, indices); ``bool`` is refused."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")
+    if not is_integer(t):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_class_labels(labels: object, logits: Tensor) -> Tensor:
+    """Raise unless ``labels`` are ``(B,)`` integer class indices for ``(B, C)`` ``logits``, on their device.
+
+    The range ``[0, C)`` is checked for CPU tensors outside ``torch.compile`` only: reading a CUDA
+    tensor's values would make every step wait for the device (an out-of-range label then fails
+    in the CUDA kernel that indexes with it).
+    """
+    t = check_integer("labels", labels)
+    batch, classes = logits.shape[0], logits.shape[-1]
+    if t.shape != (batch,):
+        raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(t.shape)}")
+    if t.device != logits.device:
+        raise ValueError(f"labels must be on the logits' device {logits.device}, got {t.device}")
+    if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"labels must lie in [0, {classes}) (C = {classes}), got values in [{lo}, {hi}]")
     return t
 
 
@@ -145,6 +208,14 @@ def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, *, hint: st
     raise ShapeError(f"{name_a} and {name_b} must have the same shape, got {sa} and {sb}{detail}{suffix}")
 
 
+def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, *, hint: str = "") -> None:
+    """A student/teacher pair: two floating-point tensors of one shape on one device (see the checks used)."""
+    check_float(name_a, a)
+    check_float(name_b, b)
+    check_same_device(**{name_a: a, name_b: b})
+    check_same_shape(name_a, a, name_b, b, hint=hint)
+
+
 def check_batch(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     """Raise a :class:`ShapeError` unless ``a`` and ``b`` have the same first dimension."""
     if a.ndim == 0 or b.ndim == 0 or a.shape[0] != b.shape[0]:
@@ -152,6 +223,33 @@ def check_batch(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
             f"{name_a} and {name_b} must have the same batch size (first dimension), "
             f"got shapes {_shape(a)} and {_shape(b)}"
         )
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype a loss computes in: float32 for half, bfloat16 and float32 inputs, float64 if any is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def pair_up(
+    student: Tensor | Sequence[Tensor], teacher: Tensor | Sequence[Tensor], *, one: str, many: str, context: str = ""
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One tensor each, or two equally long, non-empty sequences of them, as two lists (loss over pairs).
+
+    ``one`` and ``many`` name one element and several in the messages (``"feature map"``,
+    ``"maps"``); ``context`` prefixes them (``"fsp_loss: "``). The elements themselves are checked by the caller.
+    """
+    s_list = [student] if isinstance(student, Tensor) else list(student)
+    t_list = [teacher] if isinstance(teacher, Tensor) else list(teacher)
+    if len(s_list) != len(t_list):
+        raise ValueError(
+            f"{context}student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} {many}"
+        )
+    if not s_list:
+        raise ValueError(f"{context}student_features must hold at least one {one}, got an empty sequence")
+    return s_list, t_list
 
 
 def reduce_loss(loss: Tensor, reduction: Reduction, *, rows: Tensor | int, elements_per_row: int = 1) -> Tensor:

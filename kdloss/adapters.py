@@ -42,7 +42,19 @@ class Adapter(nn.Module):
         stale_check_steps: the training forward at which to check (``>= 0``; 0 disables it).
 
     Raises:
+        TypeError: if ``stale_check_steps`` is not an int.
         ValueError: if ``stale_check_steps`` is negative.
+
+    Example:
+        >>> import torch
+        >>> class Scale(Adapter):
+        ...     def __init__(self) -> None:
+        ...         super().__init__(stale_check_steps=0)
+        ...         self.w = torch.nn.Parameter(torch.ones(()))
+        ...     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         return self.w * x
+        >>> Scale()(torch.ones(2))
+        tensor([1., 1.], grad_fn=<MulBackward0>)
     """
 
     def __init__(self, *, stale_check_steps: int = 8) -> None:

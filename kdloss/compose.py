@@ -20,6 +20,12 @@ class LossParts(NamedTuple):
     Attributes:
         total: the weighted sum, with its graph: call ``total.backward()``.
         parts: each term's unweighted value, detached, plus ``"total"`` (detached), for logging.
+
+    Example:
+        >>> import torch
+        >>> total, parts = LossParts(torch.tensor(1.5), {"kd": torch.tensor(1.5), "total": torch.tensor(1.5)})
+        >>> float(total), sorted(parts)
+        (1.5, ['kd', 'total'])
     """
 
     total: Tensor

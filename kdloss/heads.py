@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from kdloss.adapters import check_optimizer
 from kdloss.tap import FeatureTap, unwrap_model
-from kdloss.teacher import FrozenTeacher
 
 __all__ = [
     "ClassifierHead",
@@ -56,6 +55,12 @@ class HeadsOutput(NamedTuple):
         head_logits: one ``(B, C)`` tensor per head, in path order.
         head_features: each head's penultimate feature, ``(B, D_i)`` (what its last ``Linear`` reads).
         final_feature: the flattened output of ``feature_path`` (``None`` without one).
+
+    Example:
+        >>> import torch
+        >>> out = HeadsOutput(torch.zeros(2, 10), [torch.ones(2, 10)], [torch.zeros(2, 4)], None)
+        >>> out.cohort().shape  # the head, then the final classifier
+        torch.Size([2, 2, 10])
     """
 
     logits: Tensor
@@ -70,6 +75,13 @@ class HeadsOutput(NamedTuple):
 
 class ClassifierHead(nn.Module):
     """A classifier head: ``body`` maps a stage output to a ``(B, D)`` feature, ``fc`` to the logits.
+
+    :class:`IntermediateHeads` builds these; build one by hand only to mount a head of your own.
+
+    Args:
+        body: maps a stage's output to a flat ``(B, D)`` feature (pooling, convolutions, ...).
+        fc: the ``nn.Linear(D, C)`` classifier on that feature.
+        kind: a label shown in ``repr`` (``"dih"``, ``"mhkd"``, ``"tofd"`` for the built-in kinds).
 
     Example:
         >>> import torch
@@ -274,9 +286,7 @@ class IntermediateHeads(nn.Module):
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
         if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
             raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
-        backbone = unwrap_model(model)
-        if isinstance(backbone, FrozenTeacher):  # read the wrapped teacher itself: paths as in the bare model
-            backbone = unwrap_model(backbone.module)
+        backbone = unwrap_model(model)  # also strips FrozenTeacher: paths as in the bare model
         self._backbone: tuple[nn.Module] = (backbone,)  # a tuple: referenced, not registered
         self.head_type: HeadType = head
         self.num_classes = num_classes
@@ -444,6 +454,10 @@ class FinetuneResult(NamedTuple):
         head_losses: each head's mean cross-entropy over the last epoch.
         backbone_unchanged: ``True``: every backbone parameter and buffer was compared bit for bit
             with its value before fine-tuning (a change raises instead).
+
+    Example:
+        >>> FinetuneResult(steps=10, head_losses=[0.7, 0.4], backbone_unchanged=True).steps
+        10
     """
 
     steps: int
@@ -572,6 +586,16 @@ def evaluate_heads(heads: IntermediateHeads, batches: Iterable[Any]) -> list[flo
     """Top-1 accuracy of every head and of the model's own classifier, in that order (``k + 1`` values).
 
     Runs the backbone and heads in eval mode (modes restored afterwards).
+
+    Args:
+        heads: the heads, mounted on their backbone.
+        batches: an iterable of ``(inputs, labels)`` tensor pairs, e.g. a ``DataLoader``.
+
+    Returns:
+        ``k + 1`` accuracies in ``[0, 1]``: the heads in path order, then the model's classifier.
+
+    Raises:
+        TypeError: if ``batches`` yields anything but ``(inputs, labels)`` tensor pairs.
 
     Example:
         >>> import torch

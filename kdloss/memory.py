@@ -13,11 +13,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kdloss._validate import ShapeError, check_float, check_ndim, check_positive, check_same_device, check_unit_interval
+from kdloss._validate import (
+    ShapeError,
+    check_float,
+    check_integer,
+    check_ndim,
+    check_positive,
+    check_positive_int,
+    check_same_device,
+    check_unit_interval,
+)
 from kdloss.functional.contrastive import (
     _METHODS,
     ScoreMethod,
-    _is_integer,
     _last_occurrence,
     _momentum_rows,
     _resolve_method,
@@ -142,8 +150,7 @@ class ContrastMemory(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("n_data", n_data), ("feat_dim", feat_dim), ("n_negatives", n_negatives)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         self.n_data = n_data
         self.feat_dim = feat_dim
         self.n_negatives = n_negatives
@@ -158,11 +165,7 @@ class ContrastMemory(nn.Module):
         if method not in _METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
         self.method: ScoreMethod = method
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_positive_int("chunk_size", chunk_size, allow_none=True)
         self.validate = bool(validate)
         self.process_group = process_group
 
@@ -180,8 +183,7 @@ class ContrastMemory(nn.Module):
                     "pass labels=<(n_data,) integer tensor>"
                 )
         else:
-            if not isinstance(labels, Tensor) or not _is_integer(labels):
-                raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+            check_integer("labels", labels)
             if labels.shape != (n_data,):
                 raise ShapeError(
                     f"labels must have one entry per dataset sample, shape (n_data,) = ({n_data},), "
@@ -278,8 +280,7 @@ class ContrastMemory(nn.Module):
         for name, t in (("student_embedding", student), ("teacher_embedding", teacher)):
             if t.shape[1] != self.feat_dim:
                 raise ShapeError(f"{name} must have feat_dim={self.feat_dim} columns, got shape {tuple(t.shape)}")
-        if not isinstance(indices, Tensor) or not _is_integer(indices):
-            raise TypeError(f"indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices))}")
+        check_integer("indices", indices)
         check_ndim("indices", indices, (1,), "(B,): the dataset index of each sample")
         b = student.shape[0]
         if teacher.shape[0] != b or indices.shape[0] != b:
@@ -289,8 +290,7 @@ class ContrastMemory(nn.Module):
             )
         check_same_device(bank=self.bank_student, student_embedding=student, teacher_embedding=teacher, indices=indices)
         if negatives is not None:
-            if not isinstance(negatives, Tensor) or not _is_integer(negatives):
-                raise TypeError(f"negatives must be an integer tensor, got {getattr(negatives, 'dtype', negatives)}")
+            check_integer("negatives", negatives)
             if negatives.shape != (b, self.n_negatives):
                 raise ShapeError(
                     f"negatives must have shape (B, n_negatives) = ({b}, {self.n_negatives}), "

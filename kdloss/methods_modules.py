@@ -17,15 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdloss._validate import ShapeError, check_float
+from kdloss._validate import ShapeError, check_float, check_positive, check_positive_int
 
 __all__ = ["ABConnector", "FTParaphraser", "FTTranslator", "ReviewKDFusion", "VIDRegressor"]
 
 
 def _check_channels(**sizes: int) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
 
 
 def _check_map(name: str, x: Tensor, channels: int, owner: str) -> None:
@@ -64,8 +63,8 @@ class VIDRegressor(nn.Module):
     ) -> None:
         super().__init__()
         _check_channels(in_channels=in_channels, mid_channels=mid_channels, out_channels=out_channels)
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        check_positive("eps", eps)
+        check_positive("init_variance", init_variance)
         if not init_variance > eps:
             raise ValueError(f"init_variance must be > eps = {eps}, got {init_variance!r}")
         self.in_channels, self.out_channels, self.eps = in_channels, out_channels, float(eps)
@@ -95,6 +94,14 @@ class ABConnector(nn.Module):
 
     Heo et al., *Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden
     Neurons*, AAAI 2019.
+
+    Args:
+        in_channels: the student pre-activation's channels.
+        out_channels: the teacher pre-activation's channels.
+
+    Raises:
+        ValueError: if a channel count is not a positive int. ShapeError (in ``forward``): an input
+            that is not ``(B, in_channels, H, W)``.
 
     Example:
         >>> import torch
@@ -131,6 +138,15 @@ class FTParaphraser(nn.Module):
     Kim, Park & Kwak, *Paraphrasing Complex Network: Network Compression via Factor Transfer*,
     NeurIPS 2018.
 
+    Args:
+        in_channels: the teacher feature's channels.
+        rate: the paraphrase rate, ``factor_channels / in_channels`` (> 0; 0.5 in the paper).
+
+    Raises:
+        ValueError: if ``in_channels`` is not a positive int or ``rate`` not a finite number > 0.
+        TypeError: if ``rate`` is not a number. ShapeError (in ``forward``): an input that is not
+            ``(B, in_channels, H, W)``.
+
     Example:
         >>> import torch
         >>> para = FTParaphraser(16)
@@ -142,8 +158,7 @@ class FTParaphraser(nn.Module):
     def __init__(self, in_channels: int, *, rate: float = 0.5) -> None:
         super().__init__()
         _check_channels(in_channels=in_channels)
-        if not rate > 0:
-            raise ValueError(f"rate must be > 0, got {rate!r}")
+        check_positive("rate", rate)
         self.in_channels = in_channels
         self.factor_channels = max(1, round(rate * in_channels))
         c, k = in_channels, self.factor_channels
@@ -161,6 +176,14 @@ class FTTranslator(nn.Module):
 
     Its output is the ``student_factor`` of :func:`kdloss.functional.ft_loss`; ``factor_channels``
     must equal the paraphraser's.
+
+    Args:
+        in_channels: the student feature's channels.
+        factor_channels: the factor's channels (the paraphraser's ``factor_channels``).
+
+    Raises:
+        ValueError: if a channel count is not a positive int. ShapeError (in ``forward``): an input
+            that is not ``(B, in_channels, H, W)``.
 
     Example:
         >>> import torch

@@ -53,7 +53,7 @@ def assert_finite_with_grad(loss: Tensor, *inputs: Tensor) -> None:
 
 
 def single_thread() -> Iterator[None]:
-    """Run a module's tests with one intra-op thread (restored afterwards).
+    """Run a module with one intra-op thread, restored afterwards (benchmarks/: conftest.py does not reach it).
 
     These tensors are tiny: on a shared CI machine with few cores, several threads per op cost far
     more in synchronisation than they gain (measured: DKD forward+backward at (32, 100) took 296 ms

@@ -382,3 +382,17 @@ ERRORS = [
 def test_errors(call, error: type[Exception], match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0])
+def test_attention_gradient_finite_at_exact_zeros(p: float) -> None:
+    """p < 1: d|f|^p/df is infinite at f = 0, so ReLU features (exact zeros) gave NaN gradients."""
+    gen = torch.Generator().manual_seed(0)
+    s = torch.relu(torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    t = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
+    attention_loss(s, t, p=p).backward()
+    assert s.grad is not None
+    assert torch.isfinite(s.grad).all()
+    # the value is unchanged: |f|^p summed by hand
+    q = s.detach().abs().pow(p).mean(dim=1).flatten(1)
+    torch.testing.assert_close(attention_map(s.detach(), p=p), q / q.norm(dim=1, keepdim=True))

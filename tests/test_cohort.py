@@ -364,3 +364,37 @@ def test_head_losses_compile_fullgraph() -> None:
 
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(s, t, y), fn(s, t, y))
+
+
+def test_multihead_repr_shows_weights() -> None:
+    """MultiHeadKDLoss's repr left out its per-pair weights (CohortLoss shows them)."""
+    from kdloss import MultiHeadKDLoss
+
+    assert "weights=[1.0, 2.0]" in repr(MultiHeadKDLoss(weights=[1.0, 2.0]))
+    assert "weights" not in repr(MultiHeadKDLoss())
+
+
+def test_labels_out_of_range_name_the_argument() -> None:
+    """A label >= C reached F.cross_entropy and failed there with a bare IndexError (CPU)."""
+    from kdloss.functional import cohort_kd, paired_head_kd, self_distillation_loss
+
+    z, bad = torch.zeros(2, 3), torch.tensor([0, 3])
+    calls = (
+        lambda: cohort_kd(z, z.unsqueeze(0), bad),
+        lambda: paired_head_kd(z.unsqueeze(0), z.unsqueeze(0), bad),
+        lambda: self_distillation_loss(z.unsqueeze(0), z, bad),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) \(C = 3\), got values in \[0, 3\]"):
+            call()
+
+
+def test_self_distillation_validates_before_computing() -> None:
+    """beta and the exit-feature count were checked only after the KD/CE terms had been computed."""
+    from kdloss.functional import self_distillation_loss
+
+    z, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"beta must be a finite number >= 0, got -1"):
+        self_distillation_loss(z.unsqueeze(0), z, torch.tensor([0, 3]), beta=-1.0)  # labels bad too
+    with pytest.raises(ValueError, match=r"exit_features must hold one feature per exit \(1\), got 2"):
+        self_distillation_loss(z.unsqueeze(0), z, y, exit_features=[z, z], final_feature=z)

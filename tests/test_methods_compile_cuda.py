@@ -22,9 +22,6 @@ from kdloss.functional import (
     sp_loss,
     vid_loss,
 )
-from tests._methods_common import single_thread
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _inputs(device: str) -> dict[str, Tensor]:

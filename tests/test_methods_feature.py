@@ -30,12 +30,10 @@ from tests._methods_common import (
     assert_matches_reference,
     assert_teacher_detached,
     leaf,
-    single_thread,
 )
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 seeds = st.integers(0, 10_000)
-_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 # ------------------------------------------------------------------------------------------------ VID
 
@@ -77,7 +75,7 @@ def test_vid_regressor() -> None:
     with pytest.raises(ShapeError, match=r"VIDRegressor expects student_feature of shape \(B, 4, H, W\)"):
         reg(torch.randn(2, 5, 3, 3))
     with pytest.raises(ValueError, match="init_variance must be > eps"):
-        VIDRegressor(4, 8, 6, init_variance=0.0)
+        VIDRegressor(4, 8, 6, init_variance=1e-6)  # > 0 but below the floor eps=1e-5
     with pytest.raises(ValueError, match="mid_channels must be a positive int"):
         VIDRegressor(4, 0, 6)
 
@@ -151,8 +149,14 @@ def test_ft_paraphraser_and_translator() -> None:
     assert all(p.grad is None for p in para.parameters())  # the teacher factor is detached
     with pytest.raises(ShapeError, match="FTTranslator expects student_feature"):
         trans(torch.randn(2, 3, 4, 4))
-    with pytest.raises(ValueError, match="rate must be > 0"):
+    with pytest.raises(ValueError, match=r"rate must be a finite number > 0, got 0\.0"):
         FTParaphraser(6, rate=0.0)
+    # inf was accepted (a factor of round(inf) channels: OverflowError deep inside), a string gave
+    # a bare comparison TypeError that did not name the argument
+    with pytest.raises(ValueError, match=r"rate must be a finite number > 0, got inf"):
+        FTParaphraser(6, rate=float("inf"))
+    with pytest.raises(TypeError, match=r"rate must be a positive number, got str"):
+        FTParaphraser(6, rate="0.5")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ HCL / ReviewKD
@@ -255,3 +259,16 @@ def test_empty_batch_gives_zero() -> None:
     m = torch.zeros(0, 3, 2, 2, requires_grad=True)
     for loss in (vid_loss(m, m.detach(), torch.ones(3)), ab_loss(m, m), ft_loss(m, m), hcl_loss(m, m)):
         assert loss.item() == 0.0
+
+
+def test_vid_nonpositive_variance_raises_instead_of_nan() -> None:
+    """A variance <= 0 gave log(<= 0) = NaN (or -inf) silently; VIDRegressor accepted eps/init_variance=inf."""
+    t = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"variance must be > 0 in every channel, got minimum -1\.0"):
+        vid_loss(t, t, torch.tensor([1.0, -1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"variance must be > 0 in every channel, got minimum 0\.0"):
+        vid_loss(t, t, torch.tensor([1.0, 0.0, 2.0]))
+    with pytest.raises(ValueError, match=r"init_variance must be a finite number > 0, got inf"):
+        VIDRegressor(4, 8, 6, init_variance=float("inf"))
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got nan"):
+        VIDRegressor(4, 8, 6, eps=float("nan"))

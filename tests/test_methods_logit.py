@@ -18,11 +18,9 @@ from tests._methods_common import (
     assert_matches_reference,
     assert_teacher_detached,
     leaf,
-    single_thread,
 )
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
-_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _labels(b: int, c: int, seed: int = 0) -> torch.Tensor:
@@ -193,6 +191,22 @@ def test_dist_matches_reference(b: int, c: int, beta: float, gamma: float, tempe
 def test_dist_default_eps_is_close_to_paper() -> None:
     s, t = leaf(8, 10, seed=1), leaf(8, 10, seed=2)
     torch.testing.assert_close(dist_loss(s, t), naive.dist(s, t, 1.0, 1.0, 1.0), atol=1e-5, rtol=1e-5)
+
+
+def test_dist_constant_rows_with_eps_zero_are_finite() -> None:
+    """eps=0 with a constant softmax row (equal logits) gave 0/0 = NaN in the value and the gradient."""
+    s = torch.zeros(4, 5, requires_grad=True)
+    t = torch.zeros(4, 5)
+    loss = dist_loss(s, t, eps=0.0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert s.grad is not None
+    assert torch.isfinite(s.grad).all()
+    # the value eps > 0 gives for the same input: correlation 0, so 1 + 1
+    torch.testing.assert_close(loss, dist_loss(s, t), atol=1e-6, rtol=0)
+    # rows that are not constant keep the exact Pearson correlation
+    a, b = leaf(6, 5, seed=5), leaf(6, 5, seed=6)
+    torch.testing.assert_close(dist_loss(a, b, eps=0.0), naive.dist(a, b, 1.0, 1.0, 1.0), atol=1e-6, rtol=1e-6)
 
 
 def test_dist_gradcheck_and_detached() -> None:

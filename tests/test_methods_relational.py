@@ -18,12 +18,10 @@ from tests._methods_common import (
     assert_matches_reference,
     assert_teacher_detached,
     leaf,
-    single_thread,
 )
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 seeds = st.integers(0, 10_000)
-_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _rotation(d: int, seed: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
+    compute_dtype,
+    pair_up,
     reduce_loss,
 )
 
@@ -25,8 +27,13 @@ __all__ = ["attention_loss", "attention_map"]
 
 def _spatial_energy(feature: Tensor, p: float) -> Tensor:
     """Mean over channels of ``|f|^p``: ``(B, C, H, W) -> (B, H, W)`` in float32 or wider."""
-    f = feature.to(torch.promote_types(feature.dtype, torch.float32))
-    return f.abs().pow(p).mean(dim=1)
+    a = feature.to(compute_dtype(feature)).abs()
+    if p < 1:
+        # d|f|^p/df = p |f|^(p-1) is infinite at f = 0 for p < 1 (and ReLU features are exactly 0
+        # in many places): the gradient there would be inf * 0 = NaN. Take the subgradient 0.
+        nonzero = a > 0
+        return torch.where(nonzero, torch.where(nonzero, a, 1.0).pow(p), 0.0).mean(dim=1)
+    return a.pow(p).mean(dim=1)
 
 
 def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Tensor:
@@ -114,14 +121,7 @@ def attention_loss(
         >>> attention_loss(s, t)
         tensor(0.)
     """
-    s_list = [student_features] if isinstance(student_features, Tensor) else list(student_features)
-    t_list = [teacher_features] if isinstance(teacher_features, Tensor) else list(teacher_features)
-    if len(s_list) != len(t_list):
-        raise ValueError(
-            f"student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} maps"
-        )
-    if not s_list:
-        raise ValueError("student_features must hold at least one feature map, got an empty sequence")
+    s_list, t_list = pair_up(student_features, teacher_features, one="feature map", many="maps")
     check_positive("p", p)
     check_nonnegative("beta", beta)
     check_reduction(reduction)

@@ -17,11 +17,14 @@ from torch import Tensor
 from kdloss._validate import (
     Reduction,
     ShapeError,
+    check_class_labels,
     check_float,
+    check_nonnegative,
     check_positive,
     check_reduction,
     check_same_device,
     check_unit_interval,
+    compute_dtype,
     reduce_loss,
 )
 from kdloss.compose import LossParts
@@ -107,17 +110,6 @@ def _check_student_teachers(student: Tensor, s_name: str, stacked: Tensor, t_nam
     check_same_device(**{s_name: student, t_name: stacked})
     if stacked.shape[1:] != student.shape:
         _raise_mismatch(f"{t_name}[{names[0]}]", stacked.shape[1:], s_name, student.shape)
-
-
-def _check_labels(labels: Tensor, batch: int, device: torch.device) -> None:
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
 
 
 def _check_weights(weights: Sequence[float] | Tensor | None, k: int, what: str) -> list[float] | None:
@@ -226,7 +218,7 @@ def cohort_kd(
     """
     stacked, names = _stack_logits("teacher_logits", teacher_logits)
     _check_student_teachers(student_logits, "student_logits", stacked, "teacher_logits", names)
-    _check_labels(labels, student_logits.shape[0], student_logits.device)
+    check_class_labels(labels, student_logits)
     check_positive("temperature", temperature)
     a = check_unit_interval("alpha", alpha)
     if form not in _FORMS:
@@ -235,7 +227,7 @@ def cohort_kd(
     k = stacked.shape[0]
     w = _check_weights(weights, k, "teacher")
 
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, stacked.dtype), torch.float32)
+    dtype = compute_dtype(student_logits, stacked)
     s = student_logits.to(dtype)
     # The student's log-softmax is computed once, (B, C), for all K teachers. Since
     #   sum_j w_j KL(p_j || q) = sum_j w_j sum_c p_j log p_j  -  sum_c (sum_j w_j p_j) log q,
@@ -341,14 +333,14 @@ def paired_head_kd(
         )
     if s_stack.shape != t_stack.shape:
         _raise_mismatch("student head logits", s_stack.shape[1:], "teacher head logits", t_stack.shape[1:])
-    _check_labels(labels, s_stack.shape[1], s_stack.device)
+    check_class_labels(labels, s_stack[0])
     check_positive("temperature", temperature)
     a = check_unit_interval("alpha", alpha)
     red = check_reduction(reduction, _COHORT_REDUCTIONS)
     k, batch, c = s_stack.shape
     w = _check_weights(weights, k, "head pair")
 
-    dtype = torch.promote_types(torch.promote_types(s_stack.dtype, t_stack.dtype), torch.float32)
+    dtype = compute_dtype(s_stack, t_stack)
     s = s_stack.to(dtype)
     kd_rows = soft_kl(s, t_stack.to(dtype), temperature=temperature, reduction="none")  # (K, B), batched
     ce_rows = F.cross_entropy(s.reshape(k * batch, c), labels.repeat(k), reduction="none").view(k, batch)
@@ -465,9 +457,8 @@ def tofd_loss(
         >>> out.parts["feat/0"], out.parts["orth"]
         (tensor(1.), tensor(0.))
     """
-    for name, value in (("beta", beta), ("gamma", gamma)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    check_nonnegative("beta", beta)
+    check_nonnegative("gamma", gamma)
     head = paired_head_kd(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, weights=weights)
     k = len(head.parts) // 2
     sf, tf = list(student_features), list(teacher_features)
@@ -552,23 +543,22 @@ def self_distillation_loss(
     """
     stacked, names = _stack_logits("exit_logits", exit_logits)
     _check_student_teachers(final_logits, "final_logits", stacked, "exit_logits", names)
-    teacher = final_logits.unsqueeze(0).expand_as(stacked)
-    head = paired_head_kd(stacked, teacher, labels, temperature=temperature, alpha=alpha)
     if (exit_features is None) != (final_feature is None):
         raise ValueError("exit_features and final_feature must be given together (for the feature hints) or not at all")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    check_nonnegative("beta", beta)
+    feats = list(exit_features) if exit_features is not None else []
+    if exit_features is not None and len(feats) != len(names):
+        raise ValueError(f"exit_features must hold one feature per exit ({len(names)}), got {len(feats)}")
+    teacher = final_logits.unsqueeze(0).expand_as(stacked)
+    head = paired_head_kd(stacked, teacher, labels, temperature=temperature, alpha=alpha)
     parts: dict[str, Tensor] = {}
     for i, name in enumerate(names):
         parts[f"kd/{name}"] = head.parts[f"kd/{i}"]
         parts[f"ce/{name}"] = head.parts[f"ce/{i}"]
-    ce_final = F.cross_entropy(final_logits.to(torch.promote_types(final_logits.dtype, torch.float32)), labels)
+    ce_final = F.cross_entropy(final_logits.to(compute_dtype(final_logits)), labels)
     parts["ce/final"] = ce_final.detach()
     total = head.total + ce_final
-    if exit_features is not None and final_feature is not None:
-        feats = list(exit_features)
-        if len(feats) != len(names):
-            raise ValueError(f"exit_features must hold one feature per exit ({len(names)}), got {len(feats)}")
+    if final_feature is not None:
         for name, f in zip(names, feats):
             feat = hint_loss(f, final_feature)
             parts[f"feat/{name}"] = feat.detach()

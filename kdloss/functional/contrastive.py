@@ -27,8 +27,10 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_integer,
     check_ndim,
     check_positive,
+    check_positive_int,
     check_reduction,
     check_same_device,
     check_unit_interval,
@@ -67,10 +69,6 @@ _METHODS: tuple[str, ...] = ("auto", "matmul", "gather")
 _AUTO_RATIO = 2
 # Default chunk of the gather path: about 2**22 gathered float32 elements (16 MiB) per chunk.
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def _is_integer(t: Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def check_index_range(name: str, indices: Tensor, n_data: int) -> None:
@@ -227,11 +225,10 @@ def crd_logits(
     """
     check_float("anchor", anchor)
     check_float("bank", bank)
+    check_integer("indices", indices)
     check_ndim("anchor", anchor, (2,), "(B, feat_dim)")
     check_ndim("bank", bank, (2,), "(n_data, feat_dim)")
     check_ndim("indices", indices, (2,), "(B, K+1)")
-    if not _is_integer(indices):
-        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
     check_same_device(anchor=anchor, bank=bank, indices=indices)
     if anchor.shape[1] != bank.shape[1]:
         raise ShapeError(f"anchor must have the bank's feature width {bank.shape[1]}, got shape {tuple(anchor.shape)}")
@@ -241,8 +238,7 @@ def crd_logits(
             f"and {tuple(anchor.shape)}"
         )
     check_positive("temperature", temperature)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
     path = _resolve_method(method, indices.numel(), bank.shape[0])
     if validate:
         check_index_range("indices", indices, bank.shape[0])
@@ -347,7 +343,8 @@ def crd_nce_loss(
     Raises:
         TypeError: non-float logits.
         ShapeError: logits not 2-D or with no negative column.
-        ValueError: bad ``n_data``/``reduction``/``normalizer``.
+        ValueError: bad ``n_data``/``reduction``/``normalizer`` (a tensor ``normalizer`` <= 0 is
+            caught on the CPU only: reading a CUDA value would synchronise).
 
     Paper: Tian, Krishnan & Isola, *Contrastive Representation Distillation*, ICLR 2020.
 
@@ -368,6 +365,12 @@ def crd_nce_loss(
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise ShapeError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
+        # log Z of a Z <= 0 is NaN: checked where reading it is free (CPU, eager), not on CUDA.
+        if normalizer.device.type == "cpu" and not torch.compiler.is_compiling() and bool(normalizer.detach() <= 0):
+            raise ValueError(
+                f"normalizer must be > 0, got {float(normalizer)} (ContrastMemory.normalizers are -1 until its "
+                "first training-mode step sets them)"
+            )
         log_z = normalizer.detach().float().reshape(()).log()
     else:
         log_z = math.log(check_positive("normalizer", normalizer))
@@ -467,11 +470,10 @@ def crd_memory_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentu
     """
     check_float("bank", bank)
     check_float("embeddings", embeddings)
+    check_integer("indices", indices)
     check_ndim("bank", bank, (2,), "(n_data, feat_dim)")
     check_ndim("indices", indices, (1,), "(B,)")
     check_ndim("embeddings", embeddings, (2,), "(B, feat_dim)")
-    if not _is_integer(indices):
-        raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
     check_same_device(bank=bank, indices=indices, embeddings=embeddings)
     if embeddings.shape != (indices.shape[0], bank.shape[1]):
         raise ShapeError(

@@ -19,28 +19,20 @@ from kdloss._validate import (
     Reduction,
     ShapeError,
     check_float,
+    check_pair,
     check_positive,
     check_reduction,
     check_same_device,
-    check_same_shape,
+    compute_dtype,
+    pair_up,
     reduce_loss,
 )
 
 __all__ = ["ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
 
 
-def _dtype(*ts: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in ts:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _check_pair(ns: str, s: Tensor, nt: str, t: Tensor, hint: str) -> None:
-    check_float(ns, s)
-    check_float(nt, t)
-    check_same_device(**{ns: s, nt: t})
-    check_same_shape(ns, s, nt, t, hint=hint)
+    check_pair(ns, s, nt, t, hint=hint)
     if s.ndim < 2:
         raise ShapeError(f"{ns} must be (B, ...) with a feature dimension, got shape {tuple(s.shape)}")
 
@@ -73,13 +65,14 @@ def vid_loss(
     Args:
         pred_mean: ``(B, C, *)`` predicted mean (the regressor's output on the student feature).
         teacher_features: ``(B, C, *)`` teacher feature; detached inside.
-        variance: ``(C,)`` positive per-channel variances :math:`\sigma_c^2` (trainable upstream).
+        variance: ``(C,)`` positive per-channel variances :math:`\sigma_c^2` (trainable upstream);
+            a value <= 0 raises (CPU tensors; on CUDA it is not read, to avoid a synchronisation).
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
 
     Raises:
         TypeError: non-floating inputs.
         ShapeError: ``pred_mean`` and the teacher of different shapes, ``variance`` not ``(C,)``.
-        ValueError: an unknown ``reduction``, different devices.
+        ValueError: an unknown ``reduction``, different devices, a ``variance`` <= 0 (CPU tensors).
 
     Ahn, Hu, Damianou, Lawrence & Dai, *Variational Information Distillation for Knowledge
     Transfer*, CVPR 2019.
@@ -98,7 +91,11 @@ def vid_loss(
     if variance.shape != (channels,):
         raise ShapeError(f"variance must have shape (C,) = ({channels},), got {tuple(variance.shape)}")
     check_reduction(reduction)
-    dtype = _dtype(pred_mean, teacher_features, variance)
+    # log of a variance <= 0 is NaN: checked where it is free (CPU, eager); on CUDA it would wait
+    # for the device every step (VIDRegressor's softplus variance is positive by construction).
+    if variance.device.type == "cpu" and not torch.compiler.is_compiling() and bool((variance <= 0).any()):
+        raise ValueError(f"variance must be > 0 in every channel, got minimum {float(variance.min())}")
+    dtype = compute_dtype(pred_mean, teacher_features, variance)
     var = variance.to(dtype).view(1, channels, *([1] * (pred_mean.ndim - 2)))
     diff = teacher_features.detach().to(dtype) - pred_mean.to(dtype)
     nll = 0.5 * (diff.square() / var + var.log())
@@ -166,7 +163,7 @@ def ab_loss(
     )
     check_positive("margin", margin)
     check_reduction(reduction)
-    dtype = _dtype(student_preact, teacher_preact)
+    dtype = compute_dtype(student_preact, teacher_preact)
     s = student_preact.to(dtype)
     on = teacher_preact.detach() > 0
     loss = torch.where(on, F.relu(margin - s), F.relu(margin + s)).square()
@@ -226,7 +223,7 @@ def ft_loss(
     if p not in (1, 2) or isinstance(p, bool):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     check_reduction(reduction)
-    dtype = _dtype(student_factor, teacher_factor)
+    dtype = compute_dtype(student_factor, teacher_factor)
     s = F.normalize(student_factor.to(dtype).flatten(1), dim=1)
     t = F.normalize(teacher_factor.detach().to(dtype).flatten(1), dim=1)
     diff = t - s
@@ -282,14 +279,7 @@ def hcl_loss(
         >>> hcl_loss(torch.ones(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
         tensor(1.)
     """
-    s_list = [student_features] if isinstance(student_features, Tensor) else list(student_features)
-    t_list = [teacher_features] if isinstance(teacher_features, Tensor) else list(teacher_features)
-    if len(s_list) != len(t_list):
-        raise ValueError(
-            f"student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} maps"
-        )
-    if not s_list:
-        raise ValueError("student_features must hold at least one feature map, got an empty sequence")
+    s_list, t_list = pair_up(student_features, teacher_features, one="feature map", many="maps")
     levels = tuple(levels)
     for level in levels:
         if isinstance(level, bool) or not isinstance(level, int) or level < 1:
@@ -300,7 +290,7 @@ def hcl_loss(
         _check_pair(ns, fs, nt, ft, "ReviewKD fuses the student features to the teacher's shapes")
         if fs.ndim != 4:
             raise ShapeError(f"{ns} must be a (B, C, H, W) feature map, got shape {tuple(fs.shape)}")
-        dtype = _dtype(fs, ft)
+        dtype = compute_dtype(fs, ft)
         s, t = fs.to(dtype), ft.detach().to(dtype)
         if s.numel() == 0:  # an empty batch: 0, not mse_loss's NaN
             terms.append(s.sum())

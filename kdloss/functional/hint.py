@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -14,6 +13,7 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_same_shape,
+    compute_dtype,
     reduce_loss,
 )
 
@@ -28,7 +28,7 @@ def _pair(name_s: str, student: Tensor, name_t: str, teacher: Tensor) -> tuple[T
     for name, t in ((name_s, student), (name_t, teacher)):
         if t.ndim < 2:
             raise ShapeError(f"{name} must have a batch and at least one feature dimension, got shape {tuple(t.shape)}")
-    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    dtype = compute_dtype(student, teacher)
     return student.to(dtype), teacher.detach().to(dtype)
 
 

@@ -10,16 +10,17 @@ from kdloss import kernels as _kernels
 from kdloss._validate import (
     Reduction,
     ShapeError,
-    check_float,
     check_int,
+    check_integer,
+    check_pair,
     check_positive,
     check_reduction,
     check_same_device,
-    check_same_shape,
     check_unit_interval,
+    compute_dtype,
     reduce_loss,
 )
-from kdloss.functional.kl import _check_row_tensor, _compute_dtype, _has_finite, soft_kl
+from kdloss.functional.kl import _check_row_tensor, _has_finite, soft_kl
 
 __all__ = ["kd_ce_loss"]
 
@@ -100,16 +101,15 @@ def kd_ce_loss(
         >>> kd_ce_loss(student, teacher, torch.tensor([0]), alpha=0.9, temperature=2.0)
         tensor(0.2779)
     """
-    check_float("student_logits", student_logits)
-    check_float("teacher_logits", teacher_logits)
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    check_same_shape(
+    check_pair(
         "student_logits",
         student_logits,
         "teacher_logits",
         teacher_logits,
         hint="the KD term compares two distributions",
     )
+    check_integer("labels", labels)
+    check_same_device(student_logits=student_logits, labels=labels)
     if student_logits.ndim < 2:
         raise ShapeError(
             "student_logits must have at least 2 dimensions, (B, C) or (B, L, C), "
@@ -122,8 +122,6 @@ def kd_ce_loss(
     rows_shape = student_logits.shape[:-1]
     c = student_logits.shape[-1]
     _check_row_tensor("labels", labels, rows_shape, student_logits.device)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     if mask is not None:
         _check_row_tensor("mask", mask, rows_shape, student_logits.device)
         if mask.dtype != torch.bool:
@@ -148,7 +146,7 @@ def kd_ce_loss(
         )
         return reduce_loss(per_row, reduction, rows=valid.sum())
 
-    dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
+    dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)
     valid = _has_finite(student_logits) & _has_finite(teacher_logits) & (labels != ignore_index)
     if mask is not None:

@@ -15,11 +15,12 @@ from kdloss._validate import (
     ShapeError,
     check_float,
     check_int,
+    check_integer,
+    check_pair,
     check_positive,
     check_reduction,
-    check_same_device,
-    check_same_shape,
     check_unit_interval,
+    compute_dtype,
     reduce_loss,
 )
 
@@ -36,11 +37,6 @@ _DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
 # (a -inf logit) contributes 0 * finite = 0 instead of 0 * (-inf - -inf) = NaN, in values and in
 # gradients. No finite float32 log-softmax output comes near it.
 _LOG_FLOOR = -1e30
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
-    return torch.promote_types(t.dtype, torch.float32)
 
 
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -60,7 +56,7 @@ def log_probs(logits: Tensor, temperature: float) -> Tensor:
     """
     check_float("logits", logits)
     check_positive("temperature", temperature)
-    return F.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+    return F.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
 
 
 def _has_finite(x: Tensor) -> Tensor:
@@ -165,10 +161,7 @@ def soft_kl(
         >>> soft_kl(teacher, teacher, temperature=2.0)
         tensor(0.)
     """
-    check_float("student_logits", student_logits)
-    check_float("teacher_logits", teacher_logits)
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    check_same_shape(
+    check_pair(
         "student_logits",
         student_logits,
         "teacher_logits",
@@ -198,8 +191,7 @@ def soft_kl(
     check_int("ignore_index", ignore_index)
     if labels is not None:
         _check_row_tensor("labels", labels, rows_shape, student_logits.device)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        check_integer("labels", labels)
 
     if direction == "forward" and _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
         per_row, valid = _kernels.fused_kd_rows(
@@ -207,7 +199,7 @@ def soft_kl(
         )
         return reduce_loss(per_row, reduction, rows=valid.sum(), elements_per_row=student_logits.shape[-1])
 
-    dtype = torch.promote_types(_compute_dtype(student_logits), _compute_dtype(teacher_logits))
+    dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)
     t = teacher_logits.detach().to(dtype)
 

@@ -9,11 +9,12 @@ from torch import Tensor
 from kdloss._validate import (
     Reduction,
     ShapeError,
-    check_float,
+    check_class_labels,
+    check_nonnegative,
+    check_pair,
     check_positive,
     check_reduction,
-    check_same_device,
-    check_same_shape,
+    compute_dtype,
     reduce_loss,
 )
 
@@ -23,26 +24,8 @@ __all__ = ["dist_loss", "dkd_loss", "dkd_warmup_factor"]
 _LOG_FLOOR = -1e30
 
 
-def _compute_dtype(*ts: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in ts:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def _check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__} {value!r}")
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, method: str) -> None:
-    check_float("student_logits", student_logits)
-    check_float("teacher_logits", teacher_logits)
-    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    check_same_shape(
+    check_pair(
         "student_logits",
         student_logits,
         "teacher_logits",
@@ -73,12 +56,12 @@ def dkd_warmup_factor(epoch: float | None, warmup_epochs: float) -> float:
         >>> dkd_warmup_factor(None, 0)
         1.0
     """
-    warm = _check_nonneg("warmup_epochs", warmup_epochs)
+    warm = check_nonnegative("warmup_epochs", warmup_epochs)
     if warm == 0:
         return 1.0
     if epoch is None:
         raise ValueError(f"epoch is required when warmup_epochs > 0 (got warmup_epochs={warmup_epochs!r})")
-    ep = _check_nonneg("epoch", epoch)
+    ep = check_nonnegative("epoch", epoch)
     return min(ep / warm, 1.0)
 
 
@@ -134,8 +117,8 @@ def dkd_loss(
     Raises:
         TypeError: non-floating logits, non-integer labels.
         ShapeError: logits not ``(B, C)`` with ``C >= 2`` or of different shapes, labels not ``(B,)``.
-        ValueError: a label outside ``[0, C)`` (checked eagerly with one host synchronisation;
-            skipped under ``torch.compile``),
+        ValueError: a label outside ``[0, C)`` (checked for CPU tensors only, outside
+            ``torch.compile``: on CUDA the check would wait for the device every step),
             ``temperature <= 0``, negative ``alpha``/``beta``, a bad warm-up or ``reduction``,
             different devices.
 
@@ -152,26 +135,15 @@ def dkd_loss(
         tensor(0.)
     """
     _check_logit_pair(student_logits, teacher_logits, "dkd_loss")
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    check_class_labels(labels, student_logits)  # the range on CPU only: no synchronisation on CUDA
     batch, classes = student_logits.shape
-    if labels.shape != (batch,):
-        raise ShapeError(f"labels must have shape (B,) = ({batch},), got {tuple(labels.shape)}")
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
-    if not torch.compiler.is_compiling() and labels.numel() > 0:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"labels must lie in [0, {classes}) (C = {classes}), got values in [{lo}, {hi}]")
     check_positive("temperature", temperature)
-    _check_nonneg("alpha", alpha)
-    _check_nonneg("beta", beta)
+    check_nonnegative("alpha", alpha)
+    check_nonnegative("beta", beta)
     check_reduction(reduction)
     weight = dkd_warmup_factor(epoch, warmup_epochs)
 
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype) / temperature
     t = teacher_logits.detach().to(dtype) / temperature
     gt = labels.long().unsqueeze(1) == torch.arange(classes, device=labels.device)
@@ -199,7 +171,9 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
     denom = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1) + eps
-    corr: Tensor = (a * b).sum(dim=1) / denom
+    # A constant row (e.g. a uniform softmax) has no correlation: with eps = 0 its 0 / 0 is taken
+    # as 0, the value any eps > 0 gives, instead of NaN (in the value and in the gradient).
+    corr: Tensor = (a * b).sum(dim=1) / torch.where(denom > 0, denom, 1.0)
     return corr
 
 
@@ -226,7 +200,8 @@ def dist_loss(
     {\lVert u - \bar u \rVert\, \lVert v - \bar v \rVert + \epsilon}`. The first (inter-class)
     term compares each sample's class ranking, the second (intra-class) term compares how each
     class's probability varies over the batch. ``eps`` follows the authors' code; ``eps=0`` gives
-    the paper's exact correlation. Computed in float32 (float64 stays float64), teacher detached.
+    the paper's exact correlation (a constant row, whose correlation is undefined, counts as 0).
+    Computed in float32 (float64 stays float64), teacher detached.
 
     Reductions: none. The intra-class term couples the whole batch, so the result is a scalar
     (the normalisations above: mean over samples and mean over classes).
@@ -263,10 +238,10 @@ def dist_loss(
             f"got student_logits of shape {tuple(student_logits.shape)}"
         )
     check_positive("temperature", temperature)
-    _check_nonneg("beta", beta)
-    _check_nonneg("gamma", gamma)
-    _check_nonneg("eps", eps)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    check_nonnegative("beta", beta)
+    check_nonnegative("gamma", gamma)
+    check_nonnegative("eps", eps)
+    dtype = compute_dtype(student_logits, teacher_logits)
     ys = F.softmax(student_logits.to(dtype) / temperature, dim=1)
     yt = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
     inter = 1.0 - _pearson_rows(ys, yt, eps).mean()

@@ -20,9 +20,12 @@ from kdloss._validate import (
     ShapeError,
     check_batch,
     check_float,
+    check_nonnegative,
     check_positive,
     check_reduction,
     check_same_device,
+    compute_dtype,
+    pair_up,
     reduce_loss,
 )
 
@@ -33,38 +36,16 @@ RKDPairs = Literal["all", "distinct"]
 FSPVariant = Literal["paper", "repdistiller"]
 
 
-def _dtype(*ts: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in ts:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__} {value!r}")
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _pairs(
     student: Tensor | Sequence[Tensor], teacher: Tensor | Sequence[Tensor], method: str
 ) -> list[tuple[str, Tensor, str, Tensor]]:
     """Pair up one tensor or two equally long sequences, with checked dtype, device and batch size."""
-    s_list = [student] if isinstance(student, Tensor) else list(student)
-    t_list = [teacher] if isinstance(teacher, Tensor) else list(teacher)
-    if len(s_list) != len(t_list):
-        raise ValueError(
-            f"{method}: student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} tensors"
-        )
-    if not s_list:
-        raise ValueError(f"{method}: student_features must hold at least one tensor, got an empty sequence")
+    s_list, t_list = pair_up(student, teacher, one="tensor", many="tensors", context=f"{method}: ")
     out = []
     single = isinstance(student, Tensor)
     for j, (fs, ft) in enumerate(zip(s_list, t_list)):
@@ -140,7 +121,7 @@ def sp_loss(student_features: Tensor | Sequence[Tensor], teacher_features: Tenso
     for ns, fs, nt, ft in _pairs(student_features, teacher_features, "sp_loss"):
         _check_rows(ns, fs, "sp_loss")
         _check_rows(nt, ft, "sp_loss")
-        dtype = _dtype(fs, ft)
+        dtype = compute_dtype(fs, ft)
         qs = fs.to(dtype).flatten(1)
         qt = ft.detach().to(dtype).flatten(1)
         gs = F.normalize(qs @ qs.t(), dim=1)
@@ -226,7 +207,7 @@ def cc_loss(
     if order < 0:
         raise ValueError(f"order must be >= 0, got {order}")
     _check_option("variant", variant, ("paper", "repdistiller"))
-    dtype = _dtype(fs, ft)
+    dtype = compute_dtype(fs, ft)
     s = fs.to(dtype)
     t = ft.detach().to(dtype)
     if variant == "repdistiller":
@@ -340,8 +321,8 @@ def rkd_loss(
     ((_, fs, _, ft),) = _pairs(student_embeddings, teacher_embeddings, "rkd_loss")
     ns, nt = "student_embeddings", "teacher_embeddings"
     _check_embeddings(ns, fs, nt, ft, "rkd_loss")
-    _check_nonneg("distance_weight", distance_weight)
-    _check_nonneg("angle_weight", angle_weight)
+    check_nonnegative("distance_weight", distance_weight)
+    check_nonnegative("angle_weight", angle_weight)
     _check_option("pairs", pairs, ("all", "distinct"))
     batch = fs.shape[0]
     if pairs == "distinct" and angle_weight > 0 and batch < 3:
@@ -349,7 +330,7 @@ def rkd_loss(
             f"rkd_loss(pairs='distinct') needs B >= 3 for the angle term, got student_embeddings of shape "
             f"{tuple(fs.shape)}"
         )
-    dtype = _dtype(fs, ft)
+    dtype = compute_dtype(fs, ft)
     s = fs.to(dtype)
     t = ft.detach().to(dtype)
     n_pairs = batch * (batch - 1)
@@ -436,13 +417,13 @@ def pkt_loss(
     ns, nt = "student_embeddings", "teacher_embeddings"
     _check_embeddings(ns, fs, nt, ft, "pkt_loss")
     check_reduction(reduction)
-    _check_nonneg("eps", eps)
+    check_nonnegative("eps", eps)
     batch = fs.shape[0]
     if not include_self and batch < 3:
         raise ShapeError(
             f"pkt_loss(include_self=False) needs B >= 3, got student_embeddings of shape {tuple(fs.shape)}"
         )
-    dtype = _dtype(fs, ft)
+    dtype = compute_dtype(fs, ft)
     eye = torch.eye(batch, dtype=torch.bool, device=fs.device)
 
     def conditional(e: Tensor) -> Tensor:
@@ -486,7 +467,7 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
         tensor([[[2., 2., 2.],
                  [2., 2., 2.]]])
     """
-    dtype = _dtype(first, second)
+    dtype = compute_dtype(first, second)
     a, b = first.to(dtype), second.to(dtype)
     if a.shape[-2:] != b.shape[-2:]:
         size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
@@ -637,14 +618,14 @@ def nst_loss(
         raise TypeError(f"degree must be an int, got {type(degree).__name__} {degree!r}")
     if degree < 1:
         raise ValueError(f"degree must be >= 1, got {degree}")
-    _check_nonneg("bias", bias)
+    check_nonnegative("bias", bias)
     check_reduction(reduction)
     terms: list[Tensor] = []
     for ns, fs, nt, ft in _pairs(student_features, teacher_features, "nst_loss"):
         for name, f in ((ns, fs), (nt, ft)):
             if f.ndim != 4:
                 raise ShapeError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(f.shape)}")
-        dtype = _dtype(fs, ft)
+        dtype = compute_dtype(fs, ft)
         s, t = fs.to(dtype), ft.detach().to(dtype)
         if s.shape[-2:] != t.shape[-2:]:
             size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))

@@ -15,6 +15,15 @@ __all__ = ["AttentionLoss"]
 class AttentionLoss(nn.Module):
     """Attention transfer over one or more feature pairs; see :func:`kdloss.functional.attention_loss`.
 
+    Args:
+        p: exponent of the attention map (2).
+        beta: weight of the whole term.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.attention_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> AttentionLoss(beta=1000.0)

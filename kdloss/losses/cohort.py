@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_positive, check_reduction, check_unit_interval
+from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction, check_unit_interval
 from kdloss.compose import LossParts
 from kdloss.functional.cohort import (
     _COHORT_REDUCTIONS,
@@ -24,17 +23,22 @@ from kdloss.functional.cohort import (
 __all__ = ["CohortLoss", "MultiHeadKDLoss", "SelfDistillationLoss", "TOFDLoss"]
 
 
-def _check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 class CohortLoss(nn.Module):
     """DIH cohort distillation; see :func:`kdloss.functional.cohort_kd` for the formula and the two forms.
 
     Holds the hyper-parameters only (validated here). ``forward`` returns a
     :class:`kdloss.LossParts` (``total`` and the per-teacher parts).
+
+    Args:
+        temperature: softening temperature ``T > 0`` (DIH uses 5).
+        alpha: the KD weight in ``[0, 1]`` (DIH uses 0.1).
+        weights: optional ``K`` non-negative per-teacher weights, not all zero.
+        form: ``"authors"`` or ``"normalized"`` (see :func:`kdloss.functional.cohort_kd`).
+        reduction: ``"batchmean" | "sum" | "none"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.cohort_kd`); ``forward`` raises what the function raises.
 
     Example:
         >>> import torch
@@ -86,6 +90,16 @@ class CohortLoss(nn.Module):
 class MultiHeadKDLoss(nn.Module):
     """MHKD over paired student/teacher heads; see :func:`kdloss.functional.paired_head_kd`.
 
+    Args:
+        temperature: ``T > 0``.
+        alpha: KD weight in ``[0, 1]``.
+        weights: optional ``K`` non-negative per-pair weights.
+        reduction: ``"batchmean" | "sum" | "none"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.paired_head_kd`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> MultiHeadKDLoss(temperature=4.0, alpha=0.9)(torch.zeros(3, 2, 10), torch.zeros(3, 2, 10),
@@ -119,7 +133,10 @@ class MultiHeadKDLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+        s = f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+        if self.weights is not None:
+            s += f", weights={self.weights}"
+        return s
 
 
 class TOFDLoss(nn.Module):
@@ -127,6 +144,16 @@ class TOFDLoss(nn.Module):
 
     Stateless: the student's adapters are the caller's (they belong with the student, in its
     optimiser); pass their weights to :meth:`forward` for the orthogonality term.
+
+    Args:
+        temperature: ``T > 0``.
+        alpha: KD weight in ``[0, 1]``.
+        beta: weight of the feature term (>= 0).
+        gamma: weight of the orthogonality penalty (>= 0).
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.tofd_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> import torch
@@ -138,8 +165,8 @@ class TOFDLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
-        self.beta = _check_nonneg("beta", beta)
-        self.gamma = _check_nonneg("gamma", gamma)
+        self.beta = check_nonnegative("beta", beta)
+        self.gamma = check_nonnegative("gamma", gamma)
 
     def forward(
         self,
@@ -170,6 +197,15 @@ class TOFDLoss(nn.Module):
 class SelfDistillationLoss(nn.Module):
     """Self-distillation over early exits; see :func:`kdloss.functional.self_distillation_loss`.
 
+    Args:
+        temperature: ``T > 0``.
+        alpha: KD weight in ``[0, 1]``.
+        beta: feature-hint weight (>= 0).
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.self_distillation_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> SelfDistillationLoss(temperature=3.0, alpha=0.3, beta=0.03)
@@ -180,7 +216,7 @@ class SelfDistillationLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
-        self.beta = _check_nonneg("beta", beta)
+        self.beta = check_nonnegative("beta", beta)
 
     def forward(
         self,

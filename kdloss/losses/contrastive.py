@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdloss._validate import ShapeError
+from kdloss._validate import ShapeError, check_positive_int
 from kdloss.functional.contrastive import ScoreMethod, _nce_rows, crd_embed
 from kdloss.memory import ContrastMemory, NegativeSampling
 
@@ -20,6 +20,13 @@ class CRDEmbed(nn.Module):
 
     See :func:`kdloss.functional.crd_embed`.
 
+    Args:
+        in_features: the flattened width of the features it embeds.
+        feat_dim: the embedding width (128 in the paper).
+
+    Raises:
+        ValueError: if ``in_features`` or ``feat_dim`` is not a positive int.
+
     Example:
         >>> import torch
         >>> CRDEmbed(12, 4)(torch.randn(2, 3, 4)).shape
@@ -28,9 +35,8 @@ class CRDEmbed(nn.Module):
 
     def __init__(self, in_features: int, feat_dim: int = 128) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("feat_dim", feat_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("in_features", in_features)
+        check_positive_int("feat_dim", feat_dim)
         self.linear = nn.Linear(in_features, feat_dim)
 
     def forward(self, features: Tensor) -> Tensor:

@@ -22,6 +22,13 @@ class VIDLoss(nn.Module):
     ``forward(pred_mean, teacher_features, variance)`` where ``(pred_mean, variance)`` come from a
     :class:`kdloss.methods_modules.VIDRegressor` owned by the student side.
 
+    Args:
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.vid_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> from kdloss.methods_modules import VIDRegressor
@@ -45,9 +52,17 @@ class VIDLoss(nn.Module):
 
 
 class ABLoss(nn.Module):
-    """Activation-boundary squared hinge; see :func:`kdloss.functional.ab_loss`.
+    r"""Activation-boundary squared hinge; see :func:`kdloss.functional.ab_loss`.
 
     The student's pre-activation goes through a :class:`kdloss.methods_modules.ABConnector` first.
+
+    Args:
+        margin: :math:`\mu > 0` (1 in the paper).
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.ab_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> ABLoss(margin=1.0)
@@ -72,6 +87,14 @@ class FTLoss(nn.Module):
     Factors come from :class:`kdloss.methods_modules.FTTranslator` (student) and
     :class:`kdloss.methods_modules.FTParaphraser` (teacher).
 
+    Args:
+        p: 1 (paper) or 2.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.ft_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> FTLoss()
         FTLoss(p=1, reduction='batchmean')
@@ -95,6 +118,13 @@ class HCLLoss(nn.Module):
     """ReviewKD's hierarchical context loss; see :func:`kdloss.functional.hcl_loss`.
 
     The student's maps go through a :class:`kdloss.methods_modules.ReviewKDFusion` first.
+
+    Args:
+        levels: pooled sizes, in the order they are weighted (the authors': 4, 2, 1).
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.hcl_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> HCLLoss()

@@ -16,6 +16,13 @@ class HintLoss(nn.Module):
     Stateless: the adapter is a separate, trainable module on the student side
     (:class:`kdloss.ConvAdapter`, :func:`kdloss.adapter_for`).
 
+    Args:
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.hint_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> HintLoss()(torch.zeros(2, 8), torch.ones(2, 8))
@@ -35,6 +42,15 @@ class HintLoss(nn.Module):
 
 class CosineHiddenLoss(nn.Module):
     """``1 - cos`` between flattened representations; see :func:`kdloss.functional.cosine_hidden_loss`.
+
+    Args:
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        eps: lower bound of each norm, as in :func:`torch.nn.functional.cosine_similarity`. A
+            representation that is all zeros gives a loss of 1 and a gradient of size ~1/eps.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.cosine_hidden_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> import torch

@@ -16,6 +16,16 @@ class KDCELoss(nn.Module):
     Holds the hyper-parameters only (validated here). Fused into one kernel on CUDA when Triton is
     installed.
 
+    Args:
+        alpha: weight of the KD term in ``[0, 1]``; ``1 - alpha`` weighs the cross-entropy.
+        temperature: softening temperature ``T > 0`` of the KD term.
+        reduction: ``"none" | "sum" | "batchmean"``.
+        ignore_index: the label value that marks ignored rows (default -100).
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.kd_ce_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> KDCELoss(alpha=0.9, temperature=4.0)

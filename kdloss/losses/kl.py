@@ -15,6 +15,19 @@ class KDLoss(nn.Module):
 
     Holds the hyper-parameters only (validated here, so a bad configuration fails when built).
 
+    Args:
+        temperature: softening temperature ``T > 0``.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        direction: ``"forward"`` (default), ``"reverse"`` or ``"jsd"``.
+        beta: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with
+            ``direction="jsd"`` (default 0.5 there), an error otherwise.
+        ignore_index: the label value that marks ignored rows (default -100, as in
+            :func:`torch.nn.functional.cross_entropy`).
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.soft_kl`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> KDLoss(temperature=4.0)

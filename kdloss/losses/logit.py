@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_positive, check_reduction
-from kdloss.functional.logit import _check_nonneg, dist_loss, dkd_loss
+from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction
+from kdloss.functional.logit import dist_loss, dkd_loss
 
 __all__ = ["DISTLoss", "DKDLoss"]
 
@@ -15,6 +15,17 @@ class DKDLoss(nn.Module):
 
     Holds the hyper-parameters only. ``forward(student_logits, teacher_logits, labels, epoch=None)``;
     ``epoch`` is needed only when ``warmup_epochs > 0``.
+
+    Args:
+        alpha: weight of TCKD (1.0 in the paper).
+        beta: weight of NCKD (8.0 for most CIFAR-100 teacher-student pairs in mdistiller).
+        temperature: softening temperature ``T > 0`` (4 on CIFAR-100).
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        warmup_epochs: linear warm-up length (mdistiller: 20); 0 (default) disables it.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.dkd_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> import torch
@@ -34,11 +45,11 @@ class DKDLoss(nn.Module):
         warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
-        self.alpha = _check_nonneg("alpha", alpha)
-        self.beta = _check_nonneg("beta", beta)
+        self.alpha = check_nonnegative("alpha", alpha)
+        self.beta = check_nonnegative("beta", beta)
         self.temperature = check_positive("temperature", temperature)
         self.reduction: Reduction = check_reduction(reduction)
-        self.warmup_epochs = _check_nonneg("warmup_epochs", warmup_epochs)
+        self.warmup_epochs = check_nonnegative("warmup_epochs", warmup_epochs)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, epoch: float | None = None
@@ -65,6 +76,16 @@ class DKDLoss(nn.Module):
 class DISTLoss(nn.Module):
     """DIST's inter- and intra-class Pearson relations; see :func:`kdloss.functional.dist_loss`.
 
+    Args:
+        beta: weight of the inter-class term (1 in the paper).
+        gamma: weight of the intra-class term (1 in the paper).
+        temperature: ``T > 0`` (1 in the paper's ImageNet setting; CIFAR recipes use larger ``T``).
+        eps: added to the correlation's denominator, ``>= 0``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.dist_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> import torch
         >>> DISTLoss(beta=2.0, gamma=2.0, temperature=4.0)
@@ -73,10 +94,10 @@ class DISTLoss(nn.Module):
 
     def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, eps: float = 1e-8) -> None:
         super().__init__()
-        self.beta = _check_nonneg("beta", beta)
-        self.gamma = _check_nonneg("gamma", gamma)
+        self.beta = check_nonnegative("beta", beta)
+        self.gamma = check_nonnegative("gamma", gamma)
         self.temperature = check_positive("temperature", temperature)
-        self.eps = _check_nonneg("eps", eps)
+        self.eps = check_nonnegative("eps", eps)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return dist_loss(

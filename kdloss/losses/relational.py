@@ -6,12 +6,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_positive, check_reduction
+from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction
 from kdloss.functional.relational import (
     CCVariant,
     FSPVariant,
     RKDPairs,
-    _check_nonneg,
     _check_option,
     cc_loss,
     fsp_loss,
@@ -40,7 +39,16 @@ class SPLoss(nn.Module):
 
 
 class CCLoss(nn.Module):
-    """Correlation congruence; see :func:`kdloss.functional.cc_loss`.
+    r"""Correlation congruence; see :func:`kdloss.functional.cc_loss`.
+
+    Args:
+        gamma: the RBF kernel's :math:`\gamma > 0`.
+        order: the Taylor order :math:`P \ge 0` (default 2).
+        variant: ``"paper"`` or ``"repdistiller"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.cc_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> CCLoss(variant="repdistiller")
@@ -66,7 +74,16 @@ class CCLoss(nn.Module):
 
 
 class RKDLoss(nn.Module):
-    """Relational KD (distance + angle); see :func:`kdloss.functional.rkd_loss`.
+    r"""Relational KD (distance + angle); see :func:`kdloss.functional.rkd_loss`.
+
+    Args:
+        distance_weight: :math:`\lambda_D \ge 0` (25); 0 skips the distance term.
+        angle_weight: :math:`\lambda_A \ge 0` (50); 0 skips the angle term.
+        pairs: ``"all"`` or ``"distinct"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.rkd_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> RKDLoss()
@@ -75,8 +92,8 @@ class RKDLoss(nn.Module):
 
     def __init__(self, *, distance_weight: float = 25.0, angle_weight: float = 50.0, pairs: RKDPairs = "all") -> None:
         super().__init__()
-        self.distance_weight = _check_nonneg("distance_weight", distance_weight)
-        self.angle_weight = _check_nonneg("angle_weight", angle_weight)
+        self.distance_weight = check_nonnegative("distance_weight", distance_weight)
+        self.angle_weight = check_nonnegative("angle_weight", angle_weight)
         _check_option("pairs", pairs, ("all", "distinct"))
         self.pairs: RKDPairs = pairs
 
@@ -96,6 +113,15 @@ class RKDLoss(nn.Module):
 class PKTLoss(nn.Module):
     """Probabilistic knowledge transfer; see :func:`kdloss.functional.pkt_loss`.
 
+    Args:
+        include_self: keep the :math:`j = i` terms (see :func:`kdloss.functional.pkt_loss`).
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        eps: lower bound of the probabilities inside the log, ``>= 0``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.pkt_loss`); ``forward`` raises what the function raises.
+
     Example:
         >>> PKTLoss()
         PKTLoss(include_self=True, reduction='mean', eps=1e-07)
@@ -105,7 +131,7 @@ class PKTLoss(nn.Module):
         super().__init__()
         self.include_self = bool(include_self)
         self.reduction: Reduction = check_reduction(reduction)
-        self.eps = _check_nonneg("eps", eps)
+        self.eps = check_nonnegative("eps", eps)
 
     def forward(self, student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
         return pkt_loss(
@@ -122,6 +148,14 @@ class PKTLoss(nn.Module):
 
 class FSPLoss(nn.Module):
     """Flow-of-solution-procedure matrices between consecutive stages; see :func:`kdloss.functional.fsp_loss`.
+
+    Args:
+        variant: ``"paper"`` or ``"repdistiller"``.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.fsp_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> FSPLoss()
@@ -142,7 +176,16 @@ class FSPLoss(nn.Module):
 
 
 class NSTLoss(nn.Module):
-    """Neuron selectivity transfer (polynomial-kernel MMD); see :func:`kdloss.functional.nst_loss`.
+    r"""Neuron selectivity transfer (polynomial-kernel MMD); see :func:`kdloss.functional.nst_loss`.
+
+    Args:
+        degree: the kernel's degree :math:`d \ge 1`.
+        bias: the kernel's :math:`c \ge 0`.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
+            :func:`kdloss.functional.nst_loss`); ``forward`` raises what the function raises.
 
     Example:
         >>> NSTLoss()
@@ -156,7 +199,7 @@ class NSTLoss(nn.Module):
         if degree < 1:
             raise ValueError(f"degree must be >= 1, got {degree}")
         self.degree = degree
-        self.bias = _check_nonneg("bias", bias)
+        self.bias = check_nonnegative("bias", bias)
         self.reduction: Reduction = check_reduction(reduction)
 
     def forward(
