@@ -807,7 +807,8 @@ def _mean_sd(xs: Sequence[float | None]) -> tuple[float | None, float | None]:
     if not vals:
         return None, None
     m = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    # one seed has no spread: None (shown as 'n/a'), not a misleading 0
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
     return m, sd
 
 
@@ -828,7 +829,9 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 
 
 def _pct(m: float | None, sd: float | None) -> str:
-    return "—" if m is None else f"{100 * m:.2f} ± {100 * (sd or 0.0):.2f}"
+    if m is None:
+        return "—"
+    return f"{100 * m:.2f}" if sd is None else f"{100 * m:.2f} ± {100 * sd:.2f}"
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -244,7 +244,7 @@ def test_summary_and_reports(tmp_path: Path) -> None:
     assert [r["method"] for r in rows] == ["kd", "ce"]
     assert rows[0]["test_selected_mean"] == pytest.approx(0.6)
     assert rows[0]["test_selected_sd"] == pytest.approx(0.1414213, rel=1e-5)  # sample sd over seeds
-    assert rows[1]["test_selected_sd"] == 0.0
+    assert rows[1]["test_selected_sd"] is None  # one seed: no spread to report
     paths = write_reports(tmp_path / "out", results, {"recipe": "unit", "data": "fake"})
     doc = json.loads(paths["json"].read_text())
     assert doc["meta"]["recipe"] == "unit"
