@@ -189,17 +189,21 @@ def test_benchmark_cifar100_crd_smoke(tmp_path: Path) -> None:
     assert "16 train / 8 val" in str(doc["meta"]["data"])  # type: ignore[index]
     assert state["crd.memory.bank_student"].shape == (16, 128)
     assert state["crd.memory.bank_teacher"].shape == (16, 128)
+    assert state["crd.memory.labels"].shape == (16,)  # RepDistiller's class-aware negatives, the default
 
 
 def test_dih_crd_and_takd_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["dih", *TINY, "--out", str(tmp_path), "--teacher", "resnet14", "--student", "resnet8", "--seeds", "30"]
     assert main([*argv, "--method", "takd"]) == 2  # no assistant named
     assert "--ta MODEL" in capsys.readouterr().err
-    assert main([*argv, "--method", "crd,takd", "--ta", "resnet8", "--crd-nce-k", "64"]) == 0
+    assert (
+        main([*argv, "--method", "crd,takd", "--ta", "resnet8", "--crd-nce-k", "64", "--crd-negatives", "uniform"]) == 0
+    )
     doc = _doc(tmp_path)
     assert [r["method"] for r in doc["summary"]] == ["teacher-resnet14", "crd", "takd"]  # type: ignore[index, attr-defined]
     crd = next(r for r in doc["runs"] if r["method"] == "crd")  # type: ignore[attr-defined]
     assert set(crd["history"][0]["parts"]) == {"ce", "kd", "crd"}  # DIH's alpha 0.1 KD + beta 0.03 CRD
+    assert "crd.memory.labels" not in load_checkpoint(tmp_path / "checkpoints" / "crd-seed30.pt")["model"]
     ta = load_checkpoint(tmp_path / "checkpoints" / "takd-ta-resnet8-seed30.pt")  # the TA is a checkpointed phase
     assert ta["done"]
     assert ta["signature"]["class"] == "KDStep"

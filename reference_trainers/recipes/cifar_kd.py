@@ -262,7 +262,7 @@ def run_cifar_kd(args: argparse.Namespace, recipe: str, d: CifarDefaults, meta: 
                     "steps_per_epoch": len(data.train),
                     "head_epochs": 1 if args.smoke else args.head_epochs,
                     "log": ctx.log,
-                    **crd_options(args, recipe, n_data=data.train.num_samples, epochs=epochs),
+                    **crd_options(args, recipe, train=data.train, epochs=epochs),
                 },
                 train_batches=TrainBatches(data_for(teacher_seed), teacher_seed, ctx.config.max_batches),
                 shared=shared,

@@ -23,7 +23,9 @@ Weights (``--crd-weight``, ``--crd-ce-weight``, ``--crd-kd-weight``; unset: the 
   (the authors used batch 128 for it: pass ``--batch-size 128``).
 
 CRD's own settings default to RepDistiller's: ``--crd-feat-dim 128``, ``--crd-nce-k 16384``,
-``--crd-nce-t 0.07``, ``--crd-nce-m 0.5``.
+``--crd-nce-t 0.07``, ``--crd-nce-m 0.5``, and its "exact" negatives (``--crd-negatives class``:
+``K`` samples of the other classes, distinct when there are enough; the labels come from the
+training split); ``--crd-negatives uniform`` draws from the whole bank.
 
 ``takd`` (Mirzadeh et al., AAAI 2020), one teacher assistant: ``--ta MODEL`` is trained with KD
 from the teacher (a checkpointed, resumable phase ``takd-ta-<MODEL>`` of ``--ta-epochs``, default
@@ -142,10 +144,25 @@ def _make_crd(setup: MethodSetup) -> Built:
     s_dim, t_dim = math.prod(s_shape), math.prod(t_shape)
     feat_dim, nce_k = int(_opt(setup, "crd_feat_dim", 128)), int(_opt(setup, "crd_nce_k", 16384))
     nce_t, nce_m = float(_opt(setup, "crd_nce_t", 0.07)), float(_opt(setup, "crd_nce_m", 0.5))
+    negatives = str(_opt(setup, "crd_negatives", "class"))
+    labels = setup.options.get("crd_labels") if negatives == "class" else None
+    if negatives == "class" and not isinstance(labels, Tensor):
+        raise TrainerError(
+            "crd with --crd-negatives class needs the training split's labels (options['crd_labels']); "
+            "this batch source has none: use --crd-negatives uniform"
+        )
 
     def build() -> DistillStep:
         crd = kdloss.CRDLoss(
-            s_dim, t_dim, n_data, feat_dim=feat_dim, n_negatives=nce_k, temperature=nce_t, momentum=nce_m
+            s_dim,
+            t_dim,
+            n_data,
+            feat_dim=feat_dim,
+            n_negatives=nce_k,
+            temperature=nce_t,
+            momentum=nce_m,
+            negatives="class" if negatives == "class" else "uniform",
+            labels=labels,
         )
         return CRDStep(
             build_model(setup.student, setup.num_classes),
@@ -205,15 +222,28 @@ def add_crd_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crd-nce-k", type=int, default=16384, help="CRD negatives per sample (16384)")
     g.add_argument("--crd-nce-t", type=float, default=0.07, help="CRD temperature (0.07)")
     g.add_argument("--crd-nce-m", type=float, default=0.5, help="CRD bank momentum (0.5)")
+    g.add_argument(
+        "--crd-negatives",
+        default="class",
+        choices=("class", "uniform"),
+        help="CRD negatives: other classes, RepDistiller's 'exact' (class), or the whole bank (uniform)",
+    )
     g.add_argument("--ta", default=None, choices=MODEL_NAMES, metavar="MODEL", help="takd's teacher assistant")
     g.add_argument("--ta-epochs", type=int, default=None, help="takd's assistant epochs (default: --epochs)")
 
 
-def crd_options(args: argparse.Namespace, recipe: str, *, n_data: int, epochs: int) -> dict[str, Any]:
-    """The :class:`MethodSetup` options of ``crd`` and ``takd`` from the parsed arguments."""
+def crd_options(args: argparse.Namespace, recipe: str, *, train: Any, epochs: int) -> dict[str, Any]:
+    """The :class:`MethodSetup` options of ``crd`` and ``takd`` from the parsed arguments.
+
+    ``train`` is the training batch source: its ``num_samples`` sizes the banks and its ``labels``
+    (when it has them) drive the class-aware negatives.
+    """
+    labels = getattr(train, "labels", None)
     return {
         "recipe": recipe,
-        "n_data": n_data,
+        "n_data": int(train.num_samples),
+        "crd_labels": labels.detach().cpu() if isinstance(labels, Tensor) else None,
+        "crd_negatives": args.crd_negatives,
         "epochs": epochs,
         "crd_weight": args.crd_weight,
         "crd_ce_weight": args.crd_ce_weight,
