@@ -11,7 +11,8 @@ The API, in the order a recipe uses it:
    ``student`` plus every trainable extra: adapters, heads, memory banks, as submodules) and
    whose ``forward(images, labels, teacher)`` returns a :class:`kdloss.LossParts` (total + named
    parts). ``teacher`` is the dict the teacher side returned for these images (``None`` without
-   a teacher). Ready-made steps are in :mod:`reference_trainers.methods`.
+   a teacher). A step with ``needs_index = True`` also gets ``index=`` (the samples' rows in the
+   training split, for memory banks). Ready-made steps are in :mod:`reference_trainers.methods`.
 3. A teacher side (optional): any module mapping normalised images to a ``dict[str, Tensor]``
    (``{"logits": ..., "features": ...}``); :class:`reference_trainers.methods.TeacherOutputs`
    builds one from a trained model, tapped paths and parameter-free transforms.
