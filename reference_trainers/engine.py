@@ -11,7 +11,8 @@ The API, in the order a recipe uses it:
    ``student`` plus every trainable extra: adapters, heads, memory banks, as submodules) and
    whose ``forward(images, labels, teacher)`` returns a :class:`kdloss.LossParts` (total + named
    parts). ``teacher`` is the dict the teacher side returned for these images (``None`` without
-   a teacher). Ready-made steps are in :mod:`reference_trainers.methods`.
+   a teacher). A step with ``needs_index = True`` also gets ``index=`` (the samples' rows in the
+   training split, for memory banks). Ready-made steps are in :mod:`reference_trainers.methods`.
 3. A teacher side (optional): any module mapping normalised images to a ``dict[str, Tensor]``
    (``{"logits": ..., "features": ...}``); :class:`reference_trainers.methods.TeacherOutputs`
    builds one from a trained model, tapped paths and parameter-free transforms.
@@ -244,13 +245,29 @@ class DistillStep(nn.Module):
     trainable or stateful modules as attributes (they are then in ``parameters()``, the DDP
     wrapper and the checkpoint), and implement :meth:`forward`. The teacher is never a
     submodule: its outputs come in through ``teacher``.
+
+    Steps that need each sample's index in the training split (a memory bank: CRD) set the class
+    attribute ``needs_index = True``; the engine then calls ``forward(images, labels, teacher,
+    index=index)`` with ``index (B,)`` int64 on the device: the rows of the training split the
+    batch sources number from 0 to ``data.train.num_samples - 1`` (the split actually trained on,
+    after a validation split is carved out; the same numbering as the teacher cache; under DDP each
+    rank gets its shard's indices into the whole split). Other steps are called as before.
+
+    Buffers that the step keeps identical on every rank itself (CRD's banks, updated from
+    all-gathered embeddings) are named by :meth:`ddp_unsynced_buffers`: DDP does not broadcast
+    them from rank 0 (``check_ranks_agree`` still compares them at the end of a run).
     """
 
     student: nn.Module
+    needs_index: bool = False
 
     def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
         """Return the step's loss: ``LossParts(total, parts)`` with named, detached parts."""
         raise NotImplementedError
+
+    def ddp_unsynced_buffers(self) -> list[str]:
+        """Names (``named_buffers`` keys) of buffers DDP must not broadcast from rank 0 (default: none)."""
+        return []
 
     def signature(self) -> dict[str, Any]:
         """What a checkpoint must match: the step's class and every state tensor's shape."""
@@ -618,7 +635,11 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
     if cfg.compile:
         step.student.compile()
     model: nn.Module = step
+    unsynced = set(step.ddp_unsynced_buffers())
     if ctx.distributed:
+        if unsynced:  # DDP neither broadcasts these buffers from rank 0 nor checks them
+            ddp_cls = nn.parallel.DistributedDataParallel
+            ddp_cls._set_params_and_buffers_to_ignore_for_model(step, sorted(unsynced))  # type: ignore[no-untyped-call]
         model = nn.parallel.DistributedDataParallel(
             step, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
@@ -655,7 +676,10 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                 with torch.no_grad(), ctx.autocast():
                     t_out = teacher(x)
             with ctx.autocast():
-                out: kdloss.LossParts = model(x, b.labels, t_out)
+                if step.needs_index:
+                    out: kdloss.LossParts = model(x, b.labels, t_out, index=b.index)
+                else:
+                    out = model(x, b.labels, t_out)
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             optimizer.step()
@@ -674,8 +698,9 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
         if scheduler is not None:
             scheduler.step()
         if ctx.distributed:  # DDP syncs buffers (BatchNorm statistics) before each forward: do it once more
-            for buf in step.buffers():
-                dist.broadcast(buf, 0)
+            for name, buf in step.named_buffers():
+                if name not in unsynced:  # those the step keeps identical itself (CRD's banks)
+                    dist.broadcast(buf, 0)
         if steps == 0:
             raise TrainerError(f"{spec.method!r}: the training split gave no batch (empty, or smaller than one batch?)")
         means = {k: float(v) / steps for k, v in sums.items()}

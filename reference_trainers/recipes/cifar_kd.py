@@ -35,6 +35,7 @@ from reference_trainers.methods import CEStep
 from reference_trainers.models import MODEL_NAMES, build_model
 from reference_trainers.recipes.cifar_methods import METHODS, MethodSetup, get_method
 from reference_trainers.recipes.common import config_from_args, finish, load_splits, run_data
+from reference_trainers.recipes.method_crd import add_crd_arguments, crd_options  # also registers crd, takd
 
 __all__ = ["CifarDefaults", "add_cifar_arguments", "load_teacher_weights", "run_cifar_kd", "write_comparison"]
 
@@ -87,6 +88,7 @@ def add_cifar_arguments(p: argparse.ArgumentParser, d: CifarDefaults) -> None:
     g.add_argument("--at-beta", type=float, default=1000.0, help="at's beta (1000)")
     g.add_argument("--fitnet-stage1-epochs", type=int, default=40, help="fitnet2's hint pre-training epochs (40)")
     g.add_argument("--head-epochs", type=int, default=20, help="dih's head fine-tuning epochs (20, Adam 1e-3)")
+    add_crd_arguments(p)
     p.set_defaults(epochs=None, batch_size=d.batch_size, seeds=list(d.seeds), dataset=d.dataset)
 
 
@@ -260,6 +262,7 @@ def run_cifar_kd(args: argparse.Namespace, recipe: str, d: CifarDefaults, meta: 
                     "steps_per_epoch": len(data.train),
                     "head_epochs": 1 if args.smoke else args.head_epochs,
                     "log": ctx.log,
+                    **crd_options(args, recipe, train=data.train, epochs=epochs),
                 },
                 train_batches=TrainBatches(data_for(teacher_seed), teacher_seed, ctx.config.max_batches),
                 shared=shared,

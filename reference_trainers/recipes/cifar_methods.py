@@ -28,9 +28,9 @@ Built in (defaults of the community benchmark, CRD / RepDistiller, EXPERIMENTS.m
             (``kdloss.IntermediateHeads``, ``finetune_heads``), then ``kdloss.CohortLoss``
 ==========  ===================================================================================
 
-Methods that need what the recipes do not provide yet (CRD: sample indices in the step; MHKD,
-TOFD: student-side heads; TAKD: an assistant phase) are registered as *unavailable*: selecting
-them raises an error that says what is missing.
+``crd`` and ``takd`` are registered by :mod:`reference_trainers.recipes.method_crd`. Methods that
+need what the recipes do not provide yet (MHKD, TOFD: student-side heads) are registered as
+*unavailable*: selecting them raises an error that says what is missing.
 """
 
 from __future__ import annotations
@@ -535,13 +535,6 @@ for _name, (_cls, _beta, _which, _help) in _RELATIONS.items():
         register_method(MethodEntry(_name, f"{_help}: CE + {_beta:g} * {_cls}", _make_relation(_name)))
     else:
         register_method(_unavailable(_name, f"kdloss.{_cls} is not in this kdloss"))
-register_method(
-    _unavailable(
-        "crd",
-        "CRD's memory bank needs each sample's dataset index in the step, which the engine's "
-        "DistillStep.forward(images, labels, teacher) does not pass yet",
-    )
-)
 if hasattr(kdloss, "IntermediateHeads") and hasattr(kdloss, "CohortLoss"):
     register_method(
         MethodEntry(
@@ -552,7 +545,6 @@ else:
     register_method(_unavailable("dih", "kdloss.heads (intermediate classifier heads) is not in this kdloss"))
 for _name in ("mhkd", "tofd"):
     register_method(_unavailable(_name, "its heads on the student side are not wired into the recipes yet"))
-register_method(_unavailable("takd", "a teacher-assistant phase is not implemented yet"))
 
 
 def copy_model(model: nn.Module) -> nn.Module:
