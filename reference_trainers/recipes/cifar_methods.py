@@ -550,11 +550,12 @@ if hasattr(kdloss, "IntermediateHeads") and hasattr(kdloss, "CohortLoss"):
     )
 else:
     register_method(_unavailable("dih", "kdloss.heads (intermediate classifier heads) is not in this kdloss"))
-for _name in ("mhkd", "tofd"):
-    register_method(_unavailable(_name, "its heads on the student side are not wired into the recipes yet"))
 register_method(_unavailable("takd", "a teacher-assistant phase is not implemented yet"))
 
 
 def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (for freezing a trained teacher independently of the run's step)."""
     return copy.deepcopy(model)
+
+
+from reference_trainers.recipes import method_extra as _method_extra  # noqa: E402, F401  (cc, vid, ab, ft, fsp, reviewkd, mhkd, tofd)
