@@ -28,9 +28,10 @@ Built in (defaults of the community benchmark, CRD / RepDistiller, EXPERIMENTS.m
             (``kdloss.IntermediateHeads``, ``finetune_heads``), then ``kdloss.CohortLoss``
 ==========  ===================================================================================
 
-Methods that need what the recipes do not provide yet (CRD: sample indices in the step; MHKD,
-TOFD: student-side heads; TAKD: an assistant phase) are registered as *unavailable*: selecting
-them raises an error that says what is missing.
+``cc``, ``vid``, ``ab``, ``ft``, ``fsp``, ``reviewkd``, ``mhkd`` and ``tofd`` are registered by
+:mod:`reference_trainers.recipes.method_extra` (imported at the end of this module). Methods that
+need what the recipes do not provide yet (CRD: sample indices in the step; TAKD: an assistant
+phase) are registered as *unavailable*: selecting them raises an error that says what is missing.
 """
 
 from __future__ import annotations

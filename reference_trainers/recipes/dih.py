@@ -9,7 +9,8 @@ vgg11_dih, wrn_28_2, resnet110, resnet20, resnet14, resnet8 (any registered mode
 Methods: ``kd``, ``fitnet2`` (FitNets in two stages: 40 epochs of hint training of the student
 up to its guided layer with SGD nesterov, then KD), ``at``, ``ce`` and ``dih`` (k heads
 fine-tuned on the frozen teacher with ``kdloss.finetune_heads``, ``--head-epochs``, then the
-cohort teaches with ``kdloss.CohortLoss``, authors' form). ``crd``, ``mhkd``, ``tofd`` and
+cohort teaches with ``kdloss.CohortLoss``, authors' form), ``mhkd`` and ``tofd`` (paired heads on
+teacher and student, :mod:`reference_trainers.recipes.method_extra`). ``crd`` and
 ``takd`` have registry slots in :mod:`reference_trainers.recipes.cifar_methods` that fail with a
 message saying what is missing until they are registered with ``register_method(...,
 replace=True)``.

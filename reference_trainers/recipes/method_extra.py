@@ -376,7 +376,7 @@ def _make_ft(setup: MethodSetup) -> Built:
     if factor_channels <= 0:
         with torch.no_grad():
             factor_channels = int(paraphraser(torch.zeros(1, *t_shape, device=_device(paraphraser)))[0].shape[1])
-    loss = kdloss.FTLoss()
+    loss = kdloss.FTLoss(reduction="mean")  # RepDistiller: mean over the factor entries, weight 200
 
     def compute(step: FeatureLossStep, teacher: dict[str, Tensor]) -> Tensor:
         (f,) = step.feats()
