@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+import kdloss
 from reference_trainers.__main__ import main
+from reference_trainers.errors import TrainerError
 from reference_trainers.recipes.cifar_methods import METHODS, available_methods
 
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1", "--batch-size", "8", "--seeds", "0"]
@@ -87,3 +89,20 @@ def test_dih_mhkd_tofd(tmp_path: Path) -> None:
     tofd = _keys(tmp_path, "tofd-seed0")
     assert _has(tofd, "heads.")
     assert _has(tofd, "adapters.")
+
+
+def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:
+    from reference_trainers.models import build_model
+    from reference_trainers.recipes.method_extra import PreActTap
+
+    net = build_model("resnet8", 10).eval()
+    stages = ["layer1", "layer2", "layer3"]
+    tap = PreActTap(net, stages)
+    with kdloss.FeatureTap(net, stages) as post:
+        net(torch.randn(2, 3, 32, 32))
+        pre = tap.get()
+        for p, path in zip(pre, stages, strict=True):
+            assert (p < 0).any()  # a pre-activation, not a ReLU output
+            torch.testing.assert_close(torch.relu(p), post[path])
+    with pytest.raises(TrainerError, match="pre-ReLU stage maps"):
+        PreActTap(build_model("vgg8", 10), ["block1"])

@@ -15,8 +15,9 @@ checkpoint and ``--resume`` see it. Init / pre-training phases run through the r
               ``kdloss.VIDRegressor(C_s, C_t, C_t)`` per pair (Ahn et al., CVPR 2019)
 ``ab``        init phase (``--init-epochs``, 30 in RepDistiller): the student's layers before the
               classifier and one ``kdloss.ABConnector`` per stage learn ``sum_j 2^(j-n+1) *
-              ABLoss`` on the pre-ReLU stage maps; then ``CE`` from those weights (weight 0 in
-              the main phase, as RepDistiller) (Heo et al., AAAI 2019)
+              ABLoss / B`` on the pre-ReLU stage maps (RepDistiller's stage weights and batch
+              mean); then ``CE`` from those weights (weight 0 in the main phase, as RepDistiller)
+              (Heo et al., AAAI 2019)
 ``ft``        pre-training phase: ``kdloss.FTParaphraser(C_t, rate=0.5)`` learns to reconstruct
               the teacher's last stage map (MSE, ``--init-epochs``), then is frozen on the
               teacher side; main: ``CE + 200 * FTLoss`` with a trainable ``FTTranslator`` on the
@@ -96,7 +97,7 @@ class PreActTap:
             if not isinstance(relu, nn.Module):
                 raise TrainerError(
                     f"AB needs pre-ReLU stage maps; {stage!r} of {type(model).__name__} has no last block with a "
-                    "'relu' module (supported: the CIFAR ResNets)"
+                    "'relu' module (supported: the CIFAR ResNets, WRN, VGG)"
                 )
             self._handles.append(relu.register_forward_pre_hook(self._hook(i)))
 
@@ -123,6 +124,24 @@ class PreActTeacher(nn.Module):
             out = {"logits": self.teacher(images)}
             out.update({f"pre{i}": t.detach() for i, t in enumerate(self._tap.get())})
         return out
+
+
+def _preact_paths(model: nn.Module, name: str, stages: Sequence[str]) -> list[str] | None:
+    """Module paths whose outputs are the pre-ReLU stage maps, or ``None`` for :class:`PreActTap`.
+
+    WRN's stage outputs are already the pre-activation sums (its blocks are pre-activation); VGG
+    exposes its blocks' last BatchNorm as ``preact_paths``; the CIFAR ResNets need the relu hook.
+    """
+    if model_spec(name).family == "wrn":
+        return list(stages)
+    paths = getattr(model, "preact_paths", None)
+    if paths is None:
+        return None
+    by_stage = {p.split(".")[0]: p for p in paths}
+    missing = [st for st in stages if st not in by_stage]
+    if missing:
+        raise TrainerError(f"AB: no pre-activation path for stages {missing} of {name} (preact_paths: {paths})")
+    return [by_stage[st] for st in stages]
 
 
 def _freeze_classifier(student: nn.Module, name: str) -> None:
@@ -278,13 +297,22 @@ def _make_ab(setup: MethodSetup) -> Built:
             total = total + 2.0 ** (i - n + 1) * loss(conn(f).float(), teacher[f"pre{i}"].float())
         return total
 
+    s_pre = _preact_paths(build_model(setup.student, setup.num_classes), setup.student, s_paths)
+    t_pre = _preact_paths(setup.teacher_model, setup.teacher, t_paths)
+
     def init_build() -> DistillStep:
         student = build_model(setup.student, setup.num_classes)
         _freeze_classifier(student, setup.student)
         conns = nn.ModuleList(kdloss.ABConnector(s[0], t[0]) for s, t in zip(s_shapes, t_shapes, strict=True))
-        return FeatureLossStep(student, s_paths, conns, "ab", compute, beta=1.0, ce_weight=0.0, preact=True)
+        paths = s_paths if s_pre is None else s_pre
+        return FeatureLossStep(student, paths, conns, "ab", compute, beta=1.0, ce_weight=0.0, preact=s_pre is None)
 
-    return _init_then_ce(setup, "ab", init_build, PreActTeacher(setup.teacher_model, t_paths))
+    t_side: nn.Module = (
+        PreActTeacher(setup.teacher_model, t_paths)
+        if t_pre is None
+        else TeacherOutputs(setup.teacher_model, {f"pre{i}": p for i, p in enumerate(t_pre)})
+    )
+    return _init_then_ce(setup, "ab", init_build, t_side)
 
 
 def _make_fsp(setup: MethodSetup) -> Built:
