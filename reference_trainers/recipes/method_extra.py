@@ -317,8 +317,13 @@ def _make_ab(setup: MethodSetup) -> Built:
 
 def _make_fsp(setup: MethodSetup) -> Built:
     s_spec, t_spec = model_spec(setup.student), model_spec(setup.teacher)
-    s_paths = [s_spec.stem_path, *s_spec.stage_paths]
-    t_paths = [t_spec.stem_path, *t_spec.stage_paths]
+    # RepDistiller's feat[:-1]: the stem, then the stages (the stages alone where a model names no stem).
+    s_paths = [p for p in (s_spec.stem_path, *s_spec.stage_paths) if p is not None]
+    t_paths = [p for p in (t_spec.stem_path, *t_spec.stage_paths) if p is not None]
+    if len(s_paths) != len(t_paths):
+        raise TrainerError(
+            f"FSP pairs the stages one to one: {s_paths} of {setup.student}, {t_paths} of {setup.teacher}"
+        )
     s_ch = [s[0] for s in _shapes(build_model(setup.student, setup.num_classes), s_paths)]
     t_ch = [s[0] for s in _shapes(setup.teacher_model, t_paths)]
     if s_ch != t_ch:
