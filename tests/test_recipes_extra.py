@@ -106,3 +106,25 @@ def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:
             torch.testing.assert_close(torch.relu(p), post[path])
     with pytest.raises(TrainerError, match="pre-ReLU stage maps"):
         PreActTap(build_model("vgg8", 10), ["block1"])
+
+
+def test_reviewkd_warm_up_counts_steps_and_trains_the_fusion() -> None:
+    from reference_trainers.models import build_model
+    from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
+
+    teacher = build_model("resnet14", 10).eval()
+    setup = MethodSetup("resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9,
+                        options={"steps_per_epoch": 2, "reviewkd_warmup": 1.0})  # fmt: skip
+    built = get_method("reviewkd").make(setup)
+    step = built.build().train()
+    assert built.teacher is not None
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    scale = []
+    for _ in range(3):  # warm-up factor min(1, steps / 2 / 1): 0, 0.5, 1
+        raw = step(x, y, built.teacher(x))
+        scale.append(float(raw.total.detach() - raw.parts["ce"]) / float(raw.parts["reviewkd"]))
+        assert float(raw.parts["warmup"]) == pytest.approx(scale[-1])
+    assert scale == pytest.approx([0.0, 0.5, 1.0], abs=1e-5)
+    assert int(step.steps) == 3
+    raw.total.backward()
+    assert all(p.grad is not None for p in step.parts.parameters())  # the fusion is trained

@@ -156,7 +156,8 @@ class FeatureLossStep(DistillStep):
     ``compute(step, teacher) -> Tensor`` reads the tapped student features (``step.feats()``)
     and the teacher outputs; ``parts`` (an ``nn.Module``) holds the method's trainable parts.
     ``warmup_epochs > 0`` scales the loss by ``min(1, epoch / warmup_epochs)`` (ReviewKD), the epoch
-    counted from the training steps in a buffer so a resumed run continues the warm-up.
+    counted from the training steps in a buffer so a resumed run continues the warm-up; the logged
+    part is then the unscaled loss, next to ``"warmup"`` (the factor).
     """
 
     def __init__(
@@ -204,14 +205,18 @@ class FeatureLossStep(DistillStep):
             raise KeyError(f"FeatureLossStep({self.name}) needs the teacher's outputs")
         logits = self.student(images)
         value = self.compute(self, teacher)
+        factor = 1.0
         if self.warmup_epochs > 0:
-            value = value * min(1.0, float(self.steps) / self.steps_per_epoch / self.warmup_epochs)
+            factor = min(1.0, float(self.steps) / self.steps_per_epoch / self.warmup_epochs)
         if self.training:
             self.steps += 1
-        terms = {self.name: value}
+        terms = {self.name: value * factor if factor != 1.0 else value}
         if self.ce_weight != 0:
             terms["ce"] = F.cross_entropy(logits.float(), labels)
         out: kdloss.LossParts = self.objective(**terms)
+        if self.warmup_epochs > 0:  # log the loss itself and the warm-up factor apart
+            out.parts[self.name] = value.detach()
+            out.parts["warmup"] = torch.tensor(factor)
         return out
 
 
