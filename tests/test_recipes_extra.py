@@ -111,12 +111,14 @@ def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:
 def test_reviewkd_warm_up_counts_steps_and_trains_the_fusion() -> None:
     from reference_trainers.models import build_model
     from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
+    from reference_trainers.recipes.method_extra import FeatureLossStep
 
     teacher = build_model("resnet14", 10).eval()
     setup = MethodSetup("resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9,
                         options={"steps_per_epoch": 2, "reviewkd_warmup": 1.0})  # fmt: skip
     built = get_method("reviewkd").make(setup)
     step = built.build().train()
+    assert isinstance(step, FeatureLossStep)
     assert built.teacher is not None
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     scale = []
