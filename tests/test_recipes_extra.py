@@ -80,7 +80,7 @@ def test_benchmark_cifar100_extra_methods(tmp_path: Path) -> None:
     assert "steps" in keys["reviewkd"]
 
 
-def test_dih_mhkd_tofd(tmp_path: Path) -> None:
+def test_dih_mhkd_tofd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A wider teacher (resnet8x4) than the student (resnet8): TOFD's feature adapters have weights.
     argv = ["dih", *TINY, "--out", str(tmp_path), "--method", "mhkd,tofd", "--teacher", "resnet8x4"]
     assert main(argv) == 0
@@ -89,6 +89,14 @@ def test_dih_mhkd_tofd(tmp_path: Path) -> None:
     tofd = _keys(tmp_path, "tofd-seed0")
     assert _has(tofd, "heads.")
     assert _has(tofd, "adapters.")
+    # The teacher's fine-tuned heads are saved; --resume reads them instead of fine-tuning again.
+    assert (tmp_path / "checkpoints" / "mhkd-teacher-heads-resnet8x4.pt").is_file()
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "MHKD: teacher heads loaded from" in err
+    assert "TOFD: teacher heads loaded from" in err
+    assert "fine-tuned" not in err
 
 
 def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:

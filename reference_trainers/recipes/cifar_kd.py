@@ -261,6 +261,8 @@ def run_cifar_kd(args: argparse.Namespace, recipe: str, d: CifarDefaults, meta: 
                     "steps_per_epoch": len(data.train),
                     "head_epochs": 1 if args.smoke else args.head_epochs,
                     "init_epochs": 1 if args.smoke else args.init_epochs,
+                    "heads_dir": Path(ctx.config.out_dir) / "checkpoints" if ctx.is_main else None,
+                    "resume": bool(args.resume),
                     "log": ctx.log,
                 },
                 train_batches=TrainBatches(data_for(teacher_seed), teacher_seed, ctx.config.max_batches),

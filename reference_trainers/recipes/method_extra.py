@@ -40,7 +40,9 @@ checkpoint and ``--resume`` see it. Init / pre-training phases run through the r
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kdloss
-from reference_trainers.engine import DistillStep
+from reference_trainers.engine import DistillStep, atomic_write_bytes
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import CEStep, TeacherOutputs
 from reference_trainers.models import build_model, feature_shapes, head_paths, model_spec, stage_paths
@@ -517,14 +519,28 @@ def _teacher_heads(setup: MethodSetup, head: str) -> nn.Module:
         **_heads_kwargs(setup.teacher, head),
     ).to(device)
     epochs = int(setup.options.get("head_epochs", 20))
-    result = kdloss.finetune_heads(heads, setup.train_batches, epochs=epochs, lr=1e-3)
-    if torch.distributed.is_initialized():  # every rank saw its own shard: keep rank 0's heads
+    log = setup.options.get("log")
+    # The fine-tuned heads are saved next to the checkpoints, so that a resumed student run reads
+    # the same teacher heads as before the interruption (--resume loads them, no fine-tuning).
+    heads_dir = setup.options.get("heads_dir")
+    saved = Path(heads_dir) / f"{head}-teacher-heads-{setup.teacher}.pt" if heads_dir is not None else None
+    if saved is not None and setup.options.get("resume") and saved.is_file():
+        heads.load_state_dict(torch.load(saved, map_location=device, weights_only=True))
+        if callable(log):
+            log(f"{head.upper()}: teacher heads loaded from {saved}")
+    else:
+        result = kdloss.finetune_heads(heads, setup.train_batches, epochs=epochs, lr=1e-3)
+        if callable(log):
+            losses = ", ".join(f"{x:.3f}" for x in result.head_losses)
+            log(f"{head.upper()}: {len(result.head_losses)} {head} heads on {setup.teacher} fine-tuned ({losses})")
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            torch.save(heads.state_dict(), buf)
+            atomic_write_bytes(saved, buf.getvalue())
+    if torch.distributed.is_initialized():  # every rank saw its own shard (or rank 0 read the file)
         for t in [*heads.parameters(), *heads.buffers()]:
             torch.distributed.broadcast(t.data, 0)
-    log = setup.options.get("log")
-    if callable(log):
-        losses = ", ".join(f"{x:.3f}" for x in result.head_losses)
-        log(f"{head.upper()}: {len(result.head_losses)} {head} heads on {setup.teacher} fine-tuned ({losses})")
     setup.shared[key] = heads
     return heads
 
