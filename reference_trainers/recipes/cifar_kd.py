@@ -87,6 +87,7 @@ def add_cifar_arguments(p: argparse.ArgumentParser, d: CifarDefaults) -> None:
     g.add_argument("--hint-weight", type=float, default=100.0, help="fitnet's hint weight (100, the benchmark's)")
     g.add_argument("--at-beta", type=float, default=1000.0, help="at's beta (1000)")
     g.add_argument("--fitnet-stage1-epochs", type=int, default=40, help="fitnet2's hint pre-training epochs (40)")
+    g.add_argument("--init-epochs", type=int, default=30, help="ab/fsp init and ft paraphraser epochs (30)")
     g.add_argument("--head-epochs", type=int, default=20, help="dih's head fine-tuning epochs (20, Adam 1e-3)")
     add_crd_arguments(p)
     p.set_defaults(epochs=None, batch_size=d.batch_size, seeds=list(d.seeds), dataset=d.dataset)
@@ -261,6 +262,9 @@ def run_cifar_kd(args: argparse.Namespace, recipe: str, d: CifarDefaults, meta: 
                     "fitnet_stage1_epochs": args.fitnet_stage1_epochs if not args.smoke else 1,
                     "steps_per_epoch": len(data.train),
                     "head_epochs": 1 if args.smoke else args.head_epochs,
+                    "init_epochs": 1 if args.smoke else args.init_epochs,
+                    "heads_dir": Path(ctx.config.out_dir) / "checkpoints" if ctx.is_main else None,
+                    "resume": bool(args.resume),
                     "log": ctx.log,
                     **crd_options(args, recipe, train=data.train, epochs=epochs),
                 },

@@ -28,9 +28,9 @@ Built in (defaults of the community benchmark, CRD / RepDistiller, EXPERIMENTS.m
             (``kdloss.IntermediateHeads``, ``finetune_heads``), then ``kdloss.CohortLoss``
 ==========  ===================================================================================
 
-``crd`` and ``takd`` are registered by :mod:`reference_trainers.recipes.method_crd`. Methods that
-need what the recipes do not provide yet (MHKD, TOFD: student-side heads) are registered as
-*unavailable*: selecting them raises an error that says what is missing.
+``crd`` and ``takd`` are registered by :mod:`reference_trainers.recipes.method_crd`; ``cc``, ``vid``,
+``ab``, ``ft``, ``fsp``, ``reviewkd``, ``mhkd`` and ``tofd`` by
+:mod:`reference_trainers.recipes.method_extra` (imported at the end of this module).
 """
 
 from __future__ import annotations
@@ -506,13 +506,6 @@ def _make_relation(name: str) -> Callable[[MethodSetup], Built]:
     return make
 
 
-def _unavailable(name: str, what: str) -> MethodEntry:
-    def make(setup: MethodSetup) -> Built:
-        raise TrainerError(f"method {name!r} is not available: {what}")
-
-    return MethodEntry(name, f"(not available: {what})", make, missing=what)
-
-
 register_method(MethodEntry("ce", "the student alone (cross-entropy)", _make_ce))
 register_method(MethodEntry("kd", "Hinton KD: ce_weight * CE + kd_weight * KL_T^2", _make_kd))
 register_method(
@@ -520,33 +513,18 @@ register_method(
 )
 register_method(MethodEntry("fitnet2", "FitNets in two stages (hint pre-training, then KD), as in DIH", _make_fitnet2))
 register_method(MethodEntry("at", "attention transfer on equal-resolution stage pairs (CE + beta 1000)", _make_at))
-if hasattr(kdloss, "DKDLoss"):
-    register_method(MethodEntry("dkd", "decoupled KD (CE + DKD, alpha 1, beta 8, 20-epoch warm-up)", _make_dkd))
-else:
-    register_method(_unavailable("dkd", "kdloss.DKDLoss (the methods branch) is not in this kdloss"))
-if hasattr(kdloss, "DISTLoss"):
-    register_method(
-        MethodEntry("dist", "DIST (CE + inter/intra-class Pearson relations, beta = gamma = 2)", _make_dist)
-    )
-else:
-    register_method(_unavailable("dist", "kdloss.DISTLoss (the methods branch) is not in this kdloss"))
+register_method(MethodEntry("dkd", "decoupled KD (CE + DKD, alpha 1, beta 8, 20-epoch warm-up)", _make_dkd))
+register_method(MethodEntry("dist", "DIST (CE + inter/intra-class Pearson relations, beta = gamma = 2)", _make_dist))
 for _name, (_cls, _beta, _which, _help) in _RELATIONS.items():
-    if hasattr(kdloss, _cls):
-        register_method(MethodEntry(_name, f"{_help}: CE + {_beta:g} * {_cls}", _make_relation(_name)))
-    else:
-        register_method(_unavailable(_name, f"kdloss.{_cls} is not in this kdloss"))
-if hasattr(kdloss, "IntermediateHeads") and hasattr(kdloss, "CohortLoss"):
-    register_method(
-        MethodEntry(
-            "dih", "DIH: fine-tune heads on the frozen teacher, then the cohort teaches (CohortLoss)", _make_dih
-        )
-    )
-else:
-    register_method(_unavailable("dih", "kdloss.heads (intermediate classifier heads) is not in this kdloss"))
-for _name in ("mhkd", "tofd"):
-    register_method(_unavailable(_name, "its heads on the student side are not wired into the recipes yet"))
+    register_method(MethodEntry(_name, f"{_help}: CE + {_beta:g} * {_cls}", _make_relation(_name)))
+register_method(
+    MethodEntry("dih", "DIH: fine-tune heads on the frozen teacher, then the cohort teaches (CohortLoss)", _make_dih)
+)
 
 
 def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (for freezing a trained teacher independently of the run's step)."""
     return copy.deepcopy(model)
+
+
+from reference_trainers.recipes import method_extra as _method_extra  # noqa: E402, F401  (cc, vid, ab, ft, fsp, reviewkd, mhkd, tofd)

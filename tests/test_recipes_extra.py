@@ -1,0 +1,140 @@
+"""Smoke runs of the extra CIFAR methods (cc, vid, ab, ft, fsp, reviewkd; mhkd, tofd) on CPU.
+
+Each method runs end to end through the CLI on a few images; the checks are the results file's
+methods and that each method's trainable parts are in its checkpoint (so the optimiser, the
+checkpoint and ``--resume`` see them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import kdloss
+from reference_trainers.__main__ import main
+from reference_trainers.errors import TrainerError
+from reference_trainers.recipes.cifar_methods import METHODS, available_methods
+
+TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1", "--batch-size", "8", "--seeds", "0"]
+TINY += [
+    "--val-size",
+    "8",
+    "--train-subset",
+    "16",
+    "--test-subset",
+    "16",
+    "--teacher",
+    "resnet14",
+    "--student",
+    "resnet8",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _methods(out: Path) -> list[str]:
+    doc: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return [r["method"] for r in doc["summary"]]
+
+
+def _keys(out: Path, run: str) -> set[str]:
+    obj = torch.load(out / "checkpoints" / f"{run}.pt", map_location="cpu", weights_only=True)
+    return set(obj["model"])
+
+
+def _has(keys: set[str], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def test_registry_has_every_method() -> None:
+    assert {"cc", "vid", "ab", "ft", "fsp", "reviewkd", "mhkd", "tofd"} <= set(available_methods())
+    assert METHODS["mhkd"].missing is None
+    assert METHODS["tofd"].missing is None
+
+
+def test_benchmark_cifar100_extra_methods(tmp_path: Path) -> None:
+    argv = ["benchmark-cifar100", *TINY, "--out", str(tmp_path), "--method", "cc,vid,ab,ft,fsp,reviewkd"]
+    assert main(argv) == 0
+    assert _methods(tmp_path) == ["teacher-resnet14", "cc", "vid", "ab", "ft", "fsp", "reviewkd"]
+    keys = {run: _keys(tmp_path, f"{run}-seed0") for run in ("cc", "vid", "ab-init", "ft-paraphraser", "ft",
+                                                             "fsp-init", "reviewkd")}  # fmt: skip
+    assert _has(keys["cc"], "parts.")  # the LinearAdapter
+    assert _has(keys["vid"], "parts.0.")
+    assert _has(keys["vid"], "parts.2.")
+    assert _has(keys["ab-init"], "parts.2.")  # one ABConnector per stage
+    assert _has(keys["ft-paraphraser"], "paraphraser.")
+    assert _has(keys["ft"], "parts.")  # the FTTranslator
+    assert _has(keys["fsp-init"], "student.")
+    assert _has(keys["reviewkd"], "parts.")
+    assert "steps" in keys["reviewkd"]
+
+
+def test_dih_mhkd_tofd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A wider teacher (resnet8x4) than the student (resnet8): TOFD's feature adapters have weights.
+    argv = ["dih", *TINY, "--out", str(tmp_path), "--method", "mhkd,tofd", "--teacher", "resnet8x4"]
+    assert main(argv) == 0
+    assert _methods(tmp_path) == ["teacher-resnet8x4", "mhkd", "tofd"]
+    assert _has(_keys(tmp_path, "mhkd-seed0"), "heads.")
+    tofd = _keys(tmp_path, "tofd-seed0")
+    assert _has(tofd, "heads.")
+    assert _has(tofd, "adapters.")
+    # The teacher's fine-tuned heads are saved; --resume reads them instead of fine-tuning again.
+    assert (tmp_path / "checkpoints" / "mhkd-teacher-heads-resnet8x4.pt").is_file()
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "MHKD: teacher heads loaded from" in err
+    assert "TOFD: teacher heads loaded from" in err
+    assert "fine-tuned" not in err
+
+
+def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:
+    from reference_trainers.models import build_model
+    from reference_trainers.recipes.method_extra import PreActTap
+
+    net = build_model("resnet8", 10).eval()
+    stages = ["layer1", "layer2", "layer3"]
+    tap = PreActTap(net, stages)
+    with kdloss.FeatureTap(net, stages) as post:
+        net(torch.randn(2, 3, 32, 32))
+        pre = tap.get()
+        for p, path in zip(pre, stages, strict=True):
+            assert (p < 0).any()  # a pre-activation, not a ReLU output
+            torch.testing.assert_close(torch.relu(p), post[path])
+    with pytest.raises(TrainerError, match="pre-ReLU stage maps"):
+        PreActTap(build_model("vgg8", 10), ["block1"])
+
+
+def test_reviewkd_warm_up_counts_steps_and_trains_the_fusion() -> None:
+    from reference_trainers.models import build_model
+    from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
+    from reference_trainers.recipes.method_extra import FeatureLossStep
+
+    teacher = build_model("resnet14", 10).eval()
+    setup = MethodSetup("resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9,
+                        options={"steps_per_epoch": 2, "reviewkd_warmup": 1.0})  # fmt: skip
+    built = get_method("reviewkd").make(setup)
+    step = built.build().train()
+    assert isinstance(step, FeatureLossStep)
+    assert built.teacher is not None
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    scale = []
+    for _ in range(3):  # warm-up factor min(1, steps / 2 / 1): 0, 0.5, 1
+        raw = step(x, y, built.teacher(x))
+        scale.append(float(raw.total.detach() - raw.parts["ce"]) / float(raw.parts["reviewkd"]))
+        assert float(raw.parts["warmup"]) == pytest.approx(scale[-1])
+    assert scale == pytest.approx([0.0, 0.5, 1.0], abs=1e-5)
+    assert int(step.steps) == 3
+    raw.total.backward()
+    assert all(p.grad is not None for p in step.parts.parameters())  # the fusion is trained
