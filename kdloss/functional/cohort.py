@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss import kernels as _kernels
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -127,6 +128,41 @@ def _check_weights(weights: Sequence[float] | Tensor | None, k: int, what: str) 
 
 
 # -- DIH cohort --------------------------------------------------------------------------------
+def _cohort_rows_eager(
+    student_logits: Tensor,
+    stacked: Tensor,
+    labels: Tensor,
+    temperature: float,
+    w: list[float] | None,
+    kd_coef: float,
+    ce_coef: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total_rows, kd_rows, ce_rows)`` of :func:`cohort_kd` in eager PyTorch (``kd_rows`` detached)."""
+    k = stacked.shape[0]
+    dtype = compute_dtype(student_logits, stacked)
+    s = student_logits.to(dtype)
+    # The student's log-softmax is computed once, (B, C), for all K teachers. Since
+    #   sum_j w_j KL(p_j || q) = sum_j w_j sum_c p_j log p_j  -  sum_c (sum_j w_j p_j) log q,
+    # the only term with a gradient is the student's cross-entropy against the weighted sum of
+    # the teachers' distributions: autograd keeps (B, C) tensors, never (K, B, C) ones, and the
+    # backward pass costs one softmax whatever K. The floor keeps classes of probability 0
+    # (-inf logits) at 0 * finite = 0, as in soft_kl.
+    log_q = F.log_softmax(s / temperature, dim=-1).clamp(min=_LOG_FLOOR)
+    with torch.no_grad():
+        log_p = F.log_softmax(stacked.detach().to(dtype) / temperature, dim=-1).clamp(min=_LOG_FLOOR)
+        p = log_p.exp()
+        neg_entropy = (p * log_p).sum(dim=-1)  # (K, B)
+        w_t = p.new_tensor(w) if w is not None else p.new_ones(k)
+        p_mix = torch.einsum("k,kbc->bc", w_t, p)  # (B, C): sum_j w_j p_j
+        # per-teacher values, for the logged parts only (no graph)
+        kd_rows = (neg_entropy - torch.einsum("kbc,bc->kb", p, log_q.detach())) * (temperature**2)  # (K, B)
+    t2 = temperature**2
+    kd_mix = t2 * ((w_t.unsqueeze(1) * neg_entropy).sum(dim=0) - (p_mix * log_q).sum(dim=-1))  # (B,)
+    ce_rows = F.cross_entropy(s, labels, reduction="none")  # (B,)
+
+    return kd_coef * kd_mix + ce_coef * ce_rows, kd_rows, ce_rows
+
+
 def cohort_kd(
     student_logits: Tensor,
     teacher_logits: TeacherLogits,
@@ -227,32 +263,22 @@ def cohort_kd(
     k = stacked.shape[0]
     w = _check_weights(weights, k, "teacher")
 
-    dtype = compute_dtype(student_logits, stacked)
-    s = student_logits.to(dtype)
-    # The student's log-softmax is computed once, (B, C), for all K teachers. Since
-    #   sum_j w_j KL(p_j || q) = sum_j w_j sum_c p_j log p_j  -  sum_c (sum_j w_j p_j) log q,
-    # the only term with a gradient is the student's cross-entropy against the weighted sum of
-    # the teachers' distributions: autograd keeps (B, C) tensors, never (K, B, C) ones, and the
-    # backward pass costs one softmax whatever K. The floor keeps classes of probability 0
-    # (-inf logits) at 0 * finite = 0, as in soft_kl.
-    log_q = F.log_softmax(s / temperature, dim=-1).clamp(min=_LOG_FLOOR)
-    with torch.no_grad():
-        log_p = F.log_softmax(stacked.detach().to(dtype) / temperature, dim=-1).clamp(min=_LOG_FLOOR)
-        p = log_p.exp()
-        neg_entropy = (p * log_p).sum(dim=-1)  # (K, B)
-        w_t = p.new_tensor(w) if w is not None else p.new_ones(k)
-        p_mix = torch.einsum("k,kbc->bc", w_t, p)  # (B, C): sum_j w_j p_j
-        # per-teacher values, for the logged parts only (no graph)
-        kd_rows = (neg_entropy - torch.einsum("kbc,bc->kb", p, log_q.detach())) * (temperature**2)  # (K, B)
-    t2 = temperature**2
-    kd_mix = t2 * ((w_t.unsqueeze(1) * neg_entropy).sum(dim=0) - (p_mix * log_q).sum(dim=-1))  # (B,)
-    ce_rows = F.cross_entropy(s, labels, reduction="none")  # (B,)
-
     w_sum = float(sum(w)) if w is not None else float(k)
     if form == "authors":
-        total_rows = a * kd_mix + (1.0 - a) * w_sum * ce_rows
+        kd_coef, ce_coef = a, (1.0 - a) * w_sum
     else:
-        total_rows = a * kd_mix / w_sum + (1.0 - a) * ce_rows
+        kd_coef, ce_coef = a / w_sum, 1.0 - a
+    if _kernels.use_fused(student_logits, stacked):  # CUDA + Triton only
+        # One launch reads the student row once for all K teachers and writes the total, the
+        # per-teacher KD values and the CE (both detached, for the parts) and the gradient.
+        w_kl = torch.tensor(w if w is not None else [1.0] * k, dtype=torch.float32, device=stacked.device)
+        total_rows, kd_rows, ce_rows = _kernels.fused_cohort_rows(
+            student_logits, stacked, labels, temperature=temperature, kl_weights=w_kl * kd_coef, ce_weight=ce_coef
+        )
+    else:
+        total_rows, kd_rows, ce_rows = _cohort_rows_eager(
+            student_logits, stacked, labels, temperature, w, kd_coef, ce_coef
+        )
 
     batch = student_logits.shape[0]
     total = reduce_loss(total_rows, red, rows=batch)
