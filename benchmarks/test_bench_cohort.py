@@ -4,7 +4,9 @@ Forward + backward of the loss with respect to the student logits, DIH's setting
 alpha = 0.1, K = k + 1 teachers). Baselines are the explicit loops of ``tests/naive_cohort.py``.
 
 - ``pytest benchmarks/test_bench_cohort.py --benchmark-only --benchmark-enable``: pytest-benchmark
-  tables (CPU sizes always; GPU sizes only with CUDA).
+  tables (CPU sizes always; GPU sizes only with CUDA, where ``cohort_loss`` is the fused Triton
+  kernel and ``cohort_loss_eager`` the same call with the kernels switched off):
+  ``pytest benchmarks/test_bench_cohort.py -k gpu --benchmark-only --benchmark-enable``.
 - ``PYTHONPATH=. python benchmarks/test_bench_cohort.py``: the side-by-side ratio in one process
   (``torch.utils.benchmark``, interleaved, median), as recorded in ``docs/cohorts.md``.
 
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 from kdloss import CohortLoss
+from kdloss.kernels import set_kernels_enabled
 from tests.naive_cohort import cohort_kl_div, cohort_loop
 
 CPU_SIZES = [(4, 64, 100), (4, 128, 1000)]  # (K, B, C): resnet110 -> resnet8 (k = 3) on CIFAR-100, and 1000 classes
@@ -72,12 +75,28 @@ def _kl_div(student: torch.Tensor, teachers: torch.Tensor, labels: torch.Tensor)
     return step
 
 
+def _eager(student: torch.Tensor, teachers: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """CohortLoss with the fused kernels switched off: the eager path (on CUDA, the kernel's baseline)."""
+    inner = _fused(student, teachers, labels)
+
+    def step() -> torch.Tensor:
+        set_kernels_enabled(False)
+        try:
+            return inner()
+        finally:
+            set_kernels_enabled(True)
+
+    return step
+
+
 _IMPLS = {"cohort_loss": _fused, "loop_soft_kl": _loop, "loop_kl_div": _kl_div}
+# on CUDA, cohort_loss takes the fused Triton kernel; cohort_loss_eager is the same call without it
+_GPU_IMPLS = {**_IMPLS, "cohort_loss_eager": _eager}
 
 
 def _run(benchmark: object, impl: str, size: tuple[int, int, int], device: str) -> None:
     student, teachers, labels = _inputs(*size, device)
-    step = _IMPLS[impl](student, teachers, labels)
+    step = _GPU_IMPLS[impl](student, teachers, labels)
     value = benchmark(step)  # type: ignore[operator]
     reference = cohort_loop(student.detach(), list(teachers), labels, _T, _ALPHA)
     torch.testing.assert_close(value.detach(), reference, rtol=1e-4, atol=1e-4)
@@ -92,8 +111,9 @@ def test_bench_cohort_cpu(benchmark: object, impl: str, size: tuple[int, int, in
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("size", GPU_SIZES, ids=lambda s: "K{}-B{}-C{}".format(*s))
-@pytest.mark.parametrize("impl", list(_IMPLS))
+@pytest.mark.parametrize("impl", list(_GPU_IMPLS))
 def test_bench_cohort_gpu(benchmark: object, impl: str, size: tuple[int, int, int]) -> None:
+    """On CUDA ``cohort_loss`` is the fused Triton kernel (Triton importable), ``cohort_loss_eager`` the eager path."""
     _run(benchmark, impl, size, "cuda")
 
 
@@ -104,11 +124,14 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = GPU_SIZES if device == "cuda" else CPU_SIZES
     print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, T={_T}, alpha={_ALPHA}")
-    print("| K, B, C | CohortLoss (us) | loop of soft_kl (us) | loop of F.kl_div (us) | loop / CohortLoss |")
-    print("|---|---|---|---|---|")
+    impls = _GPU_IMPLS if device == "cuda" else _IMPLS
+    eager_col = " CohortLoss eager (us) |" if device == "cuda" else ""
+    loops = " loop of soft_kl (us) | loop of F.kl_div (us) | loop / CohortLoss |"
+    print(f"| K, B, C | CohortLoss (us) |{eager_col}{loops}")
+    print("|---|---|---|---|---|" + ("---|" if eager_col else ""))
     for size in sizes:
         student, teachers, labels = _inputs(*size, device)
-        steps = {name: make(student, teachers, labels) for name, make in _IMPLS.items()}
+        steps = {name: make(student, teachers, labels) for name, make in impls.items()}
         medians: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(5):  # interleave the three so that machine noise hits them alike
             for name, step in steps.items():
@@ -116,7 +139,9 @@ def main() -> None:
                 medians[name].append(timer.blocked_autorange(min_run_time=0.2).median)
         med = {name: sorted(v)[len(v) // 2] * 1e6 for name, v in medians.items()}
         print(
-            f"| {size} | {med['cohort_loss']:.0f} | {med['loop_soft_kl']:.0f} | {med['loop_kl_div']:.0f} | "
+            f"| {size} | {med['cohort_loss']:.0f} |"
+            + (f" {med['cohort_loss_eager']:.0f} |" if eager_col else "")
+            + f" {med['loop_soft_kl']:.0f} | {med['loop_kl_div']:.0f} | "
             f"{med['loop_soft_kl'] / med['cohort_loss']:.2f}x |"
         )
 
