@@ -271,9 +271,14 @@ def cohort_kd(
     if _kernels.use_fused(student_logits, stacked):  # CUDA + Triton only
         # One launch reads the student row once for all K teachers and writes the total, the
         # per-teacher KD values and the CE (both detached, for the parts) and the gradient.
-        w_kl = torch.tensor(w if w is not None else [1.0] * k, dtype=torch.float32, device=stacked.device)
+        # unit weights: a fill on the device, no host-to-device copy (which would synchronise)
+        dev = stacked.device
+        if w is None:
+            w_kl = torch.full((k,), kd_coef, dtype=torch.float32, device=dev)
+        else:
+            w_kl = torch.tensor([kd_coef * v for v in w], dtype=torch.float32, device=dev)
         total_rows, kd_rows, ce_rows = _kernels.fused_cohort_rows(
-            student_logits, stacked, labels, temperature=temperature, kl_weights=w_kl * kd_coef, ce_weight=ce_coef
+            student_logits, stacked, labels, temperature=temperature, kl_weights=w_kl, ce_weight=ce_coef
         )
     else:
         total_rows, kd_rows, ce_rows = _cohort_rows_eager(
