@@ -39,7 +39,7 @@ needs_kernel = pytest.mark.skipif(
 )
 ROOT = Path(__file__).resolve().parents[1]
 _FUSED_ROWS = K.fused_cohort_rows  # the real one (tests monkeypatch the module attribute)
-N_CASES = 29  # tests the interpreter subprocess must pass (the kernel cases and the CPU dispatch test)
+N_CASES = 30  # tests the interpreter subprocess must pass (the kernel cases and the CPU dispatch test)
 
 
 @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
@@ -186,6 +186,7 @@ def _rows_vs_eager(
     temperature: float,
     kd_coef: float,
     ce_coef: float,
+    block: int | None = 16,
 ) -> None:
     from kdloss.functional.cohort import _cohort_rows_eager
 
@@ -195,7 +196,7 @@ def _rows_vs_eager(
         leaf = s.detach().clone().requires_grad_(True)
         if fused:
             rows = _FUSED_ROWS(
-                leaf, t, labels, temperature=temperature, kl_weights=w * kd_coef, ce_weight=ce_coef, block_size=16
+                leaf, t, labels, temperature=temperature, kl_weights=w * kd_coef, ce_weight=ce_coef, block_size=block
             )
         else:
             rows = _cohort_rows_eager(leaf, t, labels, temperature, weights, kd_coef, ce_coef)
@@ -206,7 +207,8 @@ def _rows_vs_eager(
         assert got is not None
         assert ref is not None
         _check(got, ref, dtype)
-    assert outs[1][2][3] == 0.0  # the ignored row's CE
+    ignored = labels == -100
+    assert torch.equal(outs[1][2][ignored], torch.zeros_like(outs[1][2][ignored]))  # ignored rows: CE 0
 
 
 @needs_kernel
@@ -326,3 +328,41 @@ def test_compiles_for_h100_without_gpu(sdt: str, tdt: str, k: int, c: int, write
         local = re.search(r"LOCAL:(\d+)", usage.stdout)
         assert local is not None, usage.stdout + usage.stderr
         assert int(local.group(1)) == 0, usage.stdout
+
+
+@needs_kernel
+def test_random_rows_match_eager() -> None:
+    """Property check of the row function: random K, C, block, T, coefficients, -inf patterns, ignored labels."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(
+        k=st.integers(1, 5),
+        rows=st.integers(1, 4),
+        c=st.integers(1, 70),
+        temperature=st.floats(0.5, 5.0),
+        alpha=st.sampled_from([1.0, 0.6, 0.0]),
+        seed=st.integers(0, 2**16),
+        p_inf=st.sampled_from([0.0, 0.3]),
+        dtype=st.sampled_from([torch.float32, torch.float16]),
+    )
+    def check(
+        k: int, rows: int, c: int, temperature: float, alpha: float, seed: int, p_inf: float, dtype: torch.dtype
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        s = torch.randn(rows, c, generator=g) * 4
+        t = torch.randn(k, rows, c, generator=g) * 4
+        s[torch.rand(rows, c, generator=g) < p_inf] = float("-inf")
+        t[torch.rand(k, rows, c, generator=g) < p_inf] = float("-inf")
+        s[:, 0] = 1.0  # no fully -inf row (the eager path gives NaN there)
+        t[:, :, 0] = 0.5
+        labels = torch.randint(0, c, (rows,), generator=g)
+        labels[torch.rand(rows, generator=g) < 0.3] = -100
+        weights = (torch.rand(k, generator=g) + 0.1).tolist()
+        dev = DEVICE or "cpu"
+        s, t, labels = s.to(dev, dtype), t.to(dev, dtype), labels.to(dev)
+        tol_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+        _rows_vs_eager(s, t, labels, tol_dtype, weights, temperature=temperature, kd_coef=alpha, ce_coef=1 - alpha)
+
+    check()
