@@ -11,11 +11,6 @@ On a CUDA machine (without the variable) the same cases run on the GPU.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,21 +18,17 @@ import torch
 
 import kdloss.kernels as K
 from kdloss.functional import cohort_kd
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    DEVICE: str | None = "cpu"
-elif torch.cuda.is_available() and HAS_TRITON:
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None or not HAS_TRITON,
-    reason="kernel cases run in the TRITON_INTERPRET=1 subprocess (test_interpreter_subprocess) or on CUDA",
+from tests.triton_harness import (
+    DEVICE,
+    HAS_TRITON,
+    INTERPRET,
+    assert_no_local_memory,
+    needs_kernel,
+    outer_run_only,
+    run_file_under_interpreter,
+    run_without_triton,
 )
-ROOT = Path(__file__).resolve().parents[1]
+
 _FUSED_ROWS = K.fused_cohort_rows  # the real one (tests monkeypatch the module attribute)
 N_CASES = 30  # tests the interpreter subprocess must pass (the kernel cases and the CPU dispatch test)
 
@@ -45,28 +36,13 @@ N_CASES = 30  # tests the interpreter subprocess must pass (the kernel cases and
 @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_interpreter_subprocess() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(Path(__file__))],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    passed = re.search(r"(\d+) passed", out)
-    assert passed is not None, out[-2000:]
-    assert int(passed.group(1)) >= N_CASES, out[-2000:]
-    assert "failed" not in out, out[-2000:]
+    run_file_under_interpreter(__file__, N_CASES)
 
 
-@pytest.mark.skipif(INTERPRET, reason="runs once, in the outer (non-interpreter) test run")
+@outer_run_only
 def test_cohort_imports_without_triton() -> None:
     """With ``triton`` unimportable, cohort_kd imports and runs its eager path."""
     code = (
-        "import sys; sys.modules['triton'] = None\n"
         "import torch, kdloss.kernels as K\n"
         "import kdloss.kernels._cohort_triton as kc\n"
         "from kdloss.functional import cohort_kd\n"
@@ -74,11 +50,7 @@ def test_cohort_imports_without_triton() -> None:
         "x = torch.zeros(3, 5)\n"
         "print(float(cohort_kd(x, torch.stack([x, x]), torch.tensor([0, 1, 2]), alpha=1.0).total))\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["0.0"]
+    assert run_without_triton(code).split() == ["0.0"]
 
 
 def test_cpu_takes_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -317,17 +289,7 @@ def test_compiles_for_h100_without_gpu(sdt: str, tdt: str, k: int, c: int, write
         compiled = _aot_compile(sdt, tdt, k, c, write_grad)
     except ImportError as exc:  # a Triton without these entry points
         pytest.skip(f"ahead-of-time compilation API not available: {exc}")
-    assert ".local" not in compiled.asm["ptx"]
-    import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if cuobjdump.exists():
-        cubin = tmp_path / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
-        local = re.search(r"LOCAL:(\d+)", usage.stdout)
-        assert local is not None, usage.stdout + usage.stderr
-        assert int(local.group(1)) == 0, usage.stdout
+    assert_no_local_memory(compiled, tmp_path)
 
 
 @needs_kernel

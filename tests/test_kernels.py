@@ -12,11 +12,6 @@ On a CUDA machine (without the variable) the same cases run on the GPU.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,48 +19,28 @@ import torch
 
 import kdloss.kernels as K
 from kdloss.functional import kd_ce_loss, soft_kl
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    DEVICE: str | None = "cpu"
-elif torch.cuda.is_available() and HAS_TRITON:
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None or not HAS_TRITON,
-    reason="kernel cases run in the TRITON_INTERPRET=1 subprocess (test_interpreter_subprocess) or on CUDA",
+from tests.triton_harness import (
+    DEVICE,
+    HAS_TRITON,
+    INTERPRET,
+    assert_no_local_memory,
+    needs_kernel,
+    outer_run_only,
+    run_file_under_interpreter,
+    run_without_triton,
 )
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_interpreter_subprocess() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(Path(__file__))],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    passed = re.search(r"(\d+) passed", out)
-    assert passed is not None, out[-2000:]
-    assert int(passed.group(1)) >= 40, out[-2000:]
-    assert "failed" not in out, out[-2000:]
+    run_file_under_interpreter(__file__, 40)
 
 
-@pytest.mark.skipif(INTERPRET, reason="runs once, in the outer (non-interpreter) test run")
+@outer_run_only
 def test_kdloss_imports_without_triton() -> None:
     """With ``triton`` unimportable, kdloss imports, reports no kernels and runs the eager path."""
     code = (
-        "import sys; sys.modules['triton'] = None\n"
         "import torch, kdloss.kernels as K\n"
         "from kdloss.functional import soft_kl, kd_ce_loss\n"
         "import kdloss.kernels._kd_triton as kt\n"
@@ -73,11 +48,7 @@ def test_kdloss_imports_without_triton() -> None:
         "x = torch.randn(3, 5)\n"
         "print(float(soft_kl(x, x)), float(kd_ce_loss(x, x, torch.tensor([0, 1, 2]), alpha=1.0)))\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["0.0", "0.0"]
+    assert run_without_triton(code).split() == ["0.0", "0.0"]
 
 
 def test_dispatch_switches(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,18 +124,8 @@ def test_compiles_for_h100_without_gpu(sdt: str, tdt: str, flags: dict[str, bool
         compiled = _aot_compile(sdt, tdt, flags, c)
     except ImportError as exc:  # a Triton without these entry points
         pytest.skip(f"ahead-of-time compilation API not available: {exc}")
+    assert_no_local_memory(compiled, tmp_path)
     ptx = compiled.asm["ptx"]
-    assert ".local" not in ptx  # no local-memory arrays in the PTX
-    import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if cuobjdump.exists():  # ptxas' register allocation: no spills to local memory
-        cubin = tmp_path / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
-        local = re.search(r"LOCAL:(\d+)", usage.stdout)
-        assert local is not None, usage.stdout + usage.stderr
-        assert int(local.group(1)) == 0, usage.stdout
     if c >= 1000:  # contiguous rows: 16-byte vector loads and gradient stores
         assert "ld.global.v4" in ptx
         assert "st.global.v4" in ptx

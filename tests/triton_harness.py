@@ -1,0 +1,81 @@
+"""Shared harness of the Triton kernel tests (``test_kernels.py``, ``test_cohort_kernel.py``).
+
+On CPU a kernel runs under Triton's interpreter, which must be switched on before Triton is first
+imported. An ordinary test run therefore re-runs the kernel test file in a fresh interpreter with
+``TRITON_INTERPRET=1`` (:func:`run_file_under_interpreter`), so nothing leaks into the other
+tests' process; on a CUDA machine (without the variable) the same cases run on the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE: str | None = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() and HAS_TRITON else None)
+
+needs_kernel = pytest.mark.skipif(
+    DEVICE is None or not HAS_TRITON,
+    reason="kernel cases run in the TRITON_INTERPRET=1 subprocess (test_interpreter_subprocess) or on CUDA",
+)
+outer_run_only = pytest.mark.skipif(INTERPRET, reason="runs once, in the outer (non-interpreter) test run")
+
+
+def run_file_under_interpreter(path: str | Path, min_passed: int) -> None:
+    """Run the test file ``path`` with ``TRITON_INTERPRET=1``; it must pass at least ``min_passed`` tests."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    passed = re.search(r"(\d+) passed", out)
+    assert passed is not None, out[-2000:]
+    assert int(passed.group(1)) >= min_passed, out[-2000:]
+    assert "failed" not in out, out[-2000:]
+
+
+def run_without_triton(code: str) -> str:
+    """Run ``code`` in a fresh interpreter where ``import triton`` fails; return its stdout."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['triton'] = None\n" + code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def assert_no_local_memory(compiled: object, tmp_path: Path) -> None:
+    """An ahead-of-time compiled kernel keeps nothing in local memory: no arrays, no register spills."""
+    asm = compiled.asm  # type: ignore[attr-defined]
+    assert ".local" not in asm["ptx"]  # no local-memory arrays in the PTX
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if cuobjdump.exists():  # ptxas' register allocation: no spills to local memory
+        cubin = tmp_path / "kernel.cubin"
+        cubin.write_bytes(asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
+        local = re.search(r"LOCAL:(\d+)", usage.stdout)
+        assert local is not None, usage.stdout + usage.stderr
+        assert int(local.group(1)) == 0, usage.stdout
