@@ -37,6 +37,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, cast
 
 import torch
 from torch import Tensor
@@ -141,7 +142,7 @@ def _decode(blob: Tensor, offsets: Tensor) -> Tensor:
 def load_embedded_cifar10(path: Path = EMBEDDED_PATH) -> EmbeddedCIFAR10:
     """Decode the embedded CIFAR-10 subset (no network; about a second on one core)."""
     with gzip.open(path, "rb") as f:
-        obj = torch.load(f, weights_only=True)
+        obj = torch.load(cast(IO[bytes], f), weights_only=True)  # a GzipFile is a binary file object
     return EmbeddedCIFAR10(
         train=TensorSplit(_decode(obj["train_bytes"], obj["train_offsets"]), obj["train_labels"]),
         test=TensorSplit(_decode(obj["test_bytes"], obj["test_offsets"]), obj["test_labels"]),
@@ -196,7 +197,8 @@ def _read_image(path: Path) -> Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image: Tensor = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return image
     except Exception as e:  # torchvision raises RuntimeError for undecodable data
         raise DataError(f"cannot decode image {str(path)!r}: {e}") from e
 
@@ -280,7 +282,7 @@ def load_image_folder_tensors(
     )
     images: list[Tensor] = []
     labels: list[Tensor] = []
-    for x, y, _ in _from_workers(loader):  # type: ignore[arg-type]
+    for x, y, _ in _from_workers(loader):
         if images and x.shape[1:] != images[0].shape[1:]:
             raise DataError(
                 f"images of different sizes under {str(root)!r}: {tuple(x.shape[1:])} and "
@@ -569,13 +571,13 @@ class FolderBatches:
         """Every sample once, in index order, whatever the rank (for the teacher cache)."""
         kwargs = {**self.loader_kwargs, "batch_size": batch_size, "drop_last": False}
         loader = torch.utils.data.DataLoader(self.dataset, shuffle=False, **kwargs)  # type: ignore[arg-type]
-        for x, y, i in _from_workers(loader):  # type: ignore[arg-type]
+        for x, y, i in _from_workers(loader):
             yield Batch(x.to(self.device), y.to(self.device), i.to(self.device))
 
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` (shuffled by ``(seed, epoch)``, or by the DistributedSampler)."""
         nb = self.device.type == "cuda"
-        for x, y, i in _from_workers(self._loader(epoch)):  # type: ignore[arg-type]
+        for x, y, i in _from_workers(self._loader(epoch)):
             yield Batch(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), i.to(self.device))
 
 

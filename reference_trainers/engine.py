@@ -484,7 +484,7 @@ def _seed_everything(seed: int) -> None:
 
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": None}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # unannotated in torch
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -529,7 +529,7 @@ def evaluate(ctx: Context, model: nn.Module, source: BatchSource, augment: Tenso
 def _prepare_teacher(ctx: Context, teacher: nn.Module) -> None:
     teacher.to(ctx.device).eval()
     if ctx.use_channels_last:
-        teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        teacher.to(memory_format=torch.channels_last)
 
 
 def teacher_cache(ctx: Context, teacher: nn.Module, data: RunData) -> TeacherCache | None:
@@ -594,7 +594,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
         raise TypeError(f"RunSpec.build must return a DistillStep, got {type(step).__name__}")
     step.to(ctx.device)
     if ctx.use_channels_last:
-        step.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        step.to(memory_format=torch.channels_last)
     params = [p for p in step.parameters() if p.requires_grad]
     optimizer = spec.optimizer(params)
     kdloss.check_optimizer(optimizer, step)
@@ -681,7 +681,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                 else:
                     out = model(x, b.labels, t_out)
             optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
+            out.total.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated in torch
             optimizer.step()
             for k, v in out.parts.items():
                 sums[k] = sums[k] + v.float() if k in sums else v.float().clone()

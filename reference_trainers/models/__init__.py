@@ -309,7 +309,7 @@ register_model(
 
 def _torchvision(arch: str, cifar_stem: bool) -> Callable[[int], nn.Module]:
     def factory(num_classes: int) -> nn.Module:
-        import torchvision  # type: ignore[import-untyped]
+        import torchvision
 
         model: nn.Module = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         if cifar_stem:
@@ -388,7 +388,7 @@ def load_torchvision_weights(model: nn.Module, name: str, path: str | Path | Non
     if name not in _TV_WEIGHTS:
         raise KeyError(f"ImageNet weights exist only for {', '.join(_TV_WEIGHTS)}, got {name!r}")
     if path is None:
-        import torchvision  # type: ignore[import-untyped]
+        import torchvision
 
         weights = getattr(torchvision.models, _TV_WEIGHTS[name]).IMAGENET1K_V1
         filename = Path(weights.url).name

@@ -22,7 +22,7 @@ import torch
 
 import kdloss
 from reference_trainers.data import CIFAR10_MEAN, CIFAR10_STD
-from reference_trainers.engine import RunResult, RunSpec, setup, teacher_cache, train_run
+from reference_trainers.engine import DistillStep, RunResult, RunSpec, TeacherCache, setup, teacher_cache, train_run
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import AttentionStep, CEStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import LightNN, SmallCNN
@@ -65,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
     results: list[RunResult] = []
     for seed in args.seeds:
-        common = {"seed": seed, "batch_size": args.batch_size, "mean": CIFAR10_MEAN, "std": CIFAR10_STD}
-        teacher_data = run_data(ctx, splits, flip=True, **common)  # type: ignore[arg-type]
-        data = run_data(ctx, splits, **common)  # type: ignore[arg-type]
+        teacher_data = run_data(
+            ctx, splits, seed=seed, batch_size=args.batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, flip=True
+        )
+        data = run_data(ctx, splits, seed=seed, batch_size=args.batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD)
         build_teacher = lambda: CEStep(SmallCNN(n, TEACHER_WIDTHS))  # noqa: E731
         res = train_run(
             ctx,
@@ -81,7 +82,13 @@ def run(args: argparse.Namespace) -> int:
         t_side = TeacherOutputs(res.step.student, {"features": "stage2", "at0": "stage1", "at1": "stage2"})
         cache = teacher_cache(ctx, t_side, data)
 
-        def spec(method: str, build: object, s: int = seed, t: torch.nn.Module = t_side, c: object = cache) -> RunSpec:
+        def spec(
+            method: str,
+            build: Callable[[], DistillStep],
+            s: int = seed,
+            t: torch.nn.Module = t_side,
+            c: TeacherCache | None = cache,
+        ) -> RunSpec:
             return RunSpec(
                 method,
                 s,
@@ -91,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
                 cosine(epochs),
                 teacher=t,
                 teacher_cache=c,
-                resume=args.resume,  # type: ignore[arg-type]
+                resume=args.resume,
             )
 
-        builders = {
+        builders: dict[str, Callable[[], DistillStep]] = {
             "student-ce": lambda: CEStep(LightNN(n)),
             "kd": lambda: KDStep(LightNN(n), temperature=T, kd_weight=kd_w, ce_weight=ce_w),
             "hint+kd": lambda: HintStep(

@@ -99,7 +99,7 @@ class CRDStep(DistillStep):
         self._tap = kdloss.FeatureTap(student, [path])
         self._tap.attach()
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None, index: Tensor | None = None
     ) -> kdloss.LossParts:
         if index is None:

@@ -20,12 +20,13 @@ generator seeded from the seed, not by the global RNG.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
 import kdloss
 from reference_trainers.data import IMAGENET_MEAN, IMAGENET_STD
-from reference_trainers.engine import RunResult, RunSpec, setup, train_run
+from reference_trainers.engine import DistillStep, RunResult, RunSpec, setup, train_run
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import CEStep, CosineStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import DeepNN, LightNN
@@ -47,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(epochs=10)
 
 
+def _trained(teacher: torch.nn.Module | None) -> torch.nn.Module:
+    """The teacher of the ``teacher`` phase, which runs whenever a distillation phase is asked for."""
+    if teacher is None:
+        raise RuntimeError("the teacher phase did not run")
+    return teacher
+
+
 def run(args: argparse.Namespace) -> int:
     phases = [x.strip() for x in args.phases.split(",") if x.strip()]
     unknown = [x for x in phases if x not in PHASES]
@@ -64,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         data = run_data(ctx, splits, seed=seed, batch_size=args.batch_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
-        def spec(method: str, build: object, teacher: torch.nn.Module | None = None, s: int = seed) -> RunSpec:
-            return RunSpec(method, s, build, adam, epochs, teacher=teacher, resume=args.resume)  # type: ignore[arg-type]
+        def spec(
+            method: str, build: Callable[[], DistillStep], teacher: torch.nn.Module | None = None, s: int = seed
+        ) -> RunSpec:
+            return RunSpec(method, s, build, adam, epochs, teacher=teacher, resume=args.resume)
 
         teacher: torch.nn.Module | None = None
         if {"teacher", "kd", "cosine", "regressor"} & set(phases):
@@ -78,14 +88,16 @@ def run(args: argparse.Namespace) -> int:
         if "student-ce" in phases:
             results.append(train_run(ctx, spec("student-ce", lambda: CEStep(LightNN(n))), data))
         if "kd" in phases:
-            build = lambda: KDStep(LightNN(n), temperature=args.temperature, kd_weight=0.25, ce_weight=0.75)  # noqa: E731
-            results.append(train_run(ctx, spec("kd", build, TeacherOutputs(teacher)), data))  # type: ignore[arg-type]
+            build: Callable[[], DistillStep] = lambda: KDStep(  # noqa: E731
+                LightNN(n), temperature=args.temperature, kd_weight=0.25, ce_weight=0.75
+            )
+            results.append(train_run(ctx, spec("kd", build, TeacherOutputs(_trained(teacher))), data))
         if "cosine" in phases:
-            t_side = TeacherOutputs(teacher, {"features": "features"}, {"features": kdloss.PoolAdapter(1024)})  # type: ignore[arg-type]
+            t_side = TeacherOutputs(_trained(teacher), {"features": "features"}, {"features": kdloss.PoolAdapter(1024)})
             build = lambda: CosineStep(LightNN(n), "features", hidden_weight=0.25, ce_weight=0.75)  # noqa: E731
             results.append(train_run(ctx, spec("cosine", build, t_side), data))
         if "regressor" in phases:
-            t_side = TeacherOutputs(teacher, {"features": "features"})  # type: ignore[arg-type]
+            t_side = TeacherOutputs(_trained(teacher), {"features": "features"})
             build = lambda: HintStep(  # noqa: E731
                 LightNN(n), "features", kdloss.ConvAdapter(16, 32, kernel_size=3), hint_weight=0.25, ce_weight=0.75
             )
