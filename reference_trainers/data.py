@@ -533,7 +533,7 @@ class FolderBatches:
         self.device = torch.device(device)
         self.deterministic = deterministic
         self.dataset = _FolderDataset(samples, transform)
-        self.sampler: torch.utils.data.Sampler[int] | None = None
+        self.sampler: torch.utils.data.DistributedSampler[int] | None = None
         self.shard: list[int] | None = None
         if world_size > 1 and shuffle:
             self.sampler = torch.utils.data.DistributedSampler(
@@ -542,35 +542,50 @@ class FolderBatches:
         elif world_size > 1:  # evaluation: every sample exactly once over the ranks (no padding)
             self.shard = list(range(rank, len(self.dataset), world_size))
         self.shuffle, self.seed = shuffle, seed
-        self.loader_kwargs = {
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-            "drop_last": drop_last,
-            "collate_fn": _Collate(samples),
-            "pin_memory": self.device.type == "cuda",
-            "persistent_workers": False,
-        }
+        self.batch_size, self.drop_last, self.num_workers = batch_size, drop_last, num_workers
+        self._collate = _Collate(samples)
 
     @property
     def num_samples(self) -> int:
         return len(self.dataset)
 
+    def _new_loader(
+        self,
+        batch_size: int,
+        drop_last: bool,
+        *,
+        sampler: Iterable[int] | None = None,
+        shuffle: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.utils.data.DataLoader[tuple[Tensor, int, int]]:
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=drop_last,
+            generator=generator,
+            persistent_workers=False,
+        )
+
     def _loader(self, epoch: int) -> torch.utils.data.DataLoader[tuple[Tensor, int, int]]:
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-            return torch.utils.data.DataLoader(self.dataset, sampler=self.sampler, **self.loader_kwargs)  # type: ignore[arg-type]
+            self.sampler.set_epoch(epoch)
+            return self._new_loader(self.batch_size, self.drop_last, sampler=self.sampler)
         if self.shard is not None:
-            return torch.utils.data.DataLoader(self.dataset, sampler=self.shard, **self.loader_kwargs)  # type: ignore[arg-type]
+            return self._new_loader(self.batch_size, self.drop_last, sampler=self.shard)
         gen = _epoch_generator(self.seed, epoch) if self.shuffle else None
-        return torch.utils.data.DataLoader(self.dataset, shuffle=self.shuffle, generator=gen, **self.loader_kwargs)  # type: ignore[arg-type]
+        return self._new_loader(self.batch_size, self.drop_last, shuffle=self.shuffle, generator=gen)
 
     def __len__(self) -> int:
         return len(self._loader(0))
 
     def all_batches(self, batch_size: int) -> Iterator[Batch]:
         """Every sample once, in index order, whatever the rank (for the teacher cache)."""
-        kwargs = {**self.loader_kwargs, "batch_size": batch_size, "drop_last": False}
-        loader = torch.utils.data.DataLoader(self.dataset, shuffle=False, **kwargs)  # type: ignore[arg-type]
+        loader = self._new_loader(batch_size, False, shuffle=False)
         for x, y, i in _from_workers(loader):
             yield Batch(x.to(self.device), y.to(self.device), i.to(self.device))
 

@@ -212,7 +212,8 @@ def feature_shapes(
 def _lazy(module: str, attr: str) -> Callable[[int], nn.Module]:
     def factory(num_classes: int) -> nn.Module:
         fn = getattr(importlib.import_module(module, __name__), attr)
-        return fn(num_classes=num_classes)  # type: ignore[no-any-return]
+        model: nn.Module = fn(num_classes=num_classes)
+        return model
 
     factory.__name__ = attr
     return factory

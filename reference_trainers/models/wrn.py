@@ -68,7 +68,8 @@ class _Stage(nn.Module):
         self.layer = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layer(x)  # type: ignore[no-any-return]
+        out: Tensor = self.layer(x)
+        return out
 
 
 class WideResNet(nn.Module):

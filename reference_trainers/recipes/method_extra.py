@@ -254,6 +254,15 @@ def _make_cc(setup: MethodSetup) -> Built:
     return Built(build, TeacherOutputs(setup.teacher_model, {"emb": t_path}))
 
 
+def _stage_parts(step: FeatureLossStep) -> nn.ModuleList:
+    """``step.parts`` as the per-stage list that VID and AB build (one module per tapped stage)."""
+    if not isinstance(step.parts, nn.ModuleList):
+        raise TypeError(
+            f"FeatureLossStep({step.name}) needs parts as an nn.ModuleList, got {type(step.parts).__name__}"
+        )
+    return step.parts
+
+
 def _make_vid(setup: MethodSetup) -> Built:
     s_paths, t_paths = _stage_pairs(setup, "VID")
     s_shapes = _shapes(build_model(setup.student, setup.num_classes), s_paths)
@@ -263,7 +272,7 @@ def _make_vid(setup: MethodSetup) -> Built:
 
     def compute(step: FeatureLossStep, teacher: dict[str, Tensor]) -> Tensor:
         total = torch.zeros((), device=teacher["logits"].device)
-        for i, (f, reg) in enumerate(zip(step.feats(), step.parts, strict=True)):  # type: ignore[call-overload]
+        for i, (f, reg) in enumerate(zip(step.feats(), _stage_parts(step), strict=True)):
             mean, var = reg(f)
             total = total + loss(mean.float(), teacher[f"vid{i}"].float(), var.float())
         return total
@@ -299,7 +308,7 @@ def _make_ab(setup: MethodSetup) -> Built:
 
     def compute(step: FeatureLossStep, teacher: dict[str, Tensor]) -> Tensor:
         total = torch.zeros((), device=teacher["logits"].device)
-        for i, (f, conn) in enumerate(zip(step.feats(), step.parts, strict=True)):  # type: ignore[call-overload]
+        for i, (f, conn) in enumerate(zip(step.feats(), _stage_parts(step), strict=True)):
             # RepDistiller weighs the stages 2^(i - n + 1): the deepest counts most.
             total = total + 2.0 ** (i - n + 1) * loss(conn(f).float(), teacher[f"pre{i}"].float())
         return total
@@ -503,9 +512,9 @@ class HeadsTeacher(nn.Module):
 
 def _teacher_heads(setup: MethodSetup, head: str) -> nn.Module:
     key = f"{head}-heads/{setup.teacher}/{id(setup.teacher_model)}"
-    heads = setup.shared.get(key)
-    if heads is not None:
-        return heads  # type: ignore[no-any-return]
+    cached: nn.Module | None = setup.shared.get(key)
+    if cached is not None:
+        return cached
     if setup.train_batches is None:
         raise TrainerError(f"method {head!r} needs the recipe's training batches to fine-tune the teacher's heads")
     model = setup.teacher_model.requires_grad_(False).eval()
