@@ -10,6 +10,8 @@ On a CUDA machine (without the variable) the same cases run on the GPU.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from tests.triton_harness import (
     DEVICE,
     HAS_TRITON,
     INTERPRET,
+    assert_no_local_memory,
     needs_kernel,
     outer_run_only,
     run_file_under_interpreter,
@@ -170,3 +173,59 @@ def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch, reduction: str) -> No
     assert K.attention_fusable(s, t, 2.0)
     assert not K.attention_fusable(s, t, 3.0)
     torch.testing.assert_close(attention_loss(s, t, reduction=reduction, beta=3.0), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON or INTERPRET, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_benchmark_size_on_gpu(dtype: torch.dtype) -> None:
+    """The WRN-CIFAR benchmark case (benchmarks/cases.py): B = 128, 3 pairs, 32x32 / 16x16 / 8x8."""
+    s_shapes = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
+    s = _maps(s_shapes, dtype, "contiguous", seed=11)
+    t = _maps([(b, 2 * c, h, w) for b, c, h, w in s_shapes], dtype, "contiguous", seed=12)
+    _compare(s, t, beta=1000.0, dtype=dtype)
+
+
+def _aot_compile(kernel_name: str, dt: str, npairs: int, hw: int):  # type: ignore[no-untyped-def]
+    """Compile a kernel for an H100 (sm_90) without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kdloss.kernels._attention_triton as ka
+
+    kernel = getattr(ka, kernel_name)
+    cb, hwb = K._attention_tiles(hw)
+    names = list(kernel.arg_names)
+    consts: dict[str, object] = {"NPAIRS": npairs, "CB": cb, "HWB": hwb}
+    if "SAVE" in names:
+        consts["SAVE"] = True
+    types: dict[str, str] = {}
+    for n in names:
+        if n[0] in "STG" and n[1:].isdigit():
+            types[n] = f"*{dt}"
+        elif n in ("LOSS", "AS", "AT", "NORM", "GRAD_OUT"):
+            types[n] = "*fp32"
+        elif n in ("beta", "eps"):
+            types[n] = "fp32"
+        else:
+            types[n] = "i32"
+    sig = {n: "constexpr" if n in consts else types[n] for n in names}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    options = {"num_warps": 4 if cb * hwb <= 2048 else 8, "enable_fp_fusion": True}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter replaces the compiler")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    ("kernel_name", "dt", "npairs", "hw"),
+    [("_attention_fwd_kernel", "fp32", 3, 1024), ("_attention_bwd_kernel", "bf16", 3, 1024)],
+    ids=["fwd-fp32", "bwd-bf16"],
+)
+def test_compiles_for_h100_without_gpu(kernel_name: str, dt: str, npairs: int, hw: int, tmp_path: Path) -> None:
+    """Triton's real front end and ptxas (not the interpreter) accept the kernels; no local memory, no spills."""
+    try:
+        compiled = _aot_compile(kernel_name, dt, npairs, hw)
+    except ImportError as exc:  # a Triton without these entry points
+        pytest.skip(f"ahead-of-time compilation API not available: {exc}")
+    assert_no_local_memory(compiled, tmp_path)
