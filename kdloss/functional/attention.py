@@ -101,6 +101,10 @@ def attention_loss(
     pairs, times ``beta``); ``"mean"`` (default) and ``"batchmean"`` its mean over the batch;
     ``"sum"`` its sum.
 
+    On CUDA (float32/bfloat16/float16, ``p = 2``, equal spatial sizes in every pair, outside
+    ``torch.compile``) the loss runs as fused Triton kernels, one launch forward and one backward
+    for up to 4 pairs (see ``docs/kernels.md``; ``KDLOSS_DISABLE_KERNELS=1`` turns them off).
+
     Args:
         student_features: one ``(B, C_s, H, W)`` map or a sequence of them.
         teacher_features: the teacher maps, as many as the student's.
