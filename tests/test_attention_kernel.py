@@ -28,7 +28,7 @@ from tests.triton_harness import (
     run_without_triton,
 )
 
-N_CASES = 13  # tests the interpreter subprocess must pass
+N_CASES = 18  # tests the interpreter subprocess must pass
 
 
 @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
@@ -229,3 +229,33 @@ def test_compiles_for_h100_without_gpu(kernel_name: str, dt: str, npairs: int, h
     except ImportError as exc:  # a Triton without these entry points
         pytest.skip(f"ahead-of-time compilation API not available: {exc}")
     assert_no_local_memory(compiled, tmp_path)
+
+
+def test_pairs_must_share_the_batch_size() -> None:
+    s = [torch.randn(2, 3, 4, 4), torch.randn(3, 3, 2, 2)]
+    t = [torch.randn(2, 5, 4, 4), torch.randn(3, 5, 2, 2)]
+    with pytest.raises(ValueError, match=r"student_features\[0\] and student_features\[1\] must have the same batch"):
+        attention_loss(s, t)
+
+
+@needs_kernel
+@pytest.mark.parametrize("reduction", ["none", "mean", "batchmean", "sum"])
+def test_attention_loss_dispatch(monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
+    """With the dispatch forced on, attention_loss goes through the kernel (p = 2, equal sizes) and matches eager."""
+    s = _maps([(3, 4, 8, 8), (3, 8, 5, 7), (3, 16, 3, 3)], torch.float32, "contiguous", seed=20)
+    t = _maps([(3, 6, 8, 8), (3, 2, 5, 7), (3, 9, 3, 3)], torch.float32, "contiguous", seed=21)
+    ref = attention_loss(s, t, beta=5.0, reduction=reduction)
+    calls: list[int] = []
+    real = K.fused_attention_rows
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(K, "use_fused", lambda a, b: True)
+    monkeypatch.setattr(K, "fused_attention_rows", counted)
+    torch.testing.assert_close(attention_loss(s, t, beta=5.0, reduction=reduction), ref, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+    attention_loss(s, t, p=3.0)  # other p: eager
+    attention_loss([s[0]], [t[0][:, :, :4, :4]])  # differing spatial sizes (pooling): eager
+    assert calls == [1]
