@@ -359,7 +359,7 @@ def attention_fusable(student: list[Tensor], teacher: list[Tensor], p: float) ->
             return False
         if fs.shape[-2] * fs.shape[-1] == 0 or fs.shape[1] == 0 or ft.shape[1] == 0:
             return False
-        if not use_fused(fs, ft):
+        if fs.device != student[0].device or not use_fused(fs, ft):  # one launch: one device
             return False
     return True
 
