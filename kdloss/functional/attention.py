@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss import kernels as _kernels
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -100,6 +101,10 @@ def attention_loss(
     pairs, times ``beta``); ``"mean"`` (default) and ``"batchmean"`` its mean over the batch;
     ``"sum"`` its sum.
 
+    On CUDA (float32/bfloat16/float16, ``p = 2``, equal spatial sizes in every pair, outside
+    ``torch.compile``) the loss runs as fused Triton kernels, one launch forward and one backward
+    for up to 4 pairs (see ``docs/kernels.md``; ``KDLOSS_DISABLE_KERNELS=1`` turns them off).
+
     Args:
         student_features: one ``(B, C_s, H, W)`` map or a sequence of them.
         teacher_features: the teacher maps, as many as the student's.
@@ -126,7 +131,6 @@ def attention_loss(
     check_nonnegative("beta", beta)
     check_reduction(reduction)
 
-    per_pair: list[Tensor] = []
     for j, (fs, ft) in enumerate(zip(s_list, t_list)):
         name_s, name_t = f"student_features[{j}]", f"teacher_features[{j}]"
         check_float(name_s, fs)
@@ -136,6 +140,15 @@ def attention_loss(
             if f.ndim != 4:
                 raise ShapeError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(f.shape)}")
         check_batch(name_s, fs, name_t, ft)
+        if j > 0:
+            check_batch("student_features[0]", s_list[0], name_s, fs)
+
+    if _kernels.attention_fusable(s_list, t_list, p):  # CUDA + Triton, p = 2, equal spatial sizes per pair
+        rows = _kernels.fused_attention_rows(s_list, t_list, beta=beta)
+        return reduce_loss(rows, reduction, rows=rows.shape[0])
+
+    per_pair: list[Tensor] = []
+    for fs, ft in zip(s_list, t_list):
         qs, qt = _spatial_energy(fs, p), _spatial_energy(ft.detach(), p)
         if qs.shape[-2:] != qt.shape[-2:]:
             size = (min(qs.shape[-2], qt.shape[-2]), min(qs.shape[-1], qt.shape[-1]))
