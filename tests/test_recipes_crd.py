@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -210,18 +209,12 @@ def test_dih_crd_and_takd_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "TAKD: training the assistant resnet8 with KD from resnet14" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_crd_banks_agree(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "reference_trainers", "benchmark-cifar100", *TINY,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "reference_trainers", "benchmark-cifar100", *TINY,
         "--teacher", "resnet8", "--student", "resnet8", "--method", "crd", "--seeds", "0", "--epochs", "2",
         "--crd-nce-k", "64", "--out", str(out),
     ]  # fmt: skip
