@@ -11,6 +11,7 @@ issue 3 are skipped without CUDA. The table for the docs comes from the script f
     PYTHONPATH=. python benchmarks/test_bench_crd.py --device cpu --threads 1 --batch 64 --k 4096
     PYTHONPATH=. python benchmarks/test_bench_crd.py --device cuda --batch 64 256      # the H100 targets
     PYTHONPATH=. python benchmarks/test_bench_crd.py --device cpu --threads 1 --scoring --reps 3  # auto's rule
+    PYTHONPATH=. python benchmarks/test_bench_crd.py --device cpu --threads 1 --bank-copy-ab  # in place vs copy
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdloss import CRDLoss
+from kdloss import ContrastMemory, CRDLoss
 from tests.naive_crd import NaiveCRD, cpu_sample_negatives
 
 
@@ -77,6 +78,20 @@ class Bench:
         loss = self.naive(self.fs, self.ft, self.idx, neg)
         loss.backward()
         return loss
+
+
+class StackedCopyMemory(ContrastMemory):
+    """Baseline for ``--bank-copy-ab``: the cost of kdloss <= 0.1's step, which stacked (copied) both banks.
+
+    It scored against ``torch.stack([bank_teacher, bank_student])`` so that the immediate in-place
+    update could not touch what autograd saved. Here the same copy is made on every call before
+    the current scoring, so the two columns differ by exactly that copy.
+    """
+
+    def _score(self, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        self.flush()
+        self._stacked = torch.stack([self._bank("bank_teacher"), self._bank("bank_student")])
+        return super()._score(*args)  # type: ignore[arg-type]
 
 
 def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, reps: int = 20) -> float:
@@ -163,6 +178,28 @@ def scoring_table(device: str, reps: int) -> None:
         print(f"| {b} | {k} | {b * (k + 1) / n:.2f} | {ms['matmul']:.2f} | {ms['gather']:.2f} |")
 
 
+def bank_copy_table(a: argparse.Namespace) -> None:
+    """One CRD step (forward + backward + update) with the banks scored in place vs a stacked copy, interleaved."""
+    print(f"# CRD step, banks in place vs stacked copy, device={a.device}, torch {torch.__version__}")
+    print("| B | K | d | n_data | bank | in place ms | stacked copy ms | copy / in place |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in a.batch:
+        size = Size(batch, a.k, a.feat_dim, a.n_data, a.in_dim)
+        for dtype in (torch.float32, torch.bfloat16):
+            ours = Bench(size, a.device, bank_dtype=dtype)
+            base = Bench(size, a.device, bank_dtype=dtype)
+            mem = base.crd.memory
+            copy_mem = StackedCopyMemory(size.n_data, size.feat_dim, n_negatives=size.k, dtype=dtype, validate=False)
+            copy_mem.load_state_dict(mem.state_dict())
+            base.crd.memory = copy_mem.to(a.device)
+            t_ours, t_base = [], []
+            for _ in range(3):  # interleaved rounds: drift hits both columns alike
+                t_ours.append(time_ms(ours.kdloss, a.device, reps=a.reps))
+                t_base.append(time_ms(base.kdloss, a.device, reps=a.reps))
+            o, c = statistics.median(t_ours), statistics.median(t_base)
+            print(f"| {batch} | {a.k} | {a.feat_dim} | {a.n_data} | {str(dtype)[6:]} | {o:.3f} | {c:.3f} | {c / o:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -176,11 +213,15 @@ def main() -> None:
     p.add_argument("--variants", action="store_true", help="also time method/bank dtype/class sampling variants")
     p.add_argument("--json", default="", help="write the results to this JSON file")
     p.add_argument("--scoring", action="store_true", help="only the matmul-vs-gather table of crd_logits")
+    p.add_argument("--bank-copy-ab", action="store_true", help="only: banks scored in place vs a stacked copy")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.scoring:
         scoring_table(a.device, a.reps)
+        return
+    if a.bank_copy_ab:
+        bank_copy_table(a)
         return
     hw = torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# CRD step, device={a.device} ({hw}), torch {torch.__version__}, threads={torch.get_num_threads()}")

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -61,11 +63,20 @@ class ContrastMemory(nn.Module):
     teacher embedding against the **student** bank, at the anchor's own index (column 0, the
     positive) and ``K`` negatives, returns the two ``(B, K+1)`` float32 logit tensors, and, in
     training mode, sets :math:`Z` on the first call and updates the positives' rows
-    (``row = normalize(m * row + (1 - m) * embedding)``) after scoring. The scores are taken
-    against a copy of the banks (the two banks stacked, for one batched product), so the in-place
-    update cannot corrupt the backward pass. Nothing in a step reads a tensor's value on the host
-    when ``validate=False``: negatives are sampled on the banks' device with
-    ``torch.randint``/``torch.rand``.
+    (``row = normalize(m * row + (1 - m) * embedding)``) after scoring. Nothing in a step reads a
+    tensor's value on the host when ``validate=False``: negatives are sampled on the banks' device
+    with ``torch.randint``/``torch.rand``.
+
+    The scores are taken against the banks themselves, not a copy, and the autograd graph keeps
+    the bank for its backward pass, so the update of step ``t`` (its rows are computed in step
+    ``t``) is written in place only once no graph holds the bank any more: at the start of the
+    next call, or before the banks are read (attribute access, :meth:`named_buffers`,
+    ``state_dict``, ``.to()``), or by :meth:`flush`. In the usual loop (forward, backward, next
+    forward) that is after ``backward()`` freed the graph, and the rows are written in place; if
+    a graph still holds the bank (a loss kept for a later ``backward()``, ``retain_graph=True``,
+    several forwards summed into one loss) the updated bank is a new tensor (copy on write) and
+    that graph keeps the old one. Either way each step scores against the banks as the previous
+    step left them, exactly as an immediate update would.
 
     Duplicate indices in a batch: every occurrence is scored; the bank row takes the **last**
     occurrence's embedding (after the all-gather under DDP: the highest rank's last occurrence),
@@ -149,6 +160,10 @@ class ContrastMemory(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        # the update of the last training step, written by flush(), and the bank references that
+        # autograd graphs saved (alive while a graph may still need the bank's current values)
+        self._pending: tuple[Tensor, Tensor] | None = None
+        self._saved_refs: list[weakref.ref[_SavedBank]] = []
         for name, value in (("n_data", n_data), ("feat_dim", feat_dim), ("n_negatives", n_negatives)):
             check_positive_int(name, value)
         self.n_data = n_data
@@ -330,7 +345,7 @@ class ContrastMemory(nn.Module):
         Raises:
             TypeError, ShapeError, ValueError: bad inputs (checked before any state changes).
         """
-        s, t = self.scores(student_embedding, teacher_embedding, indices, negatives, generator=generator).unbind(0)
+        s, t = self._score(student_embedding, teacher_embedding, indices, negatives, generator)
         return s, t
 
     def scores(
@@ -343,23 +358,43 @@ class ContrastMemory(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """:meth:`forward` with both views stacked: ``(2, B, K+1)`` float32 (student view first)."""
+        return torch.stack(self._score(student_embedding, teacher_embedding, indices, negatives, generator))
+
+    def _score(
+        self,
+        student_embedding: Tensor,
+        teacher_embedding: Tensor,
+        indices: Tensor,
+        negatives: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
         self._check_inputs(student_embedding, teacher_embedding, indices, negatives)
+        self.flush()  # the previous step's update, before anything reads the banks
+        bank_teacher, bank_student = self._bank("bank_teacher"), self._bank("bank_student")
         idx = indices.long()
         if negatives is None:
             negatives = self.sample_negatives(idx, generator)
         contrast = torch.cat([idx.unsqueeze(1), negatives.long()], dim=1)
 
         # View 0: student embedding vs teacher bank; view 1: teacher embedding vs student bank. The
-        # stacked banks are a copy, so the in-place update below cannot change what autograd saved.
-        anchors = torch.stack([student_embedding.float(), teacher_embedding.float()])
-        banks = torch.stack([self.bank_teacher, self.bank_student])
+        # graph saves the banks themselves; the pack hook records that, so flush() knows when an
+        # in-place write is safe.
         path = _resolve_method(self.method, contrast.numel(), self.n_data)
-        logits = _score_views(anchors, banks, contrast, self.temperature, path, self.chunk_size)
+        self._saved_refs = [r for r in self._saved_refs if r() is not None]
+        with torch.autograd.graph.saved_tensors_hooks(self._pack_saved, _unpack_saved):
+            ls, lt = _score_views(
+                [student_embedding, teacher_embedding],
+                [bank_teacher, bank_student],
+                contrast,
+                self.temperature,
+                path,
+                self.chunk_size,
+            )
 
         if self.training:
             with torch.no_grad():
                 if not self._z_known:
-                    z = logits.detach().exp().mean(dim=(1, 2)) * self.n_data
+                    z = torch.stack([ls.detach().exp().mean(), lt.detach().exp().mean()]) * self.n_data
                     world = self._world()
                     if world > 1:
                         dist.all_reduce(z, group=self.process_group)
@@ -368,14 +403,72 @@ class ContrastMemory(nn.Module):
                     self.normalizers.copy_(torch.where(self.normalizers > 0, self.normalizers, z))
                     self._z_known = True
                 all_idx = self._all_gather(idx)
-                # (B, 2d): teacher then student embedding, the order of `banks`
+                # (B, 2d): teacher then student embedding, the order of the banks below
                 emb = self._all_gather(torch.cat([teacher_embedding.detach(), student_embedding.detach()], 1).float())
                 emb = emb.view(-1, 2, self.feat_dim).transpose(0, 1)  # (2, B_all, d)
-                old = banks.index_select(1, all_idx).float()
-                rows = _momentum_rows(old, emb, _last_occurrence(all_idx), self.momentum)
-                self.bank_teacher.index_copy_(0, all_idx, rows[0].to(self.bank_teacher.dtype))
-                self.bank_student.index_copy_(0, all_idx, rows[1].to(self.bank_student.dtype))
-        return logits
+                old = torch.stack([bank_teacher.index_select(0, all_idx), bank_student.index_select(0, all_idx)])
+                rows = _momentum_rows(old.float(), emb, _last_occurrence(all_idx), self.momentum)
+                self._pending = (all_idx, rows)
+                if not self._saved_refs:  # no graph holds the banks (no grad, or eval of a no-grad step)
+                    self.flush()
+        return ls, lt
+
+    def _pack_saved(self, t: Tensor) -> Any:
+        """Saved-tensor pack hook of the scoring: wrap a tensor that shares a bank's storage, and track it."""
+        for name in ("bank_teacher", "bank_student"):
+            bank = self._bank(name)
+            if t.device == bank.device and _same_storage(t, bank):
+                holder = _SavedBank(t)
+                self._saved_refs.append(weakref.ref(holder))
+                return holder
+        return t
+
+    def _bank(self, name: str) -> Tensor:
+        """A bank as stored, without the flush of attribute access."""
+        bank = self._buffers[name]
+        if bank is None:  # only if a user set the buffer to None
+            raise RuntimeError(f"ContrastMemory.{name} is None")
+        return bank
+
+    def flush(self) -> None:
+        """Write the last training step's bank update now (a no-op when there is none).
+
+        Called by the next :meth:`forward` and before the banks are read; call it yourself only
+        to read the banks through ``_buffers``. The rows are written in place when no autograd
+        graph holds the banks, else into a new tensor that replaces the buffer (copy on write).
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        idx, rows = pending
+        in_use = any(r() is not None for r in self._saved_refs)
+        for name, new_rows in (("bank_teacher", rows[0]), ("bank_student", rows[1])):
+            bank = self._bank(name)
+            if in_use:
+                self._buffers[name] = bank.index_copy(0, idx, new_rows.to(bank.dtype))
+            else:
+                bank.index_copy_(0, idx, new_rows.to(bank.dtype))
+        if in_use:
+            self._saved_refs = []  # the graphs hold the old tensors, the buffers are new
+
+    # -- reads of the banks see the last update --------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name in ("bank_student", "bank_teacher") and self.__dict__.get("_pending") is not None:
+            self.flush()
+        return super().__getattr__(name)
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Tensor]]:
+        self.flush()
+        return super().named_buffers(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        self.flush()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ContrastMemory:
+        self.flush()
+        out: ContrastMemory = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        return out
 
     # -- state -------------------------------------------------------------------------------
     def _load_from_state_dict(
@@ -388,6 +481,7 @@ class ContrastMemory(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        self.flush()  # a loaded state replaces the banks: write the pending rows first (in place or copied)
         for name in ("bank_student", "bank_teacher"):
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor) and saved.shape != (self.n_data, self.feat_dim):
@@ -409,3 +503,23 @@ class ContrastMemory(nn.Module):
             f"temperature={self.temperature}, momentum={self.momentum}, negatives={self.negatives!r}, "
             f"dtype={self.bank_student.dtype}, method={self.method!r}, validate={self.validate}"
         )
+
+
+class _SavedBank:
+    """What an autograd graph saves in place of a bank tensor: alive exactly as long as the graph needs it."""
+
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+def _unpack_saved(x: Any) -> Tensor:
+    return x.tensor if isinstance(x, _SavedBank) else x  # type: ignore[no-any-return]
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    try:
+        return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. subclasses): assume shared
+        return True

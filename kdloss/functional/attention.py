@@ -74,6 +74,21 @@ def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Ten
     return F.normalize(_spatial_energy(feature, p).flatten(1), dim=1, eps=eps)
 
 
+def _pool_to(q: Tensor, size: tuple[int, int]) -> Tensor:
+    """Adaptive average pooling of ``(B, H, W)`` maps to ``size``.
+
+    Sizes that divide evenly (the usual 32/16/8 maps) are pooled by a reshape and a mean, which
+    equals ``adaptive_avg_pool2d`` there and also compiles with symbolic sizes (inductor of torch
+    2.11 cannot lower ``adaptive_avg_pool2d`` to a symbolic ``Min`` size under ``dynamic=True``).
+    """
+    h, w = q.shape[-2], q.shape[-1]
+    if h == size[0] and w == size[1]:
+        return q
+    if h % size[0] == 0 and w % size[1] == 0:
+        return q.reshape(q.shape[0], size[0], h // size[0], size[1], w // size[1]).mean(dim=(2, 4))
+    return F.adaptive_avg_pool2d(q.unsqueeze(1), size).squeeze(1)
+
+
 def attention_loss(
     student_features: Tensor | Sequence[Tensor],
     teacher_features: Tensor | Sequence[Tensor],
@@ -152,8 +167,7 @@ def attention_loss(
         qs, qt = _spatial_energy(fs, p), _spatial_energy(ft.detach(), p)
         if qs.shape[-2:] != qt.shape[-2:]:
             size = (min(qs.shape[-2], qt.shape[-2]), min(qs.shape[-1], qt.shape[-1]))
-            qs = F.adaptive_avg_pool2d(qs.unsqueeze(1), size).squeeze(1)
-            qt = F.adaptive_avg_pool2d(qt.unsqueeze(1), size).squeeze(1)
+            qs, qt = _pool_to(qs, size), _pool_to(qt, size)
         a_s = F.normalize(qs.flatten(1), dim=1, eps=1e-12)
         a_t = F.normalize(qt.flatten(1), dim=1, eps=1e-12)
         per_sample = (a_s - a_t).square().mean(dim=1)

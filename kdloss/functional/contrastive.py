@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -193,7 +194,7 @@ def crd_logits(
     (``torch.backends.cuda.matmul.allow_tf32``) the ``"matmul"`` path rounds its inputs to TF32.
 
     The bank is saved for the backward pass: do not modify it in place before ``backward()``
-    (:class:`kdloss.ContrastMemory` scores against a copy for that reason).
+    (:class:`kdloss.ContrastMemory` defers its in-place update until no graph holds the bank).
 
     Args:
         anchor: ``(B, d)`` embeddings (any float dtype).
@@ -242,7 +243,7 @@ def crd_logits(
     path = _resolve_method(method, indices.numel(), bank.shape[0])
     if validate:
         check_index_range("indices", indices, bank.shape[0])
-    return _score_views(anchor.unsqueeze(0), bank.unsqueeze(0), indices.long(), temperature, path, chunk_size)[0]
+    return _score_views([anchor], [bank], indices.long(), temperature, path, chunk_size)[0]
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -253,18 +254,29 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
 
 
 def _score_views(
-    anchors: Tensor, banks: Tensor, idx: Tensor, temperature: float, path: str, chunk_size: int | None
-) -> Tensor:
-    """``(V, B, d)`` anchors against ``(V, N, d)`` banks at shared ``(B, K+1)`` long indices -> ``(V, B, K+1)``."""
-    with _autocast_off(anchors.device.type):
-        if path == "matmul":
-            full = torch.bmm(anchors.float(), banks.float().transpose(1, 2))  # (V, B, N)
-            out = full.gather(2, idx.unsqueeze(0).expand(anchors.shape[0], -1, -1))
-        else:
-            chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, anchors.shape[1] * anchors.shape[2]))
-            views = [_GatherDot.apply(anchors[v], banks[v].detach(), idx, chunk) for v in range(anchors.shape[0])]
-            out = torch.stack(views)
-    return out / temperature
+    anchors: Sequence[Tensor],
+    banks: Sequence[Tensor],
+    idx: Tensor,
+    temperature: float,
+    path: str,
+    chunk_size: int | None,
+) -> list[Tensor]:
+    """Each ``(B, d)`` anchor against its ``(N, d)`` bank at shared ``(B, K+1)`` long indices -> ``(B, K+1)`` each.
+
+    The banks are read where they are (no stacked copy); a float32 bank is saved for the backward
+    pass as it is (``"matmul"``: the transposed view, ``"gather"``: the bank), a bfloat16 one as
+    its float32 copy (``"matmul"``) or as it is (``"gather"``).
+    """
+    out: list[Tensor] = []
+    with _autocast_off(anchors[0].device.type):
+        for anchor, bank in zip(anchors, banks, strict=True):
+            if path == "matmul":
+                full = torch.mm(anchor.float(), bank.float().t())  # (B, N)
+                out.append(full.gather(1, idx) / temperature)
+            else:
+                chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, anchor.shape[0] * anchor.shape[1]))
+                out.append(_GatherDot.apply(anchor, bank.detach(), idx, chunk) / temperature)
+    return out
 
 
 def crd_normalizer(logits: Tensor, n_data: int) -> Tensor:

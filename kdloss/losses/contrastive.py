@@ -171,9 +171,12 @@ class CRDLoss(nn.Module):
         mem = self.memory
         v_s = self.embed_student(student_features)
         v_t = self.embed_teacher(teacher_features.detach())
-        logits = mem.scores(v_s, v_t, indices, negatives, generator=generator)  # (2, B, K+1)
+        scored: tuple[Tensor, Tensor] = mem(v_s, v_t, indices, negatives, generator=generator)
+        ls, lt = scored  # (B, K+1) each
         z = mem.normalizers
         if not mem._z_known:  # evaluation before any training step (or a loaded Z): this batch's Z if unset
-            z = torch.where(z > 0, z, logits.detach().exp().mean(dim=(1, 2)) * mem.n_data)
+            z = torch.where(z > 0, z, torch.stack([ls.detach().exp().mean(), lt.detach().exp().mean()]) * mem.n_data)
+        log_z = z.log()
         # the sum of the two views' batch-mean NCE losses (crd_nce_loss of each view)
-        return _nce_rows(logits, z.log().unsqueeze(1), mem.n_data).sum() / max(logits.shape[1], 1)
+        nce = _nce_rows(ls, log_z[0], mem.n_data).sum() + _nce_rows(lt, log_z[1], mem.n_data).sum()
+        return nce / max(ls.shape[0], 1)
