@@ -197,7 +197,8 @@ def bank_copy_table(a: argparse.Namespace) -> None:
                 t_ours.append(time_ms(ours.kdloss, a.device, reps=a.reps))
                 t_base.append(time_ms(base.kdloss, a.device, reps=a.reps))
             o, c = statistics.median(t_ours), statistics.median(t_base)
-            print(f"| {batch} | {a.k} | {a.feat_dim} | {a.n_data} | {str(dtype)[6:]} | {o:.3f} | {c:.3f} | {c / o:.2f}x |")
+            sizes = f"| {batch} | {a.k} | {a.feat_dim} | {a.n_data} | {str(dtype)[6:]} |"
+            print(f"{sizes} {o:.3f} | {c:.3f} | {c / o:.2f}x |")
 
 
 def main() -> None:

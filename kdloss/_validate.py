@@ -70,6 +70,13 @@ def check_reduction(reduction: str, allowed: Sequence[str] = _REDUCTIONS) -> Red
     return reduction  # type: ignore[return-value]
 
 
+def _shown(value: float) -> float:
+    """``value`` for an error message. Under ``torch.compile`` a float argument may be symbolic,
+    and dynamo of torch 2.11 cannot format one (its f-string fails under ``fullgraph=True``);
+    ``float()`` makes it a constant. Ints are shown as they are."""
+    return float(value) if isinstance(value, float) else value
+
+
 def check_positive(name: str, value: float) -> float:
     """Raise unless ``value`` is a finite number greater than zero."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -78,7 +85,7 @@ def check_positive(name: str, value: float) -> float:
     # changes between calls becomes a symbolic float, which math.isfinite cannot trace.
     # NaN fails both comparisons, +inf the second.
     if not (value > 0 and value < math.inf):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {_shown(value)!r}")
     return float(value)
 
 
@@ -87,7 +94,7 @@ def check_nonnegative(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__} {value!r}")
     if not (value >= 0 and value < math.inf):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {_shown(value)!r}")
     return float(value)
 
 
@@ -117,7 +124,7 @@ def check_unit_interval(name: str, value: float, *, open_ends: bool = False) -> 
     ok = 0.0 < value < 1.0 if open_ends else 0.0 <= value <= 1.0
     if not ok:
         interval = "(0, 1)" if open_ends else "[0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+        raise ValueError(f"{name} must lie in {interval}, got {_shown(value)!r}")
     return float(value)
 
 

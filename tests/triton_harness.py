@@ -23,6 +23,34 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE: str | None = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() and HAS_TRITON else None)
 
+
+def _let_old_interpreters_loop() -> None:
+    """Test-side fix of a Triton interpreter bug, so the kernels are checked on CPU with older Triton too.
+
+    A loop over a runtime bound (``for s in range(0, n, BLOCK)``, as every kernel here has) makes
+    the interpreter take ``int()`` of ``n``, which it holds as a one-element array; some Triton
+    releases (3.6, the GPU machine's) call ``int(array)``, which NumPy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars"). Triton 3.9 squeezes the array
+    first; this does the same where it is missing. Only the interpreter is touched.
+    """
+    import inspect
+
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or "squeeze" in inspect.getsource(patch):
+        return
+
+    def patched(tensor: type, scope: object) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore[attr-defined]
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET and HAS_TRITON:
+    _let_old_interpreters_loop()
+
 needs_kernel = pytest.mark.skipif(
     DEVICE is None or not HAS_TRITON,
     reason="kernel cases run in the TRITON_INTERPRET=1 subprocess (test_interpreter_subprocess) or on CUDA",

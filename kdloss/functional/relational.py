@@ -435,8 +435,12 @@ def pkt_loss(
 
     ps = conditional(fs.to(dtype))
     pt = conditional(ft.detach().to(dtype))
-    log_ratio = pt.clamp(min=eps).log() - ps.clamp(min=eps).log()
-    terms = torch.where(pt > 0, pt * log_ratio, 0.0)
+    # Terms with p_t = 0 (the diagonal without include_self) are 0. Their p_s is replaced by 1
+    # before the log as well: a log(0) left in the unselected branch of the where would send
+    # 0 * inf = NaN into the gradient (seen with eps=0 on torch 2.11).
+    present = pt > 0
+    log_ratio = torch.where(present, pt, 1.0).clamp(min=eps).log() - torch.where(present, ps, 1.0).clamp(min=eps).log()
+    terms = torch.where(present, pt * log_ratio, 0.0)
     per_row = terms.sum(dim=1)
     return reduce_loss(per_row, reduction, rows=batch, elements_per_row=batch)
 
