@@ -80,10 +80,11 @@ trainers)
     # issue 7: 5 epochs at Imagenette's shape in <= 12 s (synthetic tree, random weights: timing only)
     step imagenette 200 "$PY" -m reference_trainers hint-imagenette --synthetic --random-init --epochs 5 \
         --teacher-epochs 1 --workers 12 --no-progress --out "$RES/imagenette"
-    # issue 6: one short run per method beside plain KD, same seed (CIFAR-10 JPEG: CIFAR-100 is not here)
+    # issue 6: one short run per method beside plain KD, same seed (CIFAR-10 JPEG: CIFAR-100 is not here);
+    # issues 3 and 7: the train time of crd, at and dih against kd (target: at most 1.2x)
     step methods 600 "$PY" -m reference_trainers benchmark-cifar100 --dataset imagefolder --data-root "$DATA" \
         --teacher resnet32x4 --student resnet8x4 --teacher-epochs 15 --epochs 5 --seeds 0 --workers 8 \
-        --method kd,fitnet,at,sp,cc,vid,rkd,pkt,ab,ft,fsp,nst,crd,dkd,dist,reviewkd --no-progress \
+        --method kd,fitnet,at,sp,cc,vid,rkd,pkt,ab,ft,fsp,nst,crd,dkd,dist,reviewkd,dih --no-progress \
         --out "$RES/methods"
     ;;
 *)
