@@ -22,7 +22,9 @@ images (``TensorBatches``) or not:
   (so a resumed run replays the same order), sharded across DDP ranks.
 - :class:`FolderBatches`: a multi-worker ``DataLoader`` over an ``ImageFolder`` tree (uint8
   tensors decoded by ``torchvision.io``; ``DistributedSampler`` under DDP), for data that does not
-  fit or has variable image sizes (give a ``transform`` that makes them equal).
+  fit or has variable image sizes (give a ``transform`` that makes them equal). ``decode="cpu"``
+  decodes in the workers; ``decode="device"`` has the workers read the bytes and decodes each
+  batch's JPEGs in one call on the device (nvJPEG on CUDA), the transform running there too.
 
 Augmentation and normalisation happen on the batch, on the device: :class:`TensorAugment`
 (random crop with zero padding, horizontal flip, mean/std normalisation, channels-last). An
@@ -37,7 +39,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, Literal, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -49,6 +51,7 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "DECODE_MODES",
     "EMBEDDED_PATH",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -77,6 +80,11 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+DECODE_MODES = ("auto", "cpu", "device")
+DecodeMode = Literal["auto", "cpu", "device"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,10 @@ def _scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return samples, classes
 
 
+def _cannot_decode(path: Path, e: Exception) -> DataError:
+    return DataError(f"cannot decode image {str(path)!r}: {e}")
+
+
 def _read_image(path: Path) -> Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
@@ -200,10 +212,18 @@ def _read_image(path: Path) -> Tensor:
         image: Tensor = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
         return image
     except Exception as e:  # torchvision raises RuntimeError for undecodable data
-        raise DataError(f"cannot decode image {str(path)!r}: {e}") from e
+        raise _cannot_decode(path, e) from e
 
 
-def _from_workers(loader: Iterable[tuple[Tensor, Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+_JPEG_MAGIC = (0xFF, 0xD8, 0xFF)
+
+
+def _is_jpeg(data: Tensor) -> bool:
+    """Whether the file bytes ``data`` (1-D uint8) start like a JPEG (``FF D8 FF``)."""
+    return data.numel() >= 3 and tuple(data[:3].tolist()) == _JPEG_MAGIC
+
+
+def _from_workers(loader: Iterable[_T]) -> Iterator[_T]:
     """Re-raise a DataError from a DataLoader worker with its own message, not the worker's traceback."""
     it = iter(loader)
     while True:
@@ -234,15 +254,19 @@ class _FolderDataset(torch.utils.data.Dataset[tuple[Tensor, int, int]]):
         return img, label, i
 
 
+def _check_same_size(images: Sequence[Tensor], index: Sequence[int], paths: list[tuple[Path, int]]) -> None:
+    """Raise a DataError naming two files when the images of one batch differ in shape."""
+    first = tuple(images[0].shape)
+    for x, i in zip(images, index):
+        if tuple(x.shape) != first:
+            raise DataError(
+                f"images of different sizes in one batch: {str(paths[index[0]][0])!r} is {first}, "
+                f"{str(paths[i][0])!r} is {tuple(x.shape)}; give a transform that resizes them"
+            )
+
+
 def _collate(items: Sequence[tuple[Tensor, int, int]], paths: list[tuple[Path, int]]) -> tuple[Tensor, Tensor, Tensor]:
-    shapes = {tuple(x.shape) for x, _, _ in items}
-    if len(shapes) > 1:
-        first = items[0]
-        odd = next(it for it in items if tuple(it[0].shape) != tuple(first[0].shape))
-        raise DataError(
-            f"images of different sizes in one batch: {str(paths[first[2]][0])!r} is {tuple(first[0].shape)}, "
-            f"{str(paths[odd[2]][0])!r} is {tuple(odd[0].shape)}; give a transform that resizes them"
-        )
+    _check_same_size([x for x, _, _ in items], [i for _, _, i in items], paths)
     return (
         torch.stack([x for x, _, _ in items]),
         torch.tensor([y for _, y, _ in items], dtype=torch.int64),
@@ -256,6 +280,52 @@ class _Collate:
 
     def __call__(self, items: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
         return _collate(items, self.samples)
+
+
+# What a worker hands over when decoding happens on the device, one shared tensor per batch (a
+# tensor per image would cost a file descriptor each on the way back): ``blob`` holds every
+# sample's bytes back to back, sample ``k`` at ``blob[offsets[k]:offsets[k + 1]]``: a JPEG's file
+# bytes (``shapes[k]`` is None; decoded later, in one batched call) or, for other formats, the
+# image already decoded on the CPU, flattened (``shapes[k]`` is its ``(3, H, W)``); then the
+# labels and the indices, as in the CPU path.
+_EncodedBatch = tuple[Tensor, list[int], list[tuple[int, ...] | None], Tensor, Tensor]
+
+
+class _FolderBytes(torch.utils.data.Dataset[tuple[Tensor, tuple[int, ...] | None, int, int]]):
+    """The samples as ``(data, shape, label, index)``: a JPEG's file bytes (shape None), any other
+    image decoded on the CPU and flattened (shape ``(3, H, W)``)."""
+
+    def __init__(self, samples: list[tuple[Path, int]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, tuple[int, ...] | None, int, int]:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        path, label = self.samples[i]
+        try:
+            data: Tensor = read_file(str(path))
+            if _is_jpeg(data):
+                return data, None, label, i
+            image: Tensor = decode_image(data, mode=ImageReadMode.RGB)
+        except Exception as e:  # torchvision raises RuntimeError for unreadable or undecodable data
+            raise _cannot_decode(path, e) from e
+        return image.reshape(-1), tuple(image.shape), label, i
+
+
+def _collate_encoded(items: Sequence[tuple[Tensor, tuple[int, ...] | None, int, int]]) -> _EncodedBatch:
+    offsets = [0]
+    for x, _, _, _ in items:
+        offsets.append(offsets[-1] + x.numel())
+    return (
+        torch.cat([x for x, _, _, _ in items]),  # a new tensor (read_file's may map the file)
+        offsets,
+        [shape for _, shape, _, _ in items],
+        torch.tensor([y for _, _, y, _ in items], dtype=torch.int64),
+        torch.tensor([i for _, _, _, i in items], dtype=torch.int64),
+    )
 
 
 def load_image_folder_tensors(
@@ -486,21 +556,43 @@ class TensorBatches:
 class FolderBatches:
     """Batches of an ``ImageFolder`` tree through a multi-worker ``DataLoader`` (the path for big data).
 
-    Images are decoded to uint8 ``(3, H, W)`` tensors by ``torchvision.io`` in the workers and
-    ``transform`` (uint8 tensor to uint8 tensor, e.g. ``torchvision.transforms.v2.RandomResizedCrop``)
-    is applied there; batches are moved to ``device`` (pinned, non-blocking on CUDA). Under DDP a
-    ``DistributedSampler`` shards the shuffled training data (its epoch is set on every call of
-    :meth:`batches`); unshuffled (evaluation) data are split ``rank::world_size``, every sample once.
+    ``decode="cpu"``: images are decoded to uint8 ``(3, H, W)`` tensors by ``torchvision.io`` in the
+    workers and ``transform`` (uint8 tensor to uint8 tensor, e.g.
+    ``torchvision.transforms.v2.RandomResizedCrop``) is applied there; batches are moved to
+    ``device`` (pinned, non-blocking on CUDA).
+
+    ``decode="device"``: the workers only read the files' bytes; this process decodes each batch's
+    JPEGs in one ``torchvision.io.decode_jpeg(list, device=device)`` call (batched nvJPEG on CUDA;
+    on the CPU the same call decodes on the CPU), then applies ``transform`` image by image on
+    ``device`` and stacks. Files that are not JPEGs (by their first bytes, ``FF D8 FF``) are decoded
+    on the CPU by the workers; a JPEG the batched decoder rejects is retried alone, then decoded on
+    the CPU. A random ``transform`` draws from the global CPU generator re-seeded for every batch
+    from ``(seed, epoch, rank, batch)`` inside :func:`torch.random.fork_rng` (the run's own
+    random stream is left as it was), so it does not depend on ``num_workers``. nvJPEG's pixels
+    may differ from the CPU decoder's by a few levels (another IDCT); the order, labels and
+    indices of the batches are the CPU path's.
+
+    Under DDP a ``DistributedSampler`` shards the shuffled training data (its epoch is set on
+    every call of :meth:`batches`); unshuffled (evaluation) data are split ``rank::world_size``,
+    every sample once. Both decode modes use the same samplers.
 
     Args:
         root: the tree (``root/<class>/<image>``).
         batch_size, shuffle, drop_last, seed, rank, world_size: as for :class:`TensorBatches`.
-        transform: per-image transform run in the workers; random transforms make the source
-            non-deterministic (``deterministic=False``), which turns the teacher cache off.
-        num_workers: decoding processes.
+        transform: per-image transform (in the workers, or on ``device`` with ``decode="device"``);
+            random transforms make the source non-deterministic (``deterministic=False``), which
+            turns the teacher cache off.
+        num_workers: processes that read (and with ``decode="cpu"`` decode) the files.
         classes: expected class names (raises :class:`DataError` when they differ).
         indices: keep only these samples (positions in the sorted file list), e.g. one part of
             :func:`split_indices`; batch indices then count within this selection.
+        decode: ``"cpu"``, ``"device"`` or ``"auto"`` (``"device"`` when ``device`` is CUDA, else
+            ``"cpu"``); the mode chosen is in :attr:`decode`.
+
+    Raises:
+        ValueError: an unknown ``decode``, or ``indices`` out of range.
+        DataError: a missing or empty tree, classes that differ from ``classes``; while iterating,
+            an undecodable image (named) or images of different sizes in one batch.
     """
 
     def __init__(
@@ -519,7 +611,10 @@ class FolderBatches:
         num_workers: int = 0,
         classes: list[str] | None = None,
         indices: Sequence[int] | Tensor | None = None,
+        decode: DecodeMode = "auto",
     ) -> None:
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(map(repr, DECODE_MODES))}, got {decode!r}")
         samples, found = _scan_folder(Path(root))
         if classes is not None and found != classes:
             raise DataError(f"image folder {str(root)!r} has classes {found}, expected {classes}")
@@ -530,9 +625,15 @@ class FolderBatches:
                 raise ValueError(f"indices must be in [0, {len(samples)}) for {str(root)!r}, got {bad[:5]}")
             samples = [samples[i] for i in idx]
         self.classes = found
+        self.samples = samples
         self.device = torch.device(device)
+        if decode == "auto":
+            decode = "device" if self.device.type == "cuda" else "cpu"
+        self.decode: Literal["cpu", "device"] = decode
         self.deterministic = deterministic
-        self.dataset = _FolderDataset(samples, transform)
+        self.transform = transform
+        self.dataset: _FolderDataset | _FolderBytes
+        self.dataset = _FolderDataset(samples, transform) if decode == "cpu" else _FolderBytes(samples)
         self.sampler: torch.utils.data.DistributedSampler[int] | None = None
         self.shard: list[int] | None = None
         if world_size > 1 and shuffle:
@@ -540,14 +641,14 @@ class FolderBatches:
                 self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
             )
         elif world_size > 1:  # evaluation: every sample exactly once over the ranks (no padding)
-            self.shard = list(range(rank, len(self.dataset), world_size))
-        self.shuffle, self.seed = shuffle, seed
+            self.shard = list(range(rank, len(samples), world_size))
+        self.shuffle, self.seed, self.rank = shuffle, seed, rank
         self.batch_size, self.drop_last, self.num_workers = batch_size, drop_last, num_workers
-        self._collate = _Collate(samples)
+        self._collate: Callable[[Any], Any] = _Collate(samples) if decode == "cpu" else _collate_encoded
 
     @property
     def num_samples(self) -> int:
-        return len(self.dataset)
+        return len(self.samples)
 
     def _new_loader(
         self,
@@ -557,7 +658,7 @@ class FolderBatches:
         sampler: Iterable[int] | None = None,
         shuffle: bool | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.utils.data.DataLoader[tuple[Tensor, int, int]]:
+    ) -> torch.utils.data.DataLoader[Any]:
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_size=batch_size,
@@ -565,13 +666,14 @@ class FolderBatches:
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self._collate,
-            pin_memory=self.device.type == "cuda",
+            # file bytes are read by the decoder on the host: only decoded batches are worth pinning
+            pin_memory=self.device.type == "cuda" and self.decode == "cpu",
             drop_last=drop_last,
             generator=generator,
             persistent_workers=False,
         )
 
-    def _loader(self, epoch: int) -> torch.utils.data.DataLoader[tuple[Tensor, int, int]]:
+    def _loader(self, epoch: int) -> torch.utils.data.DataLoader[Any]:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
             return self._new_loader(self.batch_size, self.drop_last, sampler=self.sampler)
@@ -586,14 +688,79 @@ class FolderBatches:
     def all_batches(self, batch_size: int) -> Iterator[Batch]:
         """Every sample once, in index order, whatever the rank (for the teacher cache)."""
         loader = self._new_loader(batch_size, False, shuffle=False)
+        if self.decode == "device":
+            yield from self._device_batches(loader, -1)
+            return
         for x, y, i in _from_workers(loader):
             yield Batch(x.to(self.device), y.to(self.device), i.to(self.device))
 
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` (shuffled by ``(seed, epoch)``, or by the DistributedSampler)."""
+        if self.decode == "device":
+            yield from self._device_batches(self._loader(epoch), epoch)
+            return
         nb = self.device.type == "cuda"
         for x, y, i in _from_workers(self._loader(epoch)):
             yield Batch(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), i.to(self.device))
+
+    # ----------------------------------------------------------------------------- decode="device"
+
+    def _device_batches(self, loader: Iterable[_EncodedBatch], epoch: int) -> Iterator[Batch]:
+        nb = self.device.type == "cuda"
+        # One seed per batch for a random transform, from (seed, epoch, rank): reproducible, and
+        # the same whatever the number of workers.
+        seeds = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank + 13) % 2**63)
+        for blob, offsets, shapes, y, i in _from_workers(loader):
+            index = i.tolist()
+            images = self._decode_on_device(blob, offsets, shapes, index)
+            if self.transform is not None:
+                transform = self.transform
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
+                    images = [transform(x) for x in images]
+            _check_same_size(images, index, self.samples)
+            yield Batch(torch.stack(images), y.to(self.device, non_blocking=nb), i.to(self.device, non_blocking=nb))
+
+    def _decode_on_device(
+        self, blob: Tensor, offsets: list[int], shapes: list[tuple[int, ...] | None], index: list[int]
+    ) -> list[Tensor]:
+        """The batch's images on the device: the JPEGs in one batched call, the others (CPU-decoded) moved."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        nb = self.device.type == "cuda"
+        parts = [blob[offsets[k] : offsets[k + 1]] for k in range(len(shapes))]
+        images: list[Tensor | None] = [
+            None if shape is None else x.view(shape).to(self.device, non_blocking=nb) for x, shape in zip(parts, shapes)
+        ]
+        jpegs = [k for k, shape in enumerate(shapes) if shape is None]
+        if jpegs:
+            decoded: list[Tensor]
+            try:
+                decoded = decode_jpeg([parts[k] for k in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # one bad or unsupported file fails the whole call: find it
+                decoded = [self._decode_one(parts[k], index[k]) for k in jpegs]
+            for k, image in zip(jpegs, decoded):
+                images[k] = image
+        return cast(list[Tensor], images)
+
+    def _decode_one(self, data: Tensor, i: int) -> Tensor:
+        """One JPEG the batched decoder rejected: alone on the device, else on the CPU, else a DataError."""
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+        try:
+            image: Tensor = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return image
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            pass
+        try:
+            image = decode_image(data, mode=ImageReadMode.RGB)
+        except Exception as e:  # torchvision raises RuntimeError for undecodable data
+            raise _cannot_decode(self.samples[i][0], e) from e
+        return image.to(self.device)
 
 
 class TensorAugment:

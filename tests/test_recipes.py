@@ -146,6 +146,7 @@ def test_hint_imagenette_smoke(
     doc = _results(out)
     assert _methods(doc) == ["teacher", "hint"]
     assert doc["summary"][1]["val_best_mean"] is not None  # type: ignore[index]  # selected on a split of train/
+    assert doc["meta"]["decode"] == "cpu"  # type: ignore[index]  # --decode auto without CUDA
     out = tmp_path / "faithful"
     assert main([*argv, "--out", str(out), "--random-init", "--batch-size", "4", "--faithful"]) == 0
     doc = _results(out)
@@ -153,6 +154,40 @@ def test_hint_imagenette_smoke(
     assert doc["summary"][0]["val_best_mean"] is None  # type: ignore[index]  # the source: the last epoch
     assert main(["hint-imagenette", "--smoke", "--device", "cpu", "--data-root", str(tmp_path / "absent")]) == 2
     assert "must contain train/" in capsys.readouterr().err
+
+
+def test_hint_imagenette_decode_device_smoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reference_trainers.data import Batch, FolderBatches
+    from reference_trainers.recipes import hint_imagenette
+
+    iterated: list[str] = []  # the decode mode of every source the run reads
+
+    class Recording(FolderBatches):
+        def batches(self, epoch: int = 0) -> Iterator[Batch]:
+            iterated.append(self.decode)
+            return super().batches(epoch)
+
+    monkeypatch.setattr(hint_imagenette, "FolderBatches", Recording)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    argv = ["hint-imagenette", "--smoke", "--device", "cpu", "--no-progress", "--synthetic", "--random-init"]
+    argv += ["--threads", "1", "--batch-size", "4"]
+    out = tmp_path / "device"
+    assert main([*argv, "--out", str(out), "--workers", "2", "--decode", "device"]) == 0
+    doc = _results(out)
+    assert _methods(doc) == ["teacher", "hint"]
+    assert doc["meta"]["decode"] == "device"  # type: ignore[index]
+    assert len(iterated) >= 6  # train, validation and test sources of both phases
+    assert set(iterated) == {"device"}
+    assert "ImageFolder decoding: device (--decode device, 2 workers)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "bad"), "--decode", "gpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --decode: invalid choice: 'gpu'" in err
+    assert "auto" in err  # the choices are listed
+    assert "device" in err
 
 
 def test_synthetic_imagefolder_has_imagenettes_shape(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 from torchvision.io import encode_jpeg, encode_png
 
 from reference_trainers.data import (
+    Batch,
     DataError,
     FolderBatches,
     TensorAugment,
@@ -245,3 +246,159 @@ def test_folder_batches_shard_across_ranks(tmp_path: Path) -> None:
         FolderBatches(root, 2, indices=[10])
     train = [torch.cat([b.index for b in src.batches(1)]) for src in sources]
     assert set(train[0].tolist()).isdisjoint(train[1].tolist())
+
+
+# ------------------------------------------------------------------------------------ decode="device"
+
+
+def _varied_tree(root: Path, per_class: int = 5) -> Path:
+    """JPEGs and one PNG per class, of different sizes (a resizing transform makes them equal)."""
+    g = torch.Generator().manual_seed(2)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            img = torch.randint(0, 256, (3, 8 + i, 10 + 2 * i), dtype=torch.uint8, generator=g)
+            data = encode_png(img) if i == 2 else encode_jpeg(img, quality=90)
+            (root / c / f"{i}.{'png' if i == 2 else 'jpg'}").write_bytes(data.numpy().tobytes())
+    return root
+
+
+def _resize(x: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms import v2
+
+    out: torch.Tensor = v2.Resize((7, 9), antialias=True)(x)
+    return out
+
+
+def _assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.index, y.index)
+        assert torch.equal(x.labels, y.labels)
+        assert x.images.dtype == y.images.dtype == torch.uint8
+        assert torch.equal(x.images, y.images)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("resize", [False, True])
+def test_device_decode_on_cpu_gives_the_cpu_paths_batches(
+    tmp_path: Path, workers: int, shuffle: bool, resize: bool
+) -> None:
+    root = _varied_tree(tmp_path / "train") if resize else _tree(tmp_path / "train", per_class=5)
+    assert sorted({p.suffix for p in root.rglob("*.*")}) == [".jpg", ".png"]  # a PNG among the JPEGs
+    kw = {"shuffle": shuffle, "seed": 5, "num_workers": workers, "transform": _resize if resize else None}
+    cpu = FolderBatches(root, 3, decode="cpu", **kw)  # type: ignore[arg-type]
+    dev = FolderBatches(root, 3, decode="device", **kw)  # type: ignore[arg-type]
+    assert (cpu.decode, dev.decode) == ("cpu", "device")
+    assert len(cpu) == len(dev) == 4
+    for epoch in (0, 1):
+        expected = list(cpu.batches(epoch))
+        _assert_same_batches(list(dev.batches(epoch)), expected)
+        assert sorted(torch.cat([b.index for b in expected]).tolist()) == list(range(10))
+    _assert_same_batches(list(dev.all_batches(4)), list(cpu.all_batches(4)))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_device_decode_shards_across_ranks_like_the_cpu_path(tmp_path: Path, shuffle: bool) -> None:
+    root = _tree(tmp_path / "train", per_class=5)
+    for rank in range(3):
+        kw = {"shuffle": shuffle, "seed": 2, "rank": rank, "world_size": 3}
+        cpu = list(FolderBatches(root, 2, decode="cpu", **kw).batches(1))  # type: ignore[arg-type]
+        _assert_same_batches(list(FolderBatches(root, 2, decode="device", **kw).batches(1)), cpu)  # type: ignore[arg-type]
+
+
+def test_device_decode_random_transform_is_seeded_per_epoch_not_by_workers(tmp_path: Path) -> None:
+    from torchvision.transforms import v2
+
+    root = _varied_tree(tmp_path / "train")
+    tf = v2.Compose([v2.RandomResizedCrop(6, antialias=True), v2.RandomHorizontalFlip()])
+
+    def epoch(e: int, workers: int = 0, seed: int = 3) -> torch.Tensor:
+        src = FolderBatches(root, 4, shuffle=True, seed=seed, transform=tf, num_workers=workers, decode="device")
+        return torch.cat([b.images for b in src.batches(e)])
+
+    state = torch.get_rng_state()
+    first = epoch(0)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's own random stream is left alone
+    assert first.shape == (10, 3, 6, 6)
+    assert torch.equal(epoch(0), first)
+    assert torch.equal(epoch(0, workers=2), first)
+    assert not torch.equal(epoch(1), first)
+    assert not torch.equal(epoch(0, seed=4), first)
+
+
+def test_device_decode_falls_back_when_the_batched_decoder_rejects_a_jpeg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.io
+
+    root = _varied_tree(tmp_path / "train")
+    unsupported = (root / "dog" / "1.jpg").read_bytes()
+    real = torchvision.io.decode_jpeg
+    calls = {"batched": 0, "alone": 0}
+
+    def picky(data: torch.Tensor | list[torch.Tensor], **kw: object) -> object:
+        """Rejects any list holding one JPEG, and that JPEG alone (as nvJPEG may, e.g. for CMYK)."""
+        blobs = data if isinstance(data, list) else [data]
+        calls["batched" if isinstance(data, list) else "alone"] += 1
+        if any(x.numpy().tobytes() == unsupported for x in blobs):
+            raise RuntimeError("unsupported by this decoder")
+        return real(data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
+    dev = list(FolderBatches(root, 4, transform=_resize, decode="device").batches())
+    assert calls == {"batched": 3, "alone": 3}  # the batch holding it, then each of its 3 JPEGs alone
+    _assert_same_batches(dev, list(FolderBatches(root, 4, transform=_resize, decode="cpu").batches()))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("broken.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("broken.png", b"nope")],
+    ids=["jpeg-magic", "no-magic"],
+)
+def test_device_decode_corrupt_image_is_named(tmp_path: Path, workers: int, name: str, data: bytes) -> None:
+    root = _tree(tmp_path / "train")
+    (root / "dog" / name).write_bytes(data)
+    src = FolderBatches(root, 4, num_workers=workers, decode="device")
+    with pytest.raises(DataError, match=rf"^cannot decode image .*{name.replace('.', '[.]')}'") as exc:
+        list(src.batches())
+    assert "Traceback" not in str(exc.value)  # a worker's error comes back as one message
+
+
+def test_device_decode_refuses_images_of_different_sizes_like_the_cpu_path(tmp_path: Path) -> None:
+    root = _varied_tree(tmp_path / "train")
+    errors = []
+    for decode in ("cpu", "device"):
+        with pytest.raises(DataError, match=r"different sizes in one batch: .*0\.jpg' is \(3, 8, 10\)") as exc:
+            list(FolderBatches(root, 4, decode=decode).batches())  # type: ignore[arg-type]
+        errors.append(str(exc.value))
+    assert errors[0] == errors[1]
+
+
+def test_decode_option_is_checked_and_auto_follows_the_device(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "train")
+    with pytest.raises(ValueError, match=r"^decode must be one of 'auto', 'cpu', 'device', got 'gpu'$"):
+        FolderBatches(root, 2, decode="gpu")  # type: ignore[arg-type]
+    assert FolderBatches(root, 2).decode == "cpu"
+    assert FolderBatches(root, 2, "cuda").decode == "device"  # nothing touches CUDA before iterating
+    assert FolderBatches(root, 2, "cuda", decode="cpu").decode == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_decode_on_cuda_is_close_to_the_cpu_path(tmp_path: Path) -> None:
+    from reference_trainers.recipes.hint_imagenette import make_synthetic_imagefolder
+
+    root = make_synthetic_imagefolder(tmp_path, n_train=12, n_val=2, classes=3, short_side=40) / "train"
+    kw = {"shuffle": True, "seed": 1, "transform": _resize}
+    cpu = list(FolderBatches(root, 5, decode="cpu", **kw).batches())  # type: ignore[arg-type]
+    dev = list(FolderBatches(root, 5, "cuda", num_workers=2, **kw).batches())  # type: ignore[arg-type]
+    assert len(dev) == len(cpu)
+    for a, b in zip(dev, cpu):
+        assert a.images.is_cuda
+        assert torch.equal(a.index.cpu(), b.index)
+        assert torch.equal(a.labels.cpu(), b.labels)
+        diff = (a.images.cpu().float() - b.images.float()).abs()
+        assert float(diff.mean()) < 2.0  # nvJPEG's IDCT and upsampling differ slightly from libjpeg's

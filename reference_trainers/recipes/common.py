@@ -4,7 +4,8 @@
   --no-channels-last --compile --no-teacher-cache --max-batches --smoke --resume
   --stop-after-epoch --deterministic --threads --no-progress --dataset --data-root --download
   --val-size --workers --train-subset --test-subset`` (a recipe sets its own defaults with
-  ``parser.set_defaults``).
+  ``parser.set_defaults``); :func:`add_decode_argument` adds ``--decode`` for the recipes that
+  read ImageFolder trees through ``FolderBatches``.
 - :func:`config_from_args` -> :class:`~reference_trainers.engine.TrainConfig`.
 - :func:`load_splits` loads the data (``--smoke`` shrinks it) and :func:`run_data` builds the
   :class:`~reference_trainers.engine.RunData` of one seed (tensor data on the device, sharded
@@ -22,11 +23,19 @@ from typing import Any, cast
 
 import torch
 
-from reference_trainers.data import DataSplits, TensorAugment, TensorBatches, TensorSplit, load_dataset
+from reference_trainers.data import DECODE_MODES, DataSplits, TensorAugment, TensorBatches, TensorSplit, load_dataset
 from reference_trainers.engine import Context, RunData, RunResult, TrainConfig, environment, markdown_table, summarise
 from reference_trainers.engine import write_reports as _write_reports
 
-__all__ = ["add_common_arguments", "config_from_args", "finish", "load_splits", "run_data", "storage_device"]
+__all__ = [
+    "add_common_arguments",
+    "add_decode_argument",
+    "config_from_args",
+    "finish",
+    "load_splits",
+    "run_data",
+    "storage_device",
+]
 
 
 def _positive_int(s: str) -> int:
@@ -83,6 +92,19 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=0, help="decoding processes for ImageFolder data")
     g.add_argument("--train-subset", type=_positive_int, default=None, help="train on this many images only")
     g.add_argument("--test-subset", type=_positive_int, default=None, help="test on this many images only")
+
+
+def add_decode_argument(p: argparse.ArgumentParser) -> None:
+    """``--decode auto|cpu|device``, for the recipes that read ImageFolder trees through
+    :class:`~reference_trainers.data.FolderBatches` (passed on as its ``decode``)."""
+    p.add_argument(
+        "--decode",
+        choices=DECODE_MODES,
+        default="auto",
+        help="where ImageFolder images are decoded: cpu (in the --workers processes, transforms there too), "
+        "device (the workers only read the files; each batch's JPEGs are decoded in one call on the device, "
+        "nvJPEG on CUDA, and the transforms run there), auto (device on CUDA, else cpu; the default)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, recipe: str) -> TrainConfig:

@@ -1,7 +1,9 @@
 """``hint-imagenette``: FitNets-style hints, ResNet-50 -> ResNet-18 on Imagenette (EXPERIMENTS.md section 2).
 
 Data: an Imagenette tree (``--data-root`` with ``train/`` and ``val/`` ImageFolders, e.g.
-``imagenette2-320``), read by a multi-worker DataLoader (``--workers``, default 4):
+``imagenette2-320``), read by a multi-worker DataLoader (``--workers``, default 4; ``--decode``
+says whether the workers decode the JPEGs or the device does, batch by batch: ``auto`` picks the
+device on CUDA):
 train ``RandomResizedCrop(224)`` + horizontal flip, val ``Resize(256)`` + ``CenterCrop(224)``,
 ImageNet normalisation. ``--synthetic`` first writes a synthetic ImageFolder of Imagenette's
 shape (9,469 / 3,925 JPEGs, 10 classes, shorter side 320 px) under ``<out>/synthetic`` and uses
@@ -41,7 +43,7 @@ from reference_trainers.engine import DistillStep, RunData, RunResult, RunSpec, 
 from reference_trainers.errors import DataError, TrainerError
 from reference_trainers.methods import CEStep, HintStep, TeacherOutputs
 from reference_trainers.models import build_model, load_torchvision_weights
-from reference_trainers.recipes.common import config_from_args, finish
+from reference_trainers.recipes.common import add_decode_argument, config_from_args, finish
 
 NAME = "hint-imagenette"
 HELP = "FitNets-style hint ResNet-50 -> ResNet-18 on Imagenette, --faithful or corrected (EXPERIMENTS.md 2)"
@@ -89,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=3.0, help="T (3)")
     p.add_argument("--alpha", type=float, default=0.5, help="KL weight; CE gets 1 - alpha (0.5)")
     p.add_argument("--beta", type=float, default=0.5, help="hint MSE weight (0.5)")
+    add_decode_argument(p)
     p.set_defaults(epochs=None, batch_size=32, workers=4, dataset="imagefolder")
 
 
@@ -152,10 +155,12 @@ def run(args: argparse.Namespace) -> int:
         ctx.device,
         transform=val_tf,
         num_workers=args.workers,
+        decode=args.decode,
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
     classes = val_src.classes
+    ctx.log(f"ImageFolder decoding: {val_src.decode} (--decode {args.decode}, {args.workers} workers)")
     n = len(classes)
     norm = TensorAugment(IMAGENET_MEAN, IMAGENET_STD, channels_last=ctx.use_channels_last)
 
@@ -174,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             ctx.device,
             transform=val_tf,
             num_workers=args.workers,
+            decode=args.decode,
             classes=classes,
             indices=held_idx,
             rank=ctx.rank,
@@ -190,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             transform=train_tf,
             deterministic=False,
             num_workers=args.workers,
+            decode=args.decode,
             classes=classes,
             indices=train_idx,
             rank=ctx.rank,
@@ -264,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
             "data": f"ImageFolder {root} ({len(classes)} classes, {size} px crops)",
             "faithful": args.faithful,
             "synthetic": args.synthetic,
+            "decode": val_src.decode,
         },
     )
     return 0
