@@ -75,7 +75,10 @@ def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not K.use_fused(x, x)
 
 
-def _aot_compile(sdt: str, tdt: str, flags: dict[str, bool], c: int):  # type: ignore[no-untyped-def]
+_FLAGS_OFF = {"HAS_MASK": False, "HAS_LABELS": False, "HAS_CE": False, "WRITE_GRAD": False, "REDUCE": 0}
+
+
+def _aot_compile(sdt: str, tdt: str, flags: dict[str, int], c: int):  # type: ignore[no-untyped-def]
     """Compile the kernel for an H100 (sm_90) without a GPU, as a contiguous-input launch would."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -88,8 +91,9 @@ def _aot_compile(sdt: str, tdt: str, flags: dict[str, bool], c: int):  # type: i
     types = {"S": f"*{sdt}", "TT": f"*{tdt}", "LABELS": "*i64", "MASK": "*i1", "LOSS": "*fp32", "VALID": "*i1"}
     types.update(GRAD=f"*{sdt}", C="i32", ignore_index="i32")
     types.update({n: "i32" for n in ("stride_sr", "stride_tr", "stride_gr")})
-    types.update({n: "fp32" for n in ("temperature", "kl_weight", "grad_kl_weight", "ce_weight")})
-    consts: dict[str, object] = {**flags, "BLOCK": block, "stride_sc": 1, "stride_tc": 1}
+    types.update({n: "fp32" for n in ("temperature", "kl_weight", "grad_kl_weight", "ce_weight", "denom_per_row")})
+    types.update(OUT="*fp32", SCALE="*fp32", COUNTER="*i32", n_rows="i32")
+    consts: dict[str, object] = {**flags, "BLOCK": block, "RBLOCK": K._REDUCE_BLOCK, "stride_sc": 1, "stride_tc": 1}
     sig = {n: "constexpr" if n in consts else types[n] for n in names}
     aligned = ("S", "TT", "LABELS", "MASK", "LOSS", "VALID", "GRAD", "stride_sr", "stride_tr", "stride_gr", "C")
     src = ASTSource(
@@ -107,13 +111,13 @@ def _aot_compile(sdt: str, tdt: str, flags: dict[str, bool], c: int):  # type: i
 @pytest.mark.parametrize(
     ("sdt", "tdt", "flags", "c"),
     [
-        ("bf16", "bf16", {"HAS_MASK": False, "HAS_LABELS": True, "HAS_CE": True, "WRITE_GRAD": True}, 128256),
-        ("fp32", "fp32", {"HAS_MASK": True, "HAS_LABELS": False, "HAS_CE": False, "WRITE_GRAD": True}, 1000),
-        ("fp16", "fp32", {"HAS_MASK": False, "HAS_LABELS": False, "HAS_CE": False, "WRITE_GRAD": False}, 100),
+        ("bf16", "bf16", {**_FLAGS_OFF, "HAS_LABELS": True, "HAS_CE": True, "WRITE_GRAD": True, "REDUCE": 2}, 128256),
+        ("fp32", "fp32", {**_FLAGS_OFF, "HAS_MASK": True, "WRITE_GRAD": True}, 1000),
+        ("fp16", "fp32", {**_FLAGS_OFF, "REDUCE": 1}, 100),
     ],
     ids=["lm-bf16-ce", "imagenet-fp32-mask", "cifar-mixed-nograd"],
 )
-def test_compiles_for_h100_without_gpu(sdt: str, tdt: str, flags: dict[str, bool], c: int, tmp_path: Path) -> None:
+def test_compiles_for_h100_without_gpu(sdt: str, tdt: str, flags: dict[str, int], c: int, tmp_path: Path) -> None:
     """Triton's real front end and ptxas (not the interpreter) accept the kernel; wide loads, no spills.
 
     The interpreter runs Python semantics and misses errors that only the compiler reports (a
@@ -126,6 +130,11 @@ def test_compiles_for_h100_without_gpu(sdt: str, tdt: str, flags: dict[str, bool
         pytest.skip(f"ahead-of-time compilation API not available: {exc}")
     assert_no_local_memory(compiled, tmp_path)
     ptx = compiled.asm["ptx"]
+    if flags["REDUCE"]:  # the ticket: one acquire-release atomic at GPU scope, then uncached reads
+        assert "atom.global.gpu.acq_rel.add" in ptx
+        assert "ld.volatile.global" in ptx
+    else:
+        assert "atom." not in ptx
     if c >= 1000:  # contiguous rows: 16-byte vector loads and gradient stores
         assert "ld.global.v4" in ptx
         assert "st.global.v4" in ptx
@@ -496,3 +505,71 @@ def test_random_inputs_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.equal(valid, counts)
 
     check()
+
+
+# --------------------------------------------------------------------------- the reducing launch
+
+
+@needs_kernel
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_reduced_loss_matches_rows_and_resets_its_counter(monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
+    """The single-launch reduction equals the per-row losses reduced in Python, call after call.
+
+    The last program sums the rows in blocks; with the block cut to 16, 40 rows take three
+    blocks, the last one partial. The ticket counter is back at 0 after every launch; a counter
+    left behind would make the next launch never find its last program and return garbage.
+    """
+    monkeypatch.setattr(K, "_REDUCE_BLOCK", 16)
+    torch.manual_seed(8)
+    s, t = _logits((40, 5), torch.float32), _logits((40, 5), torch.float32)
+    mask = torch.rand(40, device=s.device) > 0.3
+    rows, valid = K.fused_kd_rows(s, t, temperature=2.0, mask=mask)
+    want = rows.sum()
+    if reduction == "batchmean":
+        want = want / valid.sum()
+    elif reduction == "mean":
+        want = want / (valid.sum() * 5)
+    outs = [K.fused_kd_loss(s, t, temperature=2.0, reduction=reduction, elements_per_row=5, mask=mask) for _ in "ab"]
+    assert outs[0].shape == ()
+    torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(outs[0], outs[1])  # same bits: the rows are summed in index order
+    assert K._counters
+    assert all(int(c) == 0 for c in K._counters.values())
+
+
+@needs_kernel
+def test_reduced_gradient_is_scaled_by_the_count() -> None:
+    torch.manual_seed(9)
+    s, t = _logits((7, 11), torch.float32), _logits((7, 11), torch.float32)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool, device=s.device)
+    leaf = s.clone().requires_grad_(True)
+    (K.fused_kd_loss(leaf, t, temperature=1.5, reduction="batchmean", mask=mask) * 3.0).backward()
+    ref = s.clone().requires_grad_(True)
+    (soft_kl(ref, t, temperature=1.5, mask=mask, reduction="sum") * 3.0 / 5).backward()
+    assert leaf.grad is not None
+    assert ref.grad is not None
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_reduced_loss_refuses_none() -> None:
+    s = _logits((2, 3), torch.float32)
+    with pytest.raises(ValueError, match="reduction must be 'sum', 'mean' or 'batchmean', got 'none'"):
+        K.fused_kd_loss(s, s, temperature=1.0, reduction="none")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize(("n", "c"), [(256, 100), (4096, 1000)])
+def test_reduced_forward_is_one_launch(n: int, c: int) -> None:
+    """The issue's target: the 256 x 100 forward (with its reduction) is one kernel launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s, t = _logits((n, c), torch.float32), _logits((n, c), torch.float32)
+    soft_kl(s, t, temperature=4.0)  # compile the kernel, allocate the counter
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.no_grad():
+        soft_kl(s, t, temperature=4.0)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert len(kernels) == 1, kernels

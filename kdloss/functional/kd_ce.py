@@ -134,7 +134,19 @@ def kd_ce_loss(
             )
 
     if _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
-        per_row, valid = _kernels.fused_kd_rows(
+        if reduction != "none":  # one launch: the rows and their reduction
+            return _kernels.fused_kd_loss(
+                student_logits,
+                teacher_logits,
+                temperature=temperature,
+                reduction=reduction,
+                mask=mask,
+                labels=labels,
+                ignore_index=ignore_index,
+                kl_weight=alpha,
+                ce_weight=1.0 - alpha,
+            )
+        per_row, _ = _kernels.fused_kd_rows(
             student_logits,
             teacher_logits,
             temperature=temperature,
@@ -144,7 +156,7 @@ def kd_ce_loss(
             kl_weight=alpha,
             ce_weight=1.0 - alpha,
         )
-        return reduce_loss(per_row, reduction, rows=valid.sum())
+        return per_row
 
     dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)

@@ -21,6 +21,7 @@ __all__ = [
     "attention_fusable",
     "fused_attention_rows",
     "fused_cohort_rows",
+    "fused_kd_loss",
     "fused_kd_rows",
     "kernels_available",
     "kernels_enabled",
@@ -92,12 +93,37 @@ def _block_size(c: int) -> int:
     return b
 
 
-class _FusedKD(torch.autograd.Function):
-    """Per-row ``kl_weight * KL + ce_weight * CE``; the gradient is computed in the forward pass.
+# reduction -> the kernel's REDUCE code (0: per-row losses, 1: sum, 2: divided by the count)
+_REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2, "batchmean": 2}
+_REDUCE_BLOCK = 1024
+# The ticket counters of the reducing launch, one per (device, stream): each launch's last program
+# resets its counter to 0, so one zeroed int32 serves every later launch on that stream.
+_counters: dict[tuple[str, int, int], Tensor] = {}
 
-    The backward only scales the saved gradient in place by the incoming per-row gradient, so the
-    extra memory is one gradient-sized buffer. It can therefore run once: a second backward
-    through the same graph (``retain_graph=True``) raises instead of returning a wrong result.
+
+def _ticket_counter(device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = ("cuda", index, torch.cuda.current_stream(device).cuda_stream)
+        capturing = torch.cuda.is_current_stream_capturing()
+    else:  # CPU tensors under the Triton interpreter (tests): one counter, reused like on CUDA
+        key, capturing = (device.type, 0, 0), False
+    counter = _counters.get(key)
+    if counter is None:
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        if not capturing:  # memory from a CUDA graph's private pool is not kept
+            _counters[key] = counter
+    return counter
+
+
+class _FusedKD(torch.autograd.Function):
+    """``kl_weight * KL + ce_weight * CE`` per row, or reduced over the rows, with the gradient.
+
+    The gradient is computed in the forward pass; the backward only scales the saved gradient in
+    place (by the incoming per-row gradient, or by the incoming scalar times ``1 / denominator``
+    for a reduced loss), so the extra memory is one gradient-sized buffer. It can therefore run
+    once: a second backward through the same graph (``retain_graph=True``) raises instead of
+    returning a wrong result.
     """
 
     @staticmethod
@@ -113,13 +139,21 @@ class _FusedKD(torch.autograd.Function):
         ignore_index: int,
         block: int,
         write_grad: bool,
+        reduction: str,
+        elements_per_row: int,
     ) -> tuple[Tensor, Tensor]:
         from kdloss.kernels._kd_triton import _kd_rows_kernel
 
         rows, c = s2.shape
+        reduce = _REDUCE_CODES[reduction]
         loss = torch.empty(rows, device=s2.device, dtype=torch.float32)
         valid = torch.empty(rows, device=s2.device, dtype=torch.bool)
         grad = torch.empty((rows, c) if write_grad else (1, 1), device=s2.device, dtype=s2.dtype)
+        out = torch.empty((), device=s2.device, dtype=torch.float32) if reduce else loss
+        scale = torch.empty((), device=s2.device, dtype=torch.float32) if reduce else loss
+        if rows == 0 and reduce:
+            out.zero_()  # an empty batch: 0, never NaN (and nothing to scale)
+            scale.zero_()
         if rows > 0:
             _kd_rows_kernel[(rows,)](
                 s2,
@@ -140,17 +174,25 @@ class _FusedKD(torch.autograd.Function):
                 float(kl_weight * temperature),
                 float(ce_weight),
                 int(ignore_index),
+                out,
+                scale,
+                _ticket_counter(s2.device) if reduce else loss,
+                rows,
+                float(elements_per_row if reduction == "mean" else 1),
                 HAS_MASK=mask is not None,
                 HAS_LABELS=labels is not None,
                 HAS_CE=ce_weight != 0.0,
                 WRITE_GRAD=write_grad,
                 BLOCK=block,
+                REDUCE=reduce,
+                RBLOCK=_REDUCE_BLOCK,
                 num_warps=4 if block <= 1024 else 8,
                 enable_fp_fusion=True,  # explicit: Triton 3.9 warns when it is left to the default
             )
         ctx.grad = grad if write_grad else None  # type: ignore[attr-defined]
+        ctx.scale = scale if reduce else None  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(valid)
-        return loss, valid
+        return out, valid
 
     @staticmethod
     @once_differentiable
@@ -164,8 +206,29 @@ class _FusedKD(torch.autograd.Function):
                 "for retain_graph=True / double backward set KDLOSS_DISABLE_KERNELS=1 to use the eager path"
             )
         ctx.grad = None  # type: ignore[attr-defined]
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None, None, None, None, None, None
+        scale: Tensor | None = ctx.scale  # type: ignore[attr-defined]
+        grad.mul_(grad_loss.unsqueeze(-1) if scale is None else grad_loss * scale)
+        return (grad, *([None] * 11))
+
+
+def _prepare_rows(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, mask: Tensor | None, ce_weight: float
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    c = student_logits.shape[-1]
+    s2 = student_logits.reshape(-1, c)
+    t2 = teacher_logits.detach().reshape(-1, c)
+    # Any row stride is read in place; a class stride other than 1 (a transposed view) is copied
+    # once, so that the kernel's loads are contiguous and its column offsets cannot overflow int32.
+    if s2.stride(1) != 1:
+        s2 = s2.contiguous()
+    if t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    # the kernel indexes labels and mask by row: they must be dense
+    lab = labels.reshape(-1).contiguous() if labels is not None else None
+    msk = mask.reshape(-1).contiguous() if mask is not None else None
+    if ce_weight != 0.0 and lab is None:
+        raise ValueError("ce_weight != 0 needs labels")
+    return s2, t2, lab, msk
 
 
 def fused_kd_rows(
@@ -191,25 +254,44 @@ def fused_kd_rows(
         tensor of the rows that count, both of the logits' shape without the class dimension.
     """
     rows_shape = student_logits.shape[:-1]
-    c = student_logits.shape[-1]
-    s2 = student_logits.reshape(-1, c)
-    t2 = teacher_logits.detach().reshape(-1, c)
-    # Any row stride is read in place; a class stride other than 1 (a transposed view) is copied
-    # once, so that the kernel's loads are contiguous and its column offsets cannot overflow int32.
-    if s2.stride(1) != 1:
-        s2 = s2.contiguous()
-    if t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    # the kernel indexes labels and mask by row: they must be dense
-    lab = labels.reshape(-1).contiguous() if labels is not None else None
-    msk = mask.reshape(-1).contiguous() if mask is not None else None
-    if ce_weight != 0.0 and lab is None:
-        raise ValueError("ce_weight != 0 needs labels")
-    block = block_size if block_size is not None else _block_size(c)
+    s2, t2, lab, msk = _prepare_rows(student_logits, teacher_logits, labels, mask, ce_weight)
+    block = block_size if block_size is not None else _block_size(s2.shape[1])
     # needs_input_grad cannot tell inside forward whether grad mode is on: decide here
     write_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, valid = _FusedKD.apply(s2, t2, lab, msk, temperature, kl_weight, ce_weight, ignore_index, block, write_grad)
+    loss, valid = _FusedKD.apply(
+        s2, t2, lab, msk, temperature, kl_weight, ce_weight, ignore_index, block, write_grad, "none", 1
+    )
     return loss.reshape(rows_shape), valid.reshape(rows_shape)
+
+
+def fused_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float,
+    reduction: str,
+    elements_per_row: int = 1,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    block_size: int | None = None,
+) -> Tensor:
+    """:func:`fused_kd_rows` reduced over the rows in the same single launch: a 0-d float32 tensor.
+
+    ``reduction``: ``"sum"``; ``"batchmean"`` divides by the rows that count, ``"mean"`` by
+    those times ``elements_per_row``; no row counting gives 0 (never NaN). Same assumptions as
+    :func:`fused_kd_rows`.
+    """
+    if reduction not in ("sum", "mean", "batchmean"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'batchmean', got {reduction!r}")
+    s2, t2, lab, msk = _prepare_rows(student_logits, teacher_logits, labels, mask, ce_weight)
+    block = block_size if block_size is not None else _block_size(s2.shape[1])
+    write_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    args = (temperature, kl_weight, ce_weight, ignore_index, block, write_grad, reduction, elements_per_row)
+    out: Tensor = _FusedKD.apply(s2, t2, lab, msk, *args)[0]
+    return out
 
 
 def _cohort_block(c: int, kb: int) -> int:

@@ -10,6 +10,13 @@ One program handles one row of ``C`` logits in two passes over the columns:
    once in the student's dtype.
 
 So the logits are read twice and the gradient written once; nothing of size ``C`` is kept.
+
+With ``REDUCE`` (``"sum"``, ``"mean"``, ``"batchmean"``) the same launch also reduces: each
+program stores its row's loss and validity, then takes a ticket from a counter with one atomic
+add; the program that draws the last ticket sums all rows in index order (so the result does
+not depend on which program finishes last), writes the reduced loss and ``1 / denominator`` (for
+the backward pass) and resets the counter to 0 for the next launch. One launch in all, no host
+synchronisation, and the same bits on every run.
 """
 
 from __future__ import annotations
@@ -45,11 +52,18 @@ if triton is not None:
         grad_kl_weight,
         ce_weight,
         ignore_index,
+        OUT,
+        SCALE,
+        COUNTER,
+        n_rows,
+        denom_per_row,
         HAS_MASK: tl.constexpr,
         HAS_LABELS: tl.constexpr,
         HAS_CE: tl.constexpr,
         WRITE_GRAD: tl.constexpr,
         BLOCK: tl.constexpr,
+        REDUCE: tl.constexpr,
+        RBLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         s_row = S + row * stride_sr
@@ -137,3 +151,23 @@ if triton is not None:
         loss = tl.where(valid, loss, 0.0)
         tl.store(LOSS + row, loss)
         tl.store(VALID + row, valid)
+
+        # REDUCE: 0 none, 1 sum, 2 divide by (rows that count) * denom_per_row (mean / batchmean).
+        if REDUCE != 0:
+            tl.debug_barrier()  # this program's stores come before its ticket (release below)
+            ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+            if ticket == n_rows - 1:  # every other row is stored: reduce them all, in index order
+                acc = tl.zeros((RBLOCK,), tl.float32)
+                cnt = tl.zeros((RBLOCK,), tl.int32)
+                for start in range(0, n_rows, RBLOCK):
+                    r = start + tl.arange(0, RBLOCK)
+                    inr = r < n_rows
+                    acc += tl.load(LOSS + r, mask=inr, other=0.0, volatile=True)
+                    cnt += tl.load(VALID + r, mask=inr, other=0, volatile=True).to(tl.int32)
+                total = tl.sum(acc, axis=0)
+                denom = 1.0
+                if REDUCE == 2:
+                    denom = tl.maximum(tl.sum(cnt, axis=0), 1).to(tl.float32) * denom_per_row
+                tl.store(OUT, total / denom)
+                tl.store(SCALE, 1.0 / denom)
+                tl.atomic_xchg(COUNTER, 0)  # ready for the next launch
