@@ -28,6 +28,7 @@ export PYTHONPATH=.
 PY="${PYTHON:-python3}"
 SUMMARY="$RES/summary.txt"
 DATA=/tmp/cifar10-jpeg
+SYNTH="${SYNTH:-/tmp/imagenette-synthetic}"
 BUDGET="${PHASE_BUDGET:-540}"
 DEADLINE=$(($(date +%s) + BUDGET))
 
@@ -108,12 +109,16 @@ trainers)
     step tutorial 300 "$PY" -m reference_trainers tutorial-cifar10 --data-root "$DATA" --seeds 42,0,1 \
         --workers 8 --no-progress --out "$RES/tutorial"
     # issue 7: 5 epochs at Imagenette's shape in <= 12 s (synthetic tree, random weights: timing only);
-    # JPEGs decoded on the GPU (nvJPEG), then the same tree decoded by the CPU workers
-    step imagenette-device 150 "$PY" -m reference_trainers hint-imagenette --synthetic --random-init --epochs 5 \
-        --teacher-epochs 1 --seeds 42 --workers 12 --decode device --no-progress --out "$RES/imagenette-device"
-    step imagenette-cpu 90 "$PY" -m reference_trainers hint-imagenette \
-        --data-root "$RES/imagenette-device/synthetic" --random-init --epochs 5 --teacher-epochs 1 --seeds 42 \
-        --workers 12 --decode cpu --no-progress --out "$RES/imagenette-cpu"
+    # the tree first (about a minute of JPEG encoding), then JPEGs decoded on the GPU (nvJPEG), then
+    # the same tree decoded by the CPU workers
+    step imagenette-tree 120 "$PY" -c "from pathlib import Path; from reference_trainers.recipes.hint_imagenette \
+import IMAGENETTE_SHAPE as S, make_synthetic_imagefolder as make; make(Path('$SYNTH'), n_train=S['train'], \
+n_val=S['val'], short_side=S['short_side'])"
+    for mode in device cpu; do
+        step "imagenette-$mode" 120 "$PY" -m reference_trainers hint-imagenette --data-root "$SYNTH" --random-init \
+            --epochs 5 --teacher-epochs 1 --seeds 42 --workers 12 --decode "$mode" --no-progress \
+            --out "$RES/imagenette-$mode"
+    done
     ;;
 methods)
     cifar_data
