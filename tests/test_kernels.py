@@ -552,10 +552,12 @@ def test_reduced_gradient_is_scaled_by_the_count() -> None:
 
 
 @needs_kernel
-def test_reduced_loss_refuses_none() -> None:
-    s = _logits((2, 3), torch.float32)
-    with pytest.raises(ValueError, match="reduction must be 'sum', 'mean' or 'batchmean', got 'none'"):
-        K.fused_kd_loss(s, s, temperature=1.0, reduction="none")
+def test_fused_loss_none_gives_the_rows_and_bad_reductions_raise() -> None:
+    s, t = _logits((3, 7), torch.float32), _logits((3, 7), torch.float32)
+    rows, _ = K.fused_kd_rows(s, t, temperature=2.0)
+    assert torch.equal(K.fused_kd_loss(s, t, temperature=2.0, reduction="none"), rows)
+    with pytest.raises(ValueError, match="reduction must be one of 'none', 'sum', 'mean', 'batchmean', got 'avg'"):
+        K.fused_kd_loss(s, t, temperature=1.0, reduction="avg")
 
 
 @pytest.mark.gpu

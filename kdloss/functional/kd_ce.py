@@ -134,29 +134,18 @@ def kd_ce_loss(
             )
 
     if _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
-        if reduction != "none":  # one launch: the rows and their reduction
-            return _kernels.fused_kd_loss(
-                student_logits,
-                teacher_logits,
-                temperature=temperature,
-                reduction=reduction,
-                mask=mask,
-                labels=labels,
-                ignore_index=ignore_index,
-                kl_weight=alpha,
-                ce_weight=1.0 - alpha,
-            )
-        per_row, _ = _kernels.fused_kd_rows(
+        # one launch: the rows and, unless reduction="none", their reduction
+        return _kernels.fused_kd_loss(
             student_logits,
             teacher_logits,
             temperature=temperature,
+            reduction=reduction,
             mask=mask,
             labels=labels,
             ignore_index=ignore_index,
             kl_weight=alpha,
             ce_weight=1.0 - alpha,
         )
-        return per_row
 
     dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)

@@ -194,21 +194,17 @@ def soft_kl(
         check_integer("labels", labels)
 
     if direction == "forward" and _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
-        if reduction != "none":  # one launch: the rows and their reduction
-            return _kernels.fused_kd_loss(
-                student_logits,
-                teacher_logits,
-                temperature=temperature,
-                reduction=reduction,
-                elements_per_row=student_logits.shape[-1],
-                mask=mask,
-                labels=labels,
-                ignore_index=ignore_index,
-            )
-        per_row, _ = _kernels.fused_kd_rows(
-            student_logits, teacher_logits, temperature=temperature, mask=mask, labels=labels, ignore_index=ignore_index
+        # one launch: the rows and, unless reduction="none", their reduction
+        return _kernels.fused_kd_loss(
+            student_logits,
+            teacher_logits,
+            temperature=temperature,
+            reduction=reduction,
+            elements_per_row=student_logits.shape[-1],
+            mask=mask,
+            labels=labels,
+            ignore_index=ignore_index,
         )
-        return per_row
 
     dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -231,6 +232,23 @@ def _prepare_rows(
     return s2, t2, lab, msk
 
 
+def _run_fused_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kw: dict[str, Any],
+    reduction: str,
+    elements_per_row: int,
+) -> tuple[Tensor, Tensor]:
+    """Prepare the rows and launch; ``kw`` holds :func:`fused_kd_rows`'s keyword arguments."""
+    s2, t2, lab, msk = _prepare_rows(student_logits, teacher_logits, kw["labels"], kw["mask"], kw["ce_weight"])
+    block = kw["block_size"] if kw["block_size"] is not None else _block_size(s2.shape[1])
+    # needs_input_grad cannot tell inside forward whether grad mode is on: decide here
+    write_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    args = (kw["temperature"], kw["kl_weight"], kw["ce_weight"], kw["ignore_index"], block, write_grad)
+    out: tuple[Tensor, Tensor] = _FusedKD.apply(s2, t2, lab, msk, *args, reduction, elements_per_row)
+    return out
+
+
 def fused_kd_rows(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -253,14 +271,9 @@ def fused_kd_rows(
         ``(loss, valid)``: float32 per-row losses (0 where the row does not count) and a bool
         tensor of the rows that count, both of the logits' shape without the class dimension.
     """
+    kw = dict(locals())
     rows_shape = student_logits.shape[:-1]
-    s2, t2, lab, msk = _prepare_rows(student_logits, teacher_logits, labels, mask, ce_weight)
-    block = block_size if block_size is not None else _block_size(s2.shape[1])
-    # needs_input_grad cannot tell inside forward whether grad mode is on: decide here
-    write_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, valid = _FusedKD.apply(
-        s2, t2, lab, msk, temperature, kl_weight, ce_weight, ignore_index, block, write_grad, "none", 1
-    )
+    loss, valid = _run_fused_kd(student_logits, teacher_logits, kw, "none", 1)
     return loss.reshape(rows_shape), valid.reshape(rows_shape)
 
 
@@ -281,17 +294,14 @@ def fused_kd_loss(
     """:func:`fused_kd_rows` reduced over the rows in the same single launch: a 0-d float32 tensor.
 
     ``reduction``: ``"sum"``; ``"batchmean"`` divides by the rows that count, ``"mean"`` by
-    those times ``elements_per_row``; no row counting gives 0 (never NaN). Same assumptions as
-    :func:`fused_kd_rows`.
+    those times ``elements_per_row``; no row counting gives 0 (never NaN). ``"none"`` returns
+    :func:`fused_kd_rows`'s per-row losses. Same assumptions as :func:`fused_kd_rows`.
     """
-    if reduction not in ("sum", "mean", "batchmean"):
-        raise ValueError(f"reduction must be 'sum', 'mean' or 'batchmean', got {reduction!r}")
-    s2, t2, lab, msk = _prepare_rows(student_logits, teacher_logits, labels, mask, ce_weight)
-    block = block_size if block_size is not None else _block_size(s2.shape[1])
-    write_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    args = (temperature, kl_weight, ce_weight, ignore_index, block, write_grad, reduction, elements_per_row)
-    out: Tensor = _FusedKD.apply(s2, t2, lab, msk, *args)[0]
-    return out
+    if reduction not in _REDUCE_CODES:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCE_CODES))}, got {reduction!r}")
+    kw = dict(locals())
+    out, _ = _run_fused_kd(student_logits, teacher_logits, kw, reduction, elements_per_row)
+    return out.reshape(student_logits.shape[:-1]) if reduction == "none" else out
 
 
 def _cohort_block(c: int, kb: int) -> int:
