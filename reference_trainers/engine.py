@@ -54,6 +54,11 @@ Behaviour:
   training; a partial one continues after its last epoch with every state restored, so the
   final weights are bit-identical to an uninterrupted run on CPU (shuffle and augmentation
   generators are derived from ``(seed, epoch)``, dropout from the restored torch RNG).
+  ``config.checkpoint_every`` also writes checkpoints inside an epoch, and SIGINT / SIGTERM
+  (``config.handle_signals``, single process) write one after the step in progress. Such a
+  checkpoint holds the epoch's progress: steps done, the running loss sums, the augmentation
+  generator, and the RNG states at the epoch's start and at the stop. A resume rebuilds the
+  epoch's batch order, skips the batches already done and continues bit-identically on CPU.
 - **Reports and checkpoints** are written by rank 0 only, always atomically: a failed run never
   leaves a half-written file.
 - ``config.max_batches`` caps the batches per epoch (training and evaluation) for smoke runs;
@@ -71,9 +76,11 @@ import os
 import pickle
 import platform
 import random
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -147,6 +154,12 @@ class TrainConfig:
         progress: show tqdm progress bars (rank 0 only).
         deterministic: ``torch.use_deterministic_algorithms(True)`` and deterministic cuDNN.
         stop_after_epoch: raise :class:`StopRequested` after this epoch (1-based), for resume tests.
+        checkpoint_every: also write a checkpoint every this many training steps inside an epoch
+            (``None``: at the end of each epoch only); a resume continues from the step it holds.
+        stop_after_step: raise :class:`StopRequested` after this many training steps of a run
+            (counted over its epochs), its mid-epoch checkpoint written, for resume tests.
+        handle_signals: on SIGINT / SIGTERM (single process only) finish the current step, write a
+            checkpoint and raise :class:`StopRequested`; a second signal stops at once.
         out_dir: where checkpoints and reports go.
     """
 
@@ -160,6 +173,9 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False
     stop_after_epoch: int | None = None
+    checkpoint_every: int | None = None
+    stop_after_step: int | None = None
+    handle_signals: bool = True
     out_dir: Path = Path("runs/out")
 
 
@@ -577,6 +593,38 @@ def _progress(ctx: Context, total: int, desc: str) -> Any:
     )
 
 
+class _StopSignals:
+    """SIGINT / SIGTERM during a run: the first asks the loop to stop after its step, a second acts as usual.
+
+    Installed only in the main thread of a single-process run; the previous handlers come back
+    with :meth:`restore` (and after the first signal).
+    """
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self._SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.restore()  # a second signal stops at once
+        self.ctx.log(
+            f"{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
+            "(send it again to stop at once)"
+        )
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
     """Train one (method, seed); see the module docstring for everything it does.
 
@@ -602,7 +650,9 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
     signature = step.signature()
 
     history: list[dict[str, Any]] = []
-    start_epoch, train_time, images_seen = 0, 0.0, 0
+    start_epoch, train_time, images_seen, run_steps = 0, 0.0, 0, 0
+    resume_rng: dict[str, Any] | None = None  # restored when the first resumed epoch starts
+    partial: dict[str, Any] | None = None  # the progress of an epoch stopped part-way
     best: dict[str, Any] = {"val": None, "epoch": 0, "test": None}
     if spec.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
@@ -627,8 +677,11 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
             scheduler.load_state_dict(ck["scheduler"])
         history, best = list(ck["history"]), dict(ck["best"])
         start_epoch, train_time, images_seen = int(ck["epoch"]), float(ck["train_time_s"]), int(ck["images"])
-        _set_rng_state(ck["rng"])
-        ctx.log(f"[{spec.method} seed {spec.seed}] resumed from {ckpt_path} after epoch {start_epoch}")
+        run_steps, resume_rng, partial = int(ck.get("run_steps", 0)), ck["rng"], ck.get("partial")
+        where = f"after epoch {start_epoch}"
+        if partial is not None:
+            where = f"at step {partial['steps']} of epoch {start_epoch + 1}"
+        ctx.log(f"[{spec.method} seed {spec.seed}] resumed from {ckpt_path} {where}")
         if ck["done"]:
             return _result(spec, history, best, train_time, images_seen, ck.get("teacher_cache_s"), step)
 
@@ -658,115 +711,177 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
             cache, cache_time = tc.outputs, tc.seconds
 
     aug_gen_device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
-    for epoch in range(start_epoch, spec.epochs):
-        model.train()
-        aug_gen = torch.Generator(device=aug_gen_device).manual_seed(spec.seed * 1_000_003 + epoch + 7)
-        n_batches = len(data.train) if cfg.max_batches is None else min(len(data.train), cfg.max_batches)
-        sums: dict[str, Tensor] = {}
-        seen = steps = 0
-        bar = _progress(ctx, n_batches, f"{spec.method} s{spec.seed} epoch {epoch + 1}/{spec.epochs}")
-        update_every = max(1, n_batches // 20)
-        t0 = time.perf_counter()
-        for i, b in enumerate(_limited(data.train.batches(epoch), cfg.max_batches)):
-            x = data.train_augment(b.images, aug_gen)
-            t_out: dict[str, Tensor] | None = None
-            if cache is not None:
-                t_out = {k: v[b.index] for k, v in cache.items()}
-            elif teacher is not None:
-                with torch.no_grad(), ctx.autocast():
-                    t_out = teacher(x)
-            with ctx.autocast():
-                if step.needs_index:
-                    out: kdloss.LossParts = model(x, b.labels, t_out, index=b.index)
-                else:
-                    out = model(x, b.labels, t_out)
-            optimizer.zero_grad(set_to_none=True)
-            out.total.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated in torch
-            optimizer.step()
-            for k, v in out.parts.items():
-                sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
-            seen += b.labels.numel()
-            steps += 1
-            bar.update(1)
-            if (i + 1) % update_every == 0 or i + 1 == n_batches:
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{float(out.parts['total']):.4f}", img_s=f"{seen * ctx.world_size / elapsed:.0f}")
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0
-        bar.close()
-        if scheduler is not None:
-            scheduler.step()
-        if ctx.distributed:  # DDP syncs buffers (BatchNorm statistics) before each forward: do it once more
-            for name, buf in step.named_buffers():
-                if name not in unsynced:  # those the step keeps identical itself (CRD's banks)
-                    dist.broadcast(buf, 0)
-        if steps == 0:
-            raise TrainerError(f"{spec.method!r}: the training split gave no batch (empty, or smaller than one batch?)")
-        means = {k: float(v) / steps for k, v in sums.items()}
-        if ctx.distributed:
-            vec = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=ctx.device)
-            dist.all_reduce(vec)
-            means = {k: float(v) / ctx.world_size for k, v in zip(sorted(means), vec.tolist())}
-        global_seen = seen * ctx.world_size
-        train_time += epoch_time
-        images_seen += global_seen
-        rec: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": means.get("total", float("nan")),
-            "parts": {k: v for k, v in means.items() if k != "total"},
-            "lr": optimizer.param_groups[0]["lr"],
-            "time_s": epoch_time,
-            "images": global_seen,
-            "images_per_s": global_seen / epoch_time if epoch_time > 0 else float("nan"),
-            "val_acc": None,
-            "test_acc": None,
+
+    def checkpoint(epochs_done: int, done: bool, progress: dict[str, Any] | None) -> None:
+        """Write this run's checkpoint (rank 0): after ``epochs_done`` epochs, plus ``progress`` inside the next."""
+        if not ctx.is_main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "method": spec.method,
+            "seed": spec.seed,
+            "signature": signature,
+            "epoch": epochs_done,
+            "epochs": spec.epochs,
+            "done": done,
+            "model": step.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": _rng_state(),
+            "history": history,
+            "best": best,
+            "train_time_s": train_time,
+            "images": images_seen,
+            "run_steps": run_steps,
+            "teacher_cache_s": cache_time,
+            "torch": str(torch.__version__),
         }
-        last = epoch + 1 == spec.epochs
-        if data.val is not None:
-            rec["val_acc"] = evaluate(ctx, step.student, data.val, data.eval_augment)
-            if best["val"] is None or rec["val_acc"] > best["val"]:
-                best = {"val": rec["val_acc"], "epoch": epoch + 1, "test": None}
-        if (data.val is not None and best["epoch"] == epoch + 1) or last:
-            rec["test_acc"] = evaluate(ctx, step.student, data.test, data.eval_augment)
-            if best["epoch"] == epoch + 1:
-                best["test"] = rec["test_acc"]
-        history.append(rec)
-        msg = f"[{spec.method} seed {spec.seed}] epoch {epoch + 1}/{spec.epochs} loss {rec['loss']:.4f}"
-        if rec["val_acc"] is not None:
-            msg += f" val {100 * rec['val_acc']:.2f}%"
-        if rec["test_acc"] is not None:
-            msg += f" test {100 * rec['test_acc']:.2f}%"
-        ctx.log(msg + f" ({rec['images_per_s']:.0f} img/s)")
-        if ctx.is_main:
-            save_checkpoint(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "method": spec.method,
-                    "seed": spec.seed,
-                    "signature": signature,
-                    "epoch": epoch + 1,
-                    "epochs": spec.epochs,
-                    "done": last,
-                    "model": step.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": _rng_state(),
-                    "history": history,
-                    "best": best,
-                    "train_time_s": train_time,
-                    "images": images_seen,
-                    "teacher_cache_s": cache_time,
-                    "torch": str(torch.__version__),
-                },
-                ckpt_path,
-            )
-        ctx.barrier()
-        if cfg.stop_after_epoch is not None and epoch + 1 == cfg.stop_after_epoch and not last:
-            raise StopRequested(
-                f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} as asked "
-                f"(--stop-after-epoch); continue with --resume"
-            )
+        if progress is not None:
+            state["partial"] = progress
+        save_checkpoint(state, ckpt_path)
+
+    signals = _StopSignals(ctx) if cfg.handle_signals and not ctx.distributed else None
+    try:
+        for epoch in range(start_epoch, spec.epochs):
+            model.train()
+            resumed_here = partial if epoch == start_epoch else None
+            if epoch == start_epoch and resume_rng is not None:
+                _set_rng_state(resumed_here["rng_epoch_start"] if resumed_here is not None else resume_rng)
+            rng_epoch_start = _rng_state()  # what a mid-epoch checkpoint needs to rebuild this epoch's batches
+            aug_gen = torch.Generator(device=aug_gen_device).manual_seed(spec.seed * 1_000_003 + epoch + 7)
+            n_batches = len(data.train) if cfg.max_batches is None else min(len(data.train), cfg.max_batches)
+            batches = _limited(data.train.batches(epoch), cfg.max_batches)
+            sums: dict[str, Tensor] = {}
+            seen = steps = 0
+            elapsed = 0.0
+            stop_at_epoch_end = False  # stop_after_step fell on this epoch's last step
+            if resumed_here is not None:
+                for _ in range(int(resumed_here["steps"])):  # the batches the stopped run had trained on
+                    next(batches)
+                aug_gen.set_state(resumed_here["aug_gen"])
+                sums = {k: v.to(ctx.device) for k, v in resumed_here["sums"].items()}
+                seen, steps = int(resumed_here["seen"]), int(resumed_here["steps"])
+                elapsed = float(resumed_here["time_s"])
+                _set_rng_state(resumed_here["rng"])
+            bar = _progress(ctx, n_batches, f"{spec.method} s{spec.seed} epoch {epoch + 1}/{spec.epochs}")
+            bar.update(steps)
+            update_every = max(1, n_batches // 20)
+            t0 = time.perf_counter() - elapsed
+            for i, b in enumerate(batches, start=steps):
+                x = data.train_augment(b.images, aug_gen)
+                t_out: dict[str, Tensor] | None = None
+                if cache is not None:
+                    t_out = {k: v[b.index] for k, v in cache.items()}
+                elif teacher is not None:
+                    with torch.no_grad(), ctx.autocast():
+                        t_out = teacher(x)
+                with ctx.autocast():
+                    if step.needs_index:
+                        out: kdloss.LossParts = model(x, b.labels, t_out, index=b.index)
+                    else:
+                        out = model(x, b.labels, t_out)
+                optimizer.zero_grad(set_to_none=True)
+                out.total.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated in torch
+                optimizer.step()
+                for k, v in out.parts.items():
+                    sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
+                seen += b.labels.numel()
+                steps += 1
+                run_steps += 1
+                bar.update(1)
+                if (i + 1) % update_every == 0 or i + 1 == n_batches:
+                    elapsed = time.perf_counter() - t0
+                    img_s = f"{seen * ctx.world_size / elapsed:.0f}"
+                    bar.set_postfix(loss=f"{float(out.parts['total']):.4f}", img_s=img_s)
+                stop_step = cfg.stop_after_step is not None and run_steps == cfg.stop_after_step
+                stop = stop_step or (signals is not None and signals.requested)
+                stop_at_epoch_end = stop_at_epoch_end or stop_step
+                every = cfg.checkpoint_every is not None and steps % cfg.checkpoint_every == 0
+                if (stop or every) and steps < n_batches:  # the epoch's end writes its own checkpoint
+                    checkpoint(
+                        epoch,
+                        False,
+                        {
+                            "steps": steps,
+                            "seen": seen,
+                            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                            "time_s": time.perf_counter() - t0,
+                            "aug_gen": aug_gen.get_state(),
+                            "rng": _rng_state(),
+                            "rng_epoch_start": rng_epoch_start,
+                        },
+                    )
+                    ctx.barrier()
+                if stop and steps < n_batches:
+                    bar.close()
+                    raise StopRequested(
+                        f"stopped at step {steps} of epoch {epoch + 1} of {spec.method!r} seed {spec.seed} "
+                        f"(checkpoint {str(ckpt_path)!r} written); continue with --resume"
+                    )
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_time = time.perf_counter() - t0
+            bar.close()
+            if scheduler is not None:
+                scheduler.step()
+            if ctx.distributed:  # DDP syncs buffers (BatchNorm statistics) before each forward: do it once more
+                for name, buf in step.named_buffers():
+                    if name not in unsynced:  # those the step keeps identical itself (CRD's banks)
+                        dist.broadcast(buf, 0)
+            if steps == 0:
+                raise TrainerError(
+                    f"{spec.method!r}: the training split gave no batch (empty, or smaller than one batch?)"
+                )
+            means = {k: float(v) / steps for k, v in sums.items()}
+            if ctx.distributed:
+                vec = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=ctx.device)
+                dist.all_reduce(vec)
+                means = {k: float(v) / ctx.world_size for k, v in zip(sorted(means), vec.tolist())}
+            global_seen = seen * ctx.world_size
+            train_time += epoch_time
+            images_seen += global_seen
+            rec: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "loss": means.get("total", float("nan")),
+                "parts": {k: v for k, v in means.items() if k != "total"},
+                "lr": optimizer.param_groups[0]["lr"],
+                "time_s": epoch_time,
+                "images": global_seen,
+                "images_per_s": global_seen / epoch_time if epoch_time > 0 else float("nan"),
+                "val_acc": None,
+                "test_acc": None,
+            }
+            last = epoch + 1 == spec.epochs
+            if data.val is not None:
+                rec["val_acc"] = evaluate(ctx, step.student, data.val, data.eval_augment)
+                if best["val"] is None or rec["val_acc"] > best["val"]:
+                    best = {"val": rec["val_acc"], "epoch": epoch + 1, "test": None}
+            if (data.val is not None and best["epoch"] == epoch + 1) or last:
+                rec["test_acc"] = evaluate(ctx, step.student, data.test, data.eval_augment)
+                if best["epoch"] == epoch + 1:
+                    best["test"] = rec["test_acc"]
+            history.append(rec)
+            msg = f"[{spec.method} seed {spec.seed}] epoch {epoch + 1}/{spec.epochs} loss {rec['loss']:.4f}"
+            if rec["val_acc"] is not None:
+                msg += f" val {100 * rec['val_acc']:.2f}%"
+            if rec["test_acc"] is not None:
+                msg += f" test {100 * rec['test_acc']:.2f}%"
+            ctx.log(msg + f" ({rec['images_per_s']:.0f} img/s)")
+            checkpoint(epoch + 1, last, None)
+            ctx.barrier()
+            if cfg.stop_after_epoch is not None and epoch + 1 == cfg.stop_after_epoch and not last:
+                raise StopRequested(
+                    f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} as asked "
+                    f"(--stop-after-epoch); continue with --resume"
+                )
+            if (stop_at_epoch_end or (signals is not None and signals.requested)) and not last:
+                raise StopRequested(
+                    f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} (checkpoint "
+                    f"{str(ckpt_path)!r} written); continue with --resume"
+                )
+    finally:
+        if signals is not None:
+            signals.restore()
     if ctx.distributed:
         check_ranks_agree(ctx, step)
         ctx.log(f"[{spec.method} seed {spec.seed}] all {ctx.world_size} ranks hold the same weights")

@@ -117,6 +117,21 @@ def test_kill_and_resume_reproduces_crd_heads_banks_and_z(tmp_path: Path, augmen
     assert [h["parts"] for h in full.history] == [h["parts"] for h in resumed.history]
 
 
+@pytest.mark.parametrize("augment", [False, True])  # cached teacher / online teacher
+def test_stop_inside_an_epoch_and_resume_reproduces_crd(tmp_path: Path, augment: bool) -> None:
+    """40 samples in batches of 8: stopped at step 7 (epoch 2, step 2), the negatives drawn after the
+    resume come from the restored RNG, so heads, banks and Z equal an uninterrupted run's."""
+    teacher = _teacher()
+    full = train_run(_ctx(tmp_path / "a"), _crd_spec(teacher, 3), _data(augment=augment))
+    with pytest.raises(StopRequested, match="stopped at step 2 of epoch 2"):
+        train_run(_ctx(tmp_path / "b", stop_after_step=7), _crd_spec(teacher, 3), _data(augment=augment))
+    resumed = train_run(_ctx(tmp_path / "b"), _crd_spec(teacher, 3, resume=True), _data(augment=augment))
+    a, b = _state(full), _state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["parts"] for h in full.history] == [h["parts"] for h in resumed.history]
+
+
 class _IndexSpy(DistillStep):
     """Records what the engine passes: index, labels and the teacher logits."""
 

@@ -172,3 +172,18 @@ def test_demo_smoke_stops_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixt
     assert [r["method"] for r in runs] == ["teacher", "student-ce", "kd", "hint+kd", "at+kd"]  # type: ignore[index, union-attr]
     assert all(r["epochs"] == 2 for r in runs)  # type: ignore[index, union-attr]
     assert "| kd | 42 |" in capsys.readouterr().out
+
+
+def test_demo_smoke_stops_inside_an_epoch_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--smoke trains 2 batches an epoch: step 3 is the first step of epoch 2 of the teacher's run."""
+    out = tmp_path / "out"
+    argv = ["demo", "--smoke", "--epochs", "2", "--checkpoint-every", "1", "--out", str(out)]
+    assert main([*argv, "--stop-after-step", "3"]) == 3
+    assert "stopped at step 1 of epoch 2" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+    assert main([*argv, "--resume"]) == 0
+    cap = capsys.readouterr()
+    assert "resumed from" in cap.err + cap.out
+    assert "at step 1 of epoch 2" in cap.err + cap.out
+    doc = _results(out)
+    assert all(r["epochs"] == 2 for r in doc["runs"])  # type: ignore[index, union-attr]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import kdloss
-from reference_trainers.data import TensorAugment, TensorBatches, TensorSplit
+from reference_trainers.data import Batch, TensorAugment, TensorBatches, TensorSplit
 from reference_trainers.engine import (
     CHECKPOINT_FORMAT,
     Context,
@@ -108,6 +108,135 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path: Path, augment: bo
     again = train_run(_ctx(tmp_path / "b"), _hint_spec(teacher, 2, resume=True), _data(augment=augment))
     assert again.history == resumed.history
     assert torch.equal(_state(again)["student.classifier.3.weight"], b["student.classifier.3.weight"])
+
+
+def _assert_same_run(full: RunResult, resumed: RunResult) -> None:
+    a, b = _state(full), _state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    assert [h["parts"] for h in full.history] == [h["parts"] for h in resumed.history]
+    assert full.test_selected == resumed.test_selected
+
+
+# 48 training images in batches of 16: 3 steps per epoch, 9 in 3 epochs
+@pytest.mark.parametrize("augment", [True, False], ids=["augmented-online-teacher", "cached-teacher"])
+@pytest.mark.parametrize("stop_step", [2, 4, 6], ids=["epoch1-step2", "epoch2-step1", "end-of-epoch2"])
+def test_stop_inside_an_epoch_and_resume_gives_bit_identical_weights(
+    tmp_path: Path, augment: bool, stop_step: int
+) -> None:
+    teacher = _teacher()
+    full = train_run(_ctx(tmp_path / "a"), _hint_spec(teacher, 3), _data(augment=augment))
+    with pytest.raises(StopRequested, match="continue with --resume"):
+        train_run(_ctx(tmp_path / "b", stop_after_step=stop_step), _hint_spec(teacher, 3), _data(augment=augment))
+    ck = load_checkpoint(tmp_path / "b" / "checkpoints" / "hint-seed5.pt")
+    assert ck["run_steps"] == stop_step
+    if stop_step % 3:  # inside an epoch: the epoch's progress is in the checkpoint
+        assert (ck["epoch"], ck["partial"]["steps"]) == (stop_step // 3, stop_step % 3)
+    else:  # on an epoch's last step: the ordinary end-of-epoch checkpoint
+        assert (ck["epoch"], "partial" in ck) == (stop_step // 3, False)
+    resumed = train_run(_ctx(tmp_path / "b"), _hint_spec(teacher, 3, resume=True), _data(augment=augment))
+    _assert_same_run(full, resumed)
+    assert full.train_time_s > 0
+    assert resumed.train_time_s > 0
+
+
+class _DrawsWhenAnEpochStarts:
+    """A batch source that draws from the global torch RNG when an epoch's iteration starts, as a
+    ``DataLoader`` without a generator does for its workers' seed, and lets the draw decide the
+    batch order."""
+
+    deterministic = False
+
+    def __init__(self, inner: TensorBatches) -> None:
+        self.inner = inner
+
+    @property
+    def num_samples(self) -> int:
+        return self.inner.num_samples
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def batches(self, epoch: int = 0):  # type: ignore[no-untyped-def]
+        seed = int(torch.randint(0, 2**31, (1,)))  # the draw from the global RNG
+        parts = list(self.inner.batches(epoch))
+        images = torch.cat([b.images for b in parts])
+        labels = torch.cat([b.labels for b in parts])
+        index = torch.cat([b.index for b in parts])
+        perm = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))
+        for chunk in perm.split(len(parts[0].index)):
+            yield Batch(images[chunk], labels[chunk], index[chunk])
+
+
+def test_resume_inside_an_epoch_rebuilds_its_batches_from_the_epochs_starting_rng(tmp_path: Path) -> None:
+    teacher = _teacher()
+
+    def data() -> RunData:
+        d = _data(augment=True)
+        return replace(d, train=_DrawsWhenAnEpochStarts(d.train))  # type: ignore[arg-type]
+
+    full = train_run(_ctx(tmp_path / "a"), _hint_spec(teacher, 2), data())
+    with pytest.raises(StopRequested):
+        train_run(_ctx(tmp_path / "b", stop_after_step=4), _hint_spec(teacher, 2), data())
+    resumed = train_run(_ctx(tmp_path / "b"), _hint_spec(teacher, 2, resume=True), data())
+    _assert_same_run(full, resumed)
+
+
+def test_checkpoint_every_writes_progress_inside_epochs(tmp_path: Path) -> None:
+    teacher = _teacher()
+    seen: list[tuple[int, int]] = []
+    original = save_checkpoint
+
+    def spy(obj: dict[str, object], path: Path) -> None:
+        partial = obj.get("partial")
+        seen.append((int(obj["epoch"]), int(partial["steps"]) if isinstance(partial, dict) else 0))  # type: ignore[call-overload]
+        original(obj, path)
+
+    import reference_trainers.engine as engine
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(engine, "save_checkpoint", spy)
+    try:
+        train_run(_ctx(tmp_path, checkpoint_every=2), _hint_spec(teacher, 2), _data(augment=True))
+    finally:
+        mp.undo()
+    # steps 2 (epoch 1), end of epoch 1, step 2 (epoch 2), end of epoch 2
+    assert seen == [(0, 2), (1, 0), (1, 2), (2, 0)]
+
+
+class _SignalAtCall(TensorAugment):
+    """The training augmentation, sending this process a signal at its ``at``-th call (a user's Ctrl-C)."""
+
+    def __init__(self, at: int, signum: int, augment: TensorAugment) -> None:
+        self.__dict__.update(augment.__dict__)
+        self.at, self.signum, self.calls = at, signum, 0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().__call__(x, generator)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path: Path, signame: str) -> None:
+    import signal
+
+    signum = getattr(signal, signame)
+    before = signal.getsignal(signum)
+    teacher = _teacher()
+    full = train_run(_ctx(tmp_path / "a"), _hint_spec(teacher, 2), _data(augment=True))
+    data = _data(augment=True)
+    data = replace(data, train_augment=_SignalAtCall(2, signum, data.train_augment))
+    with pytest.raises(StopRequested, match="stopped at step 2 of epoch 1"):
+        train_run(_ctx(tmp_path / "b"), _hint_spec(teacher, 2), data)
+    assert signal.getsignal(signum) is before  # the run's handler is gone again
+    ck = load_checkpoint(tmp_path / "b" / "checkpoints" / "hint-seed5.pt")
+    assert (ck["epoch"], ck["partial"]["steps"]) == (0, 2)
+    resumed = train_run(_ctx(tmp_path / "b"), _hint_spec(teacher, 2, resume=True), _data(augment=True))
+    _assert_same_run(full, resumed)
 
 
 def test_without_resume_a_run_starts_over_and_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:

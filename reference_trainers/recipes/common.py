@@ -2,7 +2,8 @@
 
 - :func:`add_common_arguments` adds ``--out --seeds --epochs --batch-size --device --no-amp
   --no-channels-last --compile --no-teacher-cache --max-batches --smoke --resume
-  --stop-after-epoch --deterministic --threads --no-progress --dataset --data-root --download
+  --stop-after-epoch --stop-after-step --checkpoint-every --deterministic --threads --no-progress
+  --dataset --data-root --download
   --val-size --workers --train-subset --test-subset`` (a recipe sets its own defaults with
   ``parser.set_defaults``); :func:`add_decode_argument` adds ``--decode`` for the recipes that
   read ImageFolder trees through ``FolderBatches``.
@@ -67,6 +68,14 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=128, help="batch size per process")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     g.add_argument("--stop-after-epoch", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--stop-after-step", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="also checkpoint every N steps inside an epoch (default: epoch ends; Ctrl-C always writes one)",
+    )
     g.add_argument("--smoke", action="store_true", help="a few batches of everything on a small subset")
     g.add_argument("--max-batches", type=_positive_int, default=None, help="cap on batches per epoch")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -119,6 +128,8 @@ def config_from_args(args: argparse.Namespace, recipe: str) -> TrainConfig:
         progress=not (args.no_progress or args.smoke),
         deterministic=args.deterministic,
         stop_after_epoch=args.stop_after_epoch,
+        stop_after_step=args.stop_after_step,
+        checkpoint_every=args.checkpoint_every,
         out_dir=args.out if args.out is not None else Path("runs") / recipe,
     )
 
