@@ -756,6 +756,12 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
             elapsed = 0.0
             stop_at_epoch_end = False  # stop_after_step fell on this epoch's last step
             if resumed_here is not None:
+                if int(resumed_here["n_batches"]) != n_batches:
+                    raise CheckpointError(
+                        f"checkpoint {str(ckpt_path)!r} stopped at step {resumed_here['steps']} of an epoch of "
+                        f"{resumed_here['n_batches']} batches, but this run's epochs have {n_batches}: resume with "
+                        "the same data, --batch-size and --max-batches, or drop --resume to start over"
+                    )
                 for _ in range(int(resumed_here["steps"])):  # the batches the stopped run had trained on
                     next(batches)
                 aug_gen.set_state(resumed_here["aug_gen"])
@@ -803,6 +809,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                         False,
                         {
                             "steps": steps,
+                            "n_batches": n_batches,
                             "seen": seen,
                             "sums": {k: v.detach().cpu() for k, v in sums.items()},
                             "time_s": time.perf_counter() - t0,

@@ -184,6 +184,16 @@ def test_resume_inside_an_epoch_rebuilds_its_batches_from_the_epochs_starting_rn
     _assert_same_run(full, resumed)
 
 
+def test_resume_inside_an_epoch_with_another_batch_size_is_refused(tmp_path: Path) -> None:
+    teacher = _teacher()
+    with pytest.raises(StopRequested):
+        train_run(_ctx(tmp_path, stop_after_step=2), _hint_spec(teacher, 2), _data(augment=False))
+    other = replace(_data(augment=False), train=TensorBatches(_split(48, 1), 8, shuffle=True, seed=0))
+    msg = r"stopped at step 2 of an epoch of 3 batches, but this run.s epochs have 6"
+    with pytest.raises(CheckpointError, match=msg):
+        train_run(_ctx(tmp_path), _hint_spec(teacher, 2, resume=True), other)
+
+
 def test_checkpoint_every_writes_progress_inside_epochs(tmp_path: Path) -> None:
     teacher = _teacher()
     seen: list[tuple[int, int]] = []
