@@ -754,7 +754,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
             sums: dict[str, Tensor] = {}
             seen = steps = 0
             elapsed = 0.0
-            stop_at_epoch_end = False  # stop_after_step fell on this epoch's last step
+            stop_at_epoch_end = False  # stop_after_step fell on the epoch's last step
             if resumed_here is not None:
                 if int(resumed_here["n_batches"]) != n_batches:
                     raise CheckpointError(
@@ -800,10 +800,11 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                     img_s = f"{seen * ctx.world_size / elapsed:.0f}"
                     bar.set_postfix(loss=f"{float(out.parts['total']):.4f}", img_s=img_s)
                 stop_step = cfg.stop_after_step is not None and run_steps == cfg.stop_after_step
+                if steps == n_batches:  # the epoch's end writes its own checkpoint, and stops there if asked
+                    stop_at_epoch_end = stop_step
+                    continue
                 stop = stop_step or (signals is not None and signals.requested)
-                stop_at_epoch_end = stop_at_epoch_end or stop_step
-                every = cfg.checkpoint_every is not None and steps % cfg.checkpoint_every == 0
-                if (stop or every) and steps < n_batches:  # the epoch's end writes its own checkpoint
+                if stop or (cfg.checkpoint_every is not None and steps % cfg.checkpoint_every == 0):
                     checkpoint(
                         epoch,
                         False,
@@ -819,7 +820,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                         },
                     )
                     ctx.barrier()
-                if stop and steps < n_batches:
+                if stop:
                     bar.close()
                     raise StopRequested(
                         f"stopped at step {steps} of epoch {epoch + 1} of {spec.method!r} seed {spec.seed} "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -235,17 +234,24 @@ def _prepare_rows(
 def _run_fused_kd(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    kw: dict[str, Any],
+    *,
+    temperature: float,
+    mask: Tensor | None,
+    labels: Tensor | None,
+    ignore_index: int,
+    kl_weight: float,
+    ce_weight: float,
+    block_size: int | None,
     reduction: str,
     elements_per_row: int,
 ) -> tuple[Tensor, Tensor]:
-    """Prepare the rows and launch; ``kw`` holds :func:`fused_kd_rows`'s keyword arguments."""
-    s2, t2, lab, msk = _prepare_rows(student_logits, teacher_logits, kw["labels"], kw["mask"], kw["ce_weight"])
-    block = kw["block_size"] if kw["block_size"] is not None else _block_size(s2.shape[1])
+    """Prepare the rows and launch the kernel once: ``(per-row losses or the reduced loss, valid rows)``."""
+    s2, t2, lab, msk = _prepare_rows(student_logits, teacher_logits, labels, mask, ce_weight)
+    block = block_size if block_size is not None else _block_size(s2.shape[1])
     # needs_input_grad cannot tell inside forward whether grad mode is on: decide here
     write_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    args = (kw["temperature"], kw["kl_weight"], kw["ce_weight"], kw["ignore_index"], block, write_grad)
-    out: tuple[Tensor, Tensor] = _FusedKD.apply(s2, t2, lab, msk, *args, reduction, elements_per_row)
+    args = (temperature, kl_weight, ce_weight, ignore_index, block, write_grad, reduction, elements_per_row)
+    out: tuple[Tensor, Tensor] = _FusedKD.apply(s2, t2, lab, msk, *args)
     return out
 
 
@@ -271,9 +277,20 @@ def fused_kd_rows(
         ``(loss, valid)``: float32 per-row losses (0 where the row does not count) and a bool
         tensor of the rows that count, both of the logits' shape without the class dimension.
     """
-    kw = dict(locals())
     rows_shape = student_logits.shape[:-1]
-    loss, valid = _run_fused_kd(student_logits, teacher_logits, kw, "none", 1)
+    loss, valid = _run_fused_kd(
+        student_logits,
+        teacher_logits,
+        temperature=temperature,
+        mask=mask,
+        labels=labels,
+        ignore_index=ignore_index,
+        kl_weight=kl_weight,
+        ce_weight=ce_weight,
+        block_size=block_size,
+        reduction="none",
+        elements_per_row=1,
+    )
     return loss.reshape(rows_shape), valid.reshape(rows_shape)
 
 
@@ -299,8 +316,19 @@ def fused_kd_loss(
     """
     if reduction not in _REDUCE_CODES:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCE_CODES))}, got {reduction!r}")
-    kw = dict(locals())
-    out, _ = _run_fused_kd(student_logits, teacher_logits, kw, reduction, elements_per_row)
+    out, _ = _run_fused_kd(
+        student_logits,
+        teacher_logits,
+        temperature=temperature,
+        mask=mask,
+        labels=labels,
+        ignore_index=ignore_index,
+        kl_weight=kl_weight,
+        ce_weight=ce_weight,
+        block_size=block_size,
+        reduction=reduction,
+        elements_per_row=elements_per_row,
+    )
     return out.reshape(student_logits.shape[:-1]) if reduction == "none" else out
 
 
