@@ -193,6 +193,12 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="file name tag: docs/benchmarks/results-<tag>.{json,md}")
     p.add_argument("--out-dir", default="docs/benchmarks")
     p.add_argument("--families", default="", help="comma-separated subset (kd,kd_ce,jsd,hint,at)")
+    p.add_argument("--sizes", default="", help="comma-separated subset of size names (cifar100,imagenet,lm32k,...)")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tag = args.tag or device.type
     families = {f for f in args.families.split(",") if f}
+    sizes = {f for f in args.sizes.split(",") if f}
     impls = [i for i in args.impls.split(",") if i]
 
     args.bandwidth = copy_bandwidth(device)
@@ -261,8 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     records: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta["errors"] = errors
+
+    def write() -> None:  # after every case, so that a run cut short keeps what it measured
+        _atomic_write(out / f"results-{tag}.json", json.dumps({"meta": meta, "results": records}, indent=1) + "\n")
+        _atomic_write(out / f"results-{tag}.md", markdown(meta, records))
+
     for case in gpu_cases() if cuda else cpu_cases():
-        if families and case.family not in families:
+        if (families and case.family not in families) or (sizes and case.size not in sizes):
             continue
         for mode in MODES:
             for impl in impls:
@@ -284,11 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if cuda:
                     torch.cuda.empty_cache()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta["errors"] = errors
-    (out / f"results-{tag}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=1) + "\n")
-    (out / f"results-{tag}.md").write_text(markdown(meta, records))
+        write()
+    write()
     print(f"wrote {out / f'results-{tag}.json'} and {out / f'results-{tag}.md'}")
     return 0
 

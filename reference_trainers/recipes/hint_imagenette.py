@@ -50,32 +50,64 @@ HELP = "FitNets-style hint ResNet-50 -> ResNet-18 on Imagenette, --faithful or c
 IMAGENETTE_SHAPE = {"train": 9469, "val": 3925, "classes": 10, "short_side": 320}
 
 
+def _synthetic_jpeg(split: str, i: int, classes: int, short_side: int, seed: int) -> bytes:
+    """Image ``i`` of ``split``: a smooth random JPEG of class ``i % classes``, seeded by its own position."""
+    from torchvision.io import encode_jpeg
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + (0 if split == "train" else 500_000) + i)
+    c = i % classes
+    long = short_side + int(torch.randint(0, short_side // 2 + 1, (1,), generator=gen))
+    h, w = (short_side, long) if i % 2 else (long, short_side)
+    small = torch.rand(1, 3, 6, 6, generator=gen) * 0.5 + torch.linspace(0, 0.5, classes)[c]
+    img = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return bytes(encode_jpeg((img[0] * 255).clamp(0, 255).byte(), quality=85).numpy().tobytes())
+
+
+def _write_synthetic(root: str, split: str, start: int, stop: int, classes: int, short_side: int, seed: int) -> None:
+    torch.set_num_threads(1)
+    for i in range(start, stop):
+        path = Path(root) / split / f"class{i % classes:02d}" / f"{split}_{i:05d}.jpg"
+        path.write_bytes(_synthetic_jpeg(split, i, classes, short_side, seed))
+
+
 def make_synthetic_imagefolder(
-    root: Path, *, n_train: int, n_val: int, classes: int = 10, short_side: int = 320, seed: int = 0
+    root: Path,
+    *,
+    n_train: int,
+    n_val: int,
+    classes: int = 10,
+    short_side: int = 320,
+    seed: int = 0,
+    workers: int = 1,
 ) -> Path:
     """Write a synthetic ImageFolder (``root/train/<class>``, ``root/val/<class>``) of smooth random JPEGs.
 
     Each image's shorter side is ``short_side`` and its longer side up to 1.5x that, like
-    Imagenette's 320-px release. Existing trees with the same counts are reused.
+    Imagenette's 320-px release. Every image is seeded by its own position, so the tree is the
+    same whatever ``workers`` (processes that write it in parallel). Existing trees with the same
+    counts are reused.
     """
-    from torchvision.io import encode_jpeg
-
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     marker = root / f".complete-{n_train}-{n_val}-{classes}-{short_side}"
     if marker.is_file():
         return root
-    gen = torch.Generator().manual_seed(seed)
+    jobs = []
     for split, n in (("train", n_train), ("val", n_val)):
-        for i in range(n):
-            c = i % classes
-            d = root / split / f"class{c:02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            long = short_side + int(torch.randint(0, short_side // 2 + 1, (1,), generator=gen))
-            h, w = (short_side, long) if i % 2 else (long, short_side)
-            small = torch.rand(1, 3, 6, 6, generator=gen) * 0.5 + torch.linspace(0, 0.5, classes)[c]
-            img = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-            (d / f"{split}_{i:05d}.jpg").write_bytes(
-                encode_jpeg((img[0] * 255).clamp(0, 255).byte(), quality=85).numpy().tobytes()
-            )
+        for c in range(min(classes, n)):
+            (root / split / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
+        chunk = max(1, -(-n // (4 * workers)))
+        jobs += [(str(root), split, a, min(n, a + chunk), classes, short_side, seed) for a in range(0, n, chunk)]
+    if workers == 1:
+        for job in jobs:
+            _write_synthetic(*job)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for f in [pool.submit(_write_synthetic, *job) for job in jobs]:
+                f.result()
     marker.write_text("ok\n")
     return root
 
