@@ -710,7 +710,8 @@ def markdown(m: dict[str, Any]) -> str:
     for r in m["tutorial"]:
         cache = "-" if r["teacher_cache_s"] is None else f"{r['teacher_cache_s']:.1f}"
         lines.append(
-            f"| {r['seed']} | {r['phase']} | {r['accuracy']:.2f} | {r['train_s']:.1f} | {cache} | {r['img_per_s']:,.0f} |"
+            f"| {r['seed']} | {r['phase']} | {r['accuracy']:.2f} | {r['train_s']:.1f} | {cache} | "
+            f"{r['img_per_s']:,.0f} |"
         )
     lines += ["", "## hint-imagenette (synthetic tree of Imagenette's shape, random weights: timing only)", ""]
     lines += ["| decode | run | epochs | train s | images/s |", "|---|---|---:|---:|---:|"]
