@@ -124,7 +124,20 @@ def plan(cfg: Config) -> list[Step]:
 
     kernels = _py("-m", "benchmarks.run_gpu", "--tag", "gpu-check", "--out-dir", str(res), "--families", "kd,kd_ce")
     if r:
-        kernels += ["--device", "cpu", "--sizes", "cifar100", "--reps", "3", "--warmup", "1", "--max-sets", "2"]
+        kernels += [
+            "--device",
+            "cpu",
+            "--sizes",
+            "cifar100",
+            "--families",
+            "kd",
+            "--reps",
+            "3",
+            "--warmup",
+            "1",
+            "--max-sets",
+            "2",
+        ]
     else:
         kernels += ["--sizes", "cifar100,imagenet,lm32k,lm128k", "--reps", "100", "--warmup", "10"]
     steps.append(Step("kernels", 150, [kernels]))
@@ -164,7 +177,7 @@ def plan(cfg: Config) -> list[Step]:
     tut += ["--out", str(res / "tutorial")]
     tut += ["--epochs", "1", "--threads", "2"] if r else ["--workers", "8"]
     tutorial.append(tut)
-    steps.append(Step("tutorial", 150, tutorial, skip))
+    steps.append(Step("tutorial", 170, tutorial, skip))
 
     tree = work / "imagenette-synthetic"
     n_train, n_val, side = (40, 20, 40) if r else tuple(IMAGENETTE_SHAPE.values())
@@ -176,7 +189,7 @@ def plan(cfg: Config) -> list[Step]:
             hint += ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--decode", "cpu", "--epochs", "1"]
         else:
             hint += ["--workers", "12", "--decode", decode]
-        steps.append(Step(name, 80 if decode == "device" else 50, [make_tree, hint]))
+        steps.append(Step(name, 110 if decode == "device" else 70, [make_tree, hint]))
     if cfg.only:
         steps = [s for s in steps if s.name in cfg.only or s.name == "env"]
     return steps
@@ -237,6 +250,7 @@ def run_check(cfg: Config) -> int:
         else:
             limit = min(step.limit_s, left)
             rec.update(status="running", limit_s=round(limit, 1))
+            write_outputs(cfg, meta, records, started)  # a run killed now still says which step it was in
             print(f"[gpu_check] {step.name}: limit {limit:.0f} s", flush=True)
             log = cfg.res / f"{step.name}.log"
             t0 = time.monotonic()
