@@ -87,7 +87,7 @@ torch.__version__, torchvision.__version__, triton.__version__, torch.cuda.get_d
         tests/test_cohort_kernel.py tests/test_attention_kernel.py
     step kernels-table 150 "$PY" -m benchmarks.run_gpu --tag h100 --out-dir "$RES"
     step kernels-targets 30 "$PY" -m benchmarks.check_targets "$RES/results-h100.json"
-    step kernels-eager 90 env KDLOSS_DISABLE_KERNELS=1 "$PY" -m benchmarks.run_gpu --tag h100-eager \
+    step kernels-eager 90 env KDLOSS_KERNELS=off "$PY" -m benchmarks.run_gpu --tag h100-eager \
         --impls kdloss --out-dir "$RES"
     ;;
 losses)

@@ -163,6 +163,7 @@ def test_no_grad() -> None:
     torch.testing.assert_close(rows, attention_loss(s, t, reduction="none"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON or INTERPRET, reason="needs CUDA")
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
@@ -176,6 +177,7 @@ def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch, reduction: str) -> No
     torch.testing.assert_close(attention_loss(s, t, reduction=reduction, beta=3.0), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON or INTERPRET, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_benchmark_size_on_gpu(dtype: torch.dtype) -> None:

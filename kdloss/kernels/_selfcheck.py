@@ -12,9 +12,9 @@ matrix multiply so that TF32 settings cannot blur them), and compares values and
   (in the last block) and ``-inf`` classes; (2) per-row losses with cross-entropy over a class
   count just above the widest column block (two blocks, the second partial), with labels in both
   blocks, an ``ignore_index`` row, a masked row, a ``-inf`` student row and ``-inf`` entries.
-- ``cohort``: 3 teachers (a padded teacher slot), classes over two column blocks, ``-inf``
-  entries, an ignored label, per-teacher weights; the total, each teacher's KD, the CE and the
-  gradient.
+- ``cohort``: 3 teachers (a padded teacher slot), classes over two column blocks (labels in
+  both), ``-inf`` entries, per-teacher weights; the total, each teacher's KD, the CE and the
+  gradient. (``cohort_kd`` takes no ignored labels, so the check has none.)
 - ``attention``: 3 pairs in one launch, channels over two channel blocks, a ``channels_last``
   map, all-zero maps (the normaliser's ``eps`` branch); the per-sample loss and the gradient of
   every student map.
@@ -228,7 +228,7 @@ def _cohort(device: torch.device, sdt: torch.dtype, tdt: torch.dtype, ops: Ops) 
     k, rows = 3, 5
     c = cohort_op.cohort_block(1 << 30, next_power_of_2(k)) + 77
     s, t = _randn((rows, c), 5), _randn((k, rows, c), 6)
-    labels = torch.tensor([0, c - 1, IGNORE, 5, c - 75], dtype=torch.int64)
+    labels = torch.tensor([0, c - 1, 9, 5, c - 75], dtype=torch.int64)
     s[1, [3, c - 25]] = NEG_INF
     t[0, 2, :5] = NEG_INF
     t[2, 3, c - 65 :] = NEG_INF
