@@ -397,7 +397,7 @@ def test_deprecated_variable_still_switches_off(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(_dispatch, "_deprecation_warned", False)
     monkeypatch.delenv("KDLOSS_KERNELS", raising=False)
     monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "1")
-    with pytest.warns(DeprecationWarning, match="KDLOSS_DISABLE_KERNELS is deprecated: use KDLOSS_KERNELS=off"):
+    with pytest.warns(FutureWarning, match="KDLOSS_DISABLE_KERNELS is deprecated: use KDLOSS_KERNELS=off"):
         assert K.kernels_mode() == "off"
     assert not K.kernels_enabled()
     monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "0")
@@ -569,8 +569,15 @@ def test_check_references_are_the_eager_path(kernel: str, dtype: torch.dtype) ->
 
 @pytest.mark.parametrize("mode", ["verify", "on", "off", "deprecated"])
 def test_compile_fullgraph_whatever_the_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    """The environment is never read under torch.compile: no graph break, no warning, the eager path."""
+    """The environment is never read under torch.compile: no graph break, no warning, the eager path.
+
+    CPU tensors are made candidates for the kernels (as CUDA ones are), so that the dispatch gets
+    as far as it would on a GPU; only the compiled call runs with the mode under test.
+    """
     monkeypatch.setattr(_dispatch, "_env_cache", None)
+    monkeypatch.setattr(_dispatch, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(_dispatch, "_triton_ok", True)
+    monkeypatch.setattr(_dispatch, "_verdicts", {})
     if mode == "deprecated":
         monkeypatch.setattr(_dispatch, "_deprecation_warned", False)
         monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "1")

@@ -126,9 +126,12 @@ def _mode_from_env() -> KernelsMode:
     raw, old = os.environ.get(ENV), os.environ.get(DEPRECATED_ENV)
     if old is not None and not _deprecation_warned:
         _deprecation_warned = True
+        # FutureWarning, Python's category for deprecations aimed at end users: a DeprecationWarning
+        # raised from library code is hidden by the default filters, and whoever set the variable
+        # would never see it.
         warnings.warn(
             f"{DEPRECATED_ENV} is deprecated: use {ENV}=off (or on / verify) instead",
-            DeprecationWarning,
+            FutureWarning,
             stacklevel=4,
         )
     cache = _env_cache
@@ -157,7 +160,7 @@ def kernels_mode() -> KernelsMode:
     ``"off"`` after :func:`set_kernels_enabled` ``(False)``; else the mode given to
     :func:`set_kernels_mode`; else the environment variable ``KDLOSS_KERNELS`` (read at each call;
     default ``verify``). The deprecated ``KDLOSS_DISABLE_KERNELS`` (not ``0``) still means
-    ``off``, with a ``DeprecationWarning``.
+    ``off``, with a ``FutureWarning`` (the deprecation category users see by default).
 
     Raises:
         ValueError: for a ``KDLOSS_KERNELS`` value other than ``off``, ``on``, ``verify``, or when
