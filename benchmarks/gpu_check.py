@@ -120,7 +120,7 @@ def plan(cfg: Config) -> list[Step]:
     tests = _py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={res / 'tests_gpu.xml'}")
     if not r and _have("xdist"):
         tests += ["-n", "4"]
-    steps.append(Step("tests_gpu", 90, [[*tests, "tests", "benchmarks"]]))
+    steps.append(Step("tests_gpu", 120, [[*tests, "tests", "benchmarks"]]))
 
     kernels = _py("-m", "benchmarks.run_gpu", "--tag", "gpu-check", "--out-dir", str(res), "--families", "kd,kd_ce")
     if r:

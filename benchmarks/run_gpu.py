@@ -19,6 +19,7 @@ synchronisations detected with ``torch.cuda.set_sync_debug_mode("error")``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 
 from benchmarks.cases import PENDING_FAMILIES, Case, cpu_cases, gpu_cases, implementation, reference_check, step
+from kdloss.kernels import kernels_mode
+from kdloss.kernels import status as kernels_status
 
 IMPLS = ("kdloss", "naive", "compiled")
 MODES = ("fwd", "fwdbwd")
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "rotate_mib": args.rotate_mib,
         "max_sets": args.max_sets,
-        "kernels_disabled": os.environ.get("KDLOSS_DISABLE_KERNELS", "0"),
+        "kernels_mode": kernels_mode(),
         "pending": PENDING_FAMILIES,
     }
     records: list[dict[str, Any]] = []
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["errors"] = errors
 
     def write() -> None:  # after every case, so that a run cut short keeps what it measured
+        meta["kernels_status"] = [dataclasses.asdict(s) for s in kernels_status()]  # used, and why
         _atomic_write(out / f"results-{tag}.json", json.dumps({"meta": meta, "results": records}, indent=1) + "\n")
         _atomic_write(out / f"results-{tag}.md", markdown(meta, records))
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import kdloss.kernels as K
+import kdloss.kernels.attention as KA
 from kdloss.functional import attention_loss
 from tests.triton_harness import (
     DEVICE,
@@ -111,7 +112,7 @@ def _compare(
 @pytest.fixture(autouse=True)
 def _eager_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA the reference must be the eager path: keep attention_loss from dispatching to the kernel."""
-    monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "1")
+    monkeypatch.setenv("KDLOSS_KERNELS", "off")
 
 
 SHAPES_3 = [
@@ -162,6 +163,7 @@ def test_no_grad() -> None:
     torch.testing.assert_close(rows, attention_loss(s, t, reduction="none"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON or INTERPRET, reason="needs CUDA")
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
@@ -169,12 +171,13 @@ def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch, reduction: str) -> No
     s = [torch.randn(4, 8, 8, 8, device="cuda"), torch.randn(4, 16, 4, 4, device="cuda")]
     t = [torch.randn(4, 12, 8, 8, device="cuda"), torch.randn(4, 32, 4, 4, device="cuda")]
     ref = attention_loss(s, t, reduction=reduction, beta=3.0)
-    monkeypatch.delenv("KDLOSS_DISABLE_KERNELS")
+    monkeypatch.delenv("KDLOSS_KERNELS")
     assert K.attention_fusable(s, t, 2.0)
     assert not K.attention_fusable(s, t, 3.0)
     torch.testing.assert_close(attention_loss(s, t, reduction=reduction, beta=3.0), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON or INTERPRET, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_benchmark_size_on_gpu(dtype: torch.dtype) -> None:
@@ -194,7 +197,7 @@ def _aot_compile(kernel_name: str, dt: str, npairs: int, hw: int):  # type: igno
     import kdloss.kernels._attention_triton as ka
 
     kernel = getattr(ka, kernel_name)
-    cb, hwb = K._attention_tiles(hw)
+    cb, hwb = KA.attention_tiles(hw)
     names = list(kernel.arg_names)
     consts: dict[str, object] = {"NPAIRS": npairs, "CB": cb, "HWB": hwb}
     if "SAVE" in names:
@@ -252,7 +255,7 @@ def test_attention_loss_dispatch(monkeypatch: pytest.MonkeyPatch, reduction: str
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(K, "use_fused", lambda a, b: True)
+    monkeypatch.setattr(KA, "use_fused", lambda a, b, kernel="soft_kl": True)
     monkeypatch.setattr(K, "fused_attention_rows", counted)
     torch.testing.assert_close(attention_loss(s, t, beta=5.0, reduction=reduction), ref, rtol=1e-5, atol=1e-6)
     assert calls == [1]

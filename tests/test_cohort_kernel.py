@@ -18,6 +18,8 @@ import torch
 
 import kdloss.kernels as K
 from kdloss.functional import cohort_kd
+from kdloss.kernels._common import next_power_of_2
+from kdloss.kernels.cohort import cohort_block
 from tests.triton_harness import (
     DEVICE,
     HAS_TRITON,
@@ -65,10 +67,10 @@ def test_cpu_takes_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_next_power_of_2_and_block() -> None:
-    assert [K._next_power_of_2(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
-    assert K._cohort_block(10, 1) == 16
-    assert K._cohort_block(1000, 1) == 1024
-    assert K._cohort_block(100000, 8) == 1024  # the (KB, BLOCK) tile stays at 8192 values
+    assert [next_power_of_2(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert cohort_block(10, 1) == 16
+    assert cohort_block(1000, 1) == 1024
+    assert cohort_block(100000, 8) == 1024  # the (KB, BLOCK) tile stays at 8192 values
 
 
 # --------------------------------------------------------------------------- kernel cases
@@ -106,7 +108,7 @@ def _fused_vs_eager(
 
     monkeypatch.setattr(K, "fused_cohort_rows", fused)
     for on in (False, True):
-        monkeypatch.setattr(K, "use_fused", lambda a, b, _on=on: _on)
+        monkeypatch.setattr(K, "use_fused", lambda a, b, kernel="soft_kl", _on=on: _on)
         leaf = s.detach().clone().requires_grad_(True)
         out = cohort_kd(leaf, t, labels, **kw)  # type: ignore[arg-type]
         g = torch.rand(out.total.shape, generator=torch.Generator().manual_seed(1)).to(s.device) + 0.5
@@ -256,8 +258,8 @@ def _aot_compile(sdt: str, tdt: str, k: int, c: int, write_grad: bool):  # type:
 
     from kdloss.kernels._cohort_triton import _cohort_rows_kernel as kernel
 
-    kb = K._next_power_of_2(k)
-    block = K._cohort_block(c, kb)
+    kb = next_power_of_2(k)
+    block = cohort_block(c, kb)
     names = list(kernel.arg_names)
     types = {"S": f"*{sdt}", "TT": f"*{tdt}", "W": "*fp32", "LABELS": "*i64", "TOTAL": "*fp32", "KD": "*fp32"}
     types.update(CE="*fp32", GRAD=f"*{sdt}", C="i32", K="i32", ignore_index="i32")

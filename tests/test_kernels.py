@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import kdloss.kernels as K
+import kdloss.kernels.soft_kl as KS
 from kdloss.functional import kd_ce_loss, soft_kl
 from tests.triton_harness import (
     DEVICE,
@@ -54,9 +55,9 @@ def test_kdloss_imports_without_triton() -> None:
 def test_dispatch_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.zeros(2, 3)
     assert not K.use_fused(x, x)  # CPU tensors never take the kernel
-    monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "1")
+    monkeypatch.setenv("KDLOSS_KERNELS", "off")
     assert not K.kernels_enabled()
-    monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "0")
+    monkeypatch.setenv("KDLOSS_KERNELS", "verify")
     assert K.kernels_enabled()
     K.set_kernels_enabled(False)
     try:
@@ -71,7 +72,7 @@ def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(4, 10, device="cuda")
     assert K.use_fused(x, x.bfloat16())
     assert not K.use_fused(x.double(), x.double())
-    monkeypatch.setenv("KDLOSS_DISABLE_KERNELS", "1")
+    monkeypatch.setenv("KDLOSS_KERNELS", "off")
     assert not K.use_fused(x, x)
 
 
@@ -86,14 +87,14 @@ def _aot_compile(sdt: str, tdt: str, flags: dict[str, int], c: int):  # type: ig
 
     from kdloss.kernels._kd_triton import _kd_rows_kernel as kernel
 
-    block = K._block_size(c)
+    block = KS.column_block(c)
     names = list(kernel.arg_names)
     types = {"S": f"*{sdt}", "TT": f"*{tdt}", "LABELS": "*i64", "MASK": "*i1", "LOSS": "*fp32", "VALID": "*i1"}
     types.update(GRAD=f"*{sdt}", C="i32", ignore_index="i32")
     types.update({n: "i32" for n in ("stride_sr", "stride_tr", "stride_gr")})
     types.update({n: "fp32" for n in ("temperature", "kl_weight", "grad_kl_weight", "ce_weight", "denom_per_row")})
     types.update(OUT="*fp32", SCALE="*fp32", COUNTER="*i32", n_rows="i32")
-    consts: dict[str, object] = {**flags, "BLOCK": block, "RBLOCK": K._REDUCE_BLOCK, "stride_sc": 1, "stride_tc": 1}
+    consts: dict[str, object] = {**flags, "BLOCK": block, "RBLOCK": KS.REDUCE_BLOCK, "stride_sc": 1, "stride_tc": 1}
     sig = {n: "constexpr" if n in consts else types[n] for n in names}
     aligned = ("S", "TT", "LABELS", "MASK", "LOSS", "VALID", "GRAD", "stride_sr", "stride_tr", "stride_gr", "C")
     src = ASTSource(
@@ -324,7 +325,7 @@ def test_strided_mask_and_labels(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_kernel
 def test_no_grad_writes_no_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdloss.kernels import _FusedKD
+    from kdloss.kernels.soft_kl import _FusedKD
 
     seen: list[bool] = []
     original = _FusedKD.forward
@@ -519,7 +520,7 @@ def test_reduced_loss_matches_rows_and_resets_its_counter(monkeypatch: pytest.Mo
     blocks, the last one partial. The ticket counter is back at 0 after every launch; a counter
     left behind would make the next launch never find its last program and return garbage.
     """
-    monkeypatch.setattr(K, "_REDUCE_BLOCK", 16)
+    monkeypatch.setattr(KS, "REDUCE_BLOCK", 16)
     torch.manual_seed(8)
     s, t = _logits((40, 5), torch.float32), _logits((40, 5), torch.float32)
     mask = torch.rand(40, device=s.device) > 0.3
@@ -533,8 +534,8 @@ def test_reduced_loss_matches_rows_and_resets_its_counter(monkeypatch: pytest.Mo
     assert outs[0].shape == ()
     torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-6)
     assert torch.equal(outs[0], outs[1])  # same bits: the rows are summed in index order
-    assert K._counters
-    assert all(int(c) == 0 for c in K._counters.values())
+    assert KS._counters
+    assert all(int(c) == 0 for c in KS._counters.values())
 
 
 @needs_kernel

@@ -118,7 +118,7 @@ def attention_loss(
 
     On CUDA (float32/bfloat16/float16, ``p = 2``, equal spatial sizes in every pair, outside
     ``torch.compile``) the loss runs as fused Triton kernels, one launch forward and one backward
-    for up to 4 pairs (see ``docs/kernels.md``; ``KDLOSS_DISABLE_KERNELS=1`` turns them off).
+    for up to 4 pairs (see ``docs/kernels.md``; ``KDLOSS_KERNELS=off`` turns them off).
 
     Args:
         student_features: one ``(B, C_s, H, W)`` map or a sequence of them.
@@ -159,8 +159,11 @@ def attention_loss(
             check_batch("student_features[0]", s_list[0], name_s, fs)
 
     if _kernels.attention_fusable(s_list, t_list, p):  # CUDA + Triton, p = 2, equal spatial sizes per pair
-        rows = _kernels.fused_attention_rows(s_list, t_list, beta=beta)
-        return reduce_loss(rows, reduction, rows=rows.shape[0])
+        rows = _kernels.run_guarded(  # None: the launch failed, take the eager path
+            "attention", s_list[0], t_list[0], _kernels.fused_attention_rows, s_list, t_list, beta=beta
+        )
+        if rows is not None:
+            return reduce_loss(rows, reduction, rows=rows.shape[0])
 
     per_pair: list[Tensor] = []
     for fs, ft in zip(s_list, t_list):

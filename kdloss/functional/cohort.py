@@ -268,7 +268,8 @@ def cohort_kd(
         kd_coef, ce_coef = a, (1.0 - a) * w_sum
     else:
         kd_coef, ce_coef = a / w_sum, 1.0 - a
-    if _kernels.use_fused(student_logits, stacked):  # CUDA + Triton only
+    fused: tuple[Tensor, Tensor, Tensor] | None = None
+    if _kernels.use_fused(student_logits, stacked, kernel="cohort"):  # CUDA + Triton only
         # One launch reads the student row once for all K teachers and writes the total, the
         # per-teacher KD values and the CE (both detached, for the parts) and the gradient.
         # unit weights: a fill on the device, no host-to-device copy (which would synchronise)
@@ -277,9 +278,20 @@ def cohort_kd(
             w_kl = torch.full((k,), kd_coef, dtype=torch.float32, device=dev)
         else:
             w_kl = torch.tensor([kd_coef * v for v in w], dtype=torch.float32, device=dev)
-        total_rows, kd_rows, ce_rows = _kernels.fused_cohort_rows(
-            student_logits, stacked, labels, temperature=temperature, kl_weights=w_kl, ce_weight=ce_coef
+        fused = _kernels.run_guarded(  # None: the launch failed, take the eager path
+            "cohort",
+            student_logits,
+            stacked,
+            _kernels.fused_cohort_rows,
+            student_logits,
+            stacked,
+            labels,
+            temperature=temperature,
+            kl_weights=w_kl,
+            ce_weight=ce_coef,
         )
+    if fused is not None:
+        total_rows, kd_rows, ce_rows = fused
     else:
         total_rows, kd_rows, ce_rows = _cohort_rows_eager(
             student_logits, stacked, labels, temperature, w, kd_coef, ce_coef

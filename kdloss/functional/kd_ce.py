@@ -134,8 +134,12 @@ def kd_ce_loss(
             )
 
     if _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
-        # one launch: the rows and, unless reduction="none", their reduction
-        return _kernels.fused_kd_loss(
+        # one launch: the rows and, unless reduction="none", their reduction (None: it failed, eager)
+        fused = _kernels.run_guarded(
+            "soft_kl",
+            student_logits,
+            teacher_logits,
+            _kernels.fused_kd_loss,
             student_logits,
             teacher_logits,
             temperature=temperature,
@@ -146,6 +150,8 @@ def kd_ce_loss(
             kl_weight=alpha,
             ce_weight=1.0 - alpha,
         )
+        if fused is not None:
+            return fused
 
     dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)

@@ -194,8 +194,12 @@ def soft_kl(
         check_integer("labels", labels)
 
     if direction == "forward" and _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
-        # one launch: the rows and, unless reduction="none", their reduction
-        return _kernels.fused_kd_loss(
+        # one launch: the rows and, unless reduction="none", their reduction (None: it failed, eager)
+        fused = _kernels.run_guarded(
+            "soft_kl",
+            student_logits,
+            teacher_logits,
+            _kernels.fused_kd_loss,
             student_logits,
             teacher_logits,
             temperature=temperature,
@@ -205,6 +209,8 @@ def soft_kl(
             labels=labels,
             ignore_index=ignore_index,
         )
+        if fused is not None:
+            return fused
 
     dtype = compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(dtype)
