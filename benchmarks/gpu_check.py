@@ -307,8 +307,11 @@ def _tests(res: Path) -> dict[str, Any] | None:
         return None
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     failures: list[str] = []
+    properties: list[dict[str, str]] = []
     for case in root.iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        for prop in case.iter("property"):  # figures a test records (record_property), e.g. self_check_ms/...
+            properties.append({"test": name, "name": prop.get("name", ""), "value": prop.get("value", "")})
         if case.find("failure") is not None or case.find("error") is not None:
             counts["failed"] += 1
             failures.append(name)
@@ -316,7 +319,7 @@ def _tests(res: Path) -> dict[str, Any] | None:
             counts["skipped"] += 1
         else:
             counts["passed"] += 1
-    return {**counts, "failures": failures}
+    return {**counts, "failures": failures, "properties": properties}
 
 
 def _kernels(res: Path) -> tuple[list[dict[str, Any]], float | None, list[dict[str, Any]]]:
@@ -427,6 +430,17 @@ def _target(desc: str, value: str, passed: bool | None) -> dict[str, Any]:
 def targets(m: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target the manifest can be read against, with its figure; ``passed`` None when not measured."""
     out = list(m["kernel_targets"])
+    tests = m["tests_gpu"] or {}
+    checks = [p for p in tests.get("properties", []) if p["name"].startswith("self_check_ms/")]
+    for p in checks:  # value: "median X, max Y (...)"
+        try:
+            median = float(p["value"].split("median", 1)[1].split(",", 1)[0])
+        except (IndexError, ValueError):
+            out.append(_target(f"kernel self-check {p['name'][14:]} <= 5 ms", p["value"], None))
+            continue
+        out.append(_target(f"kernel self-check {p['name'][14:]} <= 5 ms", f"{median:.2f} ms", median <= 5.0))
+    if not checks:
+        out.append(_target("kernel self-check <= 5 ms per key", "-", None))
     crd = {r["batch"]: r for r in m["crd"]}
     for b, limit in CRD_MAX_MS.items():
         r = crd.get(b)
@@ -689,6 +703,7 @@ def markdown(m: dict[str, Any]) -> str:
     else:
         lines.append(f"{tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
         lines += [f"- failed: `{name}`" for name in tests["failures"]]
+        lines += [f"- `{p['name']}`: {p['value']}" for p in tests.get("properties", [])]
     lines += ["", "## Soft-KL kernels (kd, kd_ce)", ""]
     if m["copy_bandwidth_GBps"] is not None:
         lines += [

@@ -205,3 +205,30 @@ def test_extract_accepts_the_archive_or_its_folder(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "test").is_dir()
     with pytest.raises(SystemExit, match="has no train/"):
         gpu_check.cmd_extract(str(tmp_path), str(tmp_path / "c"))
+
+
+def test_figures_recorded_by_tests_reach_the_manifest(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    cfg.res.mkdir(parents=True)
+    (cfg.res / "tests_gpu.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_kernel_verify" name="test_self_check_cost_on_gpu">'
+        '<properties><property name="self_check_ms/soft_kl/float32" value="median 3.10, max 4.00 (x)"/>'
+        '<property name="self_check_ms/cohort/bfloat16" value="median 7.50, max 9.00 (x)"/></properties>'
+        "</testcase>"
+        '<testcase classname="t" name="broken"><failure message="boom"/></testcase>'
+        '<testcase classname="t" name="skipped"><skipped message="no cuda"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    meta = {"command": "x", "budget_s": 1.0, "commit": "c", "rehearsal": True}
+    env = {"name": "env", "status": "ok", "rc": 0, "wall_s": 1.0, "limit_s": 30, "note": ""}
+    m = gpu_check.build_manifest(cfg, meta, [env], 0.0)
+    assert validate(m) == []
+    tests = m["tests_gpu"]
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
+    assert tests["failures"] == ["t::broken"]
+    verdicts = {t["target"]: (t["value"], t["passed"]) for t in m["targets"] if "self-check" in t["target"]}
+    assert verdicts == {
+        "kernel self-check soft_kl/float32 <= 5 ms": ("3.10 ms", True),
+        "kernel self-check cohort/bfloat16 <= 5 ms": ("7.50 ms", False),
+    }
