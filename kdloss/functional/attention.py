@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,10 +18,10 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
-    compute_dtype,
     pair_up,
     reduce_loss,
 )
+from kdloss.functional._spatial import common_size, pool_pair, pool_to, spatial_energy
 
 __all__ = ["AttentionPool", "attention_loss", "attention_map"]
 
@@ -33,17 +32,6 @@ size and then takes its attention map; ``"maps"`` takes both attention maps' cha
 and average-pools the larger energy map."""
 
 _POOLS: tuple[str, ...] = ("features", "maps")
-
-
-def _spatial_energy(feature: Tensor, p: float) -> Tensor:
-    """Mean over channels of ``|f|^p``: ``(B, C, H, W) -> (B, H, W)`` in float32 or wider."""
-    a = feature.to(compute_dtype(feature)).abs()
-    if p < 1:
-        # d|f|^p/df = p |f|^(p-1) is infinite at f = 0 for p < 1 (and ReLU features are exactly 0
-        # in many places): the gradient there would be inf * 0 = NaN. Take the subgradient 0.
-        nonzero = a > 0
-        return torch.where(nonzero, torch.where(nonzero, a, 1.0).pow(p), 0.0).mean(dim=1)
-    return a.pow(p).mean(dim=1)
 
 
 def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Tensor:
@@ -80,30 +68,7 @@ def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Ten
         raise ShapeError(f"feature must be a (B, C, H, W) feature map, got shape {tuple(feature.shape)}")
     check_positive("p", p)
     check_positive("eps", eps)
-    return F.normalize(_spatial_energy(feature, p).flatten(1), dim=1, eps=eps)
-
-
-def _pool_to(q: Tensor, size: tuple[int, int]) -> Tensor:
-    """Adaptive average pooling of the last two dimensions (``(B, H, W)`` or ``(B, C, H, W)``) to ``size``.
-
-    Sizes that divide evenly (the usual 32/16/8 maps) are pooled by a reshape and a mean, which
-    equals ``adaptive_avg_pool2d`` there and also compiles with symbolic sizes (inductor of torch
-    2.11 cannot lower ``adaptive_avg_pool2d`` to a symbolic ``Min`` size under ``dynamic=True``).
-    """
-    h, w = q.shape[-2], q.shape[-1]
-    if h == size[0] and w == size[1]:
-        return q
-    lead = q.shape[:-2]
-    if h % size[0] == 0 and w % size[1] == 0:
-        return q.reshape(*lead, size[0], h // size[0], size[1], w // size[1]).mean(dim=(-3, -1))
-    if q.ndim == 3:
-        return F.adaptive_avg_pool2d(q.unsqueeze(1), size).squeeze(1)
-    return F.adaptive_avg_pool2d(q, size)
-
-
-def _common_size(fs: Tensor, ft: Tensor) -> tuple[int, int]:
-    """The spatial size two maps are compared at: the smaller height and the smaller width."""
-    return min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1])
+    return F.normalize(spatial_energy(feature, p).flatten(1), dim=1, eps=eps)
 
 
 def attention_loss(
@@ -205,8 +170,7 @@ def attention_loss(
 
     if pool == "features":
         # Resize the feature maps themselves; from here on every pair has equal spatial sizes.
-        resized = [(fs, ft.detach()) for fs, ft in zip(s_list, t_list)]
-        resized = [(_pool_to(fs, _common_size(fs, ft)), _pool_to(ft, _common_size(fs, ft))) for fs, ft in resized]
+        resized = [pool_pair(fs, ft.detach()) for fs, ft in zip(s_list, t_list)]
         s_list, t_list = [fs for fs, _ in resized], [ft for _, ft in resized]
 
     # The fused kernels handle pairs of equal spatial sizes only (attention_fusable checks): with
@@ -217,10 +181,10 @@ def attention_loss(
 
     per_pair: list[Tensor] = []
     for fs, ft in zip(s_list, t_list):
-        qs, qt = _spatial_energy(fs, p), _spatial_energy(ft.detach(), p)
+        qs, qt = spatial_energy(fs, p), spatial_energy(ft.detach(), p)
         if qs.shape[-2:] != qt.shape[-2:]:  # pool="maps" only
-            size = _common_size(qs, qt)
-            qs, qt = _pool_to(qs, size), _pool_to(qt, size)
+            size = common_size(qs, qt)
+            qs, qt = pool_to(qs, size), pool_to(qt, size)
         a_s = F.normalize(qs.flatten(1), dim=1, eps=1e-12)
         a_t = F.normalize(qt.flatten(1), dim=1, eps=1e-12)
         per_sample = (a_s - a_t).square().mean(dim=1)
