@@ -12,7 +12,7 @@ import torch
 import kdloss
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
+PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 NAME = re.compile(r"`(?:kdloss\.)?([A-Z][A-Za-z0-9]*Loss)\b")
 
 
