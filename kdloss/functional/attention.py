@@ -102,12 +102,11 @@ def attention_loss(
       taken from the smaller map.
     - ``"maps"``: the channel energy :math:`Q = \frac1C\sum_c |f|^p` of each map is taken at its
       own size and the larger :math:`Q` is average-pooled to :math:`(h, w)` before normalising,
-      :math:`a = \mathrm{vec}(P Q) / \lVert \mathrm{vec}(P Q) \rVert_2`. Pooling after
-      squaring keeps the energy of fine detail that pooling the features first averages away,
-      so values and gradients differ from the ``"features"`` form.
+      :math:`a = \mathrm{vec}(P Q) / \lVert \mathrm{vec}(P Q) \rVert_2`. Averages of squares
+      are smoother, more uniform maps than squares of averages, so its values are typically
+      smaller than the ``"features"`` form's and its gradients differ (``docs/fidelity.md``).
 
-    The two agree exactly when the sizes are equal (and so do the fused kernels, which run only
-    then).
+    The two agree exactly when the sizes are equal.
 
     Zagoruyko & Komodakis, *Paying More Attention to Attention*, ICLR 2017; their code uses
     ``beta = 1000`` with this per-pair mean (RepDistiller's and mdistiller's CIFAR-100 weight, see
