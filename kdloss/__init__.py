@@ -42,7 +42,7 @@ from kdloss.losses import (
     SPLoss,
     VIDLoss,
 )
-from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
+from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDAuthorsLoss, TOFDLoss
 from kdloss.losses.contrastive import CRDEmbed, CRDLoss
 from kdloss.memory import ContrastMemory
 from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
@@ -91,6 +91,7 @@ __all__ = [
     "SPLoss",
     "SelfDistillationLoss",
     "ShapeError",
+    "TOFDAuthorsLoss",
     "TOFDLoss",
     "VIDLoss",
     "VIDRegressor",

@@ -122,9 +122,9 @@ class ABConnector(nn.Module):
         return out
 
 
-def _conv_bn(cin: int, cout: int, transpose: bool = False) -> list[nn.Module]:
+def _conv_bn(cin: int, cout: int, transpose: bool = False, batch_norm: bool = True) -> list[nn.Module]:
     conv: nn.Module = nn.ConvTranspose2d(cin, cout, 3, padding=1) if transpose else nn.Conv2d(cin, cout, 3, padding=1)
-    return [conv, nn.BatchNorm2d(cout), nn.LeakyReLU(0.1)]
+    return [conv, nn.BatchNorm2d(cout), nn.LeakyReLU(0.1)] if batch_norm else [conv, nn.LeakyReLU(0.1)]
 
 
 class FTParaphraser(nn.Module):
@@ -133,7 +133,14 @@ class FTParaphraser(nn.Module):
     ``forward(teacher_feature)`` returns ``(factor, reconstruction)``. Train it first to
     reconstruct the teacher's feature (e.g. ``F.mse_loss(reconstruction, teacher_feature)``),
     then freeze it and use ``factor`` as the teacher factor of :func:`kdloss.functional.ft_loss`.
-    ``factor_channels = round(rate * in_channels)`` (the paper's paraphrase rate, 0.5).
+    ``factor_channels = round(rate * in_channels)`` (the paper's paraphrase rate, 0.5;
+    RepDistiller truncates, ``int(rate * in_channels)``, which differs for odd products).
+
+    Encoder: three conv3x3 layers (``C -> C -> K -> K``), decoder: three transposed conv3x3 layers
+    (``K -> K -> C -> C``), each followed by BatchNorm (``batch_norm=True``, the default) and
+    LeakyReLU(0.1). RepDistiller's ``Paraphraser`` has no BatchNorm by default
+    (``use_bn=False``): ``batch_norm=False`` builds that one (its ``Translator`` keeps BatchNorm,
+    as :class:`FTTranslator`).
 
     Kim, Park & Kwak, *Paraphrasing Complex Network: Network Compression via Factor Transfer*,
     NeurIPS 2018.
@@ -141,11 +148,13 @@ class FTParaphraser(nn.Module):
     Args:
         in_channels: the teacher feature's channels.
         rate: the paraphrase rate, ``factor_channels / in_channels`` (> 0; 0.5 in the paper).
+        batch_norm: put a BatchNorm after every convolution (``True``) or not (``False``,
+            RepDistiller's default).
 
     Raises:
         ValueError: if ``in_channels`` is not a positive int or ``rate`` not a finite number > 0.
-        TypeError: if ``rate`` is not a number. ShapeError (in ``forward``): an input that is not
-            ``(B, in_channels, H, W)``.
+        TypeError: if ``rate`` is not a number or ``batch_norm`` not a bool. ShapeError (in
+            ``forward``): an input that is not ``(B, in_channels, H, W)``.
 
     Example:
         >>> import torch
@@ -153,22 +162,30 @@ class FTParaphraser(nn.Module):
         >>> factor, recon = para(torch.randn(2, 16, 4, 4))
         >>> factor.shape, recon.shape
         (torch.Size([2, 8, 4, 4]), torch.Size([2, 16, 4, 4]))
+        >>> any(isinstance(m, torch.nn.BatchNorm2d) for m in FTParaphraser(16, batch_norm=False).modules())
+        False
     """
 
-    def __init__(self, in_channels: int, *, rate: float = 0.5) -> None:
+    def __init__(self, in_channels: int, *, rate: float = 0.5, batch_norm: bool = True) -> None:
         super().__init__()
         _check_channels(in_channels=in_channels)
         check_positive("rate", rate)
+        if not isinstance(batch_norm, bool):
+            raise TypeError(f"batch_norm must be a bool, got {type(batch_norm).__name__}")
         self.in_channels = in_channels
+        self.batch_norm = batch_norm
         self.factor_channels = max(1, round(rate * in_channels))
-        c, k = in_channels, self.factor_channels
-        self.encoder = nn.Sequential(*_conv_bn(c, c), *_conv_bn(c, k), *_conv_bn(k, k))
-        self.decoder = nn.Sequential(*_conv_bn(k, k, True), *_conv_bn(k, c, True), *_conv_bn(c, c, True))
+        c, k, bn = in_channels, self.factor_channels, batch_norm
+        self.encoder = nn.Sequential(*_conv_bn(c, c, False, bn), *_conv_bn(c, k, False, bn), *_conv_bn(k, k, False, bn))
+        self.decoder = nn.Sequential(*_conv_bn(k, k, True, bn), *_conv_bn(k, c, True, bn), *_conv_bn(c, c, True, bn))
 
     def forward(self, teacher_feature: Tensor) -> tuple[Tensor, Tensor]:
         _check_map("teacher_feature", teacher_feature, self.in_channels, "FTParaphraser")
         factor = self.encoder(teacher_feature)
         return factor, self.decoder(factor)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, factor_channels={self.factor_channels}, batch_norm={self.batch_norm}"
 
 
 class FTTranslator(nn.Module):

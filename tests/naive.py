@@ -107,3 +107,41 @@ def at_loss_pooled(student_feature: Tensor, teacher_feature: Tensor, beta: float
     a_s = F.normalize(qs.view(qs.size(0), -1))
     a_t = F.normalize(qt.view(qt.size(0), -1))
     return beta * (a_s - a_t).pow(2).mean()
+
+
+def at_loss_repdistiller(student_feature: Tensor, teacher_feature: Tensor, beta: float = 1.0) -> Tensor:
+    """RepDistiller's / mdistiller's AT for one pair of square maps, as they write it.
+
+    Only the heights are compared: the map with the larger height is adaptive-average-pooled to
+    ``(h, h)``, ``h`` the other's height, then ``(at(f_s) - at(f_t)).pow(2).mean()``.
+    """
+    s_h, t_h = student_feature.shape[2], teacher_feature.shape[2]
+    if s_h > t_h:
+        student_feature = F.adaptive_avg_pool2d(student_feature, (t_h, t_h))
+    elif s_h < t_h:
+        teacher_feature = F.adaptive_avg_pool2d(teacher_feature, (s_h, s_h))
+    return beta * (at_map(student_feature) - at_map(teacher_feature)).pow(2).mean()
+
+
+def at_loss_pool_features(student_feature: Tensor, teacher_feature: Tensor, beta: float = 1.0) -> Tensor:
+    """The same rule for any sizes: both feature maps adaptive-average-pooled to (min H, min W), then AT."""
+    size = (
+        min(student_feature.shape[2], teacher_feature.shape[2]),
+        min(student_feature.shape[3], teacher_feature.shape[3]),
+    )
+    fs = F.adaptive_avg_pool2d(student_feature, size)
+    ft = F.adaptive_avg_pool2d(teacher_feature, size)
+    return beta * (at_map(fs) - at_map(ft)).pow(2).mean()
+
+
+def at_loss_pool_maps(student_feature: Tensor, teacher_feature: Tensor, beta: float = 1.0) -> Tensor:
+    """AT with the energy maps pooled: Q = mean_c x^2 of each map, adaptive-average-pooled to (min H, min W)."""
+    size = (
+        min(student_feature.shape[2], teacher_feature.shape[2]),
+        min(student_feature.shape[3], teacher_feature.shape[3]),
+    )
+    qs = F.adaptive_avg_pool2d(student_feature.pow(2).mean(1, keepdim=True), size)
+    qt = F.adaptive_avg_pool2d(teacher_feature.pow(2).mean(1, keepdim=True), size)
+    a_s = F.normalize(qs.view(qs.size(0), -1))
+    a_t = F.normalize(qt.view(qt.size(0), -1))
+    return beta * (a_s - a_t).pow(2).mean()

@@ -97,3 +97,79 @@ def orthogonality(weight: Tensor) -> Tensor:
         for j in range(m.shape[0]):
             total = total + (torch.dot(m[i], m[j]) - (1.0 if i == j else 0.0)) ** 2
     return total
+
+
+def orthogonality_authors(weight: Tensor) -> Tensor:
+    """The DIH authors' TOFD penalty: ||W W^T - I||_F + ||W^T W - I||_F, unsquared, as explicit sums."""
+    m = weight.reshape(weight.shape[0], -1)
+    total = torch.zeros((), dtype=m.dtype)
+    for gram in (m @ m.t(), m.t() @ m):
+        n = gram.shape[0]
+        sq = sum((gram[i, j] - (1.0 if i == j else 0.0)) ** 2 for i in range(n) for j in range(n))
+        total = total + torch.sqrt(sq)  # type: ignore[arg-type]
+    return total
+
+
+def tofd_authors(
+    students: Sequence[Tensor],
+    teachers: Sequence[Tensor],
+    labels: Tensor,
+    student_features: Sequence[Tensor],
+    teacher_features: Sequence[Tensor],
+    adapters: Sequence[Tensor],
+    epoch: int,
+    t: float = 3.0,
+    feature_weight: float = 0.05,
+    orth_weight: float = 0.03,
+) -> Tensor:
+    """The DIH authors' TOFD step, term by term: per pair, soft CE at T = 1 + t/250 (epoch + 1) (no T^2,
+    batch mean) + CE + feature_weight * ||f_s A^T - f_t|| (the whole batch, unsquared); plus
+    orth_weight * (||A A^T - I|| + ||A^T A - I||) per adapter A."""
+    temperature = 1 + (t / 250) * float(1 + epoch)
+    total = torch.zeros((), dtype=students[0].dtype)
+    for s, tl, fs, ft, a in zip(students, teachers, student_features, teacher_features, adapters):
+        mapped = fs @ a.t()
+        total = total + feature_weight * torch.sqrt(((mapped - ft.detach()) ** 2).sum())
+        total = total + F.cross_entropy(s, labels)
+        log_q = F.log_softmax(s / temperature, dim=1)
+        p = F.softmax(tl.detach() / temperature, dim=1)
+        total = total - (log_q * p).sum(dim=1).mean()
+    for a in adapters:
+        total = total + orth_weight * orthogonality_authors(a)
+    return total
+
+
+def kd_loss_dih(student: Tensor, teacher: Tensor, labels: Tensor, alpha: float, temperature: float) -> Tensor:
+    """The DIH authors' kd_loss: KLDivLoss(batchmean)(log q, p) * alpha * T^2 + CE * (1 - alpha); p not detached."""
+    kl = F.kl_div(
+        F.log_softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1), reduction="batchmean"
+    )
+    return kl * (alpha * temperature * temperature) + F.cross_entropy(student, labels) * (1.0 - alpha)
+
+
+def dih_per_head_alphas(
+    student: Tensor, teachers: Sequence[Tensor], labels: Tensor, alphas: Sequence[float], temperature: float
+) -> Tensor:
+    """The DIH authors' cohort loss with one alpha per teacher: heads with alpha 0 are skipped entirely."""
+    total = torch.zeros((), dtype=student.dtype)
+    for t, a in zip(teachers, alphas):
+        if a != 0.0:
+            total = total + kd_loss_dih(student, t.detach(), labels, a, temperature)
+    return total
+
+
+def mhkd_authors(
+    students: Sequence[Tensor],
+    teachers: Sequence[Tensor],
+    labels: Tensor,
+    alpha: float,
+    temperature: float,
+    head_weight: float = 0.5,
+) -> Tensor:
+    """The DIH authors' MHKD step: pair 0 is the final classifiers (weight 1, teacher's fc frozen, no CE on
+    it); each intermediate pair j adds CE(teacher head j) + head_weight * kd_loss(s_j, t_j) with the teacher
+    head NOT detached (the teacher's heads train inside the same loss)."""
+    total = kd_loss_dih(students[0], teachers[0], labels, alpha, temperature)
+    for s, t in zip(students[1:], teachers[1:]):
+        total = total + F.cross_entropy(t, labels) + head_weight * kd_loss_dih(s, t, labels, alpha, temperature)
+    return total

@@ -222,6 +222,33 @@ def ft(s: Tensor, t: Tensor, p: int) -> Tensor:
     return per.mean()
 
 
+def ft_repdistiller(fs: Tensor, ft: Tensor, p1: float = 2.0, p2: int = 1) -> Tensor:
+    """RepDistiller's FactorTransfer (square maps): pool the map with the larger height to the other's
+    (h, h), factor(F) = normalize(mean_c F^p1 flattened), mean over B x hw of |diff| (p2 = 1) or diff^p2."""
+    s_h, t_h = fs.shape[2], ft.shape[2]
+    if s_h > t_h:
+        fs = F.adaptive_avg_pool2d(fs, (t_h, t_h))
+    elif s_h < t_h:
+        ft = F.adaptive_avg_pool2d(ft, (s_h, s_h))
+
+    def factor(f: Tensor) -> Tensor:
+        q = f.pow(p1).mean(1).view(f.size(0), -1)
+        return q / torch.sqrt((q**2).sum(dim=1, keepdim=True))
+
+    d = factor(fs) - factor(ft)
+    return d.abs().mean() if p2 == 1 else d.pow(p2).mean()
+
+
+def ft_repdistiller_any_size(fs: Tensor, ft: Tensor) -> Tensor:
+    """The same with both maps pooled to (min H, min W) (non-square maps), p1 = 2, p2 = 1."""
+    size = (min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3]))
+    qs = F.adaptive_avg_pool2d(fs, size).pow(2).mean(1).flatten(1)
+    qt = F.adaptive_avg_pool2d(ft, size).pow(2).mean(1).flatten(1)
+    qs = qs / torch.sqrt((qs**2).sum(dim=1, keepdim=True))
+    qt = qt / torch.sqrt((qt**2).sum(dim=1, keepdim=True))
+    return (qs - qt).abs().mean()
+
+
 def hcl(fs: list[Tensor], ft: list[Tensor]) -> Tensor:
     """Chen et al. 2021 (authors' code): MSE + halving weights on 4x4, 2x2, 1x1 pools, normalised."""
     total = 0

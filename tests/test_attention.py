@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,18 +99,71 @@ def test_attention_loss_equals_paper(beta: float) -> None:
         assert_close(got, want, F64)
 
 
-def test_different_spatial_sizes_pool_the_larger_map() -> None:
-    """A 4x larger teacher map (8x8 vs 4x4): the teacher's channel energy is average-pooled 2x2."""
+def test_different_spatial_sizes_pool_maps_option() -> None:
+    """pool="maps": a 4x larger teacher map (8x8 vs 4x4) has its channel energy average-pooled 2x2."""
     s = make_tensor(2, 3, 4, 4, seed=6)
     t = make_tensor(2, 7, 8, 8, seed=7)
-    assert_close(attention_loss(s, t), naive.at_loss_pooled(s, t), F64)
-    assert_close(grads(attention_loss, s, t)[0], grads(naive.at_loss_pooled, s, t)[0], F64)
+    at = functools.partial(attention_loss, pool="maps")
+    assert_close(at(s, t), naive.at_loss_pooled(s, t), F64)
+    assert_close(grads(at, s, t)[0], grads(naive.at_loss_pooled, s, t)[0], F64)
     # and the other way round: a larger student map is pooled to the teacher's size
-    assert_close(attention_loss(t, s), naive.at_loss_pooled(t, s), F64)
-    assert_close(grads(attention_loss, t, s)[0], grads(naive.at_loss_pooled, t, s)[0], F64)
+    assert_close(at(t, s), naive.at_loss_pooled(t, s), F64)
+    assert_close(grads(at, t, s)[0], grads(naive.at_loss_pooled, t, s)[0], F64)
     # sizes that do not divide (5x7 vs 3x2) still pair up, and which side is larger does not matter
     a, b = make_tensor(2, 3, 5, 7, seed=8), make_tensor(2, 4, 3, 2, seed=9)
-    assert_close(attention_loss(a, b), attention_loss(b, a), Tol(1e-12, 1e-12))
+    assert_close(at(a, b), at(b, a), Tol(1e-12, 1e-12))
+    assert_close(at(a, b), naive.at_loss_pool_maps(a, b), F64)
+    assert_close(grads(at, a, b)[0], grads(naive.at_loss_pool_maps, a, b)[0], F64)
+
+
+# (student shape, teacher shape): square pairs as in RepDistiller / mdistiller, then non-square ones
+SQUARE_PAIRS = [((2, 3, 8, 8), (2, 5, 4, 4)), ((2, 3, 4, 4), (2, 5, 8, 8)), ((3, 2, 6, 6), (3, 4, 4, 4))]
+NON_SQUARE_PAIRS = [
+    ((2, 3, 6, 10), (2, 5, 3, 5)),  # the student larger in both dimensions
+    ((2, 3, 8, 4), (2, 5, 4, 8)),  # each larger in one dimension: both are pooled, to 4x4
+    ((2, 3, 5, 7), (2, 4, 3, 2)),  # sizes that do not divide
+    ((2, 3, 4, 6), (2, 4, 4, 3)),  # equal heights
+]
+
+
+@pytest.mark.parametrize(("s_shape", "t_shape"), SQUARE_PAIRS)
+def test_default_pools_features_as_repdistiller(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> None:
+    """The default (pool="features") is RepDistiller's / mdistiller's at_loss: the larger *feature map*
+    is adaptive-average-pooled to the smaller one's size before squaring (float64, values and gradients)."""
+    s, t = make_tensor(*s_shape, seed=31), make_tensor(*t_shape, seed=32, scale=2.0)
+    assert_close(attention_loss(s, t), naive.at_loss_repdistiller(s, t), F64)
+    assert_close(grads(attention_loss, s, t)[0], grads(naive.at_loss_repdistiller, s, t)[0], F64)
+    beta = functools.partial(attention_loss, beta=1000.0, reduction="sum")
+    ref = functools.partial(naive.at_loss_repdistiller, beta=1000.0 * s_shape[0])  # sum = B x mean
+    assert_close(beta(s, t), ref(s, t), F64)
+    assert_close(grads(beta, s, t)[0], grads(ref, s, t)[0], F64)
+    # the map-pooling option gives other values here (pooling after squaring keeps more energy)
+    assert (attention_loss(s, t) - attention_loss(s, t, pool="maps")).abs() > 1e-3 * attention_loss(s, t)
+
+
+@pytest.mark.parametrize(("s_shape", "t_shape"), NON_SQUARE_PAIRS)
+def test_default_pools_features_non_square(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> None:
+    """Non-square maps: both feature maps are pooled to (min H, min W), then compared."""
+    s, t = make_tensor(*s_shape, seed=33), make_tensor(*t_shape, seed=34)
+    assert_close(attention_loss(s, t), naive.at_loss_pool_features(s, t), F64)
+    assert_close(grads(attention_loss, s, t)[0], grads(naive.at_loss_pool_features, s, t)[0], F64)
+    assert_close(attention_loss(t, s), naive.at_loss_pool_features(t, s), F64)
+    assert_close(grads(attention_loss, t, s)[0], grads(naive.at_loss_pool_features, t, s)[0], F64)
+    maps = functools.partial(attention_loss, pool="maps")
+    assert_close(maps(s, t), naive.at_loss_pool_maps(s, t), F64)
+    assert_close(grads(maps, s, t)[0], grads(naive.at_loss_pool_maps, s, t)[0], F64)
+
+
+def test_pool_options_agree_on_equal_sizes_and_module_passes_pool() -> None:
+    s, t = pairs()
+    assert torch.equal(attention_loss(s, t, pool="features"), attention_loss(s, t, pool="maps"))
+    a, b = make_tensor(2, 3, 8, 8, seed=35), make_tensor(2, 5, 4, 4, seed=36)
+    assert torch.equal(AttentionLoss(pool="maps")(a, b), attention_loss(a, b, pool="maps"))
+    assert torch.equal(AttentionLoss()(a, b), attention_loss(a, b, pool="features"))
+    with pytest.raises(ValueError, match=r"pool must be one of 'features', 'maps', got 'energy'"):
+        attention_loss(a, b, pool="energy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"pool must be one of 'features', 'maps', got 'energy'"):
+        AttentionLoss(pool="energy")  # type: ignore[arg-type]
 
 
 def test_single_tensor_equals_one_pair_list() -> None:
@@ -232,15 +287,16 @@ def test_gradcheck_float64(sizes: tuple[tuple[int, int], tuple[int, int]]) -> No
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_matches_eager() -> None:
-    """One compile for the family: two pairs, one with pooling; inductor, forward and backward,
+@pytest.mark.parametrize("pool", ["features", "maps"])
+def test_compile_fullgraph_matches_eager(pool: str) -> None:
+    """One compile per pooling option: two pairs, one with pooling; inductor, forward and backward,
     ``dynamic=True`` (a second batch size and beta use the same graph).
 
     Slow on a cold cache: the first inductor compile in a process sets up the C++ toolchain (~10 s).
     """
 
     def family(s1: Tensor, s2: Tensor, t1: Tensor, t2: Tensor, beta: float) -> Tensor:
-        return attention_loss([s1, s2], [t1, t2], beta=beta, reduction="none")
+        return attention_loss([s1, s2], [t1, t2], beta=beta, reduction="none", pool=pool)  # type: ignore[arg-type]
 
     calls = [
         (
@@ -284,8 +340,11 @@ def test_module_equals_function_and_round_trips(kwargs: dict[str, object]) -> No
 
 
 def test_module_repr() -> None:
-    assert repr(AttentionLoss()) == "AttentionLoss(p=2.0, beta=1.0, reduction='mean')"
-    assert repr(AttentionLoss(p=1, beta=1000, reduction="sum")) == "AttentionLoss(p=1.0, beta=1000.0, reduction='sum')"
+    assert repr(AttentionLoss()) == "AttentionLoss(p=2.0, beta=1.0, reduction='mean', pool='features')"
+    assert (
+        repr(AttentionLoss(p=1, beta=1000, reduction="sum", pool="maps"))
+        == "AttentionLoss(p=1.0, beta=1000.0, reduction='sum', pool='maps')"
+    )
 
 
 # --------------------------------------------------------------------------------------------

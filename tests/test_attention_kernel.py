@@ -29,7 +29,7 @@ from tests.triton_harness import (
     run_without_triton,
 )
 
-N_CASES = 18  # tests the interpreter subprocess must pass
+N_CASES = 20  # tests the interpreter subprocess must pass
 
 
 @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
@@ -260,5 +260,37 @@ def test_attention_loss_dispatch(monkeypatch: pytest.MonkeyPatch, reduction: str
     torch.testing.assert_close(attention_loss(s, t, beta=5.0, reduction=reduction), ref, rtol=1e-5, atol=1e-6)
     assert calls == [1]
     attention_loss(s, t, p=3.0)  # other p: eager
-    attention_loss([s[0]], [t[0][:, :, :4, :4]])  # differing spatial sizes (pooling): eager
+    attention_loss([s[0]], [t[0][:, :, :4, :4]], pool="maps")  # differing sizes, energy maps pooled: eager
     assert calls == [1]
+
+
+@needs_kernel
+@pytest.mark.parametrize("pool", ["features", "maps"])
+def test_unequal_sizes_dispatch(monkeypatch: pytest.MonkeyPatch, pool: str) -> None:
+    """Pairs of different (and non-square) spatial sizes: with ``pool="features"`` the feature maps are
+    pooled first and the kernel runs on the pooled pairs; with ``pool="maps"`` the eager path runs.
+    Values and gradients equal the eager path's either way."""
+    s = _maps([(3, 4, 8, 6), (3, 8, 5, 7), (3, 2, 4, 4)], torch.float32, "contiguous", seed=22)
+    t = _maps([(3, 6, 4, 3), (3, 2, 3, 2), (3, 9, 8, 2)], torch.float32, "contiguous", seed=23)
+    s_ref = [x.detach().clone().requires_grad_(True) for x in s]
+    s_k = [x.detach().clone().requires_grad_(True) for x in s]
+    ref = attention_loss(s_ref, t, beta=7.0, reduction="none", pool=pool)  # type: ignore[arg-type]
+    calls: list[int] = []
+    real = K.fused_attention_rows
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KA, "use_fused", lambda a, b, kernel="soft_kl": True)
+    monkeypatch.setattr(K, "fused_attention_rows", counted)
+    out = attention_loss(s_k, t, beta=7.0, reduction="none", pool=pool)  # type: ignore[arg-type]
+    assert calls == ([1] if pool == "features" else [])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    w = torch.arange(1, 4, dtype=torch.float32, device=out.device)
+    (ref * w).sum().backward()
+    (out * w).sum().backward()
+    for a, b in zip(s_k, s_ref):
+        assert a.grad is not None
+        assert b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)

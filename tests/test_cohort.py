@@ -8,16 +8,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdloss import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, ShapeError, TOFDLoss
+from kdloss import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, ShapeError, TOFDAuthorsLoss, TOFDLoss
 from kdloss.functional import (
     cohort_kd,
     orthogonality_penalty,
     paired_head_kd,
     self_distillation_loss,
     soft_kl,
+    tofd_authors_loss,
     tofd_loss,
+    tofd_temperature,
 )
-from tests.naive_cohort import cohort_kl_div, cohort_loop, orthogonality, paired_loop, self_distillation_loop
+from tests.naive_cohort import (
+    cohort_kl_div,
+    cohort_loop,
+    dih_per_head_alphas,
+    mhkd_authors,
+    orthogonality,
+    orthogonality_authors,
+    paired_loop,
+    self_distillation_loop,
+    tofd_authors,
+)
 
 B, C = 6, 7
 
@@ -295,6 +307,157 @@ def test_tofd_loss_is_paired_kd_plus_features_plus_orthogonality() -> None:
         TOFDLoss(gamma=-1)
     with pytest.raises(ShapeError, match="same shape"):
         tofd_loss(s, t, y, [f[:, :4] for f in fs], ft)
+
+
+def test_orthogonality_penalty_authors_variant_matches_reference() -> None:
+    """variant="authors": ||W W^T - I||_F + ||W^T W - I||_F, unsquared (float64, values and gradients)."""
+    g = torch.Generator().manual_seed(6)
+    for shape in [(5, 3), (3, 5), (4, 2, 3, 3)]:
+        w = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+        ours = orthogonality_penalty(w, variant="authors")
+        ref = orthogonality_authors(w)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(ours, w)[0], torch.autograd.grad(ref, w)[0])
+    q, _ = torch.linalg.qr(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    assert orthogonality_penalty(q).item() == pytest.approx(0.0, abs=1e-12)  # kdloss: the smaller Gram only
+    # Q^T Q = I, but Q Q^T is a rank-4 projection in 6 dimensions: ||Q Q^T - I||_F = sqrt(6 - 4)
+    assert orthogonality_penalty(q, variant="authors").item() == pytest.approx(2**0.5, abs=1e-9)
+    square, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    square.requires_grad_(True)
+    zero = orthogonality_penalty(square, variant="authors")
+    assert zero.item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.isfinite(torch.autograd.grad(zero, square)[0]).all()
+    with pytest.raises(ValueError, match=r"variant must be one of 'kdloss', 'authors', got 'paper'"):
+        orthogonality_penalty(q, variant="paper")  # type: ignore[arg-type]
+
+
+def test_tofd_temperature_schedule() -> None:
+    assert tofd_temperature(0) == pytest.approx(1.012)
+    assert tofd_temperature(199) == pytest.approx(1 + 3 * 200 / 250)
+    assert tofd_temperature(9, t=5.0, horizon=100.0) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match=r"epoch must be an int >= 0 \(0-based\), got -1"):
+        tofd_temperature(-1)
+    with pytest.raises(TypeError, match=r"epoch must be an int >= 0 \(0-based\), got float"):
+        tofd_temperature(1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"horizon must be a finite number > 0, got 0"):
+        tofd_temperature(1, horizon=0)
+
+
+def _tofd_data(k: int = 3, d_s: int = 5, d_t: int = 8, seed: int = 7):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    s = (2 * torch.randn(k, B, C, generator=g, dtype=torch.float64)).requires_grad_()
+    t = 2 * torch.randn(k, B, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    fs = [torch.randn(B, d_s, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(k)]
+    ft = [torch.randn(B, d_t, generator=g, dtype=torch.float64) for _ in range(k)]
+    adapters = [torch.randn(d_t, d_s, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(k)]
+    return s, t, y, fs, ft, adapters
+
+
+@pytest.mark.parametrize(("d_s", "d_t"), [(5, 8), (8, 8)])
+def test_tofd_authors_loss_matches_the_authors_formula(d_s: int, d_t: int) -> None:
+    """Soft CE without T^2 (weight 1) + CE (weight 1) per pair at the epoch's temperature, the unsquared
+    L2 of the adapted features over the batch, the unsquared orthogonality of both Gram matrices; the
+    bias-free adapter is there even at equal widths (float64, values and gradients)."""
+    s, t, y, fs, ft, adapters = _tofd_data(d_s=d_s, d_t=d_t)
+    epoch = 7
+    out = tofd_authors_loss(
+        s, t, y, fs, ft, adapters, temperature=tofd_temperature(epoch), feature_weight=0.05, orth_weight=0.03
+    )
+    ref = tofd_authors(list(s), list(t), y, fs, ft, adapters, epoch)
+    torch.testing.assert_close(out.total, ref, rtol=1e-12, atol=1e-12)
+    inputs = [s, *fs, *adapters]
+    for a, b in zip(torch.autograd.grad(out.total, inputs), torch.autograd.grad(ref, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    module = TOFDAuthorsLoss(feature_weight=0.05, orth_weight=0.03)
+    torch.testing.assert_close(module(s, t, y, fs, ft, adapters, epoch=epoch).total, out.total)
+    assert sorted(out.parts) == sorted(
+        [*(f"{n}/{j}" for n in ("soft_ce", "ce", "feat") for j in range(3)), "orth", "total"]
+    )
+    temperature = tofd_temperature(epoch)
+    soft_ce_0 = -(F.softmax(t[0] / temperature, 1) * F.log_softmax(s[0].detach() / temperature, 1)).sum(1).mean()
+    torch.testing.assert_close(out.parts["soft_ce/0"], soft_ce_0)
+    torch.testing.assert_close(out.parts["feat/1"], torch.dist(fs[1].detach() @ adapters[1].detach().t(), ft[1]))
+
+
+def test_tofd_kdloss_variant_maps_onto_the_authors_logit_gradient() -> None:
+    """alpha = 1/(1+T^2) and pair weights (1+T^2)/T^2 give kdloss's TOFD the authors' logit gradient;
+    the values differ by the teachers' entropies (the soft CE is KL + H(p_t))."""
+    s, t, y, fs, ft, adapters = _tofd_data()
+    temperature = tofd_temperature(30)
+    t2 = temperature**2
+    mapped = [f @ a.t() for f, a in zip(fs, adapters)]
+    ours = tofd_loss(
+        s, t, y, mapped, ft, temperature=temperature, alpha=1 / (1 + t2), weights=[(1 + t2) / t2] * 3, beta=0.0
+    )
+    authors = tofd_authors_loss(s, t, y, fs, ft, adapters, temperature=temperature, feature_weight=0.0, orth_weight=0.0)
+    (g_ours,) = torch.autograd.grad(ours.total, s)
+    (g_authors,) = torch.autograd.grad(authors.total, s)
+    torch.testing.assert_close(g_ours, g_authors, rtol=1e-12, atol=1e-12)
+    p = F.softmax(t / temperature, dim=-1)
+    entropy = -(p * p.log()).sum(-1).mean(-1).sum()
+    torch.testing.assert_close(authors.total - ours.total, entropy, rtol=1e-12, atol=1e-12)
+
+
+def test_tofd_authors_loss_errors() -> None:
+    s, t, y, fs, ft, adapters = _tofd_data()
+    with pytest.raises(ShapeError, match=r"one entry per pair \(3\), got 3, 3 and 2 \(the authors' TOFD always"):
+        tofd_authors_loss(s, t, y, fs, ft, adapters[:2], temperature=2.0)
+    with pytest.raises(ShapeError, match=r"adapter_weights\[0\] \(D_t, D_s\) = \(8, 5\), got \(5, 8\)"):
+        tofd_authors_loss(s, t, y, fs, ft, [a.t() for a in adapters], temperature=2.0)
+    with pytest.raises(ShapeError, match=r"adapter_weights\[1\] must be the \(D_t, D_s\) weight of an nn\.Linear"):
+        tofd_authors_loss(s, t, y, fs, ft, [adapters[0], adapters[1][0], adapters[2]], temperature=2.0)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got 0"):
+        tofd_authors_loss(s, t, y, fs, ft, adapters, temperature=0)
+    with pytest.raises(ValueError, match=r"feature_weight must be a finite number >= 0, got -1"):
+        TOFDAuthorsLoss(feature_weight=-1)
+    with pytest.raises(ShapeError, match=r"same number of outputs \(paired\), got 3 and 2"):
+        tofd_authors_loss(s, t[:2], y, fs, ft, adapters, temperature=2.0)
+    assert repr(TOFDAuthorsLoss()) == "TOFDAuthorsLoss(feature_weight=0.05, orth_weight=0.03, t=3.0, horizon=250.0)"
+    assert not list(TOFDAuthorsLoss().parameters())
+
+
+# -- MHKD against the DIH authors' MHKD step ---------------------------------------------------------
+def test_mhkd_student_gradients_equal_the_authors_with_head_weights() -> None:
+    """The authors train the teacher's heads inside the same loss (CE on them, KD not detached) and weigh
+    each intermediate pair 0.5; kdloss detaches the (fine-tuned) teacher heads. With weights 0.5 per head
+    pair and 1 for the final pair, the student's gradients are identical (float64)."""
+    g = torch.Generator().manual_seed(8)
+    k = 3  # intermediate pairs
+    students = [torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(k + 1)]
+    teachers = [torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(k + 1)]
+    y = torch.randint(0, C, (B,), generator=g)
+    authors = mhkd_authors(students, teachers, y, alpha=0.1, temperature=4.0)  # pair 0: the final classifiers
+    ours = paired_head_kd(
+        [*students[1:], students[0]], [*teachers[1:], teachers[0]], y, temperature=4.0, alpha=0.1,
+        weights=[0.5] * k + [1.0],
+    ).total  # fmt: skip
+    g_authors = torch.autograd.grad(authors, students, retain_graph=True)
+    g_ours = torch.autograd.grad(ours, students, retain_graph=True)
+    for a, b in zip(g_ours, g_authors):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the authors' loss also trains the teacher's heads; kdloss's never reaches the teacher
+    assert all(x is not None for x in torch.autograd.grad(authors, teachers[1:], retain_graph=True))
+    assert all(x is None for x in torch.autograd.grad(ours, teachers, allow_unused=True))
+
+
+# -- DIH: the authors' per-head alphas --------------------------------------------------------------
+@pytest.mark.parametrize("alphas", [[0.1, 0.1, 0.1, 0.1], [0.1, 0.3, 0.05, 0.2], [0.2, 0.0, 0.4, 0.1]])
+def test_dih_per_head_alphas_map_to_one_alpha_and_weights(alphas: list[float]) -> None:
+    """The authors allow one alpha per head (kd_alpha dict; a head with alpha 0 is skipped, its CE too).
+    kdloss's authors form reproduces it with alpha = mean of the non-zero alphas and w_j = alpha_j / alpha
+    (w_j = 0 for a skipped head), values and gradients (float64)."""
+    student, teachers, labels = _data(len(alphas))
+    active = [a for a in alphas if a != 0.0]
+    alpha = sum(active) / len(active)
+    weights = [a / alpha for a in alphas]
+    out = cohort_kd(student, teachers, labels, temperature=5.0, alpha=alpha, weights=weights)
+    s2 = student.detach().clone().requires_grad_()
+    ref = dih_per_head_alphas(s2, list(teachers.detach()), labels, alphas, 5.0)
+    torch.testing.assert_close(out.total, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(out.total, student)[0], torch.autograd.grad(ref, s2)[0], rtol=1e-12, atol=1e-12
+    )
 
 
 # -- self-distillation ---------------------------------------------------------------------------

@@ -377,7 +377,7 @@ def test_docs_cohorts_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
 
     page = Path(__file__).resolve().parents[1] / "docs" / "cohorts.md"
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     namespace: dict[str, object] = {}
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)
@@ -385,6 +385,7 @@ def test_docs_cohorts_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "True" in printed  # result.backbone_unchanged
     assert "'kd/4'" in printed or "kd/4" in printed
     assert "feat/2" in printed
+    assert "'soft_ce/0'" in printed  # the DIH authors' TOFD
 
 
 def test_clone_protects_stage_outputs_from_inplace_modules() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,14 +145,19 @@ def test_property_cosine(pair: tuple[Tensor, Tensor], scale_s: float, scale_t: f
     t = t + 0.01
     rows = cosine_hidden_loss(s, t, reduction="none")
     assert ((rows >= -1e-12) & (rows <= 2 + 1e-12)).all()
+    floor = functools.partial(cosine_hidden_loss, eps=1e-12)  # the norm-floor form: the exact cosine here
     # invariant to positive rescaling of either side
     assert_close(
-        cosine_hidden_loss(scale_s * s, scale_t * t, reduction=reduction),
-        cosine_hidden_loss(s, t, reduction=reduction),
-        Tol(1e-10, 1e-8),
+        floor(scale_s * s, scale_t * t, reduction=reduction), floor(s, t, reduction=reduction), Tol(1e-10, 1e-8)
     )  # type: ignore[arg-type]
-    assert_close(cosine_hidden_loss(s, 3.0 * s, reduction="none"), torch.zeros_like(rows), Tol(1e-12, 0))
-    assert_close(cosine_hidden_loss(s, -s, reduction="none"), torch.full_like(rows, 2.0), Tol(1e-12, 0))
+    assert_close(floor(s, 3.0 * s, reduction="none"), torch.zeros_like(rows), Tol(1e-12, 0))
+    assert_close(floor(s, -s, reduction="none"), torch.full_like(rows, 2.0), Tol(1e-12, 0))
+    # torch's form (the default) adds 1e-12 to each squared norm: it is off the exact cosine by at most
+    # about 1e-12 / |s|^2 + 1e-12 / |t|^2 per row, so its invariances hold to that size
+    for a, b in ((s, t), (scale_s * s, scale_t * t), (s, 3.0 * s), (s, -s)):
+        sq = torch.minimum(a.flatten(1).square().sum(1), b.flatten(1).square().sum(1))
+        slack = float((4e-12 / sq).max()) + 1e-14
+        assert_close(cosine_hidden_loss(a, b, reduction="none"), floor(a, b, reduction="none"), Tol(slack, 0))
     assert_close(cosine_hidden_loss(s, t, reduction="batchmean"), cosine_hidden_loss(s, t), Tol(0, 0))
 
 
@@ -212,6 +219,32 @@ def test_cosine_zero_vector() -> None:
     assert torch.isfinite(cosine_hidden_loss(s, s)).all()
 
 
+def test_cosine_default_is_torch_cosine_embedding_loss_at_zero_rows() -> None:
+    """eps=None (the default) is torch.nn.CosineEmbeddingLoss (target +1) also where a row is all zero:
+    same values, same gradients (size ~1e6 there, not ~1/eps = 1e8 as with the norm floor eps=1e-8)."""
+    s = make_tensor(4, 5, seed=30)
+    t = make_tensor(4, 5, seed=31)
+    s[1] = 0.0  # a dead student row
+    t[2] = 0.0  # a dead teacher row
+    s[3], t[3] = 0.0, 0.0
+
+    def torch_loss(a: Tensor, b: Tensor) -> Tensor:
+        return torch.nn.CosineEmbeddingLoss(reduction="none")(a, b, torch.ones(a.shape[0], dtype=a.dtype))
+
+    def formula(a: Tensor, b: Tensor) -> Tensor:  # written from the formula, float64
+        return 1 - (a * b).sum(1) / torch.sqrt(((a * a).sum(1) + 1e-12) * ((b * b).sum(1) + 1e-12))
+
+    ours = functools.partial(cosine_hidden_loss, reduction="none")
+    for ref in (torch_loss, formula):
+        assert_close(ours(s, t), ref(s, t), Tol(1e-12, 1e-12))
+        assert_close(grads(ours, s, t)[0], grads(ref, s, t)[0], Tol(1e-9, 1e-6))
+    g = grads(ours, s, t)[0]
+    assert 1e5 < float(g[1].norm()) < 1e7  # torch's size, 1e6 / |t| per entry
+    g_floor = grads(lambda a, b: cosine_hidden_loss(a, b, reduction="none", eps=1e-8), s, t)[0]
+    assert float(g_floor[1].norm()) > 50 * float(g[1].norm())  # the norm floor's gradient is ~100x larger
+    assert_close(CosineHiddenLoss()(s, t), torch_loss(s, t).mean(), Tol(1e-12, 1e-12))
+
+
 def test_cosine_flattens_from_dim_1() -> None:
     s, t = make_tensor(2, 4, 3, 3, seed=10), make_tensor(2, 36, seed=11)
     assert_close(cosine_hidden_loss(s, t), cosine_hidden_loss(s.flatten(1), t), Tol(0, 0))
@@ -260,6 +293,7 @@ def test_compile_fullgraph_matches_eager() -> None:
                 hint_loss(s, t).reshape(1),
                 hint_loss(s, t, reduction="none"),
                 cosine_hidden_loss(s, h, reduction="sum", eps=eps).reshape(1),
+                cosine_hidden_loss(s, h, reduction="none"),
             ]
         )
 
@@ -310,7 +344,7 @@ def test_module_equals_function_and_round_trips(module, fn, kwargs: dict[str, ob
 def test_module_repr() -> None:
     assert repr(HintLoss()) == "HintLoss(reduction='mean')"
     assert repr(HintLoss(reduction="sum")) == "HintLoss(reduction='sum')"
-    assert repr(CosineHiddenLoss()) == "CosineHiddenLoss(reduction='mean', eps=1e-08)"
+    assert repr(CosineHiddenLoss()) == "CosineHiddenLoss(reduction='mean', eps=None)"
     assert repr(CosineHiddenLoss(reduction="none", eps=1e-6)) == "CosineHiddenLoss(reduction='none', eps=1e-06)"
 
 

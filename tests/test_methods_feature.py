@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -137,6 +138,98 @@ def test_ft_reductions_gradcheck_and_invariance() -> None:
     assert_teacher_detached(ft_loss, s, t)
 
 
+@pytest.mark.parametrize("p2", [1, 2])
+@pytest.mark.parametrize(
+    ("s_shape", "t_shape"), [((3, 4, 4, 4), (3, 2, 4, 4)), ((2, 3, 8, 8), (2, 5, 4, 4)), ((2, 3, 2, 2), (2, 4, 4, 4))]
+)
+def test_ft_repdistiller_variant_matches_reference(s_shape: tuple[int, ...], t_shape: tuple[int, ...], p2: int) -> None:
+    """variant="repdistiller" is RepDistiller's FactorTransfer (factor = normalised channel mean of F^2,
+    a length-HW map; the larger map pooled; mean of |diff| or diff^2 over B x HW), float64, values and grads."""
+    s, t = leaf(*s_shape, seed=11), leaf(*t_shape, seed=12)
+    assert_matches_reference(
+        lambda s, t: ft_loss(s, t, p=p2, variant="repdistiller", reduction="mean"),
+        lambda s, t: naive.ft_repdistiller(s, t, p2=p2),
+        [s, t],
+        [s],
+    )
+    assert_matches_reference(
+        lambda s, t: ft_loss(s.abs(), t.abs(), variant="repdistiller", factor_p=3.0, reduction="mean"),
+        lambda s, t: naive.ft_repdistiller(s.abs(), t.abs(), p1=3.0),
+        [s, t],
+        [s],
+    )
+    m = FTLoss(variant="repdistiller", reduction="mean")
+    torch.testing.assert_close(m(s, t), naive.ft_repdistiller(s, t))
+    assert_teacher_detached(lambda s, t: ft_loss(s, t, variant="repdistiller"), s, t)
+
+
+@pytest.mark.parametrize(("s_shape", "t_shape"), [((2, 3, 6, 10), (2, 5, 3, 5)), ((2, 3, 8, 4), (2, 5, 4, 8))])
+def test_ft_repdistiller_variant_non_square(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> None:
+    s, t = leaf(*s_shape, seed=13), leaf(*t_shape, seed=14)
+    assert_matches_reference(
+        lambda s, t: ft_loss(s, t, variant="repdistiller", reduction="mean"),
+        naive.ft_repdistiller_any_size,
+        [s, t],
+        [s],
+    )
+
+
+def test_ft_paper_mean_is_not_repdistiller() -> None:
+    """reduction="mean" of the paper variant (the whole factor normalised) is a different loss from
+    RepDistiller's FactorTransfer: the docs no longer say they are equal."""
+    s, t = leaf(2, 4, 4, 4, seed=15), leaf(2, 4, 4, 4, seed=16)
+    paper_mean = ft_loss(s, t, reduction="mean")
+    rep = naive.ft_repdistiller(s, t)
+    assert (paper_mean - rep).abs() > 0.05 * rep
+    for obj in (ft_loss, FTLoss):
+        assert "RepDistiller averages" not in (obj.__doc__ or "")
+
+
+def test_ft_variant_errors_and_repr() -> None:
+    with pytest.raises(ValueError, match=r"factor_p is the channel exponent of variant='repdistiller'"):
+        ft_loss(torch.zeros(2, 3), torch.zeros(2, 3), factor_p=2.0)
+    with pytest.raises(ValueError, match=r"factor_p is the channel exponent"):
+        FTLoss(factor_p=2.0)
+    with pytest.raises(ValueError, match=r"variant must be one of 'paper', 'repdistiller', got 'x'"):
+        ft_loss(torch.zeros(2, 3), torch.zeros(2, 3), variant="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"variant must be one of 'paper', 'repdistiller', got 'x'"):
+        FTLoss(variant="x")  # type: ignore[arg-type]
+    with pytest.raises(ShapeError, match=r"needs student_factor as a \(B, K, H, W\) map, got shape \(2, 3\)"):
+        ft_loss(torch.zeros(2, 3), torch.zeros(2, 3, 4, 4), variant="repdistiller")
+    with pytest.raises(ShapeError, match=r"same batch size"):
+        ft_loss(torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4), variant="repdistiller")
+    with pytest.raises(ValueError, match=r"factor_p must be a finite number > 0, got 0"):
+        FTLoss(variant="repdistiller", factor_p=0)
+    assert (
+        repr(FTLoss(variant="repdistiller"))
+        == "FTLoss(p=1, reduction='batchmean', variant='repdistiller', factor_p=2.0)"
+    )
+    assert repr(FTLoss(variant="repdistiller", factor_p=4)) == (
+        "FTLoss(p=1, reduction='batchmean', variant='repdistiller', factor_p=4.0)"
+    )
+
+
+def test_ft_paraphraser_batch_norm_option() -> None:
+    """batch_norm=True (default) puts a BatchNorm after each of the six convolutions; batch_norm=False is
+    RepDistiller's Paraphraser (use_bn=False): conv + LeakyReLU(0.1) only, same parameter shapes otherwise."""
+    with_bn, without = FTParaphraser(6), FTParaphraser(6, batch_norm=False)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_bn.modules()) == 6
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in without.modules())
+    convs = [m for m in without.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert [tuple(c.weight.shape) for c in convs] == [
+        tuple(c.weight.shape) for c in with_bn.modules() if isinstance(c, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    ]
+    assert all(c.bias is not None for c in convs)
+    x = torch.randn(2, 6, 4, 4)
+    factor, recon = without(x)
+    c1, _, c2, _, c3, _ = without.encoder
+    torch.testing.assert_close(factor, F.leaky_relu(c3(F.leaky_relu(c2(F.leaky_relu(c1(x), 0.1)), 0.1)), 0.1))
+    assert recon.shape == x.shape
+    assert "batch_norm=False" in repr(without)
+    with pytest.raises(TypeError, match=r"batch_norm must be a bool, got int"):
+        FTParaphraser(6, batch_norm=1)  # type: ignore[arg-type]
+
+
 def test_ft_paraphraser_and_translator() -> None:
     para = FTParaphraser(6, rate=0.5)
     trans = FTTranslator(4, para.factor_channels)
@@ -242,7 +335,7 @@ def test_modules_equal_functions_and_repr() -> None:
     assert torch.equal(HCLLoss(levels=(2,))(s, t), hcl_loss(s, t, levels=(2,)))
     assert repr(VIDLoss()) == "VIDLoss(reduction='mean')"
     assert repr(ABLoss()) == "ABLoss(margin=1.0, reduction='batchmean')"
-    assert repr(FTLoss(reduction="mean")) == "FTLoss(p=1, reduction='mean')"
+    assert repr(FTLoss(reduction="mean")) == "FTLoss(p=1, reduction='mean', variant='paper')"
     assert repr(HCLLoss()) == "HCLLoss(levels=(4, 2, 1))"
     for m in (VIDLoss(), ABLoss(), FTLoss(), HCLLoss()):
         assert not list(m.parameters())

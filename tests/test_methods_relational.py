@@ -139,9 +139,42 @@ def test_pkt_matches_reference(include_self: bool) -> None:
     )
 
 
-def test_pkt_default_matches_repdistiller_within_eps() -> None:
+def test_pkt_default_matches_repdistiller_to_first_order_in_eps() -> None:
     s, t = leaf(6, 3, seed=1), leaf(6, 5, seed=2)
     torch.testing.assert_close(pkt_loss(s, t), naive.pkt_repdistiller(s, t), atol=1e-6, rtol=1e-5)
+
+
+def test_pkt_equals_repdistiller_exactly_with_eps_zero() -> None:
+    """eps = 0 on both sides: kdloss's PKT (include_self, "mean") is RepDistiller's PKT to rounding."""
+    s, t = leaf(6, 3, seed=3), leaf(6, 5, seed=4)
+    assert_matches_reference(
+        lambda s, t: pkt_loss(s, t, eps=0.0), lambda s, t: naive.pkt_repdistiller(s, t, eps=0.0), [s, t], [s], 1e-13
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3, 4])
+def test_pkt_default_eps_differs_from_repdistiller_by_the_documented_first_order_term(seed: int) -> None:
+    """With eps = 1e-7 on both sides the two differ by about eps * mean_ij(q_ij / p_ij - 1) (q the
+    teacher's, p the student's conditionals; RepDistiller's eps inside the norms adds O(eps / |e|),
+    negligible for embeddings of norm ~1e3): not bounded by eps, it grows with q / p, as documented."""
+    g = torch.Generator().manual_seed(seed)
+    s = (1e3 * torch.randn(4, 3, generator=g, dtype=F64)).requires_grad_(True)
+    t = 1e3 * torch.randn(4, 3, generator=g, dtype=F64)
+
+    def conditional(e: torch.Tensor) -> torch.Tensor:
+        e = e / e.norm(dim=1, keepdim=True)
+        k = (e @ e.T + 1.0) / 2.0
+        return k / k.sum(dim=1, keepdim=True)
+
+    q, p = conditional(t), conditional(s.detach())
+    first_order = 1e-7 * (q / p - 1.0).mean()
+    diff = pkt_loss(s, t) - naive.pkt_repdistiller(s, t)
+    torch.testing.assert_close(diff, first_order, rtol=5e-3, atol=1e-9)  # atol: the O(eps / |e|) term
+    if seed in (2, 3):  # more than eps: "matches to within eps" would be false here
+        assert diff.abs() > 1e-7
+    doc = pkt_loss.__doc__ or ""
+    assert "to within ``eps``" not in doc
+    assert "eps = 0" in doc
 
 
 def test_pkt_reductions_gradcheck() -> None:

@@ -47,6 +47,9 @@ CASES: dict[str, Callable[[], object]] = {
     "cohort_kd": lambda: KF.cohort_kd(_z(4, 5), _z(2, 4, 5), _labels()),
     "paired_head_kd": lambda: KF.paired_head_kd(_z(2, 4, 5), _z(2, 4, 5), _labels()),
     "tofd_loss": lambda: KF.tofd_loss(_z(2, 4, 5), _z(2, 4, 5), _labels(), [_z(4, 3)] * 2, [_z(4, 3)] * 2),
+    "tofd_authors_loss": lambda: KF.tofd_authors_loss(
+        _z(2, 4, 5), _z(2, 4, 5), _labels(), [_z(4, 3)] * 2, [_z(4, 6)] * 2, [_z(6, 3)] * 2, temperature=2.0
+    ),
     "self_distillation_loss": lambda: KF.self_distillation_loss(_z(2, 4, 5), _z(4, 5), _labels()),
     "orthogonality_penalty": lambda: KF.orthogonality_penalty(_z(3, 3)),
 }

@@ -1,7 +1,15 @@
 """Pure loss functions: tensors in, tensor out. Each carries the canonical docstring of its loss."""
 
 from kdloss.functional.attention import attention_loss, attention_map
-from kdloss.functional.cohort import cohort_kd, orthogonality_penalty, paired_head_kd, self_distillation_loss, tofd_loss
+from kdloss.functional.cohort import (
+    cohort_kd,
+    orthogonality_penalty,
+    paired_head_kd,
+    self_distillation_loss,
+    tofd_authors_loss,
+    tofd_loss,
+    tofd_temperature,
+)
 from kdloss.functional.contrastive import (
     crd_embed,
     crd_logits,
@@ -48,6 +56,8 @@ __all__ = [
     "self_distillation_loss",
     "soft_kl",
     "sp_loss",
+    "tofd_authors_loss",
     "tofd_loss",
+    "tofd_temperature",
     "vid_loss",
 ]

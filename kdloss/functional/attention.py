@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -18,23 +18,20 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
-    compute_dtype,
     pair_up,
     reduce_loss,
 )
+from kdloss.functional._spatial import common_size, pool_pair, pool_to, spatial_energy
 
-__all__ = ["attention_loss", "attention_map"]
+__all__ = ["AttentionPool", "attention_loss", "attention_map"]
 
+AttentionPool = Literal["features", "maps"]
+"""How :func:`attention_loss` pairs feature maps of different spatial sizes: ``"features"`` (the
+default, RepDistiller's and mdistiller's) average-pools the larger *feature map* to the common
+size and then takes its attention map; ``"maps"`` takes both attention maps' channel energy first
+and average-pools the larger energy map."""
 
-def _spatial_energy(feature: Tensor, p: float) -> Tensor:
-    """Mean over channels of ``|f|^p``: ``(B, C, H, W) -> (B, H, W)`` in float32 or wider."""
-    a = feature.to(compute_dtype(feature)).abs()
-    if p < 1:
-        # d|f|^p/df = p |f|^(p-1) is infinite at f = 0 for p < 1 (and ReLU features are exactly 0
-        # in many places): the gradient there would be inf * 0 = NaN. Take the subgradient 0.
-        nonzero = a > 0
-        return torch.where(nonzero, torch.where(nonzero, a, 1.0).pow(p), 0.0).mean(dim=1)
-    return a.pow(p).mean(dim=1)
+_POOLS: tuple[str, ...] = ("features", "maps")
 
 
 def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Tensor:
@@ -71,22 +68,7 @@ def attention_map(feature: Tensor, *, p: float = 2.0, eps: float = 1e-12) -> Ten
         raise ShapeError(f"feature must be a (B, C, H, W) feature map, got shape {tuple(feature.shape)}")
     check_positive("p", p)
     check_positive("eps", eps)
-    return F.normalize(_spatial_energy(feature, p).flatten(1), dim=1, eps=eps)
-
-
-def _pool_to(q: Tensor, size: tuple[int, int]) -> Tensor:
-    """Adaptive average pooling of ``(B, H, W)`` maps to ``size``.
-
-    Sizes that divide evenly (the usual 32/16/8 maps) are pooled by a reshape and a mean, which
-    equals ``adaptive_avg_pool2d`` there and also compiles with symbolic sizes (inductor of torch
-    2.11 cannot lower ``adaptive_avg_pool2d`` to a symbolic ``Min`` size under ``dynamic=True``).
-    """
-    h, w = q.shape[-2], q.shape[-1]
-    if h == size[0] and w == size[1]:
-        return q
-    if h % size[0] == 0 and w % size[1] == 0:
-        return q.reshape(q.shape[0], size[0], h // size[0], size[1], w // size[1]).mean(dim=(2, 4))
-    return F.adaptive_avg_pool2d(q.unsqueeze(1), size).squeeze(1)
+    return F.normalize(spatial_energy(feature, p).flatten(1), dim=1, eps=eps)
 
 
 def attention_loss(
@@ -96,29 +78,49 @@ def attention_loss(
     p: float = 2.0,
     beta: float = 1.0,
     reduction: Reduction = "mean",
+    pool: AttentionPool = "features",
 ) -> Tensor:
     r"""Attention transfer: squared distance between normalised attention maps, summed over pairs.
 
     .. math::
 
-        \mathcal{L} = \beta \sum_{j} \frac{1}{HW} \sum_{i}
-        \big(a(f^{(j)}_s)_{b,i} - a(f^{(j)}_t)_{b,i}\big)^2
+        \mathcal{L} = \beta \sum_{j} \frac{1}{hw} \sum_{i}
+        \big(a(P f^{(j)}_s)_{b,i} - a(P f^{(j)}_t)_{b,i}\big)^2
 
-    where :math:`a` is :func:`attention_map`. Student and teacher may have different channel
-    counts. When a pair's spatial sizes differ, the larger map's channel energy :math:`Q` is
-    average-pooled (``adaptive_avg_pool2d``) to the smaller size before normalising. The teacher
-    is detached.
+    where :math:`a` is :func:`attention_map` and :math:`P` pools a map to the pair's common
+    spatial size :math:`h \times w = \min(H_s, H_t) \times \min(W_s, W_t)` (the identity when
+    both maps already have that size). Student and teacher may have different channel counts.
+    The teacher is detached.
+
+    Pairs whose spatial sizes differ are resized in one of two ways (``pool``):
+
+    - ``"features"`` (default): :math:`P` is ``adaptive_avg_pool2d`` of the **feature map** to
+      :math:`(h, w)`, then the attention map is taken,
+      :math:`Q_{b,h',w'} = \frac1C\sum_c |(P f)_{b,c,h',w'}|^p`. This is RepDistiller's and
+      mdistiller's ``at_loss`` (they pool the map with the larger height to the other's height,
+      square, and compare heights only); for non-square maps the height and the width are each
+      taken from the smaller map.
+    - ``"maps"``: the channel energy :math:`Q = \frac1C\sum_c |f|^p` of each map is taken at its
+      own size and the larger :math:`Q` is average-pooled to :math:`(h, w)` before normalising,
+      :math:`a = \mathrm{vec}(P Q) / \lVert \mathrm{vec}(P Q) \rVert_2`. Averages of squares
+      are smoother, more uniform maps than squares of averages, so its values are typically
+      smaller than the ``"features"`` form's and its gradients differ (``docs/fidelity.md``).
+
+    The two agree exactly when the sizes are equal.
 
     Zagoruyko & Komodakis, *Paying More Attention to Attention*, ICLR 2017; their code uses
-    ``beta = 1000`` with this per-pair mean.
+    ``beta = 1000`` with this per-pair mean (RepDistiller's and mdistiller's CIFAR-100 weight, see
+    ``docs/fidelity.md`` for rescaling it).
 
     Reductions: ``"none"`` gives the per-sample loss ``(B,)`` (mean over positions, summed over
     pairs, times ``beta``); ``"mean"`` (default) and ``"batchmean"`` its mean over the batch;
     ``"sum"`` its sum.
 
-    On CUDA (float32/bfloat16/float16, ``p = 2``, equal spatial sizes in every pair, outside
-    ``torch.compile``) the loss runs as fused Triton kernels, one launch forward and one backward
-    for up to 4 pairs (see ``docs/kernels.md``; ``KDLOSS_KERNELS=off`` turns them off).
+    On CUDA (float32/bfloat16/float16, ``p = 2``, outside ``torch.compile``) the loss runs as
+    fused Triton kernels, one launch forward and one backward for up to 4 pairs, whenever every
+    pair has equal spatial sizes once resized: always with ``pool="features"`` (the pooling runs
+    first, in PyTorch), only for pairs of equal sizes with ``pool="maps"`` (see
+    ``docs/kernels.md``; ``KDLOSS_KERNELS=off`` turns them off).
 
     Args:
         student_features: one ``(B, C_s, H, W)`` map or a sequence of them.
@@ -126,10 +128,12 @@ def attention_loss(
         p: exponent of the attention map (2).
         beta: weight of the whole term.
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        pool: ``"features"`` (default) or ``"maps"``: how maps of different spatial sizes are
+            brought to a common size (see above).
 
     Raises:
         ValueError: if the two sequences differ in length or are empty, ``p`` is not > 0, ``beta``
-            is not a finite number >= 0, or ``reduction`` is unknown; different devices.
+            is not a finite number >= 0, ``reduction`` or ``pool`` is unknown; different devices.
         TypeError: for non-floating-point feature maps or a ``beta`` that is not a number.
         ShapeError: if a map is not 4-D or the batch sizes differ.
 
@@ -140,11 +144,16 @@ def attention_loss(
         >>> t = [torch.ones(2, 32, 8, 8), torch.ones(2, 64, 2, 2)]
         >>> attention_loss(s, t)
         tensor(0.)
+        >>> s = torch.tensor([[[[1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]]])  # (1, 1, 2, 4)
+        >>> t = torch.ones(1, 1, 2, 2)
+        >>> attention_loss(s, t, pool="features"), attention_loss(s, t, pool="maps")
+        (tensor(0.2500), tensor(0.1464))
     """
     s_list, t_list = pair_up(student_features, teacher_features, one="feature map", many="maps")
     check_positive("p", p)
     check_nonnegative("beta", beta)
     check_reduction(reduction)
+    check_pool(pool)
 
     for j, (fs, ft) in enumerate(zip(s_list, t_list)):
         name_s, name_t = f"student_features[{j}]", f"teacher_features[{j}]"
@@ -158,6 +167,13 @@ def attention_loss(
         if j > 0:
             check_batch("student_features[0]", s_list[0], name_s, fs)
 
+    if pool == "features":
+        # Resize the feature maps themselves; from here on every pair has equal spatial sizes.
+        resized = [pool_pair(fs, ft.detach()) for fs, ft in zip(s_list, t_list)]
+        s_list, t_list = [fs for fs, _ in resized], [ft for _, ft in resized]
+
+    # The fused kernels handle pairs of equal spatial sizes only (attention_fusable checks): with
+    # pool="features" that is every pair here; with pool="maps", unequal pairs stay eager.
     if _kernels.attention_fusable(s_list, t_list, p):  # CUDA + Triton, p = 2, equal spatial sizes per pair
         rows = _kernels.run_guarded(  # None: the launch failed, take the eager path
             "attention", s_list[0], t_list[0], _kernels.fused_attention_rows, s_list, t_list, beta=beta
@@ -167,10 +183,10 @@ def attention_loss(
 
     per_pair: list[Tensor] = []
     for fs, ft in zip(s_list, t_list):
-        qs, qt = _spatial_energy(fs, p), _spatial_energy(ft.detach(), p)
-        if qs.shape[-2:] != qt.shape[-2:]:
-            size = (min(qs.shape[-2], qt.shape[-2]), min(qs.shape[-1], qt.shape[-1]))
-            qs, qt = _pool_to(qs, size), _pool_to(qt, size)
+        qs, qt = spatial_energy(fs, p), spatial_energy(ft.detach(), p)
+        if qs.shape[-2:] != qt.shape[-2:]:  # pool="maps" only
+            size = common_size(qs, qt)
+            qs, qt = pool_to(qs, size), pool_to(qt, size)
         a_s = F.normalize(qs.flatten(1), dim=1, eps=1e-12)
         a_t = F.normalize(qt.flatten(1), dim=1, eps=1e-12)
         per_sample = (a_s - a_t).square().mean(dim=1)
@@ -179,3 +195,15 @@ def attention_loss(
     for extra in per_pair[1:]:
         total = total + extra
     return reduce_loss(beta * total, reduction, rows=total.shape[0])
+
+
+def check_pool(pool: str) -> AttentionPool:
+    """Return ``pool`` if it is ``"features"`` or ``"maps"``, else raise a ``ValueError`` listing them.
+
+    Example:
+        >>> check_pool("maps")
+        'maps'
+    """
+    if pool not in _POOLS:
+        raise ValueError(f"pool must be one of {', '.join(map(repr, _POOLS))}, got {pool!r}")
+    return pool  # type: ignore[return-value]

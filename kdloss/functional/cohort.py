@@ -34,13 +34,23 @@ from kdloss.functional.kl import _LOG_FLOOR, soft_kl
 
 __all__ = [
     "CohortForm",
+    "TOFDVariant",
     "TeacherLogits",
     "cohort_kd",
     "orthogonality_penalty",
     "paired_head_kd",
     "self_distillation_loss",
+    "tofd_authors_loss",
     "tofd_loss",
+    "tofd_temperature",
 ]
+
+TOFDVariant = Literal["kdloss", "authors"]
+"""Which TOFD formulation: ``"kdloss"`` (:func:`tofd_loss`: KD + CE mix, MSE features, the squared
+penalty on the smaller Gram matrix) or ``"authors"`` (the DIH authors' code:
+:func:`tofd_authors_loss`, the unsquared penalty on both Gram matrices)."""
+
+_TOFD_VARIANTS: tuple[str, ...] = ("kdloss", "authors")
 
 CohortForm = Literal["authors", "normalized"]
 """How :func:`cohort_kd` adds up its ``K`` teachers: ``"authors"`` sums ``alpha * KD_k + (1 -
@@ -399,24 +409,34 @@ def paired_head_kd(
 
 
 # -- TOFD ----------------------------------------------------------------------------------------
-def orthogonality_penalty(weight: Tensor) -> Tensor:
-    r"""How far an adapter's weight is from orthogonal: :math:`\| W W^\top - I \|_F^2`.
+def orthogonality_penalty(weight: Tensor, *, variant: TOFDVariant = "kdloss") -> Tensor:
+    r"""How far an adapter's weight is from orthogonal.
 
-    ``weight`` is reshaped to a matrix ``(out, in * kh * kw)`` (a conv or linear weight); the
-    Gram matrix is taken over the smaller side, so that a wide or a tall ``W`` can reach 0
-    (orthonormal rows or columns). TOFD adds it, weighted, for its feature adapters so that they
-    keep the features' information instead of collapsing it.
+    ``weight`` is reshaped to a matrix :math:`W` of shape ``(out, in * kh * kw)`` (a conv or linear
+    weight). Two forms:
+
+    - ``variant="kdloss"`` (default): :math:`\| W W^\top - I \|_F^2`, the Gram matrix taken over
+      the smaller side, so that a wide or a tall :math:`W` can reach 0 (orthonormal rows or
+      columns);
+    - ``variant="authors"`` (the DIH authors' TOFD code): the *unsquared* Frobenius norms of both
+      Gram matrices, :math:`\| W W^\top - I \|_F + \| W^\top W - I \|_F`, which only a square
+      orthogonal :math:`W` brings to 0. Its gradient is taken as 0 where a norm is exactly 0.
+
+    TOFD adds it, weighted, for its feature adapters so that they keep the features' information
+    instead of collapsing it.
 
     Zhang, Shi, Shi, Ma & Bao, *Task-Oriented Feature Distillation* (TOFD), NeurIPS 2020.
 
     Args:
         weight: a floating-point tensor with at least 2 dimensions.
+        variant: ``"kdloss"`` or ``"authors"`` (see above).
 
     Returns:
         A scalar, float32 or wider.
 
     Raises:
-        ShapeError: for fewer than 2 dimensions. TypeError: for a non-float tensor.
+        ShapeError: for fewer than 2 dimensions. TypeError: for a non-float tensor. ValueError: an
+            unknown ``variant``.
 
     Example:
         >>> import torch
@@ -424,16 +444,65 @@ def orthogonality_penalty(weight: Tensor) -> Tensor:
         tensor(0.)
         >>> orthogonality_penalty(2 * torch.eye(2))
         tensor(18.)
+        >>> orthogonality_penalty(2 * torch.eye(2), variant="authors")  # 2 * sqrt(2 * 3^2)
+        tensor(8.4853)
     """
     check_float("weight", weight)
     if weight.ndim < 2:
         raise ShapeError(f"weight must have at least 2 dimensions (out, in, ...), got shape {tuple(weight.shape)}")
+    if variant not in _TOFD_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(map(repr, _TOFD_VARIANTS))}, got {variant!r}")
     m = weight.reshape(weight.shape[0], -1).to(torch.promote_types(weight.dtype, torch.float32))
+    if variant == "authors":
+        total = m.new_zeros(())
+        for gram in (m @ m.t(), m.t() @ m):
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            total = total + _safe_norm((gram - eye).pow(2).sum())
+        return total
     if m.shape[0] > m.shape[1]:
         m = m.t()
     gram = m @ m.t()
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return (gram - eye).pow(2).sum()
+
+
+def _safe_norm(sq: Tensor) -> Tensor:
+    """``sqrt(sq)`` for a sum of squares ``sq >= 0``, with gradient 0 (not NaN) where ``sq == 0``."""
+    return torch.where(sq > 0, sq.clamp(min=1e-30).sqrt(), 0.0)
+
+
+def tofd_temperature(epoch: int, *, t: float = 3.0, horizon: float = 250.0) -> float:
+    r"""The DIH authors' TOFD temperature schedule: :math:`T_e = 1 + \frac{t}{\text{horizon}}(e + 1)`.
+
+    ``epoch`` counts from 0, so the first epoch trains at :math:`1 + t/250` and epoch 199 (the last
+    of their 200) at :math:`1 + 0.8\,t`; it reaches :math:`1 + t` after ``horizon`` epochs. Pass
+    it as ``temperature`` to :func:`tofd_authors_loss` every epoch
+    (:class:`kdloss.TOFDAuthorsLoss` does so from its ``epoch`` argument).
+
+    Args:
+        epoch: the 0-based epoch, an int >= 0.
+        t: the schedule's scale (the authors' ``--t``, 3.0), a finite number > 0.
+        horizon: the epochs over which the temperature grows by ``t`` (250 in their code), > 0.
+
+    Returns:
+        The temperature, a float > 1.
+
+    Raises:
+        ValueError: a negative ``epoch``, or ``t``/``horizon`` not a finite number > 0.
+        TypeError: a non-integer ``epoch``.
+
+    Example:
+        >>> from kdloss.functional import tofd_temperature
+        >>> tofd_temperature(0), tofd_temperature(249)
+        (1.012, 4.0)
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise TypeError(f"epoch must be an int >= 0 (0-based), got {type(epoch).__name__}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0 (0-based), got {epoch}")
+    check_positive("t", t)
+    check_positive("horizon", horizon)
+    return 1.0 + (t / horizon) * float(epoch + 1)
 
 
 def tofd_loss(
@@ -450,7 +519,7 @@ def tofd_loss(
     gamma: float = 0.0,
     weights: Sequence[float] | Tensor | None = None,
 ) -> LossParts:
-    r"""Task-oriented feature distillation (TOFD) over paired task-oriented heads.
+    r"""Task-oriented feature distillation (TOFD) over paired task-oriented heads: kdloss's variant.
 
     .. math::
 
@@ -458,6 +527,21 @@ def tofd_loss(
         \mathrm{CE}_j\right]}_{\text{paired\_head\_kd}}
         + \beta \sum_j \mathrm{MSE}\big(r_j(f^s_j), f^t_j\big)
         + \gamma \sum_i \| W_i W_i^\top - I \|_F^2
+
+    This is a variant, not the DIH authors' TOFD (:func:`tofd_authors_loss`), which differs in
+    every term. How they map:
+
+    - logits: the authors' soft cross-entropy (weight 1, no :math:`T^2`) plus CE (weight 1) has
+      the same gradient as this with ``alpha = 1 / (1 + T^2)`` and every pair weight
+      ``(1 + T^2) / T^2``; the values differ by the teachers' entropies;
+    - temperature: the authors' grows with the epoch (:func:`tofd_temperature`); pass it as
+      ``temperature`` each epoch to reproduce it;
+    - features: here the mean squared error, there the unsquared L2 norm of the whole batch's
+      difference; no weight converts one into the other;
+    - orthogonality: here the squared Frobenius norm over the smaller Gram matrix, there the
+      unsquared norms of both (``orthogonality_penalty(w, variant="authors")``);
+    - adapters: here the caller's, typically :func:`kdloss.adapter_for` (none at equal widths, a
+      biased linear map otherwise), there a bias-free linear adapter on every pair.
 
     The logits come from the task-oriented (deep) heads of both networks (see
     :class:`kdloss.heads.IntermediateHeads` with ``head="tofd"``), paired by stage; the
@@ -522,6 +606,153 @@ def tofd_loss(
         orth = total.new_zeros(())
     parts["orth"] = orth.detach()
     total = total + gamma * orth
+    parts["total"] = total.detach()
+    return LossParts(total, parts)
+
+
+def tofd_authors_loss(
+    student_logits: TeacherLogits,
+    teacher_logits: TeacherLogits,
+    labels: Tensor,
+    student_features: Sequence[Tensor],
+    teacher_features: Sequence[Tensor],
+    adapter_weights: Sequence[Tensor],
+    *,
+    temperature: float,
+    feature_weight: float = 0.05,
+    orth_weight: float = 0.03,
+) -> LossParts:
+    r"""TOFD as the DIH authors' code computes it (their ``train_tofd.py``), term by term.
+
+    For the :math:`K` pairs of student and teacher outputs (logits :math:`z^s_j, z^t_j`, features
+    :math:`f^s_j, f^t_j`) and one bias-free linear adapter :math:`W_j` per pair, always present and
+    always penalised:
+
+    .. math::
+
+        \mathcal{L} = \sum_{j=1}^{K} \Big[\mathrm{SCE}_T(z^s_j, z^t_j) + \mathrm{CE}(z^s_j, y)
+        + \beta\, \lVert f^s_j W_j^\top - f^t_j \rVert_F \Big]
+        + \gamma \sum_{j=1}^{K} \Big(\lVert W_j W_j^\top - I \rVert_F
+        + \lVert W_j^\top W_j - I \rVert_F\Big)
+
+    - :math:`\mathrm{SCE}_T(z^s, z^t) = -\frac1B \sum_b \sum_c \mathrm{softmax}(z^t_b/T)_c
+      \log\mathrm{softmax}(z^s_b/T)_c`: a soft cross-entropy, weight 1, **no** :math:`T^2`
+      (it equals :math:`\mathrm{KL}(p^t \| q^s)` plus the teacher's entropy, so its gradient is
+      the KL's); the teacher is detached;
+    - :math:`\mathrm{CE}`: the cross-entropy against the labels, weight 1, per pair;
+    - :math:`T` is the epoch's temperature, :func:`tofd_temperature` in their code
+      (:math:`1 + \frac{t}{250}(e + 1)`); pass it each epoch;
+    - the feature term is the plain, unsquared L2 (Frobenius) norm of the whole ``(B, D_t)``
+      difference (``torch.dist(..., p=2)``), summed over the batch, not averaged: it grows like
+      :math:`\sqrt{B}`; ``feature_weight`` :math:`\beta` is their ``--alpha`` (0.05);
+    - the orthogonality term is :func:`orthogonality_penalty` with ``variant="authors"``;
+      ``orth_weight`` :math:`\gamma` is their ``--beta`` (0.03).
+
+    The adapters are applied here: ``student_features`` are the raw ``(B, D_s)`` head features,
+    ``adapter_weights`` the ``(D_t, D_s)`` weights of ``nn.Linear(D_s, D_t, bias=False)`` modules
+    that the caller owns (one per pair, in the student's optimiser), even where ``D_s == D_t``.
+    Features of more than 2 dimensions are flattened from dimension 1. Computed in float32 (float64
+    stays float64).
+
+    Differences from :func:`tofd_loss` (kdloss's variant) and how to convert: see that function
+    and ``docs/fidelity.md``. The authors' heads are stacked separable convolutions
+    (``head="tofd"`` of :class:`kdloss.heads.IntermediateHeads` re-instantiates the remaining
+    backbone stages instead).
+
+    Zhang, Shi, Shi, Ma & Bao, *Task-Oriented Feature Distillation*, NeurIPS 2020; the DIH authors'
+    implementation (Asadian & Salehi-Abari, *Distilling Knowledge via Intermediate Classifiers*).
+
+    Args:
+        student_logits: ``K`` student outputs' logits, as :func:`paired_head_kd`.
+        teacher_logits: the teacher's, paired with them.
+        labels: ``(B,)`` integer class indices.
+        student_features: ``K`` raw student features ``(B, D_s)`` (before the adapters).
+        teacher_features: ``K`` teacher features ``(B, D_t)``; detached inside.
+        adapter_weights: ``K`` adapter weights ``(D_t, D_s)`` (bias-free linear adapters).
+        temperature: this epoch's :math:`T > 0` (e.g. ``tofd_temperature(epoch)``).
+        feature_weight: :math:`\beta \ge 0` (their ``--alpha``, 0.05).
+        orth_weight: :math:`\gamma \ge 0` (their ``--beta``, 0.03).
+
+    Returns:
+        :class:`kdloss.LossParts` with parts ``"soft_ce/<j>"``, ``"ce/<j>"``, ``"feat/<j>"``
+        (unweighted, detached), ``"orth"`` and ``"total"``.
+
+    Raises:
+        TypeError: non-floating logits, features or weights, non-integer labels.
+        ShapeError: different numbers of pairs, features or adapters; a feature whose width does
+            not match its adapter (``(D_t, D_s)``) or batch size; an adapter that is not 2-D.
+        ValueError: a temperature that is not > 0, a negative weight, different devices.
+
+    Example:
+        >>> import torch
+        >>> from kdloss.functional import tofd_authors_loss, tofd_temperature
+        >>> s, t, y = torch.zeros(2, 4, 10), torch.zeros(2, 4, 10), torch.tensor([0, 1, 2, 3])
+        >>> fs, ft = [torch.ones(4, 8)] * 2, [torch.ones(4, 8)] * 2
+        >>> out = tofd_authors_loss(s, t, y, fs, ft, [torch.eye(8)] * 2, temperature=tofd_temperature(0))
+        >>> round(out.parts["soft_ce/0"].item(), 4), out.parts["feat/0"].item(), out.parts["orth"].item()
+        (2.3026, 0.0, 0.0)
+    """
+    s_stack, s_names = _stack_logits("student_logits", student_logits)
+    t_stack, _ = _stack_logits("teacher_logits", teacher_logits)
+    check_same_device(student_logits=s_stack, teacher_logits=t_stack)
+    if s_stack.shape[0] != t_stack.shape[0]:
+        raise ShapeError(
+            f"student_logits and teacher_logits must hold the same number of outputs (paired), "
+            f"got {s_stack.shape[0]} and {t_stack.shape[0]}"
+        )
+    if s_stack.shape != t_stack.shape:
+        _raise_mismatch("student logits", s_stack.shape[1:], "teacher logits", t_stack.shape[1:])
+    check_class_labels(labels, s_stack[0])
+    check_positive("temperature", temperature)
+    check_nonnegative("feature_weight", feature_weight)
+    check_nonnegative("orth_weight", orth_weight)
+    k, batch, c = s_stack.shape
+    sf, tf, ws = list(student_features), list(teacher_features), list(adapter_weights)
+    if not len(sf) == len(tf) == len(ws) == k:
+        raise ShapeError(
+            f"student_features, teacher_features and adapter_weights must hold one entry per pair ({k}), "
+            f"got {len(sf)}, {len(tf)} and {len(ws)} (the authors' TOFD always has an adapter per pair)"
+        )
+    for j, (fs, ft, w) in enumerate(zip(sf, tf, ws)):
+        check_float(f"student_features[{j}]", fs)
+        check_float(f"teacher_features[{j}]", ft)
+        check_float(f"adapter_weights[{j}]", w)
+        check_same_device(**{"student_logits": s_stack, f"student_features[{j}]": fs, f"adapter_weights[{j}]": w})
+        if w.ndim != 2:
+            raise ShapeError(
+                f"adapter_weights[{j}] must be the (D_t, D_s) weight of an nn.Linear(D_s, D_t, bias=False), "
+                f"got shape {tuple(w.shape)}"
+            )
+        d_s, d_t = math.prod(fs.shape[1:]), math.prod(ft.shape[1:])
+        if fs.ndim < 2 or ft.ndim < 2 or fs.shape[0] != batch or ft.shape[0] != batch or tuple(w.shape) != (d_t, d_s):
+            raise ShapeError(
+                f"pair {j}: student_features[{j}] {tuple(fs.shape)} and teacher_features[{j}] {tuple(ft.shape)} "
+                f"must be (B, D_s) and (B, D_t) with B = {batch}, and adapter_weights[{j}] (D_t, D_s) = "
+                f"({d_t}, {d_s}), got {tuple(w.shape)}"
+            )
+
+    dtype = compute_dtype(s_stack, t_stack)
+    s = s_stack.to(dtype)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    p = F.softmax(t_stack.detach().to(dtype) / temperature, dim=-1)
+    soft_ce_rows = -(p * log_q).sum(dim=-1)  # (K, B)
+    ce_rows = F.cross_entropy(s.reshape(k * batch, c), labels.repeat(k), reduction="none").view(k, batch)
+    denominator = max(batch, 1)
+    soft_ce = soft_ce_rows.sum(dim=1) / denominator  # (K,)
+    ce = ce_rows.sum(dim=1) / denominator
+    parts: dict[str, Tensor] = {}
+    total = (soft_ce + ce).sum()
+    for j, (fs, ft, w) in enumerate(zip(sf, tf, ws)):
+        fdt = compute_dtype(fs, ft, w)
+        mapped = F.linear(fs.flatten(1).to(fdt), w.to(fdt))
+        feat = _safe_norm((mapped - ft.detach().flatten(1).to(fdt)).pow(2).sum())
+        parts[f"soft_ce/{s_names[j]}"] = soft_ce[j].detach()
+        parts[f"ce/{s_names[j]}"] = ce[j].detach()
+        parts[f"feat/{s_names[j]}"] = feat.detach()
+        total = total + feature_weight * feat
+    orth = torch.stack([orthogonality_penalty(w, variant="authors") for w in ws]).sum()
+    parts["orth"] = orth.detach()
+    total = total + orth_weight * orth
     parts["total"] = total.detach()
     return LossParts(total, parts)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import Tensor
 from kdloss._validate import (
     Reduction,
     ShapeError,
+    check_batch,
     check_float,
     check_pair,
     check_positive,
@@ -27,8 +29,16 @@ from kdloss._validate import (
     pair_up,
     reduce_loss,
 )
+from kdloss.functional._spatial import pool_pair, spatial_energy
 
-__all__ = ["ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
+__all__ = ["FTVariant", "ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
+
+FTVariant = Literal["paper", "repdistiller"]
+"""Which factor-transfer loss :func:`ft_loss` computes: ``"paper"`` normalises the whole
+flattened factor (Kim et al.'s equation); ``"repdistiller"`` normalises the factor's channel mean
+of ``|F|^p1``, a length ``H * W`` map (RepDistiller's ``FactorTransfer``)."""
+
+_FT_VARIANTS: tuple[str, ...] = ("paper", "repdistiller")
 
 
 def _check_pair(ns: str, s: Tensor, nt: str, t: Tensor, hint: str) -> None:
@@ -176,37 +186,70 @@ def ft_loss(
     *,
     p: int = 1,
     reduction: Reduction = "batchmean",
+    variant: FTVariant = "paper",
+    factor_p: float | None = None,
 ) -> Tensor:
-    r"""Factor transfer: distance between the L2-normalised factors of student and teacher.
+    r"""Factor transfer: distance between the normalised factors of student and teacher.
 
     The teacher factor :math:`F_T` is the encoder output of a paraphraser trained to reconstruct
     the teacher's feature; the student factor :math:`F_S` the output of a translator on the
     student's feature (:class:`kdloss.methods_modules.FTParaphraser`,
-    :class:`kdloss.methods_modules.FTTranslator`). Per sample, with flattened factors,
+    :class:`kdloss.methods_modules.FTTranslator`). Two variants:
+
+    ``variant="paper"`` (default, Kim et al.'s equation): the whole flattened factor is
+    L2-normalised, per sample
 
     .. math::
 
         \ell = \Big\lVert \frac{F_T}{\lVert F_T \rVert_2} - \frac{F_S}{\lVert F_S \rVert_2}
-        \Big\rVert_p, \qquad p \in \{1, 2\} .
+        \Big\rVert_p, \qquad p \in \{1, 2\},
 
-    The paper uses :math:`p = 1` and a weight :math:`\beta`; RepDistiller averages
-    the absolute differences over all elements (``reduction="mean"``) with weight 200. Teacher
-    detached; float32 compute.
+    over the :math:`D = K H W` entries of a ``(B, K, H, W)`` factor (any ``(B, *)`` shape works).
 
-    Reductions: ``"none"``: :math:`\ell` per sample ``(B,)``; ``"batchmean"`` (default, the paper)
-    its mean over the batch; ``"mean"``: the element-wise mean, i.e. :math:`\sum_b \ell_b / (B D)`
-    for ``p=1`` (RepDistiller) and the same division for ``p=2``; ``"sum"``: the sum.
+    ``variant="repdistiller"`` (RepDistiller's ``FactorTransfer``): each factor is first reduced
+    to a spatial map like an attention map, the channel mean of :math:`|F|^{p_1}`
+    (``factor_p``, 2 by default; RepDistiller writes ``F.pow(p1)``, equal for even :math:`p_1`),
+    flattened and L2-normalised, :math:`\phi(F) = \mathrm{vec}(\frac1K\sum_k |F_k|^{p_1}) /
+    \lVert\cdot\rVert_2`, a length :math:`hw` vector; factors of different spatial sizes are
+    first average-pooled to :math:`h \times w = \min(H_s, H_t) \times \min(W_s, W_t)` (as
+    :func:`kdloss.functional.attention_loss` with ``pool="features"``). Per sample
+
+    .. math::
+
+        \ell = \sum_{i=1}^{hw} \big|\phi(F_S)_i - \phi(F_T)_i\big|^p ,
+
+    the elementwise :math:`|\Delta|^p` (``p = 2`` is the *squared* difference here, as
+    RepDistiller's ``pow(p2)``, not the norm of the paper variant). RepDistiller's value is this
+    with ``p = 1`` and ``reduction="mean"``: :math:`\sum_b \ell_b / (B\,hw)`, weight 200 in
+    its CIFAR-100 commands.
+
+    The two variants are different losses: ``reduction="mean"`` of the paper variant divides the
+    paper's :math:`\ell_1` norm over :math:`D = KHW` entries by :math:`B D`; it is *not*
+    RepDistiller's FT, whose entries are the :math:`hw` channel-pooled energies.
+
+    Teacher detached; float32 compute (float64 stays float64).
+
+    Reductions: ``"none"``: :math:`\ell` per sample ``(B,)``; ``"batchmean"`` (default) its mean
+    over the batch; ``"mean"``: :math:`\sum_b \ell_b / (B E)`, :math:`E` the entries per sample
+    (:math:`D` for the paper variant, :math:`hw` for the RepDistiller variant); ``"sum"``: the sum.
 
     Args:
-        student_factor: ``(B, *)`` translator output.
-        teacher_factor: ``(B, *)`` paraphraser factor, same shape; detached inside.
-        p: 1 (paper) or 2.
+        student_factor: translator output, ``(B, *)`` for the paper variant, ``(B, K_s, H_s, W_s)``
+            for the RepDistiller variant.
+        teacher_factor: paraphraser factor, same shape for the paper variant, ``(B, K_t, H_t, W_t)``
+            for the RepDistiller variant (channels and sizes may differ); detached inside.
+        p: 1 (paper, RepDistiller) or 2.
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        variant: ``"paper"`` or ``"repdistiller"``.
+        factor_p: the exponent :math:`p_1` of the RepDistiller variant (a number > 0; ``None``
+            means 2). Must stay ``None`` for the paper variant, which has no such exponent.
 
     Raises:
         TypeError: non-floating factors.
-        ShapeError: different shapes, no feature dimension.
-        ValueError: ``p`` not 1 or 2, an unknown ``reduction``, different devices.
+        ShapeError: different shapes (paper variant), maps that are not 4-D (RepDistiller
+            variant), different batch sizes, no feature dimension.
+        ValueError: ``p`` not 1 or 2, an unknown ``reduction`` or ``variant``, ``factor_p`` given
+            for the paper variant or not > 0, different devices.
 
     Kim, Park & Kwak, *Paraphrasing Complex Network: Network Compression via Factor Transfer*,
     NeurIPS 2018.
@@ -218,16 +261,45 @@ def ft_loss(
         tensor(0.)
         >>> ft_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
         tensor(2.)
+        >>> s = torch.tensor([[[[1.0, 0.0]], [[1.0, 0.0]]]])  # (1, 2, 1, 2): energy only at position 0
+        >>> t = torch.tensor([[[[0.0, 3.0]]]])  # (1, 1, 1, 2): energy only at position 1
+        >>> ft_loss(s, t, variant="repdistiller", reduction="mean")
+        tensor(1.)
     """
-    _check_pair("student_factor", student_factor, "teacher_factor", teacher_factor, "the translator's output size")
+    if variant not in _FT_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(map(repr, _FT_VARIANTS))}, got {variant!r}")
     if p not in (1, 2) or isinstance(p, bool):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     check_reduction(reduction)
-    dtype = compute_dtype(student_factor, teacher_factor)
-    s = F.normalize(student_factor.to(dtype).flatten(1), dim=1)
-    t = F.normalize(teacher_factor.detach().to(dtype).flatten(1), dim=1)
+    if variant == "paper":
+        if factor_p is not None:
+            raise ValueError(
+                f"factor_p is the channel exponent of variant='repdistiller'; the paper variant has none, "
+                f"got factor_p={factor_p!r}"
+            )
+        _check_pair("student_factor", student_factor, "teacher_factor", teacher_factor, "the translator's output size")
+        dtype = compute_dtype(student_factor, teacher_factor)
+        s = F.normalize(student_factor.to(dtype).flatten(1), dim=1)
+        t = F.normalize(teacher_factor.detach().to(dtype).flatten(1), dim=1)
+    else:
+        exponent = 2.0 if factor_p is None else check_positive("factor_p", factor_p)
+        check_float("student_factor", student_factor)
+        check_float("teacher_factor", teacher_factor)
+        check_same_device(student_factor=student_factor, teacher_factor=teacher_factor)
+        for name, f in (("student_factor", student_factor), ("teacher_factor", teacher_factor)):
+            if f.ndim != 4:
+                raise ShapeError(
+                    f"ft_loss(variant='repdistiller') needs {name} as a (B, K, H, W) map, got shape {tuple(f.shape)}"
+                )
+        check_batch("student_factor", student_factor, "teacher_factor", teacher_factor)
+        fs, ft = pool_pair(student_factor, teacher_factor.detach())
+        dtype = compute_dtype(fs, ft)
+        s = F.normalize(spatial_energy(fs.to(dtype), exponent).flatten(1), dim=1)
+        t = F.normalize(spatial_energy(ft.to(dtype), exponent).flatten(1), dim=1)
     diff = t - s
-    if p == 1:
+    if variant == "repdistiller":
+        per_sample = diff.abs().sum(dim=1) if p == 1 else diff.square().sum(dim=1)
+    elif p == 1:
         per_sample = diff.abs().sum(dim=1)
     else:
         sq = diff.square().sum(dim=1)

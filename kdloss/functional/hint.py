@@ -83,18 +83,29 @@ def hint_loss(student_feature: Tensor, teacher_feature: Tensor, *, reduction: Re
 
 
 def cosine_hidden_loss(
-    student_hidden: Tensor, teacher_hidden: Tensor, *, reduction: Reduction = "mean", eps: float = 1e-8
+    student_hidden: Tensor, teacher_hidden: Tensor, *, reduction: Reduction = "mean", eps: float | None = None
 ) -> Tensor:
     r"""One minus the cosine similarity of flattened student and teacher representations.
+
+    With the default ``eps=None`` this is exactly :class:`torch.nn.CosineEmbeddingLoss` with
+    target :math:`+1`, the hidden-representation loss of PyTorch's knowledge-distillation
+    tutorial, including its handling of all-zero rows (a constant :math:`10^{-12}` added to each
+    squared norm):
 
     .. math::
 
         \ell_b = 1 - \frac{\langle h_{s,b}, h_{t,b} \rangle}
-        {\max(\lVert h_{s,b} \rVert, \epsilon) \, \max(\lVert h_{t,b} \rVert, \epsilon)}
+        {\sqrt{(\lVert h_{s,b} \rVert^2 + 10^{-12})\,(\lVert h_{t,b} \rVert^2 + 10^{-12})}} .
 
-    This is :class:`torch.nn.CosineEmbeddingLoss` with target :math:`+1`, the hidden-representation
-    loss of PyTorch's knowledge-distillation tutorial. Features are flattened from dimension 1;
-    the teacher is detached.
+    With a number ``eps``, each norm is instead bounded below by ``eps``, as in
+    :func:`torch.nn.functional.cosine_similarity`:
+    :math:`\ell_b = 1 - \langle h_s, h_t \rangle / (\max(\lVert h_s \rVert, \epsilon)
+    \max(\lVert h_t \rVert, \epsilon))`. Both give a loss of 1 for an all-zero row; its
+    gradient has size about :math:`10^{6}` with ``None`` (as torch's loss) and about
+    :math:`1/\epsilon` with a number (:math:`10^8` for ``eps=1e-8``; ``eps=1e-6`` matches torch's
+    size there). For rows of norm well above ``eps`` the two agree to rounding.
+
+    Features are flattened from dimension 1; the teacher is detached.
 
     Reductions: ``"none"`` per sample ``(B,)``; ``"mean"`` (default) and ``"batchmean"`` the
     mean over the batch (one value per sample, so they agree); ``"sum"`` the sum.
@@ -103,23 +114,26 @@ def cosine_hidden_loss(
         student_hidden: ``(B, *)`` student representation (after any adapter or pooling).
         teacher_hidden: ``(B, *)`` teacher representation with the same number of elements.
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
-        eps: lower bound of each norm, as in :func:`torch.nn.functional.cosine_similarity`. A
-            representation that is all zeros gives a loss of 1 and a gradient of size ~1/eps.
+        eps: ``None`` (default) for :class:`torch.nn.CosineEmbeddingLoss`'s formula, or a lower
+            bound > 0 of each norm (the :func:`torch.nn.functional.cosine_similarity` form).
 
     Raises:
         ShapeError: if the flattened sizes differ (pool the larger one first, e.g. with
             :class:`kdloss.PoolAdapter`). TypeError/ValueError: as :func:`hint_loss`, and for an
-            ``eps`` that is not a finite number > 0.
+            ``eps`` that is neither ``None`` nor a finite number > 0.
 
     Example:
         >>> import torch
         >>> from kdloss.functional import cosine_hidden_loss
         >>> cosine_hidden_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
         tensor(1.)
+        >>> cosine_hidden_loss(torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 2.0]]), eps=1e-8)
+        tensor(1.)
     """
     s, t = _pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
     check_reduction(reduction)
-    check_positive("eps", eps)
+    if eps is not None:
+        check_positive("eps", eps)
     s, t = s.flatten(1), t.flatten(1)
     check_same_shape(
         "student_hidden (flattened)",
@@ -128,5 +142,12 @@ def cosine_hidden_loss(
         t,
         hint="pool or project one side first, e.g. kdloss.PoolAdapter",
     )
-    per_row = 1.0 - F.cosine_similarity(s, t, dim=1, eps=eps)
+    if eps is None:  # torch.nn.CosineEmbeddingLoss: 1e-12 added to each squared norm
+        denom = ((s * s).sum(dim=1) + _COSINE_EMBEDDING_EPS) * ((t * t).sum(dim=1) + _COSINE_EMBEDDING_EPS)
+        per_row = 1.0 - (s * t).sum(dim=1) / denom.sqrt()
+    else:
+        per_row = 1.0 - F.cosine_similarity(s, t, dim=1, eps=eps)
     return reduce_loss(per_row, reduction, rows=s.shape[0])
+
+
+_COSINE_EMBEDDING_EPS = 1e-12  # the EPSILON of ATen's cosine_embedding_loss

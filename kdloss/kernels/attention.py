@@ -23,7 +23,8 @@ _ATTENTION_EPS = 1e-12  # the eps of F.normalize in kdloss.functional.attention_
 def attention_fusable(student: list[Tensor], teacher: list[Tensor], p: float) -> bool:
     """Whether :func:`fused_attention_rows` handles these (validated) pairs: ``p = 2``, equal spatial sizes.
 
-    Pairs whose spatial sizes differ (the eager path average-pools their energy maps) and maps with
+    Pairs whose spatial sizes still differ (``pool="maps"``: the eager path average-pools their
+    energy maps; ``pool="features"`` resizes the features before this is asked) and maps with
     more than 8192 positions are left to the eager path, as is every call for which
     :func:`kdloss.kernels.use_fused` (``kernel="attention"``: CUDA, dtype, mode, self-check) says
     no for some pair.

@@ -1,7 +1,7 @@
 """Stateless ``nn.Module`` wrappers: each ``forward`` is one call of a :mod:`kdloss.functional` function."""
 
 from kdloss.losses.attention import AttentionLoss
-from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDLoss
+from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDAuthorsLoss, TOFDLoss
 from kdloss.losses.contrastive import CRDEmbed, CRDLoss
 from kdloss.losses.feature import ABLoss, FTLoss, HCLLoss, VIDLoss
 from kdloss.losses.hint import CosineHiddenLoss, HintLoss
@@ -32,6 +32,7 @@ __all__ = [
     "RKDLoss",
     "SPLoss",
     "SelfDistillationLoss",
+    "TOFDAuthorsLoss",
     "TOFDLoss",
     "VIDLoss",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction
-from kdloss.functional.attention import attention_loss
+from kdloss.functional.attention import AttentionPool, attention_loss, check_pool
 
 __all__ = ["AttentionLoss"]
 
@@ -19,6 +19,9 @@ class AttentionLoss(nn.Module):
         p: exponent of the attention map (2).
         beta: weight of the whole term.
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        pool: ``"features"`` (default, RepDistiller's and mdistiller's: pool the larger feature
+            map to the common size, then take its attention map) or ``"maps"`` (pool the larger
+            attention energy map); matters only for pairs of different spatial sizes.
 
     Raises:
         TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
@@ -27,19 +30,24 @@ class AttentionLoss(nn.Module):
     Example:
         >>> import torch
         >>> AttentionLoss(beta=1000.0)
-        AttentionLoss(p=2.0, beta=1000.0, reduction='mean')
+        AttentionLoss(p=2.0, beta=1000.0, reduction='mean', pool='features')
     """
 
-    def __init__(self, *, p: float = 2.0, beta: float = 1.0, reduction: Reduction = "mean") -> None:
+    def __init__(
+        self, *, p: float = 2.0, beta: float = 1.0, reduction: Reduction = "mean", pool: AttentionPool = "features"
+    ) -> None:
         super().__init__()
         self.p = check_positive("p", p)
         self.beta = check_nonnegative("beta", beta)
         self.reduction: Reduction = check_reduction(reduction)
+        self.pool: AttentionPool = check_pool(pool)
 
     def forward(
         self, student_features: Tensor | Sequence[Tensor], teacher_features: Tensor | Sequence[Tensor]
     ) -> Tensor:
-        return attention_loss(student_features, teacher_features, p=self.p, beta=self.beta, reduction=self.reduction)
+        return attention_loss(
+            student_features, teacher_features, p=self.p, beta=self.beta, reduction=self.reduction, pool=self.pool
+        )
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, beta={self.beta}, reduction={self.reduction!r}"
+        return f"p={self.p}, beta={self.beta}, reduction={self.reduction!r}, pool={self.pool!r}"

@@ -17,10 +17,12 @@ from kdloss.functional.cohort import (
     cohort_kd,
     paired_head_kd,
     self_distillation_loss,
+    tofd_authors_loss,
     tofd_loss,
+    tofd_temperature,
 )
 
-__all__ = ["CohortLoss", "MultiHeadKDLoss", "SelfDistillationLoss", "TOFDLoss"]
+__all__ = ["CohortLoss", "MultiHeadKDLoss", "SelfDistillationLoss", "TOFDAuthorsLoss", "TOFDLoss"]
 
 
 class CohortLoss(nn.Module):
@@ -140,7 +142,9 @@ class MultiHeadKDLoss(nn.Module):
 
 
 class TOFDLoss(nn.Module):
-    """TOFD: paired-head KD + feature L2 + orthogonality penalty; see :func:`kdloss.functional.tofd_loss`.
+    """TOFD, kdloss's variant: paired-head KD, feature MSE, orthogonality; see :func:`kdloss.functional.tofd_loss`.
+
+    The DIH authors' TOFD is :class:`TOFDAuthorsLoss`; ``tofd_loss``'s docstring maps one onto the other.
 
     Stateless: the student's adapters are the caller's (they belong with the student, in its
     optimiser); pass their weights to :meth:`forward` for the orthogonality term.
@@ -192,6 +196,75 @@ class TOFDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}"
+
+
+class TOFDAuthorsLoss(nn.Module):
+    """The DIH authors' TOFD, with their epoch-dependent temperature; see :func:`kdloss.functional.tofd_authors_loss`.
+
+    ``forward(..., epoch=e)`` computes the temperature with
+    :func:`kdloss.functional.tofd_temperature` (``1 + t / horizon * (e + 1)``, ``e`` 0-based) and
+    calls :func:`kdloss.functional.tofd_authors_loss`. Stateless: the bias-free linear adapters
+    (``nn.Linear(D_s, D_t, bias=False)``, one per pair, even at equal widths) belong to the
+    student and its optimiser; pass their weights to :meth:`forward`.
+
+    Args:
+        feature_weight: weight of the unsquared feature L2 term (the authors' ``--alpha``, 0.05).
+        orth_weight: weight of the orthogonality term (the authors' ``--beta``, 0.03).
+        t: the temperature schedule's scale (the authors' ``--t``, 3.0).
+        horizon: the schedule's horizon in epochs (250 in their code).
+
+    Raises:
+        TypeError, ValueError: for a bad hyper-parameter, when the module is built;
+            ``forward`` raises what :func:`kdloss.functional.tofd_authors_loss` and
+            :func:`kdloss.functional.tofd_temperature` raise.
+
+    Example:
+        >>> import torch
+        >>> crit = TOFDAuthorsLoss()
+        >>> crit
+        TOFDAuthorsLoss(feature_weight=0.05, orth_weight=0.03, t=3.0, horizon=250.0)
+        >>> s, t, y = torch.zeros(2, 4, 10), torch.zeros(2, 4, 10), torch.tensor([0, 1, 2, 3])
+        >>> out = crit(s, t, y, [torch.ones(4, 8)] * 2, [torch.ones(4, 8)] * 2, [torch.eye(8)] * 2, epoch=0)
+        >>> sorted(out.parts)
+        ['ce/0', 'ce/1', 'feat/0', 'feat/1', 'orth', 'soft_ce/0', 'soft_ce/1', 'total']
+    """
+
+    def __init__(
+        self, *, feature_weight: float = 0.05, orth_weight: float = 0.03, t: float = 3.0, horizon: float = 250.0
+    ) -> None:
+        super().__init__()
+        self.feature_weight = check_nonnegative("feature_weight", feature_weight)
+        self.orth_weight = check_nonnegative("orth_weight", orth_weight)
+        self.t = check_positive("t", t)
+        self.horizon = check_positive("horizon", horizon)
+
+    def forward(
+        self,
+        student_logits: TeacherLogits,
+        teacher_logits: TeacherLogits,
+        labels: Tensor,
+        student_features: Sequence[Tensor],
+        teacher_features: Sequence[Tensor],
+        adapter_weights: Sequence[Tensor],
+        *,
+        epoch: int,
+    ) -> LossParts:
+        return tofd_authors_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            student_features,
+            teacher_features,
+            adapter_weights,
+            temperature=tofd_temperature(epoch, t=self.t, horizon=self.horizon),
+            feature_weight=self.feature_weight,
+            orth_weight=self.orth_weight,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"feature_weight={self.feature_weight}, orth_weight={self.orth_weight}, t={self.t}, horizon={self.horizon}"
+        )
 
 
 class SelfDistillationLoss(nn.Module):

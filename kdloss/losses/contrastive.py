@@ -12,7 +12,7 @@ from kdloss._validate import ShapeError, check_positive_int
 from kdloss.functional.contrastive import ScoreMethod, _nce_rows, crd_embed
 from kdloss.memory import ContrastMemory, NegativeSampling
 
-__all__ = ["CRDEmbed", "CRDLoss"]
+__all__ = ["CRDEmbed", "CRDLoss", "check_negatives_fit"]
 
 
 class CRDEmbed(nn.Module):
@@ -41,6 +41,31 @@ class CRDEmbed(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return crd_embed(features, self.linear.weight, self.linear.bias)
+
+
+def check_negatives_fit(n_negatives: int, n_data: int) -> None:
+    """Raise a ``ValueError`` unless ``0 < n_negatives < n_data``: each sample's ``K`` negatives come
+    from the other ``n_data - 1`` rows of the memory bank.
+
+    With ``K >= N`` every negative set repeats rows (and contains the anchor's own row), and the
+    NCE noise ratio ``K / N`` passes 1, which CRD's estimator was not designed for. RepDistiller
+    uses ``K = 16384`` for CIFAR-100's ``N = 50000``, about a third of the rows.
+
+    Example:
+        >>> check_negatives_fit(16384, 50000)
+        >>> check_negatives_fit(16384, 5000)
+        Traceback (most recent call last):
+        ...
+        ValueError: n_negatives must be smaller than n_data (the dataset size, 5000): got n_negatives=16384; ...
+    """
+    check_positive_int("n_data", n_data)
+    check_positive_int("n_negatives", n_negatives)
+    if n_negatives >= n_data:
+        raise ValueError(
+            f"n_negatives must be smaller than n_data (the dataset size, {n_data}): got n_negatives={n_negatives}; "
+            f"each sample's negatives come from the other {n_data - 1} rows. Choose at most {n_data - 1}, "
+            f"e.g. about n_data // 3 = {max(1, n_data // 3)} (RepDistiller: 16384 of 50000)"
+        )
 
 
 class CRDLoss(nn.Module):
@@ -74,7 +99,8 @@ class CRDLoss(nn.Module):
         teacher_dim: flattened width of the teacher features.
         n_data: dataset size (bank rows).
         feat_dim: embedding width (128).
-        n_negatives: :math:`K` (16384).
+        n_negatives: :math:`K` (16384, RepDistiller's for CIFAR-100's 50,000 images); must be
+            smaller than ``n_data`` (see ``docs/crd.md`` for choosing :math:`K` on small data).
         temperature: :math:`\tau` (0.07).
         momentum: bank momentum :math:`m` (0.5).
         negatives: ``"uniform"`` or ``"class"``, passed to :class:`kdloss.ContrastMemory`.
@@ -90,8 +116,9 @@ class CRDLoss(nn.Module):
         ``(B, *), (B, *), (B,) -> ()`` float32.
 
     Raises:
-        ValueError: a bad configuration (here), class mode without labels, indices outside
-            the bank (in :meth:`forward`, before any state changes).
+        ValueError: a bad configuration (here), among them ``n_negatives >= n_data``; class
+            mode without labels; indices outside the bank (in :meth:`forward`, before any state
+            changes).
         ShapeError: a wrong feature width or mismatched batch sizes.
         TypeError: non-float features or non-integer indices.
 
@@ -141,6 +168,7 @@ class CRDLoss(nn.Module):
             validate=validate,
             process_group=process_group,
         )
+        check_negatives_fit(n_negatives, n_data)  # after the memory's own checks of n_data, labels, ...
 
     def forward(
         self,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from kdloss._validate import Reduction, check_positive, check_reduction
-from kdloss.functional.feature import ab_loss, ft_loss, hcl_loss, vid_loss
+from kdloss.functional.feature import FTVariant, ab_loss, ft_loss, hcl_loss, vid_loss
 
 __all__ = ["ABLoss", "FTLoss", "HCLLoss", "VIDLoss"]
 
@@ -85,11 +85,16 @@ class FTLoss(nn.Module):
     """Factor transfer's distance between normalised factors; see :func:`kdloss.functional.ft_loss`.
 
     Factors come from :class:`kdloss.methods_modules.FTTranslator` (student) and
-    :class:`kdloss.methods_modules.FTParaphraser` (teacher).
+    :class:`kdloss.methods_modules.FTParaphraser` (teacher). RepDistiller's ``FactorTransfer``
+    is ``FTLoss(variant="repdistiller", reduction="mean")``.
 
     Args:
-        p: 1 (paper) or 2.
+        p: 1 (paper, RepDistiller) or 2.
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+        variant: ``"paper"`` (default: the whole factor normalised) or ``"repdistiller"`` (the
+            normalised channel mean of ``|F|^factor_p``, a length ``H * W`` map).
+        factor_p: the channel exponent of the RepDistiller variant (``None``: 2); must stay
+            ``None`` with ``variant="paper"``.
 
     Raises:
         TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
@@ -97,21 +102,49 @@ class FTLoss(nn.Module):
 
     Example:
         >>> FTLoss()
-        FTLoss(p=1, reduction='batchmean')
+        FTLoss(p=1, reduction='batchmean', variant='paper')
+        >>> FTLoss(variant="repdistiller", reduction="mean")
+        FTLoss(p=1, reduction='mean', variant='repdistiller', factor_p=2.0)
     """
 
-    def __init__(self, *, p: int = 1, reduction: Reduction = "batchmean") -> None:
+    def __init__(
+        self,
+        *,
+        p: int = 1,
+        reduction: Reduction = "batchmean",
+        variant: FTVariant = "paper",
+        factor_p: float | None = None,
+    ) -> None:
         super().__init__()
         if p not in (1, 2) or isinstance(p, bool):
             raise ValueError(f"p must be 1 or 2, got {p!r}")
         self.p = p
         self.reduction: Reduction = check_reduction(reduction)
+        if variant not in ("paper", "repdistiller"):
+            raise ValueError(f"variant must be one of 'paper', 'repdistiller', got {variant!r}")
+        self.variant: FTVariant = variant
+        if variant == "paper" and factor_p is not None:
+            raise ValueError(
+                f"factor_p is the channel exponent of variant='repdistiller'; the paper variant has none, "
+                f"got factor_p={factor_p!r}"
+            )
+        self.factor_p: float | None = (
+            None if variant == "paper" else (2.0 if factor_p is None else check_positive("factor_p", factor_p))
+        )
 
     def forward(self, student_factor: Tensor, teacher_factor: Tensor) -> Tensor:
-        return ft_loss(student_factor, teacher_factor, p=self.p, reduction=self.reduction)
+        return ft_loss(
+            student_factor,
+            teacher_factor,
+            p=self.p,
+            reduction=self.reduction,
+            variant=self.variant,
+            factor_p=self.factor_p,
+        )
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, reduction={self.reduction!r}"
+        s = f"p={self.p}, reduction={self.reduction!r}, variant={self.variant!r}"
+        return s if self.factor_p is None else f"{s}, factor_p={self.factor_p}"
 
 
 class HCLLoss(nn.Module):

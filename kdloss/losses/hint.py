@@ -45,8 +45,10 @@ class CosineHiddenLoss(nn.Module):
 
     Args:
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
-        eps: lower bound of each norm, as in :func:`torch.nn.functional.cosine_similarity`. A
-            representation that is all zeros gives a loss of 1 and a gradient of size ~1/eps.
+        eps: ``None`` (default): exactly :class:`torch.nn.CosineEmbeddingLoss` (``1e-12`` added
+            to each squared norm); or a lower bound > 0 of each norm, as in
+            :func:`torch.nn.functional.cosine_similarity`. An all-zero representation gives a loss
+            of 1 either way, with a gradient of size ~1e6 (``None``) or ~1/eps.
 
     Raises:
         TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
@@ -58,10 +60,10 @@ class CosineHiddenLoss(nn.Module):
         tensor(1.)
     """
 
-    def __init__(self, *, reduction: Reduction = "mean", eps: float = 1e-8) -> None:
+    def __init__(self, *, reduction: Reduction = "mean", eps: float | None = None) -> None:
         super().__init__()
         self.reduction: Reduction = check_reduction(reduction)
-        self.eps = check_positive("eps", eps)
+        self.eps = None if eps is None else check_positive("eps", eps)
 
     def forward(self, student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
         return cosine_hidden_loss(student_hidden, teacher_hidden, reduction=self.reduction, eps=self.eps)

@@ -23,7 +23,8 @@ Weights (``--crd-weight``, ``--crd-ce-weight``, ``--crd-kd-weight``; unset: the 
   (the authors used batch 128 for it: pass ``--batch-size 128``).
 
 CRD's own settings default to RepDistiller's: ``--crd-feat-dim 128``, ``--crd-nce-k 16384``,
-``--crd-nce-t 0.07``, ``--crd-nce-m 0.5``, and its "exact" negatives (``--crd-negatives class``:
+``--crd-nce-t 0.07``, ``--crd-nce-m 0.5`` (a ``--crd-nce-k`` not smaller than the training split is
+clamped to its size minus one, with a warning in the log), and its "exact" negatives (``--crd-negatives class``:
 ``K`` samples of the other classes, distinct when there are enough; the labels come from the
 training split); ``--crd-negatives uniform`` draws from the whole bank.
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from typing import Any
 
 import torch.nn.functional as F
@@ -144,6 +146,22 @@ def _make_crd(setup: MethodSetup) -> Built:
     s_dim, t_dim = math.prod(s_shape), math.prod(t_shape)
     feat_dim, nce_k = int(_opt(setup, "crd_feat_dim", 128)), int(_opt(setup, "crd_nce_k", 16384))
     nce_t, nce_m = float(_opt(setup, "crd_nce_t", 0.07)), float(_opt(setup, "crd_nce_m", 0.5))
+    if nce_k >= n_data:
+        # A small training split (--smoke, --train-subset) cannot supply 16384 distinct rows:
+        # kdloss.CRDLoss refuses K >= n_data, the recipe clamps and says so.
+        clamped = n_data - 1
+        if clamped < 1:
+            raise TrainerError(f"crd needs at least 2 training images for its negatives, got n_data={n_data}")
+        log = setup.options.get("log")
+        message = (
+            f"CRD: --crd-nce-k {nce_k} is not smaller than the {n_data} training images; "
+            f"using {clamped} negatives per sample (results are not comparable with K = 16384)"
+        )
+        if callable(log):
+            log(message)
+        else:
+            warnings.warn(message, stacklevel=2)
+        nce_k = clamped
     negatives = str(_opt(setup, "crd_negatives", "class"))
     labels = setup.options.get("crd_labels") if negatives == "class" else None
     if negatives == "class" and not isinstance(labels, Tensor):

@@ -14,13 +14,15 @@ checkpoint and ``--resume`` see it. Init / pre-training phases run through the r
 ``vid``       ``CE + 1 * sum_j VIDLoss`` on every equal-resolution stage pair, one
               ``kdloss.VIDRegressor(C_s, C_t, C_t)`` per pair (Ahn et al., CVPR 2019)
 ``ab``        init phase (``--init-epochs``, 30 in RepDistiller): the student's layers before the
-              classifier and one ``kdloss.ABConnector`` per stage learn ``sum_j 2^(j-n+1) *
-              ABLoss / B`` on the pre-ReLU stage maps (RepDistiller's stage weights and batch
-              mean); then ``CE`` from those weights (weight 0 in the main phase, as RepDistiller)
-              (Heo et al., AAAI 2019)
-``ft``        pre-training phase: ``kdloss.FTParaphraser(C_t, rate=0.5)`` learns to reconstruct
-              the teacher's last stage map (MSE, ``--init-epochs``), then is frozen on the
-              teacher side; main: ``CE + 200 * FTLoss`` with a trainable ``FTTranslator`` on the
+              classifier and one ``kdloss.ABConnector`` per stage learn ``3/1000 * sum_j
+              2^(j-n+1) * ABLoss`` (batch mean) on the pre-ReLU stage maps (RepDistiller's
+              ``ABLoss``: stage weights, ``/ B``, ``/ 1000 * 3``); then ``CE`` from those weights
+              (weight 0 in the main phase, as RepDistiller) (Heo et al., AAAI 2019)
+``ft``        pre-training phase: ``kdloss.FTParaphraser(C_t, rate=0.5, batch_norm=False)``
+              (RepDistiller's paraphraser) learns to reconstruct the teacher's last stage map
+              (MSE, ``--init-epochs``), then is frozen on the teacher side; main: ``CE + 200 *
+              FTLoss(variant="repdistiller", reduction="mean")`` (RepDistiller's
+              ``FactorTransfer`` and its weight) with a trainable ``FTTranslator`` on the
               student's last stage map (Kim et al., NeurIPS 2018)
 ``fsp``       init phase: the student's layers before the classifier learn
               ``FSPLoss(variant="repdistiller")`` on the stem and stage maps; then ``CE`` (weight
@@ -29,8 +31,9 @@ checkpoint and ``--resume`` see it. Init / pre-training phases run through the r
               maps)``, the fusion ``mid_channels = min(512, C_s last)`` (Chen et al., CVPR 2021;
               weight 1 and the 20-epoch warm-up as in its CIFAR-100 code and mdistiller)
 ``mhkd``      (``dih``) ``kdloss.IntermediateHeads(head="mhkd")`` fine-tuned on the frozen teacher;
-              the same heads on the student train with it: ``MultiHeadKDLoss(T, alpha)`` over
-              every head pair and the final classifiers (``alpha`` is ``--kd-weight``)
+              the same heads on the student train with it: ``MultiHeadKDLoss(T, alpha,
+              weights=[0.5, ..., 0.5, 1])`` over every head pair (weight 0.5, the DIH authors'
+              ``mhkd_beta``) and the final classifiers (weight 1); ``alpha`` is ``--kd-weight``
 ``tofd``      (``dih``) as ``mhkd`` with ``head="tofd"`` and ``TOFDLoss(T, alpha, beta=0.05,
               gamma=1e-3)``: the heads' features (student side through ``kdloss.adapter_for``
               adapters) and the adapters' orthogonality (Zhang et al., NeurIPS 2020)
@@ -74,7 +77,9 @@ __all__ = [
 # The community benchmark's weights (RepDistiller train_student.py / its README commands).
 CC_WEIGHT = 0.02
 VID_WEIGHT = 1.0
-FT_WEIGHT = 200.0
+FT_WEIGHT = 200.0  # for FTLoss(variant="repdistiller", reduction="mean"), RepDistiller's FactorTransfer
+AB_INIT_SCALE = 3.0 / 1000.0  # RepDistiller's ABLoss: each stage's term / 1000 * 3
+MHKD_HEAD_WEIGHT = 0.5  # the DIH authors' MHKD: each intermediate head pair weighs 0.5, the final pair 1
 REVIEWKD_WEIGHT = 1.0
 REVIEWKD_WARMUP = 20.0
 INIT_EPOCHS = 30
@@ -321,7 +326,9 @@ def _make_ab(setup: MethodSetup) -> Built:
         _freeze_classifier(student, setup.student)
         conns = nn.ModuleList(kdloss.ABConnector(s[0], t[0]) for s, t in zip(s_shapes, t_shapes, strict=True))
         paths = s_paths if s_pre is None else s_pre
-        return FeatureLossStep(student, paths, conns, "ab", compute, beta=1.0, ce_weight=0.0, preact=s_pre is None)
+        return FeatureLossStep(
+            student, paths, conns, "ab", compute, beta=AB_INIT_SCALE, ce_weight=0.0, preact=s_pre is None
+        )
 
     t_side: nn.Module = (
         PreActTeacher(setup.teacher_model, t_paths)
@@ -413,7 +420,9 @@ def _make_ft(setup: MethodSetup) -> Built:
     beta = float(setup.options.get("ft_weight", FT_WEIGHT))
     pre = setup.train_phase(
         "ft-paraphraser",
-        lambda: FTPretrainStep(copy.deepcopy(setup.teacher_model), kdloss.FTParaphraser(t_shape[0], rate=0.5)),
+        lambda: FTPretrainStep(
+            copy.deepcopy(setup.teacher_model), kdloss.FTParaphraser(t_shape[0], rate=0.5, batch_norm=False)
+        ),
         TeacherOutputs(setup.teacher_model, {"ft": t_path}),
         epochs,
         "main",
@@ -425,7 +434,9 @@ def _make_ft(setup: MethodSetup) -> Built:
     if factor_channels <= 0:
         with torch.no_grad():
             factor_channels = int(paraphraser(torch.zeros(1, *t_shape, device=_device(paraphraser)))[0].shape[1])
-    loss = kdloss.FTLoss(reduction="mean")  # RepDistiller: mean over the factor entries, weight 200
+    # RepDistiller's FactorTransfer: the normalised channel mean of factor^2 (H * W entries), L1,
+    # mean over the batch and the entries; its weight 200 (FT_WEIGHT) belongs to this variant.
+    loss = kdloss.FTLoss(variant="repdistiller", reduction="mean")
 
     def compute(step: FeatureLossStep, teacher: dict[str, Tensor]) -> Tensor:
         (f,) = step.feats()
@@ -614,15 +625,18 @@ def _make_heads(head: str) -> Callable[[MethodSetup], Built]:
                 **_heads_kwargs(setup.student, head),
             )
             if head == "mhkd":
-                return HeadsStep(student, s_heads, kdloss.MultiHeadKDLoss(setup.temperature, setup.kd_weight), None)
+                k = len(s_heads.paths)
+                weights = [MHKD_HEAD_WEIGHT] * k + [1.0]  # the head pairs, then the final classifiers
+                loss = kdloss.MultiHeadKDLoss(setup.temperature, setup.kd_weight, weights=weights)
+                return HeadsStep(student, s_heads, loss, None)
             with torch.no_grad():
                 s_ex = s_heads(torch.zeros(2, 3, 32, 32))
             s_feats = [*s_ex.head_features, s_ex.final_feature]
             adapters = nn.ModuleList(
                 kdloss.adapter_for(s, torch.zeros(2, *d)) for s, d in zip(s_feats, t_dims, strict=True)
             )
-            loss = kdloss.TOFDLoss(setup.temperature, setup.kd_weight, beta=0.05, gamma=1e-3)
-            return HeadsStep(student, s_heads, loss, adapters)
+            tofd = kdloss.TOFDLoss(setup.temperature, setup.kd_weight, beta=0.05, gamma=1e-3)
+            return HeadsStep(student, s_heads, tofd, adapters)
 
         return Built(build, HeadsTeacher(setup.teacher_model, t_heads))
 
