@@ -83,6 +83,7 @@ class Step:
     limit_s: float
     commands: list[list[str]]
     skip: str | None = None
+    keep_going: bool = False  # run the later commands after a failed one (the rc is the first failure's)
 
 
 @dataclass
@@ -120,7 +121,15 @@ def plan(cfg: Config) -> list[Step]:
     tests = _py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={res / 'tests_gpu.xml'}")
     if not r and _have("xdist"):
         tests += ["-n", "4"]
-    steps.append(Step("tests_gpu", 120, [[*tests, "tests", "benchmarks"]]))
+    tests_cmds = [[*tests, "tests", "benchmarks"]]
+    if not r:  # on CUDA the kernel test files run the real kernels against eager (on CPU: the interpreter, in CI)
+        kernel_files = [f"tests/{f}.py" for f in ("test_kernels", "test_cohort_kernel", "test_attention_kernel")]
+        kernel_tests = [
+            t if not t.startswith("--junitxml") else f"--junitxml={res / 'tests_kernels.xml'}" for t in tests
+        ]
+        kernel_tests[kernel_tests.index("gpu")] = "not gpu"
+        tests_cmds.append([*kernel_tests, "-k", "not interpret", *kernel_files, "tests/test_kernel_verify.py"])
+    steps.append(Step("tests_gpu", 150, tests_cmds, keep_going=True))
 
     kernels = _py("-m", "benchmarks.run_gpu", "--tag", "gpu-check", "--out-dir", str(res), "--families", "kd,kd_ce")
     if r:
@@ -256,8 +265,9 @@ def run_check(cfg: Config) -> int:
             t0 = time.monotonic()
             rc = 0
             for argv in step.commands:
-                rc = _run_one(argv, log, limit - (time.monotonic() - t0))
-                if rc != 0:
+                rc_i = _run_one(argv, log, limit - (time.monotonic() - t0))
+                rc = rc or rc_i
+                if rc_i == 124 or (rc_i != 0 and not step.keep_going):
                     break
             wall = time.monotonic() - t0
             status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
@@ -298,17 +308,19 @@ def _env(res: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tests(res: Path) -> dict[str, Any] | None:
-    path = res / "tests_gpu.xml"
-    if not path.is_file():
-        return None
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError:
+    """Counts over ``tests_gpu.xml`` (``-m gpu``) and ``tests_kernels.xml`` (the kernel files on CUDA)."""
+    roots = []
+    for path in (res / "tests_gpu.xml", res / "tests_kernels.xml"):
+        try:
+            roots.append(ET.parse(path).getroot())
+        except (OSError, ET.ParseError):
+            continue
+    if not roots:
         return None
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     failures: list[str] = []
     properties: list[dict[str, str]] = []
-    for case in root.iter("testcase"):
+    for case in (c for root in roots for c in root.iter("testcase")):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         for prop in case.iter("property"):  # figures a test records (record_property), e.g. self_check_ms/...
             properties.append({"test": name, "name": prop.get("name", ""), "value": prop.get("value", "")})
