@@ -801,10 +801,10 @@ class _StopSignals:
             flush=True,
         )
 
-    def check(self, where: str) -> None:
+    def check(self, where: str, then: str = "continue with --resume") -> None:
         """Raise :class:`StopRequested` if a stop was asked for; ``where`` completes "stopped ..."."""
         if self.requested is not None:
-            raise StopRequested(f"stopped {where} ({self.requested}); continue with --resume")
+            raise StopRequested(f"stopped {where} ({self.requested}); {then}")
 
 
 _STOP = _StopSignals()
@@ -829,7 +829,7 @@ def stop_signals(enabled: bool = True) -> Iterator[None]:
     try:
         yield
         if held:
-            _STOP.check("after the last step, with every file written")
+            _STOP.check("after the last step, with every file written", "nothing is left to resume")
     finally:
         if held:
             _STOP.exit()
