@@ -80,7 +80,8 @@ def test_float_or_bool_labels_are_refused_up_front(name: str) -> None:
 def test_self_distillation_loss_of_an_empty_batch_is_zero_not_nan() -> None:
     exits = torch.randn(K, 0, C, requires_grad=True)
     final = torch.randn(0, C, requires_grad=True)
-    out = KF.self_distillation_loss(exits, final, torch.zeros(0, dtype=torch.long))
+    feats = {"exit_features": [torch.randn(0, 3)] * K, "final_feature": torch.randn(0, 3)}
+    out = KF.self_distillation_loss(exits, final, torch.zeros(0, dtype=torch.long), **feats)
     assert out.total.item() == 0.0
     assert all(torch.isfinite(v) for v in out.parts.values()), out.parts
     out.total.backward()

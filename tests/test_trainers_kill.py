@@ -24,6 +24,8 @@ from tests import _kill_runner
 from tests.test_trainers_cli import _jpeg_tree
 from tests.test_trainers_signals import _argv, _assert_same_as_reference
 
+pytestmark = pytest.mark.slow  # a forkserver and 11 short runs: about 20 s on 2 cores
+
 TRIALS = 5  # the first four cover each event once, the fifth is drawn; all with fixed seeds
 
 _CTX = multiprocessing.get_context("forkserver")
