@@ -68,9 +68,10 @@ class ContrastMemory(nn.Module):
     the state: such a sample's bank rows keep their values, ``Z`` is taken from the batch's
     finite samples only (a batch without any, or an empty batch, leaves ``Z`` unset for the
     next step to set), the sample is counted in ``skipped_rows``, and with ``validate=True`` a
-    ``RuntimeWarning`` says so the first time (with ``validate=False`` nothing is read on the
-    host: read ``skipped_rows`` yourself). The step's own logits, and so its loss, stay NaN for
-    such a sample: the problem is reported, not hidden, and every later step is unaffected.
+    ``RuntimeWarning`` says so the first time, at the next call (whose index check reads values
+    anyway; with ``validate=False`` nothing is read on the host: read ``skipped_rows``
+    yourself). The step's own logits, and so its loss, stay NaN for such a sample: the problem
+    is reported, not hidden, and every later step is unaffected.
 
     One call (:meth:`forward`) scores the student embedding against the **teacher** bank and the
     teacher embedding against the **student** bank, at the anchor's own index (column 0, the
@@ -124,7 +125,8 @@ class ContrastMemory(nn.Module):
         dtype: bank dtype, ``torch.float32`` or ``torch.bfloat16``; scores are float32 anyway.
         method: scoring path, see :data:`kdloss.functional.contrastive.ScoreMethod`.
         chunk_size: chunk of the ``"gather"`` path.
-        validate: check index ranges on every call (two host synchronisations); ``False`` for
+        validate: check index ranges on every call (host synchronisations; the same reads
+            report the previous step's non-finite samples); ``False`` for
             a synchronisation-free step once the data pipeline is trusted.
         process_group: the DDP process group (default: the world), ignored without DDP.
         device: where to create the buffers.
@@ -206,6 +208,7 @@ class ContrastMemory(nn.Module):
         self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._z_known = False
         self._warned_nonfinite = False
+        self._unreported: tuple[Tensor, int] | None = None  # the last step's non-finite count, not read yet
 
         if labels is None:
             if negatives == "class":
@@ -332,6 +335,7 @@ class ContrastMemory(nn.Module):
             check_index_range("indices", indices, self.n_data)
             if negatives is not None:
                 check_index_range("negatives", negatives, self.n_data)
+            self._warn_nonfinite()  # the previous step's count: the reads above synchronised already
 
     # -- the step ----------------------------------------------------------------------------
     def forward(
@@ -413,9 +417,11 @@ class ContrastMemory(nn.Module):
                 # (B, 2d): teacher then student embedding, the order of the banks below
                 emb = self._all_gather(torch.cat([teacher_embedding.detach(), student_embedding.detach()], 1).float())
                 finite = _finite_rows(emb)  # (B_all,): both embeddings of the sample are finite
-                self.skipped_rows += finite.numel() - finite.sum()
-                if self.validate:  # the host reads values anyway: report a skipped sample once
-                    self._warn_nonfinite(finite)
+                n_bad = finite.numel() - finite.sum()
+                self.skipped_rows += n_bad
+                if self.validate and not self._warned_nonfinite:
+                    # read at the next call's index check, where the device is idle anyway
+                    self._unreported = (n_bad, finite.numel())
                 if not self._z_known:  # this rank's samples set Z (averaged over ranks)
                     local = finite if self._world() == 1 else _finite_rows(student_embedding, teacher_embedding)
                     self._set_normalizers(ls.detach(), lt.detach(), local)
@@ -466,16 +472,18 @@ class ContrastMemory(nn.Module):
         )
         return torch.where(self.normalizers > 0, self.normalizers, z)
 
-    def _warn_nonfinite(self, finite: Tensor) -> None:
-        if self._warned_nonfinite:
+    def _warn_nonfinite(self) -> None:
+        """Warn (once per memory) if the previous training step kept samples out of the state."""
+        pending, self._unreported = self._unreported, None
+        if pending is None or self._warned_nonfinite:
             return
-        n_bad = int(finite.numel() - finite.sum())
+        n_bad = int(pending[0])
         if n_bad:
             self._warned_nonfinite = True
             warnings.warn(
-                f"ContrastMemory: {n_bad} of {finite.numel()} samples of this step had NaN or infinite student or "
-                "teacher embeddings; they were kept out of the memory banks and of Z (counted in "
-                "ContrastMemory.skipped_rows), and this step's loss is NaN for them. Check the inputs and the "
+                f"ContrastMemory: {n_bad} of {pending[1]} samples of the previous training step had NaN or infinite "
+                "student or teacher embeddings; they were kept out of the memory banks and of Z (counted in "
+                "ContrastMemory.skipped_rows), and that step's loss was NaN for them. Check the inputs and the "
                 "numerics (e.g. half-precision overflow); this is warned once per memory.",
                 RuntimeWarning,
                 stacklevel=4,
