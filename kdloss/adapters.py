@@ -38,6 +38,10 @@ class Adapter(nn.Module):
     (``RuntimeWarning``) once when gradients reached the weights but the weights did not move.
     With gradient accumulation over more than ``stale_check_steps`` forwards, raise it.
 
+    Dtypes: under autocast the layers follow autocast. Outside it, an input of another float
+    dtype than the parameters (float16 or bfloat16 features into a float32 adapter) is cast to
+    the parameters' dtype, and so is the output (``adapter.half()`` keeps everything in half).
+
     Args:
         stale_check_steps: the training forward at which to check (``>= 0``; 0 disables it).
 
@@ -75,7 +79,20 @@ class Adapter(nn.Module):
         check_float("x", x)
         if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._watch_for_stale_weights()
-        return self._forward(x)
+        return self._forward(self._in_param_dtype(x))
+
+    def _in_param_dtype(self, x: Tensor) -> Tensor:
+        """Outside autocast, ``x`` in the parameters' float dtype (float16/bfloat16 features, float32 weights).
+
+        Under autocast the layers cast themselves; a parameter-free adapter keeps ``x`` as it is.
+        """
+        if torch.is_autocast_enabled(x.device.type):
+            return x
+        for p in self.parameters():
+            if p.is_floating_point() and p.dtype != x.dtype:
+                return x.to(p.dtype)
+            break
+        return x
 
     def _watch_for_stale_weights(self) -> None:
         if not self.stale_check_steps or self._forwards > self.stale_check_steps:

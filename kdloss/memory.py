@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -28,6 +29,7 @@ from kdloss._validate import (
 from kdloss.functional.contrastive import (
     _METHODS,
     ScoreMethod,
+    _finite_rows,
     _last_occurrence,
     _momentum_rows,
     _resolve_method,
@@ -57,7 +59,19 @@ class ContrastMemory(nn.Module):
     - ``normalizers``: ``(2,)`` float32, :math:`Z` of the student view then of the teacher view,
       ``-1`` until the first training step sets them to ``mean(exp(logits)) * n_data`` of that
       batch, then fixed (a loaded checkpoint keeps its values);
-    - ``labels``: ``(n_data,)`` int64 dataset labels, with ``negatives="class"`` only.
+    - ``labels``: ``(n_data,)`` int64 dataset labels, with ``negatives="class"`` only;
+    - ``skipped_rows``: ``()`` int64, the number of samples kept out of the banks and of ``Z``
+      because their student or teacher embedding held a NaN or an infinity (counted over
+      training steps and, under DDP, over ranks; not part of ``state_dict``).
+
+    Non-finite embeddings (a NaN from a bad sample, an overflow in half precision) never reach
+    the state: such a sample's bank rows keep their values, ``Z`` is taken from the batch's
+    finite samples only (a batch without any, or an empty batch, leaves ``Z`` unset for the
+    next step to set), the sample is counted in ``skipped_rows``, and with ``validate=True`` a
+    ``RuntimeWarning`` says so the first time, at the next call (whose index check reads values
+    anyway; with ``validate=False`` nothing is read on the host: read ``skipped_rows``
+    yourself). The step's own logits, and so its loss, stay NaN for such a sample: the problem
+    is reported, not hidden, and every later step is unaffected.
 
     One call (:meth:`forward`) scores the student embedding against the **teacher** bank and the
     teacher embedding against the **student** bank, at the anchor's own index (column 0, the
@@ -111,7 +125,8 @@ class ContrastMemory(nn.Module):
         dtype: bank dtype, ``torch.float32`` or ``torch.bfloat16``; scores are float32 anyway.
         method: scoring path, see :data:`kdloss.functional.contrastive.ScoreMethod`.
         chunk_size: chunk of the ``"gather"`` path.
-        validate: check index ranges on every call (two host synchronisations); ``False`` for
+        validate: check index ranges on every call (host synchronisations; the same reads
+            report the previous step's non-finite samples); ``False`` for
             a synchronisation-free step once the data pipeline is trusted.
         process_group: the DDP process group (default: the world), ignored without DDP.
         device: where to create the buffers.
@@ -135,6 +150,7 @@ class ContrastMemory(nn.Module):
     bank_teacher: Tensor
     normalizers: Tensor
     labels: Tensor
+    skipped_rows: Tensor
     _class_order: Tensor
     _class_start: Tensor
     _class_count: Tensor
@@ -189,7 +205,10 @@ class ContrastMemory(nn.Module):
             bank = torch.rand(n_data, feat_dim, generator=generator).mul_(2 * bound).sub_(bound)
             self.register_buffer(name, bank.to(device=device, dtype=dtype))
         self.register_buffer("normalizers", torch.full((2,), -1.0, device=device))
+        self.register_buffer("skipped_rows", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._z_known = False
+        self._warned_nonfinite = False
+        self._unreported: tuple[Tensor, int] | None = None  # the last step's non-finite count, not read yet
 
         if labels is None:
             if negatives == "class":
@@ -316,6 +335,7 @@ class ContrastMemory(nn.Module):
             check_index_range("indices", indices, self.n_data)
             if negatives is not None:
                 check_index_range("negatives", negatives, self.n_data)
+            self._warn_nonfinite()  # the previous step's count: the reads above synchronised already
 
     # -- the step ----------------------------------------------------------------------------
     def forward(
@@ -393,25 +413,81 @@ class ContrastMemory(nn.Module):
 
         if self.training:
             with torch.no_grad():
-                if not self._z_known:
-                    z = torch.stack([ls.detach().exp().mean(), lt.detach().exp().mean()]) * self.n_data
-                    world = self._world()
-                    if world > 1:
-                        dist.all_reduce(z, group=self.process_group)
-                        z = z / world
-                    # keep a Z that is already set (e.g. loaded from a checkpoint): no host sync
-                    self.normalizers.copy_(torch.where(self.normalizers > 0, self.normalizers, z))
-                    self._z_known = True
                 all_idx = self._all_gather(idx)
                 # (B, 2d): teacher then student embedding, the order of the banks below
                 emb = self._all_gather(torch.cat([teacher_embedding.detach(), student_embedding.detach()], 1).float())
+                finite = _finite_rows(emb)  # (B_all,): both embeddings of the sample are finite
+                n_bad = finite.numel() - finite.sum()
+                self.skipped_rows += n_bad
+                if self.validate and not self._warned_nonfinite:
+                    # read at the next call's index check, where the device is idle anyway
+                    self._unreported = (n_bad, finite.numel())
+                if not self._z_known:  # this rank's samples set Z (averaged over ranks)
+                    local = finite if self._world() == 1 else _finite_rows(student_embedding, teacher_embedding)
+                    self._set_normalizers(ls.detach(), lt.detach(), local)
                 emb = emb.view(-1, 2, self.feat_dim).transpose(0, 1)  # (2, B_all, d)
                 old = torch.stack([bank_teacher.index_select(0, all_idx), bank_student.index_select(0, all_idx)])
-                rows = _momentum_rows(old.float(), emb, _last_occurrence(all_idx), self.momentum)
+                last = _last_occurrence(all_idx, finite)
+                rows = _momentum_rows(old.float(), emb, last, self.momentum, finite)
                 self._pending = (all_idx, rows)
                 if not self._saved_refs:  # no graph holds the banks (no grad, or eval of a no-grad step)
                     self.flush()
         return ls, lt
+
+    def _set_normalizers(self, ls: Tensor, lt: Tensor, finite: Tensor) -> None:
+        """Set ``Z`` (where it is unset) from this batch's finite samples, over all ranks; no host sync.
+
+        ``Z = mean(exp(logits)) * n_data`` over the samples with finite embeddings (their logits
+        are finite). Without such a sample (an empty batch, or only non-finite embeddings)
+        ``Z`` stays unset, and so does ``_z_known``: the next step tries again.
+        """
+        both = _normalizer_sums(ls, lt, finite)
+        world = self._world()
+        if world > 1:
+            dist.all_reduce(both, group=self.process_group)
+        # keep a Z that is already set (e.g. loaded from a checkpoint)
+        self.normalizers.copy_(torch.where(self.normalizers > 0, self.normalizers, _z_from_sums(both, ls, self.n_data)))
+        if ls.shape[0] == 0 and world == 1:
+            return  # nothing to learn from: known on the host, no read needed
+        if self.validate:
+            self._z_known = bool((self.normalizers > 0).all())
+        # validate=False: the host cannot know whether this batch had a finite sample without
+        # reading it (a synchronisation), so Z stays "unknown" and this runs again each step; it
+        # changes nothing once Z is set, at the cost of an exp and a sum over the logits.
+
+    def normalizers_for(
+        self, student_logits: Tensor, teacher_logits: Tensor, student_embedding: Tensor, teacher_embedding: Tensor
+    ) -> Tensor:
+        """The ``(2,)`` ``Z`` to divide this batch's scores by: the stored one once set, else this batch's own.
+
+        Before any training step has set ``Z`` (evaluation first, or an empty or all-non-finite
+        first batch), ``Z`` of the batch's samples with finite embeddings, not stored; ``-1``
+        where there is none. Use it with the logits of :meth:`forward` for the same batch.
+        """
+        if self._z_known:
+            return self.normalizers
+        finite = _finite_rows(student_embedding, teacher_embedding)
+        z = _z_from_sums(
+            _normalizer_sums(student_logits.detach(), teacher_logits.detach(), finite), student_logits, self.n_data
+        )
+        return torch.where(self.normalizers > 0, self.normalizers, z)
+
+    def _warn_nonfinite(self) -> None:
+        """Warn (once per memory) if the previous training step kept samples out of the state."""
+        pending, self._unreported = self._unreported, None
+        if pending is None or self._warned_nonfinite:
+            return
+        n_bad = int(pending[0])
+        if n_bad:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"ContrastMemory: {n_bad} of {pending[1]} samples of the previous training step had NaN or infinite "
+                "student or teacher embeddings; they were kept out of the memory banks and of Z (counted in "
+                "ContrastMemory.skipped_rows), and that step's loss was NaN for them. Check the inputs and the "
+                "numerics (e.g. half-precision overflow); this is warned once per memory.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _pack_saved(self, t: Tensor) -> Any:
         """Saved-tensor pack hook of the scoring: wrap a tensor that shares a bank's storage, and track it."""
@@ -482,13 +558,9 @@ class ContrastMemory(nn.Module):
         error_msgs: list[str],
     ) -> None:
         self.flush()  # a loaded state replaces the banks: write the pending rows first (in place or copied)
-        for name in ("bank_student", "bank_teacher"):
-            saved = state_dict.get(prefix + name)
-            if isinstance(saved, Tensor) and saved.shape != (self.n_data, self.feat_dim):
-                raise ShapeError(
-                    f"{prefix}{name} in the checkpoint has shape {tuple(saved.shape)} (n_data, feat_dim), "
-                    f"this ContrastMemory has ({self.n_data}, {self.feat_dim}): the dataset size does not match"
-                )
+        # everything but the keys (torch passes strict=True here whatever the caller asked; a strict
+        # load_state_dict checked them already), before anything is copied
+        self.check_state(state_dict, prefix, strict=False)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -497,12 +569,84 @@ class ContrastMemory(nn.Module):
         if hasattr(self, "labels") and isinstance(getattr(self, "labels", None), Tensor):
             self._build_class_tables()
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, after :meth:`check_state`: a refused state changes nothing."""
+        self.check_state(state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def check_state(self, state_dict: Mapping[str, Any], prefix: str = "", *, strict: bool = True) -> None:
+        """Raise unless ``state_dict`` (keys under ``prefix``) can be loaded into this memory as a whole.
+
+        Checked before :meth:`load_state_dict` copies anything, so that a refused state leaves
+        the memory as it was: every buffer a tensor of this memory's shape (the banks
+        ``(n_data, feat_dim)``: a checkpoint of another dataset size is refused), no missing or
+        unexpected key with ``strict``, finite banks, and ``Z`` either unset (``-1``) or finite
+        and positive (a poisoned state is refused, not resumed from).
+
+        Raises:
+            ShapeError: a buffer of another shape.
+            TypeError: a value that is not a tensor.
+            ValueError: non-finite banks, a NaN or non-positive ``Z``.
+            RuntimeError: with ``strict``, missing or unexpected keys.
+        """
+        own = dict(self._buffers)
+        persistent = {k: v for k, v in own.items() if v is not None and k not in self._non_persistent_buffers_set}
+        if strict:
+            missing = [prefix + k for k in persistent if prefix + k not in state_dict]
+            unexpected = [
+                k
+                for k in state_dict
+                if k.startswith(prefix) and "." not in k[len(prefix) :] and k[len(prefix) :] not in persistent
+            ]
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"ContrastMemory state {prefix!r}: missing key(s) {missing}, unexpected key(s) {unexpected} "
+                    "(strict=True); nothing was loaded"
+                )
+        for name, mine in persistent.items():
+            if prefix + name not in state_dict:
+                continue
+            saved = state_dict[prefix + name]
+            if not isinstance(saved, Tensor):
+                raise TypeError(f"{prefix}{name} in the state must be a tensor, got {type(saved).__name__}")
+            if saved.shape != mine.shape:
+                what = " (n_data, feat_dim)" if name.startswith("bank_") else ""
+                raise ShapeError(
+                    f"{prefix}{name} in the checkpoint has shape {tuple(saved.shape)}{what}, this ContrastMemory has "
+                    f"{tuple(mine.shape)}" + (": the dataset size does not match" if name != "normalizers" else "")
+                )
+            if name.startswith("bank_") and not bool(torch.isfinite(saved).all()):
+                raise ValueError(
+                    f"{prefix}{name} in the state holds NaN or infinite values: a poisoned memory bank is not loaded"
+                )
+            if name == "normalizers" and not bool(((saved == -1) | (torch.isfinite(saved) & (saved > 0))).all()):
+                raise ValueError(
+                    f"{prefix}normalizers (Z) in the state must be -1 (unset) or finite and > 0, got "
+                    f"{saved.tolist()}: a poisoned state is not loaded"
+                )
+
     def extra_repr(self) -> str:
         return (
             f"n_data={self.n_data}, feat_dim={self.feat_dim}, n_negatives={self.n_negatives}, "
             f"temperature={self.temperature}, momentum={self.momentum}, negatives={self.negatives!r}, "
             f"dtype={self.bank_student.dtype}, method={self.method!r}, validate={self.validate}"
         )
+
+
+def _normalizer_sums(ls: Tensor, lt: Tensor, finite: Tensor) -> Tensor:
+    """``(3,)`` float32: the sums of ``exp(logits)`` of both views over the ``finite`` rows, and their count."""
+    keep = finite.unsqueeze(1)
+    s = torch.where(keep, ls.float().exp(), 0.0).sum()
+    t = torch.where(keep, lt.float().exp(), 0.0).sum()
+    return torch.stack([s, t, finite.sum().float()])
+
+
+def _z_from_sums(sums: Tensor, logits: Tensor, n_data: int) -> Tensor:
+    """``(2,)`` ``Z = mean(exp(logits)) * n_data`` from :func:`_normalizer_sums`; ``-1`` where unusable."""
+    count = sums[2]
+    z = sums[:2] / (count * logits.shape[1]).clamp(min=1.0) * n_data
+    usable = (count > 0) & torch.isfinite(z) & (z > 0)
+    return torch.where(usable, z, -1.0)
 
 
 class _SavedBank:

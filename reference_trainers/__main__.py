@@ -2,20 +2,22 @@
 
 ``python -m reference_trainers --help`` lists the recipes, ``... <recipe> --help`` their options.
 Exit codes: 0 success; 2 bad usage or bad input (unknown recipe or option, missing data root,
-corrupt image, unusable or unsafe checkpoint), with a one-line message on stderr; 3 a run
-stopped on purpose by ``--stop-after-epoch`` (continue it with ``--resume``). Under
+corrupt image, unusable, unsafe or damaged checkpoint, an output that cannot be written), with a
+one-line message on stderr; 3 stopped on purpose by ``--stop-after-epoch``/``--stop-after-step``
+or by SIGINT / SIGTERM, wherever it arrives (continue with ``--resume``). Under
 ``torchrun --nproc_per_node N -m reference_trainers ...`` every process runs the same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
 
-from reference_trainers.engine import StopRequested
+from reference_trainers.engine import StopRequested, stop_signals
 from reference_trainers.errors import TrainerError
 from reference_trainers.recipes import RECIPES
 from reference_trainers.recipes.common import add_common_arguments
@@ -47,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        rc: int = args.func(args)
+        with stop_signals(enabled=int(os.environ.get("WORLD_SIZE", "1")) <= 1):  # torchrun handles its own
+            rc: int = args.func(args)
     except StopRequested as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3

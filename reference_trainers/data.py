@@ -193,11 +193,20 @@ def _scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if not classes:
         raise DataError(f"image folder {str(root)!r} has no class sub-directories (expected root/<class>/<image>)")
     samples: list[tuple[Path, int]] = []
+    empty: list[str] = []
     for label, c in enumerate(classes):
+        n = len(samples)
         for dirpath, _, files in sorted(os.walk(root / c)):
             samples += [(Path(dirpath) / f, label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if len(samples) == n:
+            empty.append(c)
     if not samples:
         raise DataError(f"image folder {str(root)!r} holds no images with extensions {IMAGE_EXTENSIONS}")
+    if empty:  # a class that is never seen would still get a label and an output (as torchvision refuses it)
+        raise DataError(
+            f"image folder {str(root)!r} has class directories without images ({IMAGE_EXTENSIONS}): {empty}; "
+            "add their images or remove the directories"
+        )
     return samples, classes
 
 

@@ -45,17 +45,26 @@ Behaviour:
 - **Checkpoints** (``<out>/checkpoints/<method>-seed<seed>.pt``) are written atomically (temp
   file in the same directory, fsync, ``os.replace``) after every epoch and hold the step's
   ``state_dict`` (student, adapters, heads, banks), optimiser, scheduler, RNG states (python,
-  torch CPU and CUDA; the trainers use no numpy randomness), the epoch, the seed, the history
-  and a signature of the step (class and parameter shapes). Before writing, the bytes are
-  checked to load with ``weights_only=True``; they are read with ``torch.load(weights_only=True)``
-  only: a checkpoint that needs arbitrary pickle is refused (:class:`CheckpointError`), never
-  loaded unsafely, and so is a checkpoint of another model, method or number of epochs.
+  torch CPU and CUDA; the trainers use no numpy randomness), the epoch, the seed, the history,
+  a signature of the step (class and parameter shapes) and a SHA-256 checksum of all of it
+  (:func:`checkpoint_digest`). Before writing, the bytes are checked to load with
+  ``weights_only=True``; they are read with ``torch.load(weights_only=True)`` only: a checkpoint
+  that needs arbitrary pickle is refused (:class:`CheckpointError`), never loaded unsafely, and
+  so is one whose checksum does not match (damaged data), one that is not a run's checkpoint (a
+  text file, missing keys, a directory in its place: refused before anything is written), and
+  one of another model, method or number of epochs.
+- **Files** are created with the umask's mode (as ``open()`` would); a temp file that a killed
+  write left behind is removed by the next write of that file and when a run starts. A file
+  that cannot be written (a full disk, a read-only directory) raises :class:`OutputError`, a
+  one-line message (exit code 2 in the CLI).
 - **Resume** (``RunSpec.resume``): a finished checkpoint returns its stored result without
   training; a partial one continues after its last epoch with every state restored, so the
   final weights are bit-identical to an uninterrupted run on CPU (shuffle and augmentation
   generators are derived from ``(seed, epoch)``, dropout from the restored torch RNG).
   ``config.checkpoint_every`` also writes checkpoints inside an epoch, and SIGINT / SIGTERM
-  (``config.handle_signals``, single process) write one after the step in progress. Such a
+  (``config.handle_signals``, single process) write one after the step in progress; a signal
+  that arrives elsewhere (after a run's last step, between runs, during the teacher cache or the
+  reports) stops at the next of those points (:func:`stop_signals`). Such a
   checkpoint holds the epoch's progress: steps done, the running loss sums, the augmentation
   generator, and the RNG states at the epoch's start and at the stop. A resume rebuilds the
   epoch's batch order, skips the batches already done and continues bit-identically on CPU.
@@ -69,6 +78,8 @@ Behaviour:
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import math
@@ -76,6 +87,7 @@ import os
 import pickle
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -93,7 +105,7 @@ from torch import Tensor, nn
 
 import kdloss
 from reference_trainers.data import Batch, TensorAugment
-from reference_trainers.errors import CheckpointError, TrainerError
+from reference_trainers.errors import CheckpointError, OutputError, TrainerError
 
 __all__ = [
     "BatchSource",
@@ -107,22 +119,27 @@ __all__ = [
     "TrainConfig",
     "atomic_write_bytes",
     "check_ranks_agree",
+    "checkpoint_digest",
     "environment",
     "evaluate",
     "load_checkpoint",
+    "remove_stale_temps",
     "save_checkpoint",
     "setup",
+    "stop_signals",
     "summarise",
     "teacher_cache",
     "train_run",
     "write_reports",
 ]
 
-CHECKPOINT_FORMAT = "reference_trainers.checkpoint/1"
+_FORMAT_NAME = "reference_trainers.checkpoint/"
+CHECKPOINT_FORMAT = _FORMAT_NAME + "2"
 
 
 class StopRequested(TrainerError):
-    """Raised after the epoch named by ``TrainConfig.stop_after_epoch`` (its checkpoint is written)."""
+    """A stop on purpose: after ``TrainConfig.stop_after_epoch``/``stop_after_step`` (its checkpoint is
+    written) or on SIGINT / SIGTERM (see :func:`stop_signals`); the CLI exits with code 3."""
 
 
 class BatchSource(Protocol):
@@ -159,7 +176,8 @@ class TrainConfig:
         stop_after_step: raise :class:`StopRequested` after this many training steps of a run
             (counted over its epochs), its mid-epoch checkpoint written, for resume tests.
         handle_signals: on SIGINT / SIGTERM (single process only) finish the current step, write a
-            checkpoint and raise :class:`StopRequested`; a second signal stops at once.
+            checkpoint and raise :class:`StopRequested` (also before the next run, between
+            teacher-cache batches and report files); a second signal stops at once.
         out_dir: where checkpoints and reports go.
     """
 
@@ -377,23 +395,72 @@ class RunResult:
 # --------------------------------------------------------------------------------------------- files
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
+def _temp_pattern(path: Path) -> re.Pattern[str]:
+    """The names :func:`atomic_write_bytes` gives its temp files for ``path`` (``.<name>.<8 random>.tmp``)."""
+    return re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(_TEMP_SUFFIX)}$")
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temp files a killed :func:`atomic_write_bytes` of ``path`` left behind; return them.
+
+    Only the exact pattern of this module's temp files for ``path`` is removed (``.<name>.XXXXXXXX.tmp``
+    in the same directory); a missing directory is not an error.
+    """
+    path = Path(path)
+    pattern = _temp_pattern(path)
+    removed: list[Path] = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if pattern.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.parent / name)
+                removed.append(path.parent / name)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, ``os.replace``.
 
-    Either the old file (or none) or the complete new one is there, whatever happens.
+    Either the old file (or none) or the complete new one is there, whatever happens. The file
+    gets the mode a plain ``open()`` would give it (``0o666`` less the umask). A temp file that a
+    killed earlier write of ``path`` left behind is removed first (:func:`remove_stale_temps`).
+
+    Raises:
+        OutputError: the directory or file cannot be written (a full disk, a read-only
+            directory, a directory in the file's place...), with the path and the reason; the old
+            file, if any, is kept and no temp file is left.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    except OSError as e:
+        raise _output_error(path, e) from e
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0o600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise _output_error(path, e) from e
         raise
     with contextlib.suppress(OSError):  # make the rename durable (not supported everywhere)
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -403,43 +470,119 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.close(dfd)
 
 
+def _output_error(path: Path, e: OSError) -> OutputError:
+    reason = e.strerror or str(e) or type(e).__name__
+    hint = {
+        errno.ENOSPC: "free some space or choose another --out",
+        errno.EDQUOT: "free some space or choose another --out",
+        errno.EROFS: "the file system is read-only: choose another --out",
+        errno.EACCES: "fix the permissions or choose another --out",
+        errno.EPERM: "fix the permissions or choose another --out",
+        errno.EISDIR: "a directory is in the file's place: remove it or choose another --out",
+    }.get(e.errno or -1, "check the output directory or choose another --out")
+    return OutputError(e.errno or 0, f"cannot write {str(path)!r}: {reason} ({hint})")
+
+
+def _feed(h: Any, x: Any) -> None:
+    """Feed a checkpoint's structure into the hash ``h``: containers, scalars and tensors' bytes."""
+    if isinstance(x, Tensor):
+        t = x.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(x.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    elif isinstance(x, Mapping):
+        h.update(f"D{len(x)};".encode())
+        for k, v in x.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(x, (list, tuple)):
+        h.update(f"L{len(x)};".encode())
+        for v in x:
+            _feed(h, v)
+    else:  # str, int, float (repr is exact), bool, None, and anything else by its repr
+        h.update(f"{type(x).__name__}:{x!r};".encode())
+
+
+def checkpoint_digest(obj: Mapping[str, Any]) -> str:
+    """``"sha256:<hex>"`` of a checkpoint's content (every key but ``"checksum"``), tensors by their bytes."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in obj.items() if k != "checksum"})
+    return "sha256:" + h.hexdigest()
+
+
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to memory, check that it loads with ``weights_only=True``, then :func:`atomic_write_bytes`.
+    """Add a checksum of ``obj``, ``torch.save`` it to memory, check that it loads with
+    ``weights_only=True`` and gives the same checksum, then :func:`atomic_write_bytes`.
+
+    The checksum (``obj["checksum"]``, :func:`checkpoint_digest`: SHA-256 over every key, value
+    and tensor byte) is verified by :func:`load_checkpoint`, so a damaged file is refused
+    instead of resumed from.
 
     Raises:
         TypeError: if ``obj`` holds something ``weights_only`` loading would refuse (nothing is written).
+        OutputError: the file cannot be written (see :func:`atomic_write_bytes`).
     """
+    state = dict(obj)
+    state["checksum"] = checkpoint_digest(state)
     buf = io.BytesIO()
-    torch.save(dict(obj), buf)
+    torch.save(state, buf)
     data = buf.getvalue()
     try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        back = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise TypeError(f"checkpoint for {str(path)!r} holds objects weights_only loading refuses: {e}") from e
+    if checkpoint_digest(back) != state["checksum"]:  # a value that does not survive the round trip
+        raise TypeError(f"checkpoint for {str(path)!r} does not load back to what was saved; nothing was written")
     atomic_write_bytes(path, data)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)``; never falls back to unsafe pickle.
+    """Load a checkpoint with ``torch.load(weights_only=True)`` and verify its checksum.
+
+    Never falls back to unsafe pickle.
 
     Raises:
-        CheckpointError: if the file is missing, truncated, not a checkpoint of this package, or
-            needs arbitrary pickle (the message says it was refused).
+        CheckpointError: if the path is missing or not a file, the file is truncated, damaged
+            (its checksum does not match its content), not a checkpoint of this package (or of
+            an older format), or needs arbitrary pickle (the message says it was refused).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a file (a directory?): remove it or choose another --out"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r} (damaged or not a torch file): {first}") from e
         raise CheckpointError(
             f"refusing to load checkpoint {str(path)!r}: it is not loadable with weights_only=True "
-            f"(it holds arbitrary Python objects, which could run code); it was not loaded. ({str(e).splitlines()[0]})"
+            f"(it holds arbitrary Python objects, which could run code); it was not loaded. ({first})"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch file): {e}") from e
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+    except Exception as e:  # a text file, a truncated zip...: torch raises KeyError, RuntimeError, EOFError...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} (truncated, damaged or not a torch file): "
+            f"{type(e).__name__}: {first}"
+        ) from e
+    if not isinstance(obj, dict) or not str(obj.get("format", "")).startswith(_FORMAT_NAME):
         raise CheckpointError(f"{str(path)!r} is not a reference_trainers checkpoint (format {CHECKPOINT_FORMAT})")
+    if obj["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format {obj['format']!r}, this version reads {CHECKPOINT_FORMAT!r} "
+            "(with a checksum): start the run over (drop --resume) or choose another --out"
+        )
+    stored = obj.get("checksum")
+    actual = checkpoint_digest(obj)
+    if stored != actual:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged: its content does not match its checksum (stored "
+            f"{str(stored)[:22]}..., computed {actual[:22]}...); it was not used. Restore it from a copy, "
+            "or delete it to start this run over"
+        )
     return obj
 
 
@@ -558,6 +701,11 @@ def teacher_cache(ctx: Context, teacher: nn.Module, data: RunData) -> TeacherCac
     """
     if not (ctx.config.cache_teacher and data.train.deterministic and data.train_augment.deterministic):
         return None
+    with _guard(ctx):
+        return _teacher_cache(ctx, teacher, data)
+
+
+def _teacher_cache(ctx: Context, teacher: nn.Module, data: RunData) -> TeacherCache:
     _prepare_teacher(ctx, teacher)
     source, augment = data.train, data.eval_augment
     full = getattr(source, "all_batches", None)
@@ -568,11 +716,13 @@ def teacher_cache(ctx: Context, teacher: nn.Module, data: RunData) -> TeacherCac
     n = source.num_samples
     with torch.no_grad(), ctx.autocast():
         for b in full(ctx.config.eval_batch_size):
+            _STOP.check("while caching the teacher's outputs (the teacher's checkpoint is written)")
             out = teacher(augment.normalise(b.images))
             for k, v in out.items():
                 if k not in cache:
                     cache[k] = torch.empty((n, *v.shape[1:]), dtype=v.dtype, device=ctx.device)
                 cache[k][b.index] = v
+    _STOP.check("while caching the teacher's outputs (the teacher's checkpoint is written)")
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -594,35 +744,105 @@ def _progress(ctx: Context, total: int, desc: str) -> Any:
 
 
 class _StopSignals:
-    """SIGINT / SIGTERM during a run: the first asks the loop to stop after its step, a second acts as usual.
+    """SIGINT / SIGTERM: the first asks the work in progress to stop at its next safe point, a second stops at once.
 
-    Installed only in the main thread of a single-process run; the previous handlers come back
-    with :meth:`restore` (and after the first signal).
+    One per process (:data:`_STOP`). Its handlers are installed while a guard is held
+    (:func:`stop_signals`, which the CLI holds around a whole recipe, or the guard that
+    :func:`train_run`, :func:`teacher_cache` and :func:`write_reports` each hold); the outermost
+    guard installs them and clears any earlier request, and its exit restores the previous
+    handlers. Installed only in the main thread of a single process (under ``torchrun`` the
+    launcher handles signals). A request stays set until the outermost guard exits, so that
+    every later phase (the next run, the teacher cache, the reports) stops as well.
+
+    The safe points: after the training step in progress (a mid-epoch checkpoint is written),
+    after an epoch, before a run starts, after a run's last epoch (its final checkpoint is
+    written), between batches of the teacher cache, and between the report files. Each raises
+    :class:`StopRequested` (the CLI's exit code 3). A second signal raises it at once, wherever
+    the program is (the last checkpoint written is kept; files are written atomically).
     """
 
     _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.requested = False
+    def __init__(self) -> None:
+        self.requested: str | None = None  # the name of the signal that asked to stop
         self._previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in self._SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._depth = 0
+
+    def enter(self, enabled: bool = True) -> bool:
+        """Hold a guard; install the handlers if this is the outermost one. Returns whether one is held."""
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            return False
+        if self._depth == 0:
+            self.requested = None
+            for sig in self._SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        self._depth += 1
+        return True
+
+    def exit(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
+            self.requested = None  # honoured (or not) by now; no guard held, nothing to stop
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        self.restore()  # a second signal stops at once
-        self.ctx.log(
-            f"{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
-            "(send it again to stop at once)"
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            raise StopRequested(
+                f"a second {name}: stopped at once; the last checkpoint written is kept, continue with --resume"
+            )
+        self.requested = name
+        print(
+            f"{name}: stopping at the next safe point (after the step in progress, with a checkpoint); "
+            "send it again to stop at once",
+            file=sys.stderr,
+            flush=True,
         )
 
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+    def check(self, where: str, then: str = "continue with --resume") -> None:
+        """Raise :class:`StopRequested` if a stop was asked for; ``where`` completes "stopped ..."."""
+        if self.requested is not None:
+            raise StopRequested(f"stopped {where} ({self.requested}); {then}")
+
+
+_STOP = _StopSignals()
+
+
+def _why(signals: _StopSignals) -> str:
+    return f" ({signals.requested})" if signals.requested is not None else ""
+
+
+@contextlib.contextmanager
+def stop_signals(enabled: bool = True) -> Iterator[None]:
+    """Honour SIGINT / SIGTERM for the whole block (a recipe): see :class:`_StopSignals`.
+
+    The CLI holds it around a recipe, so that a signal between runs, during the teacher cache or
+    while the reports are written stops the program at the next safe point with exit code 3;
+    a request that arrives after the last safe point is honoured when the block ends.
+
+    Raises:
+        StopRequested: at the end of the block, if a stop was asked for and nothing raised it yet.
+    """
+    held = _STOP.enter(enabled)
+    try:
+        yield
+        if held:
+            _STOP.check("after the last step, with every file written", "nothing is left to resume")
+    finally:
+        if held:
+            _STOP.exit()
+
+
+@contextlib.contextmanager
+def _guard(ctx: Context) -> Iterator[None]:
+    held = _STOP.enter(ctx.config.handle_signals and not ctx.distributed)
+    try:
+        yield
+    finally:
+        if held:
+            _STOP.exit()
 
 
 def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
@@ -632,14 +852,29 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
         CheckpointError: resuming from a checkpoint of another method, seed or model.
         StopRequested: after ``config.stop_after_epoch`` (the checkpoint of that epoch is written).
     """
+    with _guard(ctx):
+        return _train_run(ctx, spec, data)
+
+
+def _train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
     cfg = ctx.config
     if spec.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {spec.epochs}")
     ckpt_path = Path(cfg.out_dir) / "checkpoints" / f"{spec.method}-seed{spec.seed}.pt"
+    _STOP.check(f"before {spec.method!r} seed {spec.seed} started")
+    if ckpt_path.exists() and not ckpt_path.is_file():
+        raise CheckpointError(
+            f"{str(ckpt_path)!r}, where this run's checkpoint goes, is not a file (a directory?): "
+            "remove it or choose another --out"
+        )
+    if ctx.is_main:
+        for stale in remove_stale_temps(ckpt_path):  # left by a write that was killed
+            ctx.log(f"removed {stale}, a temp file of an interrupted checkpoint write")
     _seed_everything(spec.seed)
     step = spec.build()
     if not isinstance(step, DistillStep):
         raise TypeError(f"RunSpec.build must return a DistillStep, got {type(step).__name__}")
+    _STOP.check(f"before {spec.method!r} seed {spec.seed} started (its model built)")
     step.to(ctx.device)
     if ctx.use_channels_last:
         step.to(memory_format=torch.channels_last)
@@ -656,6 +891,7 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
     best: dict[str, Any] = {"val": None, "epoch": 0, "test": None}
     if spec.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
+        _check_run_checkpoint(ck, ckpt_path)
         if (ck["method"], ck["seed"]) != (spec.method, spec.seed) or ck["signature"] != signature:
             got = ck.get("signature", {})
             mismatched = sorted(
@@ -671,13 +907,19 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
                 f"checkpoint {str(ckpt_path)!r} belongs to a run of {ck['epochs']} epochs, this run asks for "
                 f"{spec.epochs}; resume with the same --epochs, or use another --out / drop --resume to start over"
             )
-        step.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        if scheduler is not None and ck["scheduler"] is not None:
-            scheduler.load_state_dict(ck["scheduler"])
-        history, best = list(ck["history"]), dict(ck["best"])
-        start_epoch, train_time, images_seen = int(ck["epoch"]), float(ck["train_time_s"]), int(ck["images"])
-        run_steps, resume_rng, partial = int(ck.get("run_steps", 0)), ck["rng"], ck.get("partial")
+        try:
+            step.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            if scheduler is not None and ck["scheduler"] is not None:
+                scheduler.load_state_dict(ck["scheduler"])
+            history, best = list(ck["history"]), dict(ck["best"])
+            start_epoch, train_time, images_seen = int(ck["epoch"]), float(ck["train_time_s"]), int(ck["images"])
+            run_steps, resume_rng, partial = int(ck.get("run_steps", 0)), ck["rng"], ck.get("partial")
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} cannot be resumed from ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); it was not changed: remove it or choose another --out"
+            ) from e
         where = f"after epoch {start_epoch}"
         if partial is not None:
             where = f"at step {partial['steps']} of epoch {start_epoch + 1}"
@@ -740,160 +982,184 @@ def train_run(ctx: Context, spec: RunSpec, data: RunData) -> RunResult:
             state["partial"] = progress
         save_checkpoint(state, ckpt_path)
 
-    signals = _StopSignals(ctx) if cfg.handle_signals and not ctx.distributed else None
-    try:
-        for epoch in range(start_epoch, spec.epochs):
-            model.train()
-            resumed_here = partial if epoch == start_epoch else None
-            if epoch == start_epoch and resume_rng is not None:
-                _set_rng_state(resumed_here["rng_epoch_start"] if resumed_here is not None else resume_rng)
-            rng_epoch_start = _rng_state()  # what a mid-epoch checkpoint needs to rebuild this epoch's batches
-            aug_gen = torch.Generator(device=aug_gen_device).manual_seed(spec.seed * 1_000_003 + epoch + 7)
-            n_batches = len(data.train) if cfg.max_batches is None else min(len(data.train), cfg.max_batches)
-            batches = _limited(data.train.batches(epoch), cfg.max_batches)
-            sums: dict[str, Tensor] = {}
-            seen = steps = 0
-            elapsed = 0.0
-            stop_at_epoch_end = False  # stop_after_step fell on the epoch's last step
-            if resumed_here is not None:
-                if int(resumed_here["n_batches"]) != n_batches:
-                    raise CheckpointError(
-                        f"checkpoint {str(ckpt_path)!r} stopped at step {resumed_here['steps']} of an epoch of "
-                        f"{resumed_here['n_batches']} batches, but this run's epochs have {n_batches}: resume with "
-                        "the same data, --batch-size and --max-batches, or drop --resume to start over"
-                    )
-                for _ in range(int(resumed_here["steps"])):  # the batches the stopped run had trained on
-                    next(batches)
-                aug_gen.set_state(resumed_here["aug_gen"])
-                sums = {k: v.to(ctx.device) for k, v in resumed_here["sums"].items()}
-                seen, steps = int(resumed_here["seen"]), int(resumed_here["steps"])
-                elapsed = float(resumed_here["time_s"])
-                _set_rng_state(resumed_here["rng"])
-            bar = _progress(ctx, n_batches, f"{spec.method} s{spec.seed} epoch {epoch + 1}/{spec.epochs}")
-            bar.update(steps)
-            update_every = max(1, n_batches // 20)
-            t0 = time.perf_counter() - elapsed
-            for i, b in enumerate(batches, start=steps):
-                x = data.train_augment(b.images, aug_gen)
-                t_out: dict[str, Tensor] | None = None
-                if cache is not None:
-                    t_out = {k: v[b.index] for k, v in cache.items()}
-                elif teacher is not None:
-                    with torch.no_grad(), ctx.autocast():
-                        t_out = teacher(x)
-                with ctx.autocast():
-                    if step.needs_index:
-                        out: kdloss.LossParts = model(x, b.labels, t_out, index=b.index)
-                    else:
-                        out = model(x, b.labels, t_out)
-                optimizer.zero_grad(set_to_none=True)
-                out.total.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated in torch
-                optimizer.step()
-                for k, v in out.parts.items():
-                    sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
-                seen += b.labels.numel()
-                steps += 1
-                run_steps += 1
-                bar.update(1)
-                if (i + 1) % update_every == 0 or i + 1 == n_batches:
-                    elapsed = time.perf_counter() - t0
-                    img_s = f"{seen * ctx.world_size / elapsed:.0f}"
-                    bar.set_postfix(loss=f"{float(out.parts['total']):.4f}", img_s=img_s)
-                stop_step = cfg.stop_after_step is not None and run_steps == cfg.stop_after_step
-                if steps == n_batches:  # the epoch's end writes its own checkpoint, and stops there if asked
-                    stop_at_epoch_end = stop_step
-                    continue
-                stop = stop_step or (signals is not None and signals.requested)
-                if stop or (cfg.checkpoint_every is not None and steps % cfg.checkpoint_every == 0):
-                    checkpoint(
-                        epoch,
-                        False,
-                        {
-                            "steps": steps,
-                            "n_batches": n_batches,
-                            "seen": seen,
-                            "sums": {k: v.detach().cpu() for k, v in sums.items()},
-                            "time_s": time.perf_counter() - t0,
-                            "aug_gen": aug_gen.get_state(),
-                            "rng": _rng_state(),
-                            "rng_epoch_start": rng_epoch_start,
-                        },
-                    )
-                    ctx.barrier()
-                if stop:
-                    bar.close()
-                    raise StopRequested(
-                        f"stopped at step {steps} of epoch {epoch + 1} of {spec.method!r} seed {spec.seed} "
-                        f"(checkpoint {str(ckpt_path)!r} written); continue with --resume"
-                    )
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_time = time.perf_counter() - t0
-            bar.close()
-            if scheduler is not None:
-                scheduler.step()
-            if ctx.distributed:  # DDP syncs buffers (BatchNorm statistics) before each forward: do it once more
-                for name, buf in step.named_buffers():
-                    if name not in unsynced:  # those the step keeps identical itself (CRD's banks)
-                        dist.broadcast(buf, 0)
-            if steps == 0:
-                raise TrainerError(
-                    f"{spec.method!r}: the training split gave no batch (empty, or smaller than one batch?)"
+    signals = _STOP  # its handlers are held by train_run's guard
+    for epoch in range(start_epoch, spec.epochs):
+        model.train()
+        resumed_here = partial if epoch == start_epoch else None
+        if epoch == start_epoch and resume_rng is not None:
+            _set_rng_state(resumed_here["rng_epoch_start"] if resumed_here is not None else resume_rng)
+        rng_epoch_start = _rng_state()  # what a mid-epoch checkpoint needs to rebuild this epoch's batches
+        aug_gen = torch.Generator(device=aug_gen_device).manual_seed(spec.seed * 1_000_003 + epoch + 7)
+        n_batches = len(data.train) if cfg.max_batches is None else min(len(data.train), cfg.max_batches)
+        batches = _limited(data.train.batches(epoch), cfg.max_batches)
+        sums: dict[str, Tensor] = {}
+        seen = steps = 0
+        elapsed = 0.0
+        stop_at_epoch_end = False  # stop_after_step fell on the epoch's last step
+        if resumed_here is not None:
+            if int(resumed_here["n_batches"]) != n_batches:
+                raise CheckpointError(
+                    f"checkpoint {str(ckpt_path)!r} stopped at step {resumed_here['steps']} of an epoch of "
+                    f"{resumed_here['n_batches']} batches, but this run's epochs have {n_batches}: resume with "
+                    "the same data, --batch-size and --max-batches, or drop --resume to start over"
                 )
-            means = {k: float(v) / steps for k, v in sums.items()}
-            if ctx.distributed:
-                vec = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=ctx.device)
-                dist.all_reduce(vec)
-                means = {k: float(v) / ctx.world_size for k, v in zip(sorted(means), vec.tolist())}
-            global_seen = seen * ctx.world_size
-            train_time += epoch_time
-            images_seen += global_seen
-            rec: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "loss": means.get("total", float("nan")),
-                "parts": {k: v for k, v in means.items() if k != "total"},
-                "lr": optimizer.param_groups[0]["lr"],
-                "time_s": epoch_time,
-                "images": global_seen,
-                "images_per_s": global_seen / epoch_time if epoch_time > 0 else float("nan"),
-                "val_acc": None,
-                "test_acc": None,
-            }
-            last = epoch + 1 == spec.epochs
-            if data.val is not None:
-                rec["val_acc"] = evaluate(ctx, step.student, data.val, data.eval_augment)
-                if best["val"] is None or rec["val_acc"] > best["val"]:
-                    best = {"val": rec["val_acc"], "epoch": epoch + 1, "test": None}
-            if (data.val is not None and best["epoch"] == epoch + 1) or last:
-                rec["test_acc"] = evaluate(ctx, step.student, data.test, data.eval_augment)
-                if best["epoch"] == epoch + 1:
-                    best["test"] = rec["test_acc"]
-            history.append(rec)
-            msg = f"[{spec.method} seed {spec.seed}] epoch {epoch + 1}/{spec.epochs} loss {rec['loss']:.4f}"
-            if rec["val_acc"] is not None:
-                msg += f" val {100 * rec['val_acc']:.2f}%"
-            if rec["test_acc"] is not None:
-                msg += f" test {100 * rec['test_acc']:.2f}%"
-            ctx.log(msg + f" ({rec['images_per_s']:.0f} img/s)")
-            checkpoint(epoch + 1, last, None)
-            ctx.barrier()
-            if cfg.stop_after_epoch is not None and epoch + 1 == cfg.stop_after_epoch and not last:
+            for _ in range(int(resumed_here["steps"])):  # the batches the stopped run had trained on
+                next(batches)
+            aug_gen.set_state(resumed_here["aug_gen"])
+            sums = {k: v.to(ctx.device) for k, v in resumed_here["sums"].items()}
+            seen, steps = int(resumed_here["seen"]), int(resumed_here["steps"])
+            elapsed = float(resumed_here["time_s"])
+            _set_rng_state(resumed_here["rng"])
+        bar = _progress(ctx, n_batches, f"{spec.method} s{spec.seed} epoch {epoch + 1}/{spec.epochs}")
+        bar.update(steps)
+        update_every = max(1, n_batches // 20)
+        t0 = time.perf_counter() - elapsed
+        for i, b in enumerate(batches, start=steps):
+            x = data.train_augment(b.images, aug_gen)
+            t_out: dict[str, Tensor] | None = None
+            if cache is not None:
+                t_out = {k: v[b.index] for k, v in cache.items()}
+            elif teacher is not None:
+                with torch.no_grad(), ctx.autocast():
+                    t_out = teacher(x)
+            with ctx.autocast():
+                if step.needs_index:
+                    out: kdloss.LossParts = model(x, b.labels, t_out, index=b.index)
+                else:
+                    out = model(x, b.labels, t_out)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()  # type: ignore[no-untyped-call]  # Tensor.backward is unannotated in torch
+            optimizer.step()
+            for k, v in out.parts.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
+            seen += b.labels.numel()
+            steps += 1
+            run_steps += 1
+            bar.update(1)
+            if (i + 1) % update_every == 0 or i + 1 == n_batches:
+                elapsed = time.perf_counter() - t0
+                img_s = f"{seen * ctx.world_size / elapsed:.0f}"
+                bar.set_postfix(loss=f"{float(out.parts['total']):.4f}", img_s=img_s)
+            stop_step = cfg.stop_after_step is not None and run_steps == cfg.stop_after_step
+            if steps == n_batches:  # the epoch's end writes its own checkpoint, and stops there if asked
+                stop_at_epoch_end = stop_step
+                continue
+            stop = stop_step or signals.requested is not None
+            if stop or (cfg.checkpoint_every is not None and steps % cfg.checkpoint_every == 0):
+                checkpoint(
+                    epoch,
+                    False,
+                    {
+                        "steps": steps,
+                        "n_batches": n_batches,
+                        "seen": seen,
+                        "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                        "time_s": time.perf_counter() - t0,
+                        "aug_gen": aug_gen.get_state(),
+                        "rng": _rng_state(),
+                        "rng_epoch_start": rng_epoch_start,
+                    },
+                )
+                ctx.barrier()
+            if stop:
+                bar.close()
                 raise StopRequested(
-                    f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} as asked "
-                    f"(--stop-after-epoch); continue with --resume"
+                    f"stopped at step {steps} of epoch {epoch + 1} of {spec.method!r} seed {spec.seed} "
+                    f"(checkpoint {str(ckpt_path)!r} written){_why(signals)}; continue with --resume"
                 )
-            if (stop_at_epoch_end or (signals is not None and signals.requested)) and not last:
-                raise StopRequested(
-                    f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} (checkpoint "
-                    f"{str(ckpt_path)!r} written); continue with --resume"
-                )
-    finally:
-        if signals is not None:
-            signals.restore()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - t0
+        bar.close()
+        if scheduler is not None:
+            scheduler.step()
+        if ctx.distributed:  # DDP syncs buffers (BatchNorm statistics) before each forward: do it once more
+            for name, buf in step.named_buffers():
+                if name not in unsynced:  # those the step keeps identical itself (CRD's banks)
+                    dist.broadcast(buf, 0)
+        if steps == 0:
+            raise TrainerError(f"{spec.method!r}: the training split gave no batch (empty, or smaller than one batch?)")
+        means = {k: float(v) / steps for k, v in sums.items()}
+        if ctx.distributed:
+            vec = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=ctx.device)
+            dist.all_reduce(vec)
+            means = {k: float(v) / ctx.world_size for k, v in zip(sorted(means), vec.tolist())}
+        global_seen = seen * ctx.world_size
+        train_time += epoch_time
+        images_seen += global_seen
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": means.get("total", float("nan")),
+            "parts": {k: v for k, v in means.items() if k != "total"},
+            "lr": optimizer.param_groups[0]["lr"],
+            "time_s": epoch_time,
+            "images": global_seen,
+            "images_per_s": global_seen / epoch_time if epoch_time > 0 else float("nan"),
+            "val_acc": None,
+            "test_acc": None,
+        }
+        last = epoch + 1 == spec.epochs
+        if data.val is not None:
+            rec["val_acc"] = evaluate(ctx, step.student, data.val, data.eval_augment)
+            if best["val"] is None or rec["val_acc"] > best["val"]:
+                best = {"val": rec["val_acc"], "epoch": epoch + 1, "test": None}
+        if (data.val is not None and best["epoch"] == epoch + 1) or last:
+            rec["test_acc"] = evaluate(ctx, step.student, data.test, data.eval_augment)
+            if best["epoch"] == epoch + 1:
+                best["test"] = rec["test_acc"]
+        history.append(rec)
+        msg = f"[{spec.method} seed {spec.seed}] epoch {epoch + 1}/{spec.epochs} loss {rec['loss']:.4f}"
+        if rec["val_acc"] is not None:
+            msg += f" val {100 * rec['val_acc']:.2f}%"
+        if rec["test_acc"] is not None:
+            msg += f" test {100 * rec['test_acc']:.2f}%"
+        ctx.log(msg + f" ({rec['images_per_s']:.0f} img/s)")
+        checkpoint(epoch + 1, last, None)
+        ctx.barrier()
+        if cfg.stop_after_epoch is not None and epoch + 1 == cfg.stop_after_epoch and not last:
+            raise StopRequested(
+                f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} as asked "
+                f"(--stop-after-epoch); continue with --resume"
+            )
+        if (stop_at_epoch_end or signals.requested is not None) and not last:
+            raise StopRequested(
+                f"stopped after epoch {epoch + 1} of {spec.method!r} seed {spec.seed} (checkpoint "
+                f"{str(ckpt_path)!r} written){_why(signals)}; continue with --resume"
+            )
     if ctx.distributed:
         check_ranks_agree(ctx, step)
         ctx.log(f"[{spec.method} seed {spec.seed}] all {ctx.world_size} ranks hold the same weights")
+    _STOP.check(f"after the last epoch of {spec.method!r} seed {spec.seed} (finished, checkpoint written)")
     return _result(spec, history, best, train_time, images_seen, cache_time, step)
+
+
+_RUN_CHECKPOINT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "method": str,
+    "seed": int,
+    "signature": dict,
+    "epoch": int,
+    "epochs": int,
+    "done": bool,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": (dict, type(None)),
+    "rng": dict,
+    "history": list,
+    "best": dict,
+    "train_time_s": (float, int),
+    "images": int,
+}
+
+
+def _check_run_checkpoint(ck: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``ck`` holds every key of a run's checkpoint, of the right type."""
+    for key, kind in _RUN_CHECKPOINT_KEYS.items():
+        if key not in ck:
+            raise CheckpointError(f"checkpoint {str(path)!r} lacks {key!r}: it is not a run's checkpoint (or damaged)")
+        if not isinstance(ck[key], kind):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has {key!r} of type {type(ck[key]).__name__}: it is not a run's checkpoint"
+            )
 
 
 def check_ranks_agree(ctx: Context, module: nn.Module) -> None:
@@ -1039,23 +1305,45 @@ def _plot_png(results: Sequence[RunResult], rows: Sequence[Mapping[str, Any]], t
 
 
 def write_reports(
-    out_dir: str | os.PathLike[str], results: Sequence[RunResult], meta: Mapping[str, Any], *, plot: bool = True
+    out_dir: str | os.PathLike[str],
+    results: Sequence[RunResult],
+    meta: Mapping[str, Any],
+    *,
+    plot: bool = True,
+    ctx: Context | None = None,
 ) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and (``plot``) ``results.png`` atomically; return their paths.
 
-    ``meta`` is recorded as is in the JSON (recipe, options, seeds, data, environment...).
+    ``meta`` is recorded as is in the JSON (recipe, options, seeds, data, environment...). A
+    SIGINT / SIGTERM while they are written stops before the next file (:class:`StopRequested`;
+    ``ctx``'s ``handle_signals`` and world size say whether signals are handled, as in
+    :func:`train_run`); ``--resume`` then writes them all from the finished checkpoints.
+
+    Raises:
+        OutputError: a report cannot be written (a full disk, a read-only directory...).
+        StopRequested: a stop signal arrived.
     """
-    out = Path(out_dir)
-    rows = summarise(results)
-    table = markdown_table(rows)
-    title = str(meta.get("recipe", "results"))
-    doc = {"meta": dict(meta), "summary": rows, "runs": [r.to_json() for r in results]}
-    paths = {"json": out / "results.json", "md": out / "results.md"}
-    md = f"# {title}\n\n{meta.get('data', '')}\n\n{table}"
-    png = _plot_png(results, rows, title) if plot else None
-    atomic_write_bytes(paths["json"], _json_bytes(doc))
-    atomic_write_bytes(paths["md"], md.encode())
-    if png is not None:
-        paths["png"] = out / "results.png"
-        atomic_write_bytes(paths["png"], png)
-    return paths
+    handle = ctx.config.handle_signals and not ctx.distributed if ctx is not None else True
+    held = _STOP.enter(handle)
+    try:
+        where = "while writing the reports (every run is finished and checkpointed)"
+        _STOP.check(where)
+        out = Path(out_dir)
+        rows = summarise(results)
+        table = markdown_table(rows)
+        title = str(meta.get("recipe", "results"))
+        doc = {"meta": dict(meta), "summary": rows, "runs": [r.to_json() for r in results]}
+        paths = {"json": out / "results.json", "md": out / "results.md"}
+        md = f"# {title}\n\n{meta.get('data', '')}\n\n{table}"
+        png = _plot_png(results, rows, title) if plot else None
+        files = [(paths["json"], _json_bytes(doc)), (paths["md"], md.encode())]
+        if png is not None:
+            paths["png"] = out / "results.png"
+            files.append((paths["png"], png))
+        for path, data in files:
+            _STOP.check(where)
+            atomic_write_bytes(path, data)
+        return paths
+    finally:
+        if held:
+            _STOP.exit()

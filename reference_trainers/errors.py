@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "TrainerError"]
+__all__ = ["CheckpointError", "DataError", "OutputError", "TrainerError"]
 
 
 class TrainerError(Exception):
@@ -15,3 +15,7 @@ class DataError(TrainerError):
 
 class CheckpointError(TrainerError):
     """A checkpoint that is unreadable, unsafe (arbitrary pickle), or written for another model or run."""
+
+
+class OutputError(TrainerError, OSError):
+    """An output file that cannot be written (a full disk, a read-only or missing directory); also an ``OSError``."""

@@ -226,7 +226,7 @@ def cohort_kd(
         student_logits: ``(B, C)`` student logits.
         teacher_logits: the ``K`` teachers' logits: ``(K, B, C)``, a sequence of ``(B, C)``, or a
             mapping name -> ``(B, C)`` whose names label the parts.
-        labels: ``(B,)`` integer class indices.
+        labels: ``(B,)`` integer class indices (any integer dtype: int64, int32, uint8...).
         temperature: softening temperature ``T > 0`` (DIH uses 5).
         alpha: the KD weight in ``[0, 1]`` (DIH uses 0.1).
         weights: optional ``K`` non-negative per-teacher weights, not all zero.
@@ -264,7 +264,7 @@ def cohort_kd(
     """
     stacked, names = _stack_logits("teacher_logits", teacher_logits)
     _check_student_teachers(student_logits, "student_logits", stacked, "teacher_logits", names)
-    check_class_labels(labels, student_logits)
+    labels = check_class_labels(labels, student_logits).long()  # any integer dtype
     check_positive("temperature", temperature)
     a = check_unit_interval("alpha", alpha)
     if form not in _FORMS:
@@ -351,7 +351,7 @@ def paired_head_kd(
     Args:
         student_logits: ``K`` student heads' logits: ``(K, B, C)``, a sequence or a mapping.
         teacher_logits: the teacher heads' logits at the same stages, same layout.
-        labels: ``(B,)`` integer class indices.
+        labels: ``(B,)`` integer class indices (any integer dtype: int64, int32, uint8...).
         temperature: ``T > 0``.
         alpha: KD weight in ``[0, 1]``.
         weights: optional ``K`` non-negative per-pair weights.
@@ -386,7 +386,7 @@ def paired_head_kd(
         )
     if s_stack.shape != t_stack.shape:
         _raise_mismatch("student head logits", s_stack.shape[1:], "teacher head logits", t_stack.shape[1:])
-    check_class_labels(labels, s_stack[0])
+    labels = check_class_labels(labels, s_stack[0]).long()  # any integer dtype
     check_positive("temperature", temperature)
     a = check_unit_interval("alpha", alpha)
     red = check_reduction(reduction, _COHORT_REDUCTIONS)
@@ -556,7 +556,7 @@ def tofd_loss(
     Args:
         student_logits: ``K`` student heads' logits, as :func:`paired_head_kd`.
         teacher_logits: the teacher heads' logits at the same stages.
-        labels: ``(B,)`` integer class indices.
+        labels: ``(B,)`` integer class indices (any integer dtype: int64, int32, uint8...).
         student_features: ``K`` adapted student head features.
         teacher_features: ``K`` teacher head features, same shapes (detached inside).
         adapter_weights: the student adapters' weights for the orthogonality penalty.
@@ -790,7 +790,7 @@ def self_distillation_loss(
     Args:
         exit_logits: the ``k`` early exits' logits, ``(k, B, C)``, a sequence or a mapping.
         final_logits: ``(B, C)`` logits of the network's own (deepest) classifier.
-        labels: ``(B,)`` integer class indices.
+        labels: ``(B,)`` integer class indices (any integer dtype: int64, int32, uint8...).
         exit_features: optional ``k`` exit features, each shaped like ``final_feature``.
         final_feature: the deepest feature (e.g. the pooled output before ``fc``).
         temperature: ``T > 0``.
@@ -829,7 +829,8 @@ def self_distillation_loss(
     for i, name in enumerate(names):
         parts[f"kd/{name}"] = head.parts[f"kd/{i}"]
         parts[f"ce/{name}"] = head.parts[f"ce/{i}"]
-    ce_final = F.cross_entropy(final_logits.to(compute_dtype(final_logits)), labels)
+    ce_rows = F.cross_entropy(final_logits.to(compute_dtype(final_logits)), labels.long(), reduction="none")
+    ce_final = reduce_loss(ce_rows, "batchmean", rows=final_logits.shape[0])  # an empty batch gives 0, not NaN
     parts["ce/final"] = ce_final.detach()
     total = head.total + ce_final
     if final_feature is not None:

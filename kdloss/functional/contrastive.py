@@ -99,7 +99,10 @@ def crd_embed(features: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
         bias: optional ``(d,)`` bias.
 
     Shape:
-        ``(B, *)`` -> ``(B, d)``, in the features' dtype (half stays half under autocast).
+        ``(B, *)`` -> ``(B, d)``. Under autocast in autocast's dtype; outside autocast,
+        features and weights of different float dtypes (float16 or bfloat16 features with a
+        float32 head) are computed in the wider of the two dtypes (``torch.promote_types``),
+        which is also the output's.
 
     Raises:
         TypeError: if ``features`` or ``weight`` are not floating point.
@@ -126,6 +129,12 @@ def crd_embed(features: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
             f"features flattened to width {x.shape[1]} (shape {tuple(features.shape)}), "
             f"but the embedding head expects in_features={weight.shape[1]}"
         )
+    if bias is not None:
+        check_float("bias", bias)
+    if not torch.is_autocast_enabled(x.device.type):  # autocast casts both itself
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     return F.normalize(F.linear(x, weight, bias), dim=1)
 
 
@@ -397,12 +406,21 @@ def _nce_rows(logits: Tensor, log_z: Tensor | float, n_data: int) -> Tensor:
     return F.softplus(log_c - log_p[..., 0]) + F.softplus(log_p[..., 1:] - log_c).sum(dim=-1)
 
 
-def _last_occurrence(indices: Tensor) -> Tensor:
-    """For each position ``i``, the largest position ``j`` with ``indices[j] == indices[i]``; no sync."""
+def _last_occurrence(indices: Tensor, finite: Tensor | None = None) -> Tensor:
+    """For each position ``i``, the largest position ``j`` with ``indices[j] == indices[i]``; no sync.
+
+    With ``finite`` (``(B,)`` bool), the largest such ``j`` with ``finite[j]`` when there is one
+    (else the largest ``j``): a duplicated index takes its last finite embedding.
+    """
     b = indices.shape[0]
     if b == 0:
         return indices.new_zeros(0, dtype=torch.long)
-    sorted_idx, perm = torch.sort(indices, stable=True)
+    if finite is None:
+        sorted_idx, perm = torch.sort(indices, stable=True)
+    else:
+        # key 2i + finite: one index's positions stay together, its finite ones last (by position)
+        _, perm = torch.sort(indices.long() * 2 + finite.long(), stable=True)
+        sorted_idx = indices[perm]
     pos = torch.arange(b, device=indices.device)
     is_end = torch.ones(b, dtype=torch.bool, device=indices.device)
     is_end[:-1] = sorted_idx[1:] != sorted_idx[:-1]
@@ -411,7 +429,9 @@ def _last_occurrence(indices: Tensor) -> Tensor:
     return torch.empty_like(perm).scatter_(0, perm, perm[group_end])  # scatter: never synchronises
 
 
-def crd_update_rows(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum: float = 0.5) -> Tensor:
+def crd_update_rows(
+    bank: Tensor, indices: Tensor, embeddings: Tensor, momentum: float = 0.5, *, validate: bool = True
+) -> Tensor:
     r"""The new bank rows of a momentum update, one per index, duplicates resolved (last wins).
 
     .. math::
@@ -424,28 +444,78 @@ def crd_update_rows(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum:
     what the reference implementation's sequential CPU ``index_copy_`` does). Found by a sort,
     without host synchronisation.
 
+    An embedding with a NaN or infinite entry never reaches the bank: its row keeps its old
+    value (a duplicated index takes its last *finite* embedding), so one bad sample cannot
+    poison the bank for every later step.
+
     Args:
         bank: ``(n_data, d)`` bank (read only).
-        indices: ``(B,)`` integer indices of the rows to update (assumed in range).
+        indices: ``(B,)`` integer indices of the rows to update, in ``[0, n_data)``.
         embeddings: ``(B, d)`` embeddings (detached inside).
         momentum: :math:`m \in [0, 1]`.
+        validate: also check that the indices lie in ``[0, n_data)`` (reads them: one host
+            synchronisation).
 
     Returns:
         ``(B, d)`` float32 rows to write at ``indices``.
+
+    Raises:
+        TypeError: non-float bank/embeddings or non-integer indices.
+        ShapeError: mismatched widths or batch sizes.
+        ValueError: ``momentum`` outside ``[0, 1]``, indices out of range (with ``validate``),
+            different devices.
 
     Example:
         >>> import torch
         >>> crd_update_rows(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor([[0.0, 1.0]]))
         tensor([[0.7071, 0.7071]])
     """
+    _check_update(bank, indices, embeddings, momentum, validate=validate)
     idx = indices.long()
-    return _momentum_rows(bank.detach()[idx].float(), embeddings, _last_occurrence(idx), momentum)
+    finite = _finite_rows(embeddings)
+    return _momentum_rows(bank.detach()[idx].float(), embeddings, _last_occurrence(idx, finite), momentum, finite)
 
 
-def _momentum_rows(old: Tensor, embeddings: Tensor, last: Tensor, momentum: float) -> Tensor:
-    """``normalize(m * old + (1 - m) * emb[last])`` over ``(..., B, d)``, in float32."""
+def _check_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum: float, *, validate: bool) -> None:
+    check_float("bank", bank)
+    check_float("embeddings", embeddings)
+    check_integer("indices", indices)
+    check_ndim("bank", bank, (2,), "(n_data, feat_dim)")
+    check_ndim("indices", indices, (1,), "(B,)")
+    check_ndim("embeddings", embeddings, (2,), "(B, feat_dim)")
+    check_same_device(bank=bank, indices=indices, embeddings=embeddings)
+    if embeddings.shape != (indices.shape[0], bank.shape[1]):
+        raise ShapeError(
+            f"embeddings must have shape (B, feat_dim) = ({indices.shape[0]}, {bank.shape[1]}), "
+            f"got {tuple(embeddings.shape)}"
+        )
+    check_unit_interval("momentum", momentum)
+    if validate:
+        check_index_range("indices", indices, bank.shape[0])
+
+
+def _finite_rows(*embeddings: Tensor) -> Tensor:
+    """``(B,)`` bool: the rows whose entries are all finite in every one of the ``(B, d)`` tensors."""
+    ok = torch.isfinite(embeddings[0].detach()).all(dim=-1)
+    for e in embeddings[1:]:
+        ok = ok & torch.isfinite(e.detach()).all(dim=-1)
+    return ok
+
+
+def _momentum_rows(
+    old: Tensor, embeddings: Tensor, last: Tensor, momentum: float, finite: Tensor | None = None
+) -> Tensor:
+    """``normalize(m * old + (1 - m) * emb[last])`` over ``(..., B, d)``, in float32.
+
+    With ``finite`` (``(B,)`` bool, indexed like the embeddings' rows), a row whose chosen
+    embedding is not finite keeps ``old``.
+    """
     emb = embeddings.detach().float().index_select(-2, last)
-    return F.normalize(momentum * old + (1.0 - momentum) * emb, dim=-1)
+    if finite is None:
+        return F.normalize(momentum * old + (1.0 - momentum) * emb, dim=-1)
+    keep = finite.index_select(0, last).unsqueeze(-1)  # (B, 1): the chosen embedding is finite
+    new = F.normalize(momentum * old + (1.0 - momentum) * torch.where(keep, emb, 0.0), dim=-1)
+    return torch.where(keep, new, old)
 
 
 def crd_memory_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum: float = 0.5) -> Tensor:
@@ -457,8 +527,9 @@ def crd_memory_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentu
         \quad \text{for each index } i \text{ of the batch}
 
     Rows not indexed are unchanged; a duplicated index takes its last occurrence's embedding
-    (see :func:`crd_update_rows`). The bank keeps its dtype (float32 or bfloat16); the arithmetic
-    is float32. :class:`kdloss.ContrastMemory` applies the same rows in place.
+    and a non-finite embedding leaves its row unchanged (see :func:`crd_update_rows`). The bank
+    keeps its dtype (float32 or bfloat16); the arithmetic is float32.
+    :class:`kdloss.ContrastMemory` applies the same rows in place.
 
     Args:
         bank: ``(n_data, d)`` bank.
@@ -480,19 +551,5 @@ def crd_memory_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentu
         tensor([[1.0000, 0.0000],
                 [0.7071, 0.7071]])
     """
-    check_float("bank", bank)
-    check_float("embeddings", embeddings)
-    check_integer("indices", indices)
-    check_ndim("bank", bank, (2,), "(n_data, feat_dim)")
-    check_ndim("indices", indices, (1,), "(B,)")
-    check_ndim("embeddings", embeddings, (2,), "(B, feat_dim)")
-    check_same_device(bank=bank, indices=indices, embeddings=embeddings)
-    if embeddings.shape != (indices.shape[0], bank.shape[1]):
-        raise ShapeError(
-            f"embeddings must have shape (B, feat_dim) = ({indices.shape[0]}, {bank.shape[1]}), "
-            f"got {tuple(embeddings.shape)}"
-        )
-    check_unit_interval("momentum", momentum)
-    check_index_range("indices", indices, bank.shape[0])
     rows = crd_update_rows(bank, indices, embeddings, momentum)
     return bank.index_copy(0, indices.long(), rows.to(bank.dtype))

@@ -70,7 +70,8 @@ def kd_ce_loss(
     Args:
         student_logits: ``(B, C)`` or ``(B, L, C)`` student logits (any leading dims).
         teacher_logits: teacher logits of the same shape; detached inside.
-        labels: integer class indices of the logits' shape without ``C``, in ``[0, C)`` or ``ignore_index``.
+        labels: integer class indices (any integer dtype) of the logits' shape without ``C``, in ``[0, C)``
+            or ``ignore_index``.
         alpha: weight of the KD term in ``[0, 1]``; ``1 - alpha`` weighs the cross-entropy.
         temperature: softening temperature ``T > 0`` of the KD term.
         reduction: ``"none" | "sum" | "batchmean"``.
@@ -132,6 +133,7 @@ def kd_ce_loss(
             raise ValueError(
                 f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}, got {labels[bad][0].item()}"
             )
+    labels = labels.long()  # any integer dtype (int32, uint8...): cross_entropy and the kernel take int64
 
     if _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
         # one launch: the rows and, unless reduction="none", their reduction (None: it failed, eager)

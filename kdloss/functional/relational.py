@@ -449,8 +449,9 @@ def pkt_loss(
     pt = conditional(ft.detach().to(dtype))
     # Terms with p_t = 0 (the diagonal without include_self) are 0. Their p_s is replaced by 1
     # before the log as well: a log(0) left in the unselected branch of the where would send
-    # 0 * inf = NaN into the gradient (seen with eps=0 on torch 2.11).
-    present = pt > 0
+    # 0 * inf = NaN into the gradient (seen with eps=0 on torch 2.11). A NaN p_t (a NaN teacher
+    # embedding) is "present" (NaN != 0): the loss is NaN, the problem is not hidden as a 0.
+    present = pt != 0
     log_ratio = torch.where(present, pt, 1.0).clamp(min=eps).log() - torch.where(present, ps, 1.0).clamp(min=eps).log()
     terms = torch.where(present, pt * log_ratio, 0.0)
     per_row = terms.sum(dim=1)
@@ -477,12 +478,23 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     Returns:
         ``(B, C_1, C_2)`` in float32 (float64 for float64 input).
 
+    Raises:
+        TypeError: non-floating maps.
+        ShapeError: maps not 4-D, or of different batch sizes.
+        ValueError: maps on different devices.
+
     Example:
         >>> import torch
         >>> fsp_matrix(torch.ones(1, 2, 4, 4), 2.0 * torch.ones(1, 3, 2, 2))
         tensor([[[2., 2., 2.],
                  [2., 2., 2.]]])
     """
+    for name, f in (("first", first), ("second", second)):
+        check_float(name, f)
+        if f.ndim != 4:
+            raise ShapeError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(f.shape)}")
+    check_batch("first", first, "second", second)
+    check_same_device(first=first, second=second)
     dtype = compute_dtype(first, second)
     a, b = first.to(dtype), second.to(dtype)
     if a.shape[-2:] != b.shape[-2:]:

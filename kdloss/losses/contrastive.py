@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -94,6 +95,14 @@ class CRDLoss(nn.Module):
     The data loader must supply each sample's dataset index (``indices``), e.g. a ``Dataset``
     wrapper returning ``(x, y, index)``; see ``docs/crd.md``, which also covers DDP.
 
+    Faults: a sample whose features give a NaN or infinite embedding is kept out of the banks
+    and of :math:`Z` (counted in ``memory.skipped_rows``, warned once with ``validate=True``);
+    the step's loss is NaN, as its input was, and later steps are unaffected. An empty first
+    batch leaves :math:`Z` unset for the next batch. Features in float16 or bfloat16 outside
+    autocast are embedded in the heads' dtype (float32 by default). ``load_state_dict`` checks
+    the whole state (shapes, keys with ``strict``, finite banks and :math:`Z`) before it copies
+    anything: a refused state leaves the module as it was.
+
     Args:
         student_dim: flattened width of the student features.
         teacher_dim: flattened width of the teacher features.
@@ -118,7 +127,7 @@ class CRDLoss(nn.Module):
     Raises:
         ValueError: a bad configuration (here), among them ``n_negatives >= n_data``; class
             mode without labels; indices outside the bank (in :meth:`forward`, before any state
-            changes).
+            changes); a poisoned state in ``load_state_dict``.
         ShapeError: a wrong feature width or mismatched batch sizes.
         TypeError: non-float features or non-integer indices.
 
@@ -170,6 +179,61 @@ class CRDLoss(nn.Module):
         )
         check_negatives_fit(n_negatives, n_data)  # after the memory's own checks of n_data, labels, ...
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Called before the submodules load: check the whole state first, so that a refused one
+        # (another n_data, a poisoned bank) leaves the heads and the memory untouched. (Keys: torch
+        # passes strict=True here whatever the caller asked; load_state_dict checks them.)
+        self._check_state(state_dict, prefix, strict=False)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, with every check first: a refused state changes nothing.
+
+        Checked before anything is copied: the shapes (a checkpoint of another ``n_data`` or
+        feature width), with ``strict`` missing and unexpected keys, finite banks and ``Z``.
+
+        Raises:
+            ShapeError: a tensor of another shape. TypeError: a value that is not a tensor.
+            ValueError: non-finite banks or ``Z``. RuntimeError: with ``strict``, missing or
+            unexpected keys.
+        """
+        self._check_state(state_dict, "", strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _check_state(self, state_dict: Mapping[str, Any], prefix: str, *, strict: bool) -> None:
+        self.memory.check_state(state_dict, prefix + "memory.", strict=False)
+        expected = {prefix + k: v for k, v in self.state_dict(keep_vars=True).items()}
+        if strict:
+            missing = [k for k in expected if k not in state_dict]
+            unexpected = [k for k in state_dict if k.startswith(prefix) and k not in expected]
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"CRDLoss state: missing key(s) {missing}, unexpected key(s) {unexpected} "
+                    "(strict=True); nothing was loaded"
+                )
+        for key, mine in expected.items():
+            saved = state_dict.get(key)
+            if saved is None:
+                continue
+            if not isinstance(saved, Tensor):
+                raise TypeError(f"{key} in the state must be a tensor, got {type(saved).__name__}")
+            if saved.shape != mine.shape:
+                raise ShapeError(
+                    f"{key} in the state has shape {tuple(saved.shape)}, this CRDLoss has {tuple(mine.shape)}; "
+                    "nothing was loaded"
+                )
+
     def forward(
         self,
         student_features: Tensor,
@@ -201,10 +265,8 @@ class CRDLoss(nn.Module):
         v_t = self.embed_teacher(teacher_features.detach())
         scored: tuple[Tensor, Tensor] = mem(v_s, v_t, indices, negatives, generator=generator)
         ls, lt = scored  # (B, K+1) each
-        z = mem.normalizers
-        if not mem._z_known:  # evaluation before any training step (or a loaded Z): this batch's Z if unset
-            z = torch.where(z > 0, z, torch.stack([ls.detach().exp().mean(), lt.detach().exp().mean()]) * mem.n_data)
-        log_z = z.log()
+        # Z stored by a training step, else (evaluation first, or no usable batch yet) this batch's own
+        log_z = mem.normalizers_for(ls, lt, v_s, v_t).log()
         # the sum of the two views' batch-mean NCE losses (crd_nce_loss of each view)
         nce = _nce_rows(ls, log_z[0], mem.n_data).sum() + _nce_rows(lt, log_z[1], mem.n_data).sum()
         return nce / max(ls.shape[0], 1)

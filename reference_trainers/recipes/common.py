@@ -224,6 +224,6 @@ def finish(
     }
     wall = time.perf_counter() - ctx.started
     meta["wall_time_s"] = wall
-    paths = _write_reports(ctx.config.out_dir, results, meta)
+    paths = _write_reports(ctx.config.out_dir, results, meta, ctx=ctx)
     print(markdown_table(summarise(results)), end="")
     print(f"\n{len(results)} runs in {wall:.0f} s of wall time; wrote {', '.join(str(p) for p in paths.values())}")

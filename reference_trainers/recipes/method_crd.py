@@ -74,8 +74,10 @@ class CRDStep(DistillStep):
         >>> step = CRDStep(student, "1", crd, temperature=4.0, ce_weight=1.0, kd_weight=0.0, crd_weight=0.8)
         >>> teacher = {"logits": torch.randn(2, 3), "features": torch.randn(2, 5)}
         >>> out = step(torch.randn(2, 3, 2, 2), torch.tensor([0, 2]), teacher, index=torch.tensor([4, 7]))
-        >>> sorted(out.parts), step.ddp_unsynced_buffers()
-        (['ce', 'crd', 'total'], ['crd.memory.bank_student', 'crd.memory.bank_teacher', 'crd.memory.normalizers'])
+        >>> sorted(out.parts)
+        ['ce', 'crd', 'total']
+        >>> step.ddp_unsynced_buffers()
+        ['crd.memory.bank_student', 'crd.memory.bank_teacher', 'crd.memory.normalizers', 'crd.memory.skipped_rows']
     """
 
     needs_index = True
