@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_arguments, run_cifar_kd
+from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_arguments, check_cifar, run_cifar_kd
 
 NAME = "benchmark-cifar100"
 HELP = "the community benchmark on CIFAR-100: KD, FitNet, AT, ... for its teacher/student pairs (EXPERIMENTS.md 5)"
@@ -61,6 +61,10 @@ PUBLISHED = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cifar_arguments(p, DEFAULTS)
+
+
+def check(args: argparse.Namespace) -> None:
+    check_cifar(args, NAME)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_arguments, run_cifar_kd
+from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_arguments, check_cifar, run_cifar_kd
 
 NAME = "dih"
 HELP = (
@@ -59,6 +59,10 @@ HEADS_PER_TEACHER = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cifar_arguments(p, DEFAULTS)
+
+
+def check(args: argparse.Namespace) -> None:
+    check_cifar(args, NAME)
 
 
 def run(args: argparse.Namespace) -> int:
