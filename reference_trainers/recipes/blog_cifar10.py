@@ -1,4 +1,4 @@
-"""``blog-cifar10``: the KD tutorial blog's ResNet-50 -> ResNet-18 on CIFAR-10 (EXPERIMENTS.md section 4).
+"""``blog-cifar10``: a public KD tutorial blog's ResNet-50 -> ResNet-18 on CIFAR-10 (Hinton et al., 2015).
 
 SGD (lr 0.01, momentum 0.9, weight decay 5e-4), cosine annealing over 10 epochs, batch 128;
 random crop (4-pixel padding), horizontal flip, ``Normalize((0.4914, 0.4822, 0.4465), (0.2023,
@@ -57,9 +57,7 @@ from reference_trainers.recipes.common import (
 )
 
 NAME = "blog-cifar10"
-HELP = (
-    "the KD blog's ResNet-50 -> ResNet-18 on CIFAR-10: KD, features, AT, self-distillation, export (EXPERIMENTS.md 4)"
-)
+HELP = "the KD blog's ResNet-50 -> ResNet-18 on CIFAR-10: KD, features, AT, self-distillation, export"
 METHODS = ("student-ce", "kd", "feature", "at", "self-distill")
 BLOG_MEAN = (0.4914, 0.4822, 0.4465)
 BLOG_STD = (0.2023, 0.1994, 0.2010)

@@ -1,4 +1,4 @@
-"""``hint-imagenette``: FitNets-style hints, ResNet-50 -> ResNet-18 on Imagenette (EXPERIMENTS.md section 2).
+"""``hint-imagenette``: FitNets-style hints (Romero et al., ICLR 2015), ResNet-50 -> ResNet-18 on Imagenette.
 
 Data: an Imagenette tree (``--data-root`` with ``train/`` and ``val/`` ImageFolders, e.g.
 ``imagenette2-320``), read by a multi-worker DataLoader (``--workers``, default 4; ``--decode``
@@ -65,7 +65,7 @@ from reference_trainers.recipes.common import (
 )
 
 NAME = "hint-imagenette"
-HELP = "FitNets-style hint ResNet-50 -> ResNet-18 on Imagenette, --faithful or corrected (EXPERIMENTS.md 2)"
+HELP = "FitNets-style hint ResNet-50 -> ResNet-18 on Imagenette, --faithful or corrected"
 IMAGENETTE_SHAPE = {"train": 9469, "val": 3925, "classes": 10, "short_side": 320}
 
 

@@ -1,4 +1,4 @@
-"""``tutorial-cifar10``: the PyTorch KD tutorial's five phases (EXPERIMENTS.md section 1).
+"""``tutorial-cifar10``: the five phases of PyTorch's "Knowledge Distillation Tutorial" (pytorch.org).
 
 Per seed (``--seeds 42,0,1``): (1) ``teacher``: DeepNN with cross-entropy; then LightNN
 students, each built right after ``torch.manual_seed(seed)`` so all start from the same weights:
@@ -40,7 +40,7 @@ from reference_trainers.recipes.common import (
 )
 
 NAME = "tutorial-cifar10"
-HELP = "the PyTorch KD tutorial's five phases, DeepNN -> LightNN on CIFAR-10 (EXPERIMENTS.md 1)"
+HELP = "the PyTorch KD tutorial's five phases, DeepNN -> LightNN on CIFAR-10"
 PHASES = ("teacher", "student-ce", "kd", "cosine", "regressor")
 
 
