@@ -164,9 +164,13 @@ def test_tutorial_smoke_on_an_image_folder(tmp_path: Path) -> None:
 def test_demo_smoke_stops_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     argv = ["demo", "--smoke", "--epochs", "2", "--out", str(out), "--methods", "student-ce,kd,hint+kd,at+kd"]
-    assert main([*argv, "--stop-after-epoch", "1"]) == 3
-    assert "continue with --resume" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--stop-after-epoch", "1"]) == 3  # --resume, but nothing to resume yet
+    err = capsys.readouterr().err
+    assert "nothing to resume: every run starts from scratch" in err
+    assert "continue with --resume" in err
     assert not (out / "results.json").exists()
+    assert main([*argv]) == 2  # checkpoints are there now: not without --resume or --overwrite
+    assert "already holds checkpoints of an earlier run" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0
     doc = _results(out)
     runs = doc["runs"]
