@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both create the virtual
 # environment .venv on first use (torch and the extras from the package registries), offline
-# afterwards.
+# afterwards. `make demo` starts over each time (--overwrite replaces the previous run in runs/demo).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m reference_trainers demo
+	$(BIN)/python -m reference_trainers demo --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

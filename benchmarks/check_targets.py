@@ -1,13 +1,13 @@
-"""Check a results JSON from run_gpu.py against the issue's targets for the fused soft-KL kernel.
+"""Check a results JSON from run_gpu.py against the targets of the fused soft-KL kernel.
 
     PYTHONPATH=. python -m benchmarks.check_targets docs/benchmarks/results-h100.json
 
-Targets (issue 5), for the ``kd`` and ``kd_ce`` families, kdloss rows:
+Targets, for the ``kd`` and ``kd_ce`` families, kdloss rows:
 
 - 8192x32000 and 4096x128256 bf16, forward+backward: >= 50% of the 3-pass bandwidth floor,
   >= 12x the naive formulation, >= 2x torch.compile of it, peak extra memory <= 1.05x the gradient;
 - 256x100 fp32: forward in one device operation, no host synchronisation, forward+backward <= 20 us
-  (the issue's "one launch" is read as the forward's launch count: the backward is a separate
+  ("one launch" is read as the forward's launch count: the backward is a separate
   autograd call);
 - 4096x1000 (fp32 and bf16): forward+backward <= 30 us.
 

@@ -183,7 +183,7 @@ def plan(cfg: Config) -> list[Step]:
         tutorial.append(_py("-m", "benchmarks.gpu_check", "extract", str(archive), str(data)))
     tut = _py("-m", "reference_trainers", "tutorial-cifar10", "--data-root", str(data), *dev, "--no-progress")
     tut += ["--seeds", ",".join(map(str, TUTORIAL_SEEDS)), "--phases", ",".join(TUTORIAL_PHASES), "--val-size", "0"]
-    tut += ["--out", str(res / "tutorial")]
+    tut += ["--out", str(res / "tutorial"), "--overwrite"]
     tut += ["--epochs", "1", "--threads", "2"] if r else ["--workers", "8"]
     tutorial.append(tut)
     steps.append(Step("tutorial", 170, tutorial, skip))
@@ -193,7 +193,17 @@ def plan(cfg: Config) -> list[Step]:
     make_tree = _py("-m", "benchmarks.gpu_check", "synthetic-tree", str(tree), str(n_train), str(n_val), str(side))
     for name, decode in (("hint_imagenette", "device"), ("hint_imagenette_cpu", "cpu")):
         hint = _py("-m", "reference_trainers", "hint-imagenette", "--data-root", str(tree), *dev, "--no-progress")
-        hint += ["--random-init", "--faithful", "--epochs", "5", "--seeds", "42", "--out", str(res / name)]
+        hint += [
+            "--random-init",
+            "--faithful",
+            "--epochs",
+            "5",
+            "--seeds",
+            "42",
+            "--out",
+            str(res / name),
+            "--overwrite",
+        ]
         if r:
             hint += ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--decode", "cpu", "--epochs", "1"]
         else:

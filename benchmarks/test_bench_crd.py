@@ -5,8 +5,8 @@ The baseline (``tests/naive_crd.py``, reference-implementation style) gathers th
 rows and uses ``bmm``; it is timed with negatives already on the device ("naive") and with the
 reference's per-sample CPU sampling ("naive+cpu sampling").
 
-In CI (CPU) the small sizes run once each (pytest-benchmark is disabled there); the GPU sizes of
-issue 3 are skipped without CUDA. The table for the docs comes from the script form::
+In CI (CPU) the small sizes run once each (pytest-benchmark is disabled there); the GPU sizes
+(the targets of docs/crd.md) are skipped without CUDA. The table for the docs comes from the script form::
 
     PYTHONPATH=. python benchmarks/test_bench_crd.py --device cpu --threads 1 --batch 64 --k 4096
     PYTHONPATH=. python benchmarks/test_bench_crd.py --device cuda --batch 64 256      # the H100 targets

@@ -1,4 +1,4 @@
-"""pytest-benchmark entries for the methods of issue 6, at small CPU sizes (forward + backward).
+"""pytest-benchmark entries for the distillation methods, at small CPU sizes (forward + backward).
 
 Run ``pytest benchmarks/test_bench_methods.py --benchmark-only`` to time them. In CI the suite
 runs with ``--benchmark-disable``: each entry then runs once and is a quick correctness check

@@ -1,6 +1,6 @@
-"""Student-step throughput of the reference trainers against a plain fp32 batch-64 loop (issue 7's target).
+"""Student-step throughput of the reference trainers against a plain fp32 batch-64 loop (the trainers' target).
 
-Issue 7 asks, for ``dih`` / ``benchmark-cifar100`` (resnet32x4 -> resnet8x4 on 32x32 images,
+The target, for ``dih`` / ``benchmark-cifar100`` (resnet32x4 -> resnet8x4 on 32x32 images,
 100 classes), for a student step with an online teacher at least 9x a plain fp32 batch-64
 loop (at least 40,000 images/s on one H100), and at least 20x with cached teacher outputs.
 This script times, in one process, with the rounds interleaved so that drift hits all rows alike:

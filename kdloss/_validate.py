@@ -9,6 +9,8 @@ synchronise with the device.
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -35,6 +37,7 @@ __all__ = [
     "compute_dtype",
     "pair_up",
     "reduce_loss",
+    "warn_if_swapped",
 ]
 
 Reduction = Literal["none", "mean", "batchmean", "sum"]
@@ -280,3 +283,35 @@ def reduce_loss(loss: Tensor, reduction: Reduction, *, rows: Tensor | int, eleme
     if isinstance(denom, Tensor):
         return total / denom.clamp(min=1).to(total.dtype)
     return total / max(denom, 1)
+
+
+def warn_if_swapped(student_name: str, student: Tensor, teacher_name: str, teacher: Tensor) -> None:
+    """Warn when the teacher side requires grad and the student side does not: the likely swap.
+
+    The teacher is detached inside the losses, so with the two swapped the loss has no gradient
+    at all and training silently does nothing. (Both requiring grad, as in mutual learning, is
+    fine, and so is anything under ``torch.no_grad``.) Skipped while ``torch.compile`` traces.
+    """
+    if (
+        teacher.requires_grad
+        and not student.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
+        warnings.warn(
+            f"{teacher_name} requires grad but {student_name} does not: are the arguments swapped? The order is "
+            f"({student_name}, {teacher_name}); the teacher side is detached, so this loss has no gradient",
+            UserWarning,
+            stacklevel=_caller_level(),
+        )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside kdloss and torch, as seen from the function that
+    calls this one: a warning then points at the user's line, through modules and ``nn.Module`` calls."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in ("kdloss", "torch"):
+        frame = frame.f_back
+        level += 1
+    return level

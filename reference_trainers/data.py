@@ -62,6 +62,8 @@ __all__ = [
     "TensorAugment",
     "TensorBatches",
     "TensorSplit",
+    "count_images",
+    "find_unreadable_images",
     "load_dataset",
     "load_embedded_cifar10",
     "load_image_folder_tensors",
@@ -208,6 +210,58 @@ def _scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
             "add their images or remove the directories"
         )
     return samples, classes
+
+
+def count_images(root: str | os.PathLike[str]) -> int:
+    """The images of an ``ImageFolder`` tree (``root/<class>/<image>``), counted without reading them.
+
+    Raises:
+        DataError: as the loaders do, for a missing tree, no class directories or no images.
+    """
+    return len(_scan_folder(Path(root))[0])
+
+
+# The first bytes of the formats IMAGE_EXTENSIONS names (WebP: RIFF....WEBP; PPM/PGM/PBM: P1-P6).
+# torchvision decodes by content, so any of them is fine under any of the extensions.
+_MAGIC: tuple[bytes, ...] = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"BM",
+    *(f"P{i}".encode() for i in range(1, 7)),
+)
+
+
+def _looks_like_an_image(head: bytes) -> bool:
+    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def find_unreadable_images(root: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """Files of an ``ImageFolder`` tree that cannot be images, found from their first bytes only.
+
+    Reads 12 bytes of every file with an image extension under ``root`` (every sub-tree, e.g.
+    ``train/`` and ``val/``), so a whole Imagenette tree takes about a second: empty files, files
+    that cannot be opened, and files that start like none of the formats (an HTML error page
+    saved as ``.jpg``, random bytes) are returned with the reason. A file that starts right but
+    is damaged further in is only found when it is decoded (then the run stops with a
+    :class:`DataError` naming it).
+    """
+    bad: list[tuple[Path, str]] = []
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = Path(dirpath) / name
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(12)
+            except OSError as e:
+                bad.append((path, f"cannot be opened ({e.strerror or e})"))
+                continue
+            if not head:
+                bad.append((path, "empty file"))
+            elif not _looks_like_an_image(head):
+                bad.append((path, f"not an image (starts with {head[:8]!r})"))
+    return bad
 
 
 def _cannot_decode(path: Path, e: Exception) -> DataError:
@@ -458,7 +512,10 @@ def load_dataset(
         desc = f"ImageFolder at {str(root)!r}"
     else:
         raise DataError(f"unknown dataset {name!r}; expected one of auto, embedded, cifar10, cifar100, imagefolder")
-    train, val = split_validation(train, val_size)
+    try:
+        train, val = split_validation(train, val_size)
+    except ValueError as e:
+        raise DataError(f"--val-size: {e}") from None
     if train_subset is not None and train_subset < len(train):
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:train_subset])
     if test_subset is not None and test_subset < len(test):

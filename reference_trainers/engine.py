@@ -26,7 +26,8 @@ The API, in the order a recipe uses it:
    ``RunData`` bundles the batch sources (:mod:`reference_trainers.data`) and the train / eval
    augmentations.
 5. ``write_reports(out_dir, results, meta)``: ``results.json``, ``results.md`` and
-   ``results.png`` (accuracy per method with error bars over seeds, and training curves).
+   ``results.png`` (test accuracy per method as points, ± sd only over several seeds, and training
+   curves).
 
 Behaviour:
 
@@ -730,7 +731,22 @@ def _teacher_cache(ctx: Context, teacher: nn.Module, data: RunData) -> TeacherCa
     return TeacherCache(cache, seconds, teacher)
 
 
+class _NoBar:
+    """What a disabled progress bar does: nothing (so runs without bars need no tqdm)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(ctx: Context, total: int, desc: str) -> Any:
+    if not (ctx.config.progress and ctx.is_main):
+        return _NoBar()
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -1265,6 +1281,29 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _accuracy_panel(ax: Any, results: Sequence[RunResult], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Test accuracy per method as points: every seed's value, the mean, and ± sd only when there is
+    a spread (two seeds or more). Points, not bars, so a y axis that does not start at 0 cannot
+    exaggerate the differences. Returns the methods in order."""
+    names = [str(r["method"]) for r in rows]
+    for i, r in enumerate(rows):
+        values = [100 * x.test_selected for x in results if x.method == r["method"]]
+        ax.plot([i] * len(values), values, linestyle="none", marker=".", color="0.55", zorder=2)
+        mean, sd = r["test_selected_mean"], r["test_selected_sd"]
+        if mean is None:
+            continue
+        yerr = None if sd is None else 100 * sd
+        ax.errorbar([i], [100 * mean], yerr=yerr, fmt="o", color="tab:blue", capsize=5, zorder=3)
+        label = f"{100 * mean:.1f}" if sd is None else f"{100 * mean:.1f} ± {100 * sd:.1f}"
+        ax.annotate(label, (i, 100 * mean), xytext=(8, 0), textcoords="offset points", va="center", fontsize="small")
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_xlim(-0.5, len(names) - 0.5 + 0.6)
+    spread = any(r["test_selected_sd"] is not None for r in rows)
+    ax.set_ylabel("test accuracy (%), model selected on val")
+    ax.set_title("test accuracy per method: " + ("mean ± sd over seeds, dots: seeds" if spread else "one seed each"))
+    return names
+
+
 def _plot_png(results: Sequence[RunResult], rows: Sequence[Mapping[str, Any]], title: str) -> bytes:
     import matplotlib
 
@@ -1272,16 +1311,7 @@ def _plot_png(results: Sequence[RunResult], rows: Sequence[Mapping[str, Any]], t
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["method"] for r in rows]
-    means = [100 * (r["test_selected_mean"] or 0.0) for r in rows]
-    sds = [100 * (r["test_selected_sd"] or 0.0) for r in rows]
-    bars = ax1.bar(names, means, yerr=sds, capsize=4, color="tab:blue", alpha=0.8)
-    ax1.bar_label(bars, labels=[f"{m:.1f}±{s:.1f}" for m, s in zip(means, sds)], padding=3, fontsize="small")
-    lo = min(means) - 5 if means else 0
-    ax1.set_ylim(max(0.0, lo), min(100.0, max(means) + 5) if means else 100)
-    ax1.set_ylabel("test accuracy (%), model selected on val")
-    ax1.set_title("accuracy per method (mean ± sd over seeds)")
-    ax1.tick_params(axis="x", rotation=30)
+    names = _accuracy_panel(ax1, results, rows)
     for i, method in enumerate(names):
         color = f"C{i % 10}"
         for j, r in enumerate(x for x in results if x.method == method):

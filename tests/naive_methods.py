@@ -1,4 +1,4 @@
-"""Plain references for the methods of issue 6, written from the papers' equations.
+"""Plain references for the distillation methods (DKD, DIST, SP, CC, RKD, PKT, ...), written from the papers' equations.
 
 Loops and explicit sums, no masking tricks, no numerical care beyond the equations: they are
 slow and only meant for tiny float64 tensors in tests (and as benchmark baselines).

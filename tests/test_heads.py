@@ -127,7 +127,7 @@ def test_tofd_heads_are_fresh_copies_of_the_remaining_stages(resnet18: nn.Module
 
 
 def test_heads_on_cifar_resnet_k3_with_finetune_and_cohort_step() -> None:
-    """The DIH pipeline in a user's own loop, on a CIFAR ResNet (k = 3 as in EXPERIMENTS.md)."""
+    """The DIH pipeline in a user's own loop, on a CIFAR ResNet (k = 3 for CIFAR ResNets, as in the DIH paper)."""
     torch.manual_seed(0)
     teacher = CifarResNet(n=1).eval().requires_grad_(False)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
@@ -346,7 +346,7 @@ def test_mhkd_paired_heads_teacher_and_student() -> None:
 
 
 # -- the reference trainers' models (reference_trainers.models, when present) ---------------------
-DIH_K = {  # EXPERIMENTS.md section 3: k per teacher
+DIH_K = {  # the DIH paper's k (heads) per teacher
     "resnet34": 4,
     "resnet18": 4,
     "vgg11_dih": 4,

@@ -1,4 +1,4 @@
-"""All methods of issue 6: torch.compile(fullgraph=True) equals eager; CUDA equals CPU (skipped without a GPU)."""
+"""All distillation methods: torch.compile(fullgraph=True) equals eager; CUDA equals CPU (skipped without a GPU)."""
 
 from __future__ import annotations
 

@@ -248,7 +248,7 @@ def test_tutorial_models_are_lazy() -> None:
         with pytest.raises(ModuleNotFoundError, match="tutorial"):
             build_model("deepnn", 10)
         return
-    # EXPERIMENTS.md section 1: DeepNN 1,186,986 and LightNN 267,738 parameters.
+    # PyTorch's Knowledge Distillation Tutorial prints DeepNN 1,186,986 and LightNN 267,738 parameters.
     assert num_parameters(build_model("deepnn", 10)) == 1_186_986
     assert num_parameters(build_model("lightnn", 10)) == 267_738
     for name, shape in (("deepnn", (32, 8, 8)), ("lightnn", (16, 8, 8))):

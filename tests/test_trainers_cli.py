@@ -93,7 +93,8 @@ def test_missing_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     out = tmp_path / "out"
     rc = main(["tutorial-cifar10", "--smoke", "--data-root", str(tmp_path / "missing"), "--out", str(out)])
     assert rc == 2
-    assert "error: data root" in capsys.readouterr().err
+    assert "error: --data-root" in (err := capsys.readouterr().err)
+    assert "does not exist" in err
     _no_outputs(out)
 
 
@@ -101,7 +102,7 @@ def test_corrupt_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     root = _jpeg_tree(tmp_path / "data")
     (root / "train" / "bird" / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "out"
-    rc = main(["tutorial-cifar10", "--smoke", "--data-root", str(root), "--out", str(out)])
+    rc = main(["tutorial-cifar10", "--smoke", "--data-root", str(root), "--val-size", "2", "--out", str(out)])
     assert rc == 2
     assert "cannot decode image" in (err := capsys.readouterr().err)
     assert "2.jpg" in err
@@ -162,10 +163,14 @@ def test_tutorial_smoke_on_an_image_folder(tmp_path: Path) -> None:
 
 def test_demo_smoke_stops_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    argv = ["demo", "--smoke", "--epochs", "2", "--out", str(out)]
-    assert main([*argv, "--stop-after-epoch", "1"]) == 3
-    assert "continue with --resume" in capsys.readouterr().err
+    argv = ["demo", "--smoke", "--epochs", "2", "--out", str(out), "--methods", "student-ce,kd,hint+kd,at+kd"]
+    assert main([*argv, "--resume", "--stop-after-epoch", "1"]) == 3  # --resume, but nothing to resume yet
+    err = capsys.readouterr().err
+    assert "nothing to resume: every run starts from scratch" in err
+    assert "continue with --resume" in err
     assert not (out / "results.json").exists()
+    assert main([*argv]) == 2  # checkpoints are there now: not without --resume or --overwrite
+    assert "already holds checkpoints of an earlier run" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0
     doc = _results(out)
     runs = doc["runs"]

@@ -19,7 +19,7 @@ def test_torchrun_two_gloo_processes(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "reference_trainers", "demo", "--smoke", "--epochs", "2",
-        "--device", "cpu", "--threads", "1", "--out", str(out),
+        "--device", "cpu", "--threads", "1", "--out", str(out), "--methods", "student-ce,kd,hint+kd,at+kd",
     ]  # fmt: skip
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""The tutorial's models: exact parameter counts (EXPERIMENTS.md section 1) and feature shapes."""
+"""The PyTorch KD tutorial's models: exact parameter counts (as the tutorial prints them) and feature shapes."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from kdloss._validate import (
     check_unit_interval,
     compute_dtype,
     reduce_loss,
+    warn_if_swapped,
 )
 
 __all__ = ["Direction", "log_probs", "soft_kl"]
@@ -151,6 +152,10 @@ def soft_kl(
         ValueError: for a temperature that is not > 0, an unknown ``reduction``/``direction``,
             ``beta`` outside ``(0, 1)`` or given without ``direction="jsd"``, different devices.
 
+    Warns:
+        UserWarning: when ``teacher_logits`` requires grad and ``student_logits`` does not: the
+            arguments are likely swapped, and the loss (the teacher detached) has no gradient.
+
     Example:
         >>> import torch
         >>> from kdloss.functional import soft_kl
@@ -168,6 +173,7 @@ def soft_kl(
         teacher_logits,
         hint="soft_kl compares two distributions over the same classes",
     )
+    warn_if_swapped("student_logits", student_logits, "teacher_logits", teacher_logits)
     if student_logits.ndim < 2:
         raise ShapeError(
             "student_logits must have at least 2 dimensions, (B, C) or (B, L, C), "

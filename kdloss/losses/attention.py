@@ -17,7 +17,10 @@ class AttentionLoss(nn.Module):
 
     Args:
         p: exponent of the attention map (2).
-        beta: weight of the whole term.
+        beta: weight of the whole term. The default, 1, is the bare distance: about 1000 times
+            weaker than the paper's experiments and RepDistiller's benchmark, which use
+            ``beta=1000`` with this per-position mean; pass ``beta=1000.0`` to reproduce them
+            (``docs/attention.md``).
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
         pool: ``"features"`` (default, RepDistiller's and mdistiller's: pool the larger feature
             map to the common size, then take its attention map) or ``"maps"`` (pool the larger

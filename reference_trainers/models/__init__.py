@@ -50,6 +50,7 @@ __all__ = [
     "count_parameters",
     "feature_path",
     "feature_shapes",
+    "find_torchvision_weights",
     "head_paths",
     "load_torchvision_weights",
     "model_spec",
@@ -373,18 +374,16 @@ _TV_WEIGHTS = {"tv_resnet18": "ResNet18_Weights", "tv_resnet34": "ResNet34_Weigh
 _TV_WEIGHTS.update({k + "_cifar": v for k, v in _TV_WEIGHTS.items()})
 
 
-def load_torchvision_weights(model: nn.Module, name: str, path: str | Path | None = None) -> nn.Module:
-    """Load ImageNet weights into a ``tv_*`` model, everything except the (resized) classifier.
+def find_torchvision_weights(name: str, path: str | Path | None = None) -> Path:
+    """The ImageNet weights file :func:`load_torchvision_weights` would read for ``name`` (nothing is loaded).
 
-    Looks in ``path`` when given (a state dict saved with ``torch.save``), else in torchvision's
-    cache (``$TORCH_HOME/hub/checkpoints``) for the ``IMAGENET1K_V1`` file. Never downloads.
-    The classifier (``fc``) keeps its fresh initialisation when its shape differs from
-    ImageNet's, and so does the 3x3 ``conv1`` of the ``*_cifar`` variants.
+    ``path`` when given, else the ``IMAGENET1K_V1`` file in torchvision's cache
+    (``$TORCH_HOME/hub/checkpoints``).
 
     Raises:
         KeyError: if ``name`` is not a ``tv_*`` model.
-        FileNotFoundError: if no weights file is found; the message says where it looked and
-            how to get one.
+        FileNotFoundError: if the file does not exist; the message says where it looked and how
+            to get one.
     """
     if name not in _TV_WEIGHTS:
         raise KeyError(f"ImageNet weights exist only for {', '.join(_TV_WEIGHTS)}, got {name!r}")
@@ -404,6 +403,24 @@ def load_torchvision_weights(model: nn.Module, name: str, path: str | Path | Non
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist (pass the path of a torchvision state dict)")
+    return path
+
+
+def load_torchvision_weights(model: nn.Module, name: str, path: str | Path | None = None) -> nn.Module:
+    """Load ImageNet weights into a ``tv_*`` model, everything except the (resized) classifier.
+
+    Looks in ``path`` when given (a state dict saved with ``torch.save``), else in torchvision's
+    cache (``$TORCH_HOME/hub/checkpoints``) for the ``IMAGENET1K_V1`` file
+    (:func:`find_torchvision_weights`). Never downloads.
+    The classifier (``fc``) keeps its fresh initialisation when its shape differs from
+    ImageNet's, and so does the 3x3 ``conv1`` of the ``*_cifar`` variants.
+
+    Raises:
+        KeyError: if ``name`` is not a ``tv_*`` model.
+        FileNotFoundError: if no weights file is found; the message says where it looked and how
+            to get one.
+    """
+    path = find_torchvision_weights(name, path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

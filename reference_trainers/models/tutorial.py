@@ -1,4 +1,4 @@
-"""The PyTorch knowledge-distillation tutorial's models (EXPERIMENTS.md section 1).
+"""The models of PyTorch's "Knowledge Distillation Tutorial" (pytorch.org tutorials).
 
 ``DeepNN`` (teacher, 1,186,986 parameters) and ``LightNN`` (student, 267,738 parameters), layer
 for layer. Both have a ``features`` block (tap ``"features"`` with :class:`kdloss.FeatureTap`

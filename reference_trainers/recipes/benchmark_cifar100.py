@@ -1,4 +1,4 @@
-"""``benchmark-cifar100``: the community KD benchmark's recipe (CRD / RepDistiller; EXPERIMENTS.md section 5).
+"""``benchmark-cifar100``: the community CIFAR-100 KD benchmark (RepDistiller, Tian et al., CRD, ICLR 2020).
 
 SGD (lr 0.05, momentum 0.9, weight decay 5e-4), batch 64, 240 epochs, lr x0.1 at epochs 150,
 180 and 210; random crop (4-pixel padding) and horizontal flip; T = 4. ``kd`` is
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 
-from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_arguments, run_cifar_kd
+from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_arguments, check_cifar, run_cifar_kd
 
 NAME = "benchmark-cifar100"
-HELP = "the community benchmark on CIFAR-100: KD, FitNet, AT, ... for its teacher/student pairs (EXPERIMENTS.md 5)"
+HELP = "the community benchmark on CIFAR-100: KD, FitNet, AT, ... for its teacher/student pairs"
 
 DEFAULTS = CifarDefaults(
     teacher="resnet32x4",
@@ -61,6 +61,10 @@ PUBLISHED = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cifar_arguments(p, DEFAULTS)
+
+
+def check(args: argparse.Namespace) -> None:
+    check_cifar(args, NAME)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""``blog-cifar10``: the KD tutorial blog's ResNet-50 -> ResNet-18 on CIFAR-10 (EXPERIMENTS.md section 4).
+"""``blog-cifar10``: a public KD tutorial blog's ResNet-50 -> ResNet-18 on CIFAR-10 (Hinton et al., 2015).
 
 SGD (lr 0.01, momentum 0.9, weight decay 5e-4), cosine annealing over 10 epochs, batch 128;
 random crop (4-pixel padding), horizontal flip, ``Normalize((0.4914, 0.4822, 0.4465), (0.2023,
@@ -38,16 +38,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kdloss
+from reference_trainers import models
 from reference_trainers.engine import DistillStep, RunResult, RunSpec, atomic_write_bytes, setup, train_run
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import AttentionStep, CEStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import build_model, feature_shapes, load_torchvision_weights, num_parameters
-from reference_trainers.recipes.common import config_from_args, finish, load_splits, run_data
+from reference_trainers.recipes.common import (
+    check_data_arguments,
+    config_from_args,
+    existing_path,
+    finish,
+    load_splits,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    run_data,
+    unit_float,
+)
 
 NAME = "blog-cifar10"
-HELP = (
-    "the KD blog's ResNet-50 -> ResNet-18 on CIFAR-10: KD, features, AT, self-distillation, export (EXPERIMENTS.md 4)"
-)
+HELP = "the KD blog's ResNet-50 -> ResNet-18 on CIFAR-10: KD, features, AT, self-distillation, export"
 METHODS = ("student-ce", "kd", "feature", "at", "self-distill")
 BLOG_MEAN = (0.4914, 0.4822, 0.4465)
 BLOG_STD = (0.2023, 0.1994, 0.2010)
@@ -97,20 +107,60 @@ class SelfDistillStep(DistillStep):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faithful", action="store_true", help="the source's ImageNet-headed, not fine-tuned teacher")
     p.add_argument(
-        "--method", "--methods", dest="methods", default=",".join(METHODS), help=f"among {','.join(METHODS)}"
+        "--method",
+        "--methods",
+        dest="methods",
+        default=",".join(METHODS),
+        help="comma-separated methods among %(default)s (default: all of them)",
     )
-    p.add_argument("--teacher", default="tv_resnet50_cifar", help="teacher model (tv_resnet50_cifar)")
-    p.add_argument("--student", default="tv_resnet18_cifar", help="student model (tv_resnet18_cifar)")
-    p.add_argument("--imagenet-weights", type=Path, default=None, help="directory or file of torchvision weights")
+    p.add_argument(
+        "--teacher", default="tv_resnet50_cifar", metavar="MODEL", help="teacher model (default: %(default)s)"
+    )
+    p.add_argument(
+        "--student", default="tv_resnet18_cifar", metavar="MODEL", help="student model (default: %(default)s)"
+    )
+    p.add_argument(
+        "--imagenet-weights", type=existing_path, default=None, help="directory or file of torchvision weights"
+    )
     p.add_argument("--pretrained-student", action="store_true", help="start the student from ImageNet weights too")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher fine-tuning epochs (default: --epochs)")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (0.01)")
-    p.add_argument("--temperature", type=float, default=3.0, help="T (3)")
-    p.add_argument("--alpha", type=float, default=0.1, help="CE weight; the KL gets 1 - alpha (0.1)")
-    p.add_argument("--at-beta", type=float, default=1000.0, help="attention-transfer beta (1000)")
-    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature MSE (1)")
-    p.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 forwards per model (50)")
-    p.set_defaults(epochs=None, batch_size=128)
+    p.add_argument(
+        "--teacher-epochs", type=positive_int, default=None, help="teacher fine-tuning epochs (default: --epochs)"
+    )
+    p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (default: %(default)s)")
+    p.add_argument("--temperature", type=positive_float, default=3.0, help="T (default: %(default)s)")
+    p.add_argument(
+        "--alpha", type=unit_float, default=0.1, help="CE weight; the KL gets 1 - alpha (default: %(default)s)"
+    )
+    p.add_argument(
+        "--at-beta", type=nonnegative_float, default=1000.0, help="attention-transfer beta (default: %(default)s)"
+    )
+    p.add_argument(
+        "--feature-weight", type=nonnegative_float, default=1.0, help="weight of the feature MSE (default: %(default)s)"
+    )
+    p.add_argument(
+        "--latency-runs", type=positive_int, default=50, help="timed batch-1 forwards per model (default: %(default)s)"
+    )
+    p.set_defaults(epochs=10, batch_size=128, val_size=5000)
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    return [m.strip() for m in args.methods.split(",") if m.strip()]
+
+
+def check(args: argparse.Namespace) -> None:
+    """The recipe's options, before anything runs: methods, the data (the full CIFAR-10 unless
+    ``--dataset embedded`` or ``--smoke``)."""
+    methods = _methods(args)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise TrainerError(f"unknown method(s) {unknown} in --method; choose from {', '.join(METHODS)}")
+    for option, name in (("--teacher", args.teacher), ("--student", args.student)):
+        model = name.removesuffix("_cifar") if args.faithful else name
+        if model not in models.MODEL_NAMES:
+            raise TrainerError(
+                f"{option} {model!r} is not a registered model; choose one of {', '.join(models.MODEL_NAMES)}"
+            )
+    check_data_arguments(args, NAME, full_data=True)
 
 
 def _imagenet(model: nn.Module, name: str, where: Path | None, ctx: Any) -> bool:
@@ -180,14 +230,11 @@ def export_and_compare(
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise TrainerError(f"unknown method(s) {unknown} in --method; choose from {', '.join(METHODS)}")
-    epochs = args.epochs or (1 if args.smoke else 10)
+    methods = _methods(args)
+    epochs = args.epochs
     t_epochs = args.teacher_epochs or epochs
     ctx = setup(config_from_args(args, NAME))
-    splits = load_splits(args, ctx, default_val=5000)
+    splits = load_splits(args, ctx)
     n = splits.num_classes
     teacher_name = args.teacher.removesuffix("_cifar") if args.faithful else args.teacher
     student_name = args.student.removesuffix("_cifar") if args.faithful else args.student

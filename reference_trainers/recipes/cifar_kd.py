@@ -34,10 +34,27 @@ from reference_trainers.errors import CheckpointError, TrainerError
 from reference_trainers.methods import CEStep
 from reference_trainers.models import MODEL_NAMES, build_model
 from reference_trainers.recipes.cifar_methods import METHODS, MethodSetup, get_method
-from reference_trainers.recipes.common import config_from_args, finish, load_splits, run_data
+from reference_trainers.recipes.common import (
+    check_data_arguments,
+    config_from_args,
+    existing_file,
+    finish,
+    load_splits,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    run_data,
+)
 from reference_trainers.recipes.method_crd import add_crd_arguments, crd_options  # also registers crd, takd
 
-__all__ = ["CifarDefaults", "add_cifar_arguments", "load_teacher_weights", "run_cifar_kd", "write_comparison"]
+__all__ = [
+    "CifarDefaults",
+    "add_cifar_arguments",
+    "check_cifar",
+    "load_teacher_weights",
+    "run_cifar_kd",
+    "write_comparison",
+]
 
 
 @dataclass(frozen=True)
@@ -65,32 +82,81 @@ def _csv(s: str) -> list[str]:
 
 
 def add_cifar_arguments(p: argparse.ArgumentParser, d: CifarDefaults) -> None:
-    """The options of a CIFAR distillation recipe, with ``d``'s defaults."""
+    """The options of a CIFAR distillation recipe, with ``d``'s defaults (shown by ``--help``)."""
     g = p.add_argument_group("distillation")
-    g.add_argument("--teacher", default=d.teacher, choices=MODEL_NAMES, metavar="MODEL", help=f"teacher ({d.teacher})")
-    g.add_argument("--student", default=d.student, choices=MODEL_NAMES, metavar="MODEL", help=f"student ({d.student})")
+    g.add_argument(
+        "--teacher", default=d.teacher, choices=MODEL_NAMES, metavar="MODEL", help="teacher (default: %(default)s)"
+    )
+    g.add_argument(
+        "--student", default=d.student, choices=MODEL_NAMES, metavar="MODEL", help="student (default: %(default)s)"
+    )
     g.add_argument(
         "--method",
         "--methods",
         dest="methods",
         type=_csv,
-        default=list(d.methods),
-        help=f"comma-separated methods among {', '.join(METHODS)} (default {','.join(d.methods)})",
+        default=",".join(d.methods),
+        help=f"comma-separated methods among {', '.join(METHODS)} (default: {','.join(d.methods)})",
     )
-    g.add_argument("--teacher-checkpoint", type=Path, default=None, help="teacher weights (skip teacher training)")
-    g.add_argument("--teacher-epochs", type=int, default=None, help="epochs of teacher training (default: --epochs)")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate ({d.lr})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"({d.weight_decay})")
-    g.add_argument("--temperature", type=float, default=d.temperature, help=f"KD temperature ({d.temperature})")
-    g.add_argument("--ce-weight", type=float, default=d.ce_weight, help=f"CE weight of kd ({d.ce_weight})")
-    g.add_argument("--kd-weight", type=float, default=d.kd_weight, help=f"KL weight of kd ({d.kd_weight})")
-    g.add_argument("--hint-weight", type=float, default=100.0, help="fitnet's hint weight (100, the benchmark's)")
-    g.add_argument("--at-beta", type=float, default=1000.0, help="at's beta (1000)")
-    g.add_argument("--fitnet-stage1-epochs", type=int, default=40, help="fitnet2's hint pre-training epochs (40)")
-    g.add_argument("--init-epochs", type=int, default=30, help="ab/fsp init and ft paraphraser epochs (30)")
-    g.add_argument("--head-epochs", type=int, default=20, help="dih's head fine-tuning epochs (20, Adam 1e-3)")
+    g.add_argument(
+        "--teacher-checkpoint", type=existing_file, default=None, help="teacher weights (skip teacher training)"
+    )
+    g.add_argument(
+        "--teacher-epochs", type=positive_int, default=None, help="epochs of teacher training (default: --epochs)"
+    )
+    g.add_argument("--lr", type=positive_float, default=d.lr, help="SGD learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay, help="(default: %(default)s)")
+    g.add_argument(
+        "--temperature", type=positive_float, default=d.temperature, help="KD temperature (default: %(default)s)"
+    )
+    g.add_argument(
+        "--ce-weight", type=nonnegative_float, default=d.ce_weight, help="CE weight of kd (default: %(default)s)"
+    )
+    g.add_argument(
+        "--kd-weight", type=nonnegative_float, default=d.kd_weight, help="KL weight of kd (default: %(default)s)"
+    )
+    g.add_argument(
+        "--hint-weight",
+        type=nonnegative_float,
+        default=100.0,
+        help="fitnet's hint weight, the benchmark's (default: %(default)s)",
+    )
+    g.add_argument("--at-beta", type=nonnegative_float, default=1000.0, help="at's beta (default: %(default)s)")
+    g.add_argument(
+        "--fitnet-stage1-epochs",
+        type=positive_int,
+        default=40,
+        help="fitnet2's hint pre-training epochs (default: %(default)s)",
+    )
+    g.add_argument(
+        "--init-epochs",
+        type=positive_int,
+        default=30,
+        help="ab/fsp init and ft paraphraser epochs (default: %(default)s)",
+    )
+    g.add_argument(
+        "--head-epochs",
+        type=positive_int,
+        default=20,
+        help="dih's head fine-tuning epochs, Adam 1e-3 (default: %(default)s)",
+    )
     add_crd_arguments(p)
-    p.set_defaults(epochs=None, batch_size=d.batch_size, seeds=list(d.seeds), dataset=d.dataset)
+    p.set_defaults(
+        epochs=d.epochs, batch_size=d.batch_size, seeds=",".join(map(str, d.seeds)), dataset=d.dataset, val_size=5000
+    )
+
+
+def check_cifar(args: argparse.Namespace, recipe: str) -> None:
+    """The options of a CIFAR recipe, before anything runs: every method known and available, what
+    they need (``takd``: ``--ta``), and the data options (``--smoke`` without ``--data-root`` runs on
+    the embedded subset, and says so)."""
+    if not args.methods:
+        raise TrainerError("--method needs at least one method")
+    for m in args.methods:
+        get_method(m)  # an unknown or unavailable method: a TrainerError naming the available ones
+    if "takd" in args.methods and not args.ta:
+        raise TrainerError("method 'takd' needs a teacher assistant: pass --ta MODEL (e.g. --ta resnet20)")
+    check_data_arguments(args, recipe)
 
 
 def load_teacher_weights(model: nn.Module, path: Path) -> None:
@@ -133,7 +199,9 @@ def write_comparison(path: Path, results: Sequence[RunResult], published: dict[s
         def pct(key: str, row: dict[str, Any] | None = ours) -> str:
             if row is None or row[f"{key}_mean"] is None:
                 return "not run"
-            return f"{100 * row[f'{key}_mean']:.2f} ± {100 * (row[f'{key}_sd'] or 0.0):.2f} (n={row['n']})"
+            sd = row[f"{key}_sd"]
+            spread = "" if sd is None else f" ± {100 * sd:.2f}"  # one seed has no spread to show
+            return f"{100 * row[f'{key}_mean']:.2f}{spread} (n={row['n']})"
 
         lines.append(f"| {method} | {value:.2f} | {pct('test_selected')} | {pct('test_last')} |")
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
@@ -164,16 +232,10 @@ def _scaled(milestones: Sequence[int], epochs: int, default_epochs: int) -> list
 
 def run_cifar_kd(args: argparse.Namespace, recipe: str, d: CifarDefaults, meta: dict[str, Any]) -> int:
     """Train the teacher (or load it) and every (method, seed) student; write the reports."""
-    for m in args.methods:
-        get_method(m)  # fail before any training on an unknown or unavailable method
-    if not args.methods:
-        raise TrainerError("--method needs at least one method")
-    epochs = args.epochs or (1 if args.smoke else d.epochs)
+    epochs = args.epochs
     t_epochs = args.teacher_epochs or epochs
-    if args.smoke and args.data_root is None and args.dataset in ("cifar10", "cifar100"):
-        args.dataset = "embedded"  # a smoke run needs no download: the embedded CIFAR-10 subset
     ctx = setup(config_from_args(args, recipe))
-    splits = load_splits(args, ctx, default_val=5000)
+    splits = load_splits(args, ctx)
     n = splits.num_classes
     mean, std = (CIFAR100_MEAN, CIFAR100_STD) if n == 100 else (CIFAR10_MEAN, CIFAR10_STD)
     milestones = _scaled(d.milestones, epochs, d.epochs)

@@ -6,7 +6,8 @@ KD hyper-parameters, and a callback to train extra phases) into a :class:`Built`
 :class:`~reference_trainers.engine.DistillStep`) and the teacher side it reads. Select them by
 name (``--method kd,fitnet,at``); add one with :func:`register_method`.
 
-Built in (defaults of the community benchmark, CRD / RepDistiller, EXPERIMENTS.md section 5):
+Built in (defaults of the community CIFAR-100 benchmark: RepDistiller, the code of Tian, Krishnan &
+Isola's CRD paper, ICLR 2020):
 
 ==========  ===================================================================================
 ``ce``      the student alone, cross-entropy (no teacher)

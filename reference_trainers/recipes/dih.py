@@ -1,4 +1,4 @@
-"""``dih``: intermediate-classifier distillation and its baselines (EXPERIMENTS.md section 3).
+"""``dih``: intermediate-classifier distillation and its baselines (Asadian et al., DIH, 2021).
 
 The authors' README setting: teacher resnet110, student resnet8, SGD (lr 0.1, momentum 0.9,
 weight decay 5e-4), batch 64, 200 epochs, lr x0.1 at epochs 60, 120 and 180, T = 5,
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 
-from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_arguments, run_cifar_kd
+from reference_trainers.recipes.cifar_kd import CifarDefaults, add_cifar_arguments, check_cifar, run_cifar_kd
 
 NAME = "dih"
-HELP = (
-    "DIH's setting (resnet110 -> resnet8, T 5, alpha 0.1): KD, two-stage FitNets, AT, the DIH cohort (EXPERIMENTS.md 3)"
-)
+HELP = "DIH's setting (resnet110 -> resnet8, T 5, alpha 0.1): KD, two-stage FitNets, AT, the DIH cohort"
 
 DEFAULTS = CifarDefaults(
     teacher="resnet110",
@@ -59,6 +57,10 @@ HEADS_PER_TEACHER = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cifar_arguments(p, DEFAULTS)
+
+
+def check(args: argparse.Namespace) -> None:
+    check_cifar(args, NAME)
 
 
 def run(args: argparse.Namespace) -> int:

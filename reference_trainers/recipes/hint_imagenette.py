@@ -1,4 +1,4 @@
-"""``hint-imagenette``: FitNets-style hints, ResNet-50 -> ResNet-18 on Imagenette (EXPERIMENTS.md section 2).
+"""``hint-imagenette``: FitNets-style hints (Romero et al., ICLR 2015), ResNet-50 -> ResNet-18 on Imagenette.
 
 Data: an Imagenette tree (``--data-root`` with ``train/`` and ``val/`` ImageFolders, e.g.
 ``imagenette2-320``), read by a multi-worker DataLoader (``--workers``, default 4; ``--decode``
@@ -31,6 +31,7 @@ from ``train/`` (``--val-size``, default min(500, 10 %)), next to the last epoch
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,33 @@ import torch
 from torch import Tensor, nn
 
 import kdloss
-from reference_trainers.data import IMAGENET_MEAN, IMAGENET_STD, FolderBatches, TensorAugment, split_indices
+from reference_trainers.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FolderBatches,
+    TensorAugment,
+    count_images,
+    find_unreadable_images,
+    split_indices,
+)
 from reference_trainers.engine import DistillStep, RunData, RunResult, RunSpec, setup, train_run
 from reference_trainers.errors import DataError, TrainerError
 from reference_trainers.methods import CEStep, HintStep, TeacherOutputs
-from reference_trainers.models import build_model, load_torchvision_weights
-from reference_trainers.recipes.common import add_decode_argument, config_from_args, finish
+from reference_trainers.models import build_model, find_torchvision_weights, load_torchvision_weights
+from reference_trainers.recipes.common import (
+    add_decode_argument,
+    config_from_args,
+    describe_default,
+    existing_path,
+    finish,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    unit_float,
+)
 
 NAME = "hint-imagenette"
-HELP = "FitNets-style hint ResNet-50 -> ResNet-18 on Imagenette, --faithful or corrected (EXPERIMENTS.md 2)"
+HELP = "FitNets-style hint ResNet-50 -> ResNet-18 on Imagenette, --faithful or corrected"
 IMAGENETTE_SHAPE = {"train": 9469, "val": 3925, "classes": 10, "short_side": 320}
 
 
@@ -112,31 +131,103 @@ def make_synthetic_imagefolder(
     return root
 
 
+def default_workers() -> int:
+    """The DataLoader workers without ``--workers``: 4 (the source's), at most the usable cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faithful", action="store_true", help="the source's behaviour, mistakes included")
-    p.add_argument("--synthetic", action="store_true", help="generate and use a synthetic Imagenette-shaped tree")
-    p.add_argument("--imagenet-weights", type=Path, default=None, help="directory of torchvision resnet weights")
+    p.add_argument(
+        "--synthetic", action="store_true", help="generate and use a synthetic Imagenette-shaped tree (no --data-root)"
+    )
+    p.add_argument(
+        "--imagenet-weights", type=existing_path, default=None, help="directory of torchvision resnet weights"
+    )
     p.add_argument("--random-init", action="store_true", help="run without ImageNet weights (timing, smoke)")
-    p.add_argument("--teacher-epochs", type=int, default=2, help="teacher fine-tuning epochs (corrected mode)")
-    p.add_argument("--image-size", type=int, default=224, help="crop size (224)")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (0.01)")
-    p.add_argument("--temperature", type=float, default=3.0, help="T (3)")
-    p.add_argument("--alpha", type=float, default=0.5, help="KL weight; CE gets 1 - alpha (0.5)")
-    p.add_argument("--beta", type=float, default=0.5, help="hint MSE weight (0.5)")
+    p.add_argument(
+        "--teacher-epochs",
+        type=positive_int,
+        default=2,
+        help="teacher fine-tuning epochs, corrected mode (default: %(default)s)",
+    )
+    p.add_argument("--image-size", type=positive_int, default=224, help="crop size (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (default: %(default)s)")
+    p.add_argument("--temperature", type=positive_float, default=3.0, help="T (default: %(default)s)")
+    p.add_argument("--alpha", type=unit_float, default=0.5, help="KL weight; CE gets 1 - alpha (default: %(default)s)")
+    p.add_argument("--beta", type=nonnegative_float, default=0.5, help="hint MSE weight (default: %(default)s)")
     add_decode_argument(p)
-    p.set_defaults(epochs=None, batch_size=32, workers=4, dataset="imagefolder")
+    p.set_defaults(epochs=5, batch_size=32, workers=default_workers(), dataset="imagefolder")
+    describe_default(p, "--val-size", "images of train/ held out for validation (default: min(500, 10 %% of train/))")
+
+
+def _weights_file(name: str, args: argparse.Namespace) -> Path | None:
+    """The file ``--imagenet-weights`` names for ``name`` (a ``<arch>-*.pth`` in a directory), or None."""
+    if args.imagenet_weights is None:
+        return None
+    where = Path(args.imagenet_weights)
+    if where.is_dir():
+        base = name.removeprefix("tv_")
+        found = sorted(where.glob(f"{base}-*.pth"))
+        if not found:
+            raise TrainerError(f"--imagenet-weights {str(where)!r} holds no {base}-*.pth file (torchvision's name)")
+        return found[0]
+    return where
+
+
+def check(args: argparse.Namespace) -> None:
+    """The recipe's options, before anything runs: where the images come from (no option of the
+    tensor data sets, which this DataLoader recipe does not use), the ImageNet weights, the
+    validation size against the training images."""
+    if args.dataset != "imagefolder":
+        raise TrainerError(
+            f"hint-imagenette reads an ImageFolder tree (--data-root or --synthetic); got --dataset {args.dataset}"
+        )
+    for flag, value in (
+        ("--download", args.download),
+        ("--train-subset", args.train_subset),
+        ("--test-subset", args.test_subset),
+    ):
+        if value:
+            raise TrainerError(f"hint-imagenette does not use {flag} (it reads the whole Imagenette tree)")
+    if args.synthetic and args.data_root is not None:
+        raise TrainerError("pass --data-root (a real tree) or --synthetic (a generated one), not both")
+    if not args.synthetic:
+        if args.data_root is None:
+            raise DataError(
+                "hint-imagenette needs --data-root (an Imagenette tree with train/ and val/) or --synthetic"
+            )
+        root = Path(args.data_root)
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise DataError(f"data root {str(root)!r} must contain {split}/ (Imagenette's layout)")
+        bad = find_unreadable_images(root)  # the first bytes of every file: up front, not mid-epoch
+        if bad:
+            shown = "; ".join(f"{str(path)!r}: {why}" for path, why in bad[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise DataError(
+                f"{len(bad)} file(s) under {str(root)!r} are not readable images: {shown}{more}; remove or replace them"
+            )
+    if args.faithful and args.val_size is not None:
+        raise TrainerError("--faithful keeps the source's last-epoch model: it takes no --val-size")
+    if not args.random_init:
+        for name in ("tv_resnet50", "tv_resnet18"):
+            try:
+                find_torchvision_weights(name, _weights_file(name, args))
+            except FileNotFoundError as e:
+                raise TrainerError(f"{e}. Pass --imagenet-weights DIR, or --random-init to run without them") from e
+    if args.val_size is not None and not args.synthetic and not args.smoke:
+        n = count_images(Path(args.data_root) / "train")
+        if args.val_size >= n:
+            raise TrainerError(f"--val-size {args.val_size} must be smaller than the {n:,} images of train/")
 
 
 def _weights(model: nn.Module, name: str, args: argparse.Namespace, ctx: Any) -> None:
     if args.random_init:
         return
-    path = None
-    if args.imagenet_weights is not None:
-        base = name.removeprefix("tv_")
-        found = sorted(Path(args.imagenet_weights).glob(f"{base}-*.pth")) if args.imagenet_weights.is_dir() else []
-        path = found[0] if found else args.imagenet_weights
     try:
-        load_torchvision_weights(model, name, path)
+        load_torchvision_weights(model, name, _weights_file(name, args))
     except (FileNotFoundError, ValueError) as e:
         raise TrainerError(f"{e}. Pass --imagenet-weights DIR, or --random-init to run without them") from e
     ctx.log(f"{name}: ImageNet weights loaded")
@@ -164,7 +255,7 @@ class _FixedProjection(nn.Module):
 
 
 def run(args: argparse.Namespace) -> int:
-    epochs = args.epochs or (1 if args.smoke else 5)
+    epochs = args.epochs
     ctx = setup(config_from_args(args, NAME))
     if args.synthetic:
         counts = (24, 12, 40) if args.smoke else (IMAGENETTE_SHAPE["train"], IMAGENETTE_SHAPE["val"], 320)
@@ -172,13 +263,8 @@ def run(args: argparse.Namespace) -> int:
             Path(ctx.config.out_dir) / "synthetic", n_train=counts[0], n_val=counts[1], short_side=counts[2]
         )
         ctx.log(f"synthetic Imagenette-shaped tree at {root}")
-    elif args.data_root is None:
-        raise DataError("hint-imagenette needs --data-root (an Imagenette tree with train/ and val/) or --synthetic")
     else:
         root = Path(args.data_root)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"data root {str(root)!r} must contain {split}/ (Imagenette's layout)")
     size = min(args.image_size, 32) if args.smoke else args.image_size
     train_tf, val_tf = _transforms(size)
     val_src = FolderBatches(
@@ -202,7 +288,10 @@ def run(args: argparse.Namespace) -> int:
     val_size = 0 if args.faithful else (args.val_size if args.val_size is not None else min(500, n_train // 10))
     if args.smoke and not args.faithful:
         val_size = min(max(val_size, 1), 4)
-    train_idx, held_idx = split_indices(n_train, val_size)
+    try:
+        train_idx, held_idx = split_indices(n_train, val_size)
+    except ValueError as e:
+        raise DataError(f"--val-size: {e}") from None
     held = None
     if val_size:
         held = FolderBatches(

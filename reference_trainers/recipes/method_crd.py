@@ -50,6 +50,7 @@ from reference_trainers.errors import TrainerError
 from reference_trainers.methods import KDStep, TeacherOutputs
 from reference_trainers.models import MODEL_NAMES, build_model, feature_shapes, model_spec
 from reference_trainers.recipes.cifar_methods import Built, MethodEntry, MethodSetup, register_method
+from reference_trainers.recipes.common import nonnegative_float, positive_float, positive_int, unit_float
 
 __all__ = ["CRD_PRESETS", "CRDStep", "add_crd_arguments", "crd_options"]
 
@@ -235,21 +236,30 @@ def _make_takd(setup: MethodSetup) -> Built:
 def add_crd_arguments(p: argparse.ArgumentParser) -> None:
     """The ``crd`` and ``takd`` options of the CIFAR recipes."""
     g = p.add_argument_group("crd / takd")
-    g.add_argument("--crd-weight", type=float, default=None, help="CRD weight beta (benchmark 0.8, dih 0.03)")
-    g.add_argument("--crd-ce-weight", type=float, default=None, help="crd's CE weight (benchmark 1, dih --ce-weight)")
-    g.add_argument("--crd-kd-weight", type=float, default=None, help="crd's KD weight (benchmark 0, dih --kd-weight)")
-    g.add_argument("--crd-feat-dim", type=int, default=128, help="CRD embedding width (128)")
-    g.add_argument("--crd-nce-k", type=int, default=16384, help="CRD negatives per sample (16384)")
-    g.add_argument("--crd-nce-t", type=float, default=0.07, help="CRD temperature (0.07)")
-    g.add_argument("--crd-nce-m", type=float, default=0.5, help="CRD bank momentum (0.5)")
+    g.add_argument(
+        "--crd-weight", type=nonnegative_float, default=None, help="CRD weight beta (benchmark 0.8, dih 0.03)"
+    )
+    g.add_argument(
+        "--crd-ce-weight", type=nonnegative_float, default=None, help="crd's CE weight (benchmark 1, dih --ce-weight)"
+    )
+    g.add_argument(
+        "--crd-kd-weight", type=nonnegative_float, default=None, help="crd's KD weight (benchmark 0, dih --kd-weight)"
+    )
+    g.add_argument("--crd-feat-dim", type=positive_int, default=128, help="CRD embedding width (default: %(default)s)")
+    g.add_argument(
+        "--crd-nce-k", type=positive_int, default=16384, help="CRD negatives per sample (default: %(default)s)"
+    )
+    g.add_argument("--crd-nce-t", type=positive_float, default=0.07, help="CRD temperature (default: %(default)s)")
+    g.add_argument("--crd-nce-m", type=unit_float, default=0.5, help="CRD bank momentum (default: %(default)s)")
     g.add_argument(
         "--crd-negatives",
         default="class",
         choices=("class", "uniform"),
-        help="CRD negatives: other classes, RepDistiller's 'exact' (class), or the whole bank (uniform)",
+        help="CRD negatives: other classes, RepDistiller's 'exact' (class), or the whole bank (uniform) "
+        "(default: %(default)s)",
     )
     g.add_argument("--ta", default=None, choices=MODEL_NAMES, metavar="MODEL", help="takd's teacher assistant")
-    g.add_argument("--ta-epochs", type=int, default=None, help="takd's assistant epochs (default: --epochs)")
+    g.add_argument("--ta-epochs", type=positive_int, default=None, help="takd's assistant epochs (default: --epochs)")
 
 
 def crd_options(args: argparse.Namespace, recipe: str, *, train: Any, epochs: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``tutorial-cifar10``: the PyTorch KD tutorial's five phases (EXPERIMENTS.md section 1).
+"""``tutorial-cifar10``: the five phases of PyTorch's "Knowledge Distillation Tutorial" (pytorch.org).
 
 Per seed (``--seeds 42,0,1``): (1) ``teacher``: DeepNN with cross-entropy; then LightNN
 students, each built right after ``torch.manual_seed(seed)`` so all start from the same weights:
@@ -30,22 +30,46 @@ from reference_trainers.engine import DistillStep, RunResult, RunSpec, setup, tr
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import CEStep, CosineStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import DeepNN, LightNN
-from reference_trainers.recipes.common import config_from_args, finish, load_splits, run_data
+from reference_trainers.recipes.common import (
+    check_data_arguments,
+    config_from_args,
+    finish,
+    load_splits,
+    positive_float,
+    run_data,
+)
 
 NAME = "tutorial-cifar10"
-HELP = "the PyTorch KD tutorial's five phases, DeepNN -> LightNN on CIFAR-10 (EXPERIMENTS.md 1)"
+HELP = "the PyTorch KD tutorial's five phases, DeepNN -> LightNN on CIFAR-10"
 PHASES = ("teacher", "student-ce", "kd", "cosine", "regressor")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (all phases)")
-    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
+    p.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="Adam learning rate, all phases (default: %(default)s)"
+    )
+    p.add_argument("--temperature", type=positive_float, default=2.0, help="KD temperature (default: %(default)s)")
     p.add_argument(
         "--phases",
         default=",".join(PHASES),
-        help=f"comma-separated subset of {','.join(PHASES)} (the teacher is trained when a later phase needs it)",
+        help="comma-separated subset of %(default)s (the teacher is trained when a later phase needs it; "
+        "default: all of them)",
     )
-    p.set_defaults(epochs=10)
+    p.set_defaults(epochs=10, val_size=5000)
+
+
+def _phases(args: argparse.Namespace) -> list[str]:
+    return [x.strip() for x in args.phases.split(",") if x.strip()]
+
+
+def check(args: argparse.Namespace) -> None:
+    """The recipe's options, before anything runs: the phases and the data (the full CIFAR-10 unless
+    ``--dataset embedded`` or ``--smoke``)."""
+    phases = _phases(args)
+    unknown = [x for x in phases if x not in PHASES]
+    if unknown or not phases:
+        raise TrainerError(f"unknown phase(s) {unknown} in --phases; choose from {', '.join(PHASES)}")
+    check_data_arguments(args, NAME, full_data=True)
 
 
 def _trained(teacher: torch.nn.Module | None) -> torch.nn.Module:
@@ -56,12 +80,9 @@ def _trained(teacher: torch.nn.Module | None) -> torch.nn.Module:
 
 
 def run(args: argparse.Namespace) -> int:
-    phases = [x.strip() for x in args.phases.split(",") if x.strip()]
-    unknown = [x for x in phases if x not in PHASES]
-    if unknown or not phases:
-        raise TrainerError(f"unknown phase(s) {unknown} in --phases; choose from {', '.join(PHASES)}")
+    phases = _phases(args)
     ctx = setup(config_from_args(args, NAME))
-    splits = load_splits(args, ctx, default_val=5000)
+    splits = load_splits(args, ctx)
     n = splits.num_classes
     lr, epochs = args.lr, args.epochs
 
