@@ -35,6 +35,8 @@ __all__ = [
     "check_same_shape",
     "check_unit_interval",
     "compute_dtype",
+    "detached",
+    "in_dtype",
     "pair_up",
     "reduce_loss",
     "warn_if_swapped",
@@ -176,7 +178,8 @@ def check_class_labels(labels: object, logits: Tensor) -> Tensor:
     if t.device != logits.device:
         raise ValueError(f"labels must be on the logits' device {logits.device}, got {t.device}")
     if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(t.min()), int(t.max())
+        lo_t, hi_t = torch.aminmax(t)  # one pass for both bounds
+        lo, hi = int(lo_t), int(hi_t)
         if lo < 0 or hi >= classes:
             raise ValueError(f"labels must lie in [0, {classes}) (C = {classes}), got values in [{lo}, {hi}]")
     return t
@@ -237,10 +240,23 @@ def check_batch(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """The dtype a loss computes in: float32 for half, bfloat16 and float32 inputs, float64 if any is float64."""
-    dtype = torch.float32
+    # Plain Python on the dtypes: torch.promote_types is dispatched like an operator (host time on
+    # every call). Every input here is a floating-point tensor (checked before).
     for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def detached(t: Tensor) -> Tensor:
+    """``t.detach()`` where it matters: ``t`` itself when it does not require grad (``detach`` is a
+    dispatched operator, and a teacher's output usually comes from ``torch.no_grad``)."""
+    return t.detach() if t.requires_grad else t
+
+
+def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when ``t`` already has it."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def pair_up(

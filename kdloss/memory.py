@@ -412,11 +412,14 @@ class ContrastMemory(nn.Module):
             )
 
         if self.training:
-            with torch.no_grad():
+            with torch.no_grad():  # (no graph is built here: nothing needs detaching)
                 all_idx = self._all_gather(idx)
-                # (B, 2d): teacher then student embedding, the order of the banks below
-                emb = self._all_gather(torch.cat([teacher_embedding.detach(), student_embedding.detach()], 1).float())
-                finite = _finite_rows(emb)  # (B_all,): both embeddings of the sample are finite
+                # (B, 2, d): teacher then student embedding, the order of the banks below
+                emb = self._all_gather(torch.stack((teacher_embedding, student_embedding), 1))
+                # both embeddings of the sample finite: the sum of its (unit-norm, so bounded) entries is
+                # finite exactly when every entry is, and s - s == 0 exactly when s is finite
+                total = emb.sum((1, 2))
+                finite = total.sub_(total) == 0
                 n_bad = finite.numel() - finite.sum()
                 self.skipped_rows += n_bad
                 if self.validate and not self._warned_nonfinite:
@@ -424,11 +427,10 @@ class ContrastMemory(nn.Module):
                     self._unreported = (n_bad, finite.numel())
                 if not self._z_known:  # this rank's samples set Z (averaged over ranks)
                     local = finite if self._world() == 1 else _finite_rows(student_embedding, teacher_embedding)
-                    self._set_normalizers(ls.detach(), lt.detach(), local)
-                emb = emb.view(-1, 2, self.feat_dim).transpose(0, 1)  # (2, B_all, d)
+                    self._set_normalizers(ls, lt, local)
                 old = torch.stack([bank_teacher.index_select(0, all_idx), bank_student.index_select(0, all_idx)])
                 last = _last_occurrence(all_idx, finite)
-                rows = _momentum_rows(old.float(), emb, last, self.momentum, finite)
+                rows = _momentum_rows(old.float(), emb.transpose(0, 1), last, self.momentum, finite)
                 self._pending = (all_idx, rows)
                 if not self._saved_refs:  # no graph holds the banks (no grad, or eval of a no-grad step)
                     self.flush()
@@ -441,12 +443,21 @@ class ContrastMemory(nn.Module):
         are finite). Without such a sample (an empty batch, or only non-finite embeddings)
         ``Z`` stays unset, and so does ``_z_known``: the next step tries again.
         """
-        both = _normalizer_sums(ls, lt, finite)
-        world = self._world()
-        if world > 1:
-            dist.all_reduce(both, group=self.process_group)
-        # keep a Z that is already set (e.g. loaded from a checkpoint)
-        self.normalizers.copy_(torch.where(self.normalizers > 0, self.normalizers, _z_from_sums(both, ls, self.n_data)))
+        with torch.no_grad():
+            # exp(logits) times the finite mask: a sample finite in one view and not in the other
+            # gives 0 there, a NaN row of the view's own anchor NaN, which nansum leaves out
+            keep = finite.unsqueeze(1)
+            sums = torch.stack((torch.nansum(ls.float().exp() * keep), torch.nansum(lt.float().exp() * keep)))
+            count = finite.sum()
+            world = self._world()
+            if world > 1:
+                both = torch.cat((sums, count.float().unsqueeze(0)))
+                dist.all_reduce(both, group=self.process_group)
+                sums, count = both[:2], both[2]
+            # 0 / 0 (no finite sample) is NaN: unusable, Z stays -1 (a finite batch's Z is > 0)
+            z = torch.nan_to_num(sums.mul_(self.n_data / max(ls.shape[1], 1)).div_(count), nan=-1.0)
+            # keep a Z that is already set (e.g. loaded from a checkpoint)
+            self.normalizers.copy_(torch.where(self.normalizers > 0, self.normalizers, z))
         if ls.shape[0] == 0 and world == 1:
             return  # nothing to learn from: known on the host, no read needed
         if self.validate:
@@ -518,7 +529,7 @@ class ContrastMemory(nn.Module):
             return
         idx, rows = pending
         in_use = any(r() is not None for r in self._saved_refs)
-        for name, new_rows in (("bank_teacher", rows[0]), ("bank_student", rows[1])):
+        for name, new_rows in zip(("bank_teacher", "bank_student"), rows.unbind(0)):
             bank = self._bank(name)
             if in_use:
                 self._buffers[name] = bank.index_copy(0, idx, new_rows.to(bank.dtype))

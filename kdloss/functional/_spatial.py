@@ -14,14 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdloss._validate import compute_dtype
+from kdloss._validate import compute_dtype, in_dtype
 
-__all__ = ["common_size", "pool_pair", "pool_to", "spatial_energy"]
+__all__ = ["common_size", "pool_pair", "pool_to", "spatial_energy", "unit_rows"]
 
 
 def spatial_energy(feature: Tensor, p: float) -> Tensor:
     """Mean over channels of ``|f|^p``: ``(B, C, H, W) -> (B, H, W)`` in float32 or wider."""
-    a = feature.to(compute_dtype(feature)).abs()
+    dtype = compute_dtype(feature)
+    if p == 2:
+        # |f|^2 = f^2: no |f| pass forward, and a gradient of 2 f (not 2 |f| sign(f)) backward
+        return in_dtype(feature, dtype).square().mean(dim=1)
+    a = in_dtype(feature, dtype).abs()
     if p < 1:
         # d|f|^p/df = p |f|^(p-1) is infinite at f = 0 for p < 1 (and ReLU features are exactly 0
         # in many places): the gradient there would be inf * 0 = NaN. Take the subgradient 0.
@@ -57,3 +61,9 @@ def pool_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """``a`` and ``b`` average-pooled to :func:`common_size` (each unchanged if it already has it)."""
     size = common_size(a, b)
     return pool_to(a, size), pool_to(b, size)
+
+
+def unit_rows(x: Tensor, dim: int = 1) -> Tensor:
+    """``F.normalize(x, dim=dim)`` (``eps = 1e-12``), without its ``expand_as``: one operator fewer each way."""
+    out: Tensor = x / torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(1e-12)
+    return out

@@ -18,9 +18,11 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
+    detached,
     pair_up,
     reduce_loss,
 )
+from kdloss.functional._autograd import attention_p2
 from kdloss.functional._spatial import common_size, pool_pair, pool_to, spatial_energy
 
 __all__ = ["AttentionPool", "attention_loss", "attention_map"]
@@ -169,7 +171,7 @@ def attention_loss(
 
     if pool == "features":
         # Resize the feature maps themselves; from here on every pair has equal spatial sizes.
-        resized = [pool_pair(fs, ft.detach()) for fs, ft in zip(s_list, t_list)]
+        resized = [pool_pair(fs, detached(ft)) for fs, ft in zip(s_list, t_list)]
         s_list, t_list = [fs for fs, _ in resized], [ft for _, ft in resized]
 
     # The fused kernels handle pairs of equal spatial sizes only (attention_fusable checks): with
@@ -180,6 +182,10 @@ def attention_loss(
         )
         if rows is not None:
             return reduce_loss(rows, reduction, rows=rows.shape[0])
+
+    if p == 2 and all(fs.shape[-2:] == ft.shape[-2:] for fs, ft in zip(s_list, t_list)):
+        # one autograd.Function: one pass over each map forward, one over each student map backward
+        return attention_p2(s_list, t_list, beta=beta, reduction=reduction)
 
     per_pair: list[Tensor] = []
     for fs, ft in zip(s_list, t_list):

@@ -35,8 +35,11 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_unit_interval,
+    detached,
+    in_dtype,
     reduce_loss,
 )
+from kdloss.functional._spatial import unit_rows
 
 __all__ = [
     "ScoreMethod",
@@ -131,11 +134,11 @@ def crd_embed(features: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
         )
     if bias is not None:
         check_float("bias", bias)
-    if not torch.is_autocast_enabled(x.device.type):  # autocast casts both itself
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts both itself
         dtype = torch.promote_types(x.dtype, weight.dtype)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    return F.normalize(F.linear(x, weight, bias), dim=1)
+    return unit_rows(F.linear(x, weight, bias))
 
 
 def _resolve_method(method: str, rows: int, n_data: int) -> str:
@@ -280,8 +283,9 @@ def _score_views(
     with _autocast_off(anchors[0].device.type):
         for anchor, bank in zip(anchors, banks, strict=True):
             if path == "matmul":
-                full = torch.mm(anchor.float(), bank.float().t())  # (B, N)
-                out.append(full.gather(1, idx) / temperature)
+                # 1 / tau applied to the (B, d) anchor, not to the (B, K+1) scores (the same up to rounding)
+                full = torch.mm(anchor.float() / temperature, bank.float().t())  # (B, N)
+                out.append(full.gather(1, idx))
             else:
                 chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, anchor.shape[0] * anchor.shape[1]))
                 out.append(_GatherDot.apply(anchor, bank.detach(), idx, chunk) / temperature)
@@ -402,8 +406,14 @@ def _nce_rows(logits: Tensor, log_z: Tensor | float, n_data: int) -> Tensor:
     """Per-anchor NCE loss of ``(..., B, K+1)`` logits with ``log Z`` broadcastable to ``(..., B)``."""
     k = logits.shape[-1] - 1
     log_c = math.log(k / n_data)
-    log_p = logits.float() - (log_z.unsqueeze(-1) if isinstance(log_z, Tensor) else log_z)
-    return F.softplus(log_c - log_p[..., 0]) + F.softplus(log_p[..., 1:] - log_c).sum(dim=-1)
+    # x = log P - log c; softplus(-x_0) = softplus(x_0) - x_0, so the row's loss is
+    # sum_j softplus(x_j) - x_0: one softplus over the whole row
+    x = logits.float() - ((log_z + log_c).unsqueeze(-1) if isinstance(log_z, Tensor) else log_z + log_c)
+    return F.softplus(x).sum(dim=-1) - x[..., 0]
+
+
+# _last_occurrence compares all pairs of positions up to this batch size ((b, b) int64: 8 MiB at 1024)
+_PAIRWISE_MAX = 1024
 
 
 def _last_occurrence(indices: Tensor, finite: Tensor | None = None) -> Tensor:
@@ -415,6 +425,13 @@ def _last_occurrence(indices: Tensor, finite: Tensor | None = None) -> Tensor:
     b = indices.shape[0]
     if b == 0:
         return indices.new_zeros(0, dtype=torch.long)
+    if b <= _PAIRWISE_MAX:
+        # the key of position j: j, plus b where it is finite; among the positions holding the same
+        # index, the largest key is the last finite occurrence (else the last one). A (b, b) table:
+        # six operators, where the sort below takes fifteen.
+        pos = torch.arange(b, device=indices.device)
+        key = pos if finite is None else torch.add(pos, finite, alpha=b)
+        return ((indices.unsqueeze(1) == indices.unsqueeze(0)) * key).argmax(1)
     if finite is None:
         sorted_idx, perm = torch.sort(indices, stable=True)
     else:
@@ -496,9 +513,9 @@ def _check_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum: f
 
 def _finite_rows(*embeddings: Tensor) -> Tensor:
     """``(B,)`` bool: the rows whose entries are all finite in every one of the ``(B, d)`` tensors."""
-    ok = torch.isfinite(embeddings[0].detach()).all(dim=-1)
+    ok = torch.isfinite(detached(embeddings[0])).all(dim=-1)
     for e in embeddings[1:]:
-        ok = ok & torch.isfinite(e.detach()).all(dim=-1)
+        ok = ok & torch.isfinite(detached(e)).all(dim=-1)
     return ok
 
 
@@ -510,12 +527,12 @@ def _momentum_rows(
     With ``finite`` (``(B,)`` bool, indexed like the embeddings' rows), a row whose chosen
     embedding is not finite keeps ``old``.
     """
-    emb = embeddings.detach().float().index_select(-2, last)
+    emb = in_dtype(detached(embeddings), torch.float32).index_select(-2, last)
+    new = unit_rows(torch.lerp(emb, old, momentum), dim=-1)  # normalize(m old + (1 - m) emb)
     if finite is None:
-        return F.normalize(momentum * old + (1.0 - momentum) * emb, dim=-1)
+        return new
     keep = finite.index_select(0, last).unsqueeze(-1)  # (B, 1): the chosen embedding is finite
-    new = F.normalize(momentum * old + (1.0 - momentum) * torch.where(keep, emb, 0.0), dim=-1)
-    return torch.where(keep, new, old)
+    return torch.where(keep, new, old)  # (a non-finite row's NaN is not selected)
 
 
 def crd_memory_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentum: float = 0.5) -> Tensor:

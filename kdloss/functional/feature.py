@@ -26,10 +26,13 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     compute_dtype,
+    detached,
+    in_dtype,
     pair_up,
     reduce_loss,
 )
-from kdloss.functional._spatial import pool_pair, spatial_energy
+from kdloss.functional._autograd import ab_hinge, vid_reduced
+from kdloss.functional._spatial import pool_pair, spatial_energy, unit_rows
 
 __all__ = ["FTVariant", "ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
 
@@ -103,13 +106,34 @@ def vid_loss(
     check_reduction(reduction)
     # log of a variance <= 0 is NaN: checked where it is free (CPU, eager); on CUDA it would wait
     # for the device every step (VIDRegressor's softplus variance is positive by construction).
-    if variance.device.type == "cpu" and not torch.compiler.is_compiling() and bool((variance <= 0).any()):
-        raise ValueError(f"variance must be > 0 in every channel, got minimum {float(variance.min())}")
     dtype = compute_dtype(pred_mean, teacher_features, variance)
-    var = variance.to(dtype).view(1, channels, *([1] * (pred_mean.ndim - 2)))
-    diff = teacher_features.detach().to(dtype) - pred_mean.to(dtype)
-    nll = 0.5 * (diff.square() / var + var.log())
-    return reduce_loss(nll, reduction, rows=nll.shape[0], elements_per_row=math.prod(nll.shape[1:]))
+    mu, t, var = in_dtype(pred_mean, dtype), in_dtype(detached(teacher_features), dtype), in_dtype(variance, dtype)
+    if reduction == "none":
+        if variance.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_variance(variance)
+        v = var.view(1, channels, *([1] * (pred_mean.ndim - 2)))
+        return 0.5 * ((t - mu).square() / v + v.log())
+    numel = mu.numel()
+    factor = (
+        1.0 / max(numel, 1) if reduction == "mean" else 1.0 / max(mu.shape[0], 1) if reduction == "batchmean" else 1.0
+    )
+    loss = vid_reduced(mu, t, var, factor=factor)  # one autograd.Function: two passes forward, one backward
+    # a variance <= 0 makes log(var), and so the loss, NaN or -inf: read where it is free (CPU, eager)
+    if variance.device.type == "cpu" and not torch.compiler.is_compiling() and not math.isfinite(loss.item()):
+        _check_variance(variance)
+    return loss
+
+
+def _factor(reduction: str, x: Tensor) -> float:
+    """The factor of an element sum: ``1 / numel`` (``"mean"``), ``1 / B`` (``"batchmean"``) or 1 (``"sum"``)."""
+    if reduction == "mean":
+        return 1.0 / max(x.numel(), 1)
+    return 1.0 / max(x.shape[0], 1) if reduction == "batchmean" else 1.0
+
+
+def _check_variance(variance: Tensor) -> None:
+    if bool((variance <= 0).any()):
+        raise ValueError(f"variance must be > 0 in every channel, got minimum {float(variance.min())}")
 
 
 def ab_loss(
@@ -173,11 +197,15 @@ def ab_loss(
     )
     check_positive("margin", margin)
     check_reduction(reduction)
-    dtype = compute_dtype(student_preact, teacher_preact)
-    s = student_preact.to(dtype)
-    on = teacher_preact.detach() > 0
-    loss = torch.where(on, F.relu(margin - s), F.relu(margin + s)).square()
-    return reduce_loss(loss, reduction, rows=loss.shape[0], elements_per_row=math.prod(loss.shape[1:]))
+    s = in_dtype(student_preact, compute_dtype(student_preact, teacher_preact))
+    on = detached(teacher_preact) > 0
+    if reduction == "none":  # max(0, m - sigma s)^2 element by element, sigma = +1 where the teacher is on
+        return torch.where(on, -s, s).add(margin).clamp(min=0.0).square()
+    numel = s.numel()
+    factor = (
+        1.0 / max(numel, 1) if reduction == "mean" else 1.0 / max(s.shape[0], 1) if reduction == "batchmean" else 1.0
+    )
+    return ab_hinge(s, on, margin=margin, factor=factor)  # one autograd.Function, analytic backward
 
 
 def ft_loss(
@@ -279,8 +307,8 @@ def ft_loss(
             )
         _check_pair("student_factor", student_factor, "teacher_factor", teacher_factor, "the translator's output size")
         dtype = compute_dtype(student_factor, teacher_factor)
-        s = F.normalize(student_factor.to(dtype).flatten(1), dim=1)
-        t = F.normalize(teacher_factor.detach().to(dtype).flatten(1), dim=1)
+        s = unit_rows(in_dtype(student_factor, dtype).flatten(1))
+        t = unit_rows(in_dtype(detached(teacher_factor), dtype).flatten(1))
     else:
         exponent = 2.0 if factor_p is None else check_positive("factor_p", factor_p)
         check_float("student_factor", student_factor)
@@ -292,19 +320,18 @@ def ft_loss(
                     f"ft_loss(variant='repdistiller') needs {name} as a (B, K, H, W) map, got shape {tuple(f.shape)}"
                 )
         check_batch("student_factor", student_factor, "teacher_factor", teacher_factor)
-        fs, ft = pool_pair(student_factor, teacher_factor.detach())
-        dtype = compute_dtype(fs, ft)
-        s = F.normalize(spatial_energy(fs.to(dtype), exponent).flatten(1), dim=1)
-        t = F.normalize(spatial_energy(ft.to(dtype), exponent).flatten(1), dim=1)
+        fs, ft = pool_pair(student_factor, detached(teacher_factor))
+        s = unit_rows(spatial_energy(fs, exponent).flatten(1))
+        t = unit_rows(spatial_energy(ft, exponent).flatten(1))
     diff = t - s
-    if variant == "repdistiller":
-        per_sample = diff.abs().sum(dim=1) if p == 1 else diff.square().sum(dim=1)
-    elif p == 1:
-        per_sample = diff.abs().sum(dim=1)
+    # the L1 norm (sum |diff|), the L2 norm (its gradient at 0 is 0, by vector_norm's backward) or,
+    # for the RepDistiller variant with p = 2, the sum of squares
+    if p == 1:
+        per_sample = torch.linalg.vector_norm(diff, ord=1, dim=1)
+    elif variant == "repdistiller":
+        per_sample = diff.square().sum(dim=1)
     else:
-        sq = diff.square().sum(dim=1)
-        # sqrt with a finite gradient at 0 (identical factors)
-        per_sample = torch.where(sq > 0, sq.clamp(min=1e-30).sqrt(), 0.0)
+        per_sample = torch.linalg.vector_norm(diff, dim=1)
     return reduce_loss(per_sample, reduction, rows=per_sample.shape[0], elements_per_row=s.shape[1])
 
 
@@ -363,21 +390,28 @@ def hcl_loss(
         if fs.ndim != 4:
             raise ShapeError(f"{ns} must be a (B, C, H, W) feature map, got shape {tuple(fs.shape)}")
         dtype = compute_dtype(fs, ft)
-        s, t = fs.to(dtype), ft.detach().to(dtype)
+        s, t = in_dtype(fs, dtype), in_dtype(detached(ft), dtype)
         if s.numel() == 0:  # an empty batch: 0, not mse_loss's NaN
             terms.append(s.sum())
             continue
         loss = F.mse_loss(s, t)
         weight, weights = 1.0, 1.0
+        s_src, t_src = s, t  # the maps the next level is pooled from
         for level in levels:
             if level >= s.shape[-2]:
                 continue
             weight /= 2.0
-            loss = loss + weight * F.mse_loss(
-                F.adaptive_avg_pool2d(s, (level, level)), F.adaptive_avg_pool2d(t, (level, level))
-            )
+            # Pool from the previous level's map when its bins are unions of that map's (the map's
+            # size divides the full size, the level divides the map's): the same averages, from a
+            # map 4x or 16x smaller than the full one.
+            h, w = s_src.shape[-2:]
+            if not (s.shape[-2] % h == 0 and s.shape[-1] % w == 0 and h % level == 0 and w % level == 0):
+                s_src, t_src = s, t
+            ps, pt = F.adaptive_avg_pool2d(s_src, (level, level)), F.adaptive_avg_pool2d(t_src, (level, level))
+            loss = torch.add(loss, F.mse_loss(ps, pt), alpha=weight)
             weights += weight
-        terms.append(loss / weights)
+            s_src, t_src = ps, pt
+        terms.append(loss / weights if weights != 1.0 else loss)
     total = terms[0]
     for term in terms[1:]:
         total = total + term

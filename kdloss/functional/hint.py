@@ -14,6 +14,8 @@ from kdloss._validate import (
     check_same_device,
     check_same_shape,
     compute_dtype,
+    detached,
+    in_dtype,
     reduce_loss,
 )
 
@@ -29,7 +31,7 @@ def _pair(name_s: str, student: Tensor, name_t: str, teacher: Tensor) -> tuple[T
         if t.ndim < 2:
             raise ShapeError(f"{name} must have a batch and at least one feature dimension, got shape {tuple(t.shape)}")
     dtype = compute_dtype(student, teacher)
-    return student.to(dtype), teacher.detach().to(dtype)
+    return in_dtype(student, dtype), in_dtype(detached(teacher), dtype)
 
 
 def hint_loss(student_feature: Tensor, teacher_feature: Tensor, *, reduction: Reduction = "mean") -> Tensor:
@@ -75,11 +77,16 @@ def hint_loss(student_feature: Tensor, teacher_feature: Tensor, *, reduction: Re
         hint="map the student's feature to the teacher's shape with an adapter, "
         "e.g. kdloss.adapter_for(student_feature, teacher_feature)",
     )
-    per_elem = (s - t).square().flatten(1)
-    d = per_elem.shape[1]
+    if s.numel() == 0:  # an empty batch (or no features): 0, not mse_loss's NaN
+        zero = s.sum(tuple(range(1, s.ndim))) * 0.0
+        return zero if reduction == "none" else zero.sum()
+    # One fused ATen kernel each way (mse_loss and its backward), as nn.MSELoss.
+    if reduction == "mean":
+        return F.mse_loss(s, t)
     if reduction == "none":
-        return per_elem.sum(dim=1) / max(d, 1)
-    return reduce_loss(per_elem.sum(dim=1), reduction, rows=s.shape[0], elements_per_row=d)
+        return F.mse_loss(s, t, reduction="none").flatten(1).mean(1)
+    total = F.mse_loss(s, t, reduction="sum")
+    return total if reduction == "sum" else total / s.shape[0]
 
 
 def cosine_hidden_loss(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kdloss import kernels as _kernels
@@ -17,10 +16,9 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_unit_interval,
-    compute_dtype,
-    reduce_loss,
 )
-from kdloss.functional.kl import _check_row_tensor, _has_finite, soft_kl
+from kdloss.functional._autograd import kl_family
+from kdloss.functional.kl import _check_row_tensor
 
 __all__ = ["kd_ce_loss"]
 
@@ -127,12 +125,19 @@ def kd_ce_loss(
         _check_row_tensor("mask", mask, rows_shape, student_logits.device)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    # The label range is checked where reading it costs no device synchronisation or graph break
+    # (CPU, eager): one min/max; the exact check only when something lies outside [0, C).
+    plain_labels = False
     if labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}, got {labels[bad][0].item()}"
-            )
+        lo, hi = torch.aminmax(labels)
+        if int(lo) < 0 or int(hi) >= c:
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}, got {labels[bad][0].item()}"
+                )
+        else:  # every label is a class (none equals an ignore_index outside [0, C))
+            plain_labels = mask is None and not 0 <= ignore_index < c
     labels = labels.long()  # any integer dtype (int32, uint8...): cross_entropy and the kernel take int64
 
     if _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
@@ -155,29 +160,22 @@ def kd_ce_loss(
         if fused is not None:
             return fused
 
-    dtype = compute_dtype(student_logits, teacher_logits)
-    s = student_logits.to(dtype)
-    valid = _has_finite(student_logits) & _has_finite(teacher_logits) & (labels != ignore_index)
-    if mask is not None:
-        valid = valid & mask
+    # The eager path: one autograd.Function, forward and analytic backward (kdloss.functional._autograd).
     # alpha = 1 is pure KD and alpha = 0 pure CE: the other term is left out, not multiplied by 0
     # (0 * inf would be NaN for a label whose student logit is -inf).
-    terms: list[Tensor] = []
-    if alpha > 0.0:
-        kl = soft_kl(
-            student_logits,
-            teacher_logits,
-            temperature=temperature,
-            reduction="none",
-            mask=mask,
-            labels=labels,
-            ignore_index=ignore_index,
-        )
-        terms.append(alpha * kl)
-    if alpha < 1.0:
-        # Rows that do not count are zeroed before the CE so that neither value nor gradient is NaN.
-        s_safe = torch.where(valid.unsqueeze(-1), s, 0.0).reshape(-1, c)
-        ce = F.cross_entropy(s_safe, torch.where(valid, labels, 0).reshape(-1), reduction="none").reshape(rows_shape)
-        terms.append((1.0 - alpha) * torch.where(valid, ce, 0.0))
-    per_row = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    return reduce_loss(per_row, reduction, rows=valid.sum())
+    row_ok: Tensor | None = None
+    if not plain_labels:
+        row_ok = labels != ignore_index
+        if mask is not None:
+            row_ok = row_ok & mask
+    return kl_family(
+        student_logits,
+        teacher_logits,
+        temperature=temperature,
+        reduction=reduction,
+        row_ok=row_ok,
+        labels=labels,
+        kl_weight=alpha,
+        ce_weight=1.0 - alpha,
+        plain_labels=plain_labels,
+    )

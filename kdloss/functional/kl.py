@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -21,9 +20,9 @@ from kdloss._validate import (
     check_reduction,
     check_unit_interval,
     compute_dtype,
-    reduce_loss,
     warn_if_swapped,
 )
+from kdloss.functional._autograd import LOG_FLOOR, kl_family
 
 __all__ = ["Direction", "log_probs", "soft_kl"]
 
@@ -37,7 +36,7 @@ _DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
 # Log-probabilities are floored here so that a class with probability 0 in both distributions
 # (a -inf logit) contributes 0 * finite = 0 instead of 0 * (-inf - -inf) = NaN, in values and in
 # gradients. No finite float32 log-softmax output comes near it.
-_LOG_FLOOR = -1e30
+_LOG_FLOOR = LOG_FLOOR
 
 
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -218,33 +217,18 @@ def soft_kl(
         if fused is not None:
             return fused
 
-    dtype = compute_dtype(student_logits, teacher_logits)
-    s = student_logits.to(dtype)
-    t = teacher_logits.detach().to(dtype)
-
-    # Rows that count. A row with no finite logit has no distribution: it is zeroed before the
-    # log-softmax so that neither its value nor its gradient can become NaN.
-    valid = _has_finite(student_logits) & _has_finite(teacher_logits)
-    if mask is not None:
-        valid = valid & mask
+    # The eager path: one autograd.Function, forward and analytic backward (kdloss.functional._autograd).
+    # Rows that do not count: a False mask, an ignored label, no finite logit on either side.
+    row_ok = mask
     if labels is not None:
-        valid = valid & (labels != ignore_index)
-    keep = valid.unsqueeze(-1)
-    s = torch.where(keep, s, 0.0)
-    t = torch.where(keep, t, 0.0)
-
-    log_q = F.log_softmax(s / temperature, dim=-1).clamp(min=_LOG_FLOOR)
-    log_p = F.log_softmax(t / temperature, dim=-1).clamp(min=_LOG_FLOOR)
-
-    if direction == "forward":
-        per_row = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    elif direction == "reverse":
-        per_row = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
-    else:
-        log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
-        per_row = jsd_beta * (log_p.exp() * (log_p - log_m)).sum(dim=-1) + (1.0 - jsd_beta) * (
-            log_q.exp() * (log_q - log_m)
-        ).sum(dim=-1)
-
-    per_row = torch.where(valid, per_row, 0.0) * (temperature**2)
-    return reduce_loss(per_row, reduction, rows=valid.sum(), elements_per_row=student_logits.shape[-1])
+        kept = labels != ignore_index
+        row_ok = kept if row_ok is None else row_ok & kept
+    return kl_family(
+        student_logits,
+        teacher_logits,
+        temperature=temperature,
+        direction=direction,
+        beta=jsd_beta,
+        reduction=reduction,
+        row_ok=row_ok,
+    )

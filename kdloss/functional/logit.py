@@ -15,13 +15,12 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     compute_dtype,
-    reduce_loss,
+    detached,
+    in_dtype,
 )
+from kdloss.functional._autograd import dkd
 
 __all__ = ["dist_loss", "dkd_loss", "dkd_warmup_factor"]
-
-# as in kdloss.functional.kl: a floor for log-probabilities of -inf logits
-_LOG_FLOOR = -1e30
 
 
 def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, method: str) -> None:
@@ -136,45 +135,23 @@ def dkd_loss(
     """
     _check_logit_pair(student_logits, teacher_logits, "dkd_loss")
     check_class_labels(labels, student_logits)  # the range on CPU only: no synchronisation on CUDA
-    batch, classes = student_logits.shape
     check_positive("temperature", temperature)
     check_nonnegative("alpha", alpha)
     check_nonnegative("beta", beta)
     check_reduction(reduction)
     weight = dkd_warmup_factor(epoch, warmup_epochs)
 
-    dtype = compute_dtype(student_logits, teacher_logits)
-    s = student_logits.to(dtype) / temperature
-    t = teacher_logits.detach().to(dtype) / temperature
-    gt = labels.long().unsqueeze(1) == torch.arange(classes, device=labels.device)
-    idx = labels.long().unsqueeze(1)
-
-    def binary_and_rest(z: Tensor) -> tuple[Tensor, Tensor]:
-        lse = torch.logsumexp(z, dim=1, keepdim=True)
-        others = z.masked_fill(gt, float("-inf"))
-        log_b = torch.cat([z.gather(1, idx) - lse, torch.logsumexp(others, dim=1, keepdim=True) - lse], dim=1)
-        log_rest = torch.where(gt, 0.0, F.log_softmax(others, dim=1))
-        # -inf logits (masked classes): 0 * log 0 must give 0, not NaN (see soft_kl)
-        return log_b.clamp(min=_LOG_FLOOR), log_rest.clamp(min=_LOG_FLOOR)
-
-    log_bs, log_qs = binary_and_rest(s)
-    log_bt, log_pt = binary_and_rest(t)
-    tckd = (log_bt.exp() * (log_bt - log_bs)).sum(dim=1)
-    p_rest = torch.where(gt, 0.0, log_pt.exp())
-    nckd = (p_rest * (log_pt - log_qs)).sum(dim=1)
-    per_sample = (weight * temperature**2) * (alpha * tckd + beta * nckd)
-    return reduce_loss(per_sample, reduction, rows=batch)
-
-
-def _pearson_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
-    """Pearson correlation of each row of ``a`` with the same row of ``b``."""
-    a = a - a.mean(dim=1, keepdim=True)
-    b = b - b.mean(dim=1, keepdim=True)
-    denom = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1) + eps
-    # A constant row (e.g. a uniform softmax) has no correlation: with eps = 0 its 0 / 0 is taken
-    # as 0, the value any eps > 0 gives, instead of NaN (in the value and in the gradient).
-    corr: Tensor = (a * b).sum(dim=1) / torch.where(denom > 0, denom, 1.0)
-    return corr
+    # one autograd.Function, forward and analytic backward (kdloss.functional._autograd)
+    return dkd(
+        student_logits,
+        teacher_logits,
+        labels.long(),
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
+        weight=weight,
+        reduction=reduction,
+    )
 
 
 def dist_loss(
@@ -242,9 +219,27 @@ def dist_loss(
     check_nonnegative("gamma", gamma)
     check_nonnegative("eps", eps)
     dtype = compute_dtype(student_logits, teacher_logits)
-    ys = F.softmax(student_logits.to(dtype) / temperature, dim=1)
-    yt = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
-    inter = 1.0 - _pearson_rows(ys, yt, eps).mean()
-    intra = 1.0 - _pearson_rows(ys.t(), yt.t(), eps).mean()
-    loss: Tensor = temperature**2 * (beta * inter + gamma * intra)
+    ys = F.softmax(in_dtype(student_logits, dtype) / temperature, dim=1)
+    with torch.no_grad():
+        yt = F.softmax(in_dtype(detached(teacher_logits), dtype) / temperature, dim=1)
+    # 1 - mean correlation, over the rows (inter-class) and over the columns (intra-class)
+    inter = _mean_pearson(ys, yt, eps, 1)
+    intra = _mean_pearson(ys, yt, eps, 0)
+    t2 = temperature**2
+    loss: Tensor = torch.add(inter * (-beta * t2), intra, alpha=-gamma * t2).add_((beta + gamma) * t2)
     return loss
+
+
+def _mean_pearson(a: Tensor, b: Tensor, eps: float, dim: int) -> Tensor:
+    """The mean Pearson correlation of ``a``'s and ``b``'s slices along ``dim`` (``b`` without gradient).
+
+    A constant slice (a uniform softmax) has no correlation: with ``eps = 0`` its ``0 / 0`` is
+    taken as 0, the value any ``eps > 0`` gives, instead of NaN (in the value and in the gradient).
+    """
+    a = a - a.mean(dim=dim, keepdim=True)
+    with torch.no_grad():
+        b = b - b.mean(dim=dim, keepdim=True)
+        nb = torch.linalg.vector_norm(b, dim=dim)
+    denom = torch.linalg.vector_norm(a, dim=dim) * nb
+    corr: Tensor = (a * b).sum(dim=dim) / (denom.add_(eps) if eps > 0 else torch.where(denom > 0, denom, 1.0))
+    return corr.mean()

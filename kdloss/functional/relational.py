@@ -25,9 +25,12 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     compute_dtype,
+    detached,
+    in_dtype,
     pair_up,
     reduce_loss,
 )
+from kdloss.functional._spatial import unit_rows
 
 __all__ = ["cc_loss", "fsp_loss", "fsp_matrix", "nst_loss", "pkt_loss", "rkd_loss", "sp_loss"]
 
@@ -122,11 +125,11 @@ def sp_loss(student_features: Tensor | Sequence[Tensor], teacher_features: Tenso
         _check_rows(ns, fs, "sp_loss")
         _check_rows(nt, ft, "sp_loss")
         dtype = compute_dtype(fs, ft)
-        qs = fs.to(dtype).flatten(1)
-        qt = ft.detach().to(dtype).flatten(1)
-        gs = F.normalize(qs @ qs.t(), dim=1)
-        gt = F.normalize(qt @ qt.t(), dim=1)
-        terms.append((gt - gs).square().mean())
+        qs = in_dtype(fs, dtype).flatten(1)
+        qt = in_dtype(detached(ft), dtype).flatten(1)
+        gs = unit_rows(torch.mm(qs, qs.t()))
+        gt = unit_rows(torch.mm(qt, qt.t()))
+        terms.append(F.mse_loss(gs, gt))  # the mean of the squared differences: one kernel each way
     return _add_all(terms)
 
 
@@ -208,8 +211,8 @@ def cc_loss(
         raise ValueError(f"order must be >= 0, got {order}")
     _check_option("variant", variant, ("paper", "repdistiller"))
     dtype = compute_dtype(fs, ft)
-    s = fs.to(dtype)
-    t = ft.detach().to(dtype)
+    s = in_dtype(fs, dtype)
+    t = in_dtype(detached(ft), dtype)
     if variant == "repdistiller":
         if s.shape != t.shape:
             raise ShapeError(
@@ -217,41 +220,48 @@ def cc_loss(
                 f"got {tuple(s.shape)} and {tuple(t.shape)}"
             )
         delta = (s - t).abs()
-        return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+        # mean over i of <delta_i, delta_{i+1}>: the sum of the elementwise product, divided by B - 1
+        return (delta[:-1] * delta[1:]).sum() / max(delta.shape[0] - 1, 1)
+    if order == 0:  # psi is the constant exp(-2 gamma) for both: the loss is 0
+        return (s.sum() * 0.0).to(dtype)
+    coefs = [math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
 
     def psi(f: Tensor) -> Tensor:
-        f = F.normalize(f, dim=1)
-        sim = f @ f.t()
-        out = torch.zeros_like(sim)
-        power = torch.ones_like(sim)
-        for p in range(order + 1):
-            if p > 0:
-                power = power * sim
-            out = out + (math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p)) * power
+        # Horner's scheme for sum_p c_p x^p, without c_0 (it cancels in psi(t) - psi(s))
+        sim = (g := unit_rows(f)) @ g.t()
+        out = sim * coefs[order]
+        for c in reversed(coefs[1:order]):
+            out = (out + c) * sim
         return out
 
-    return (psi(t) - psi(s)).square().mean()
+    return F.mse_loss(psi(s), psi(t))
 
 
 # ------------------------------------------------------------------------------------------------ RKD
 
 
-def _pairwise_distances(e: Tensor) -> Tensor:
-    """Euclidean distances ``(B, B)`` with an exact zero diagonal and finite gradients there."""
-    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
-    sq = (e.unsqueeze(0) - e.unsqueeze(1)).square().sum(dim=-1)
-    sq = torch.where(eye, 1.0, sq.clamp(min=1e-12))
-    return torch.where(eye, 0.0, sq.sqrt())
+def _relations(e: Tensor, off_diagonal: Tensor, angles: bool) -> tuple[Tensor, Tensor | None]:
+    """Pairwise distances ``(B, B)`` (exact zero diagonal, finite gradients there) and, with ``angles``,
+    ``A[i, j, k] = <unit(e_j - e_i), unit(e_k - e_i)>`` ``(B, B, B)`` (0 where a difference is 0), both
+    from the Gram matrix of the centred embeddings: no ``(B, B, D)`` differences.
 
-
-def _angles(e: Tensor) -> Tensor:
-    """``A[i, j, k] = <unit(e_j - e_i), unit(e_k - e_i)>`` (vertex ``i``), 0 where a difference is 0."""
-    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device).unsqueeze(-1)
-    diff = e.unsqueeze(0) - e.unsqueeze(1)  # diff[i, j] = e_j - e_i
-    norm = diff.square().sum(dim=-1, keepdim=True)
-    norm = torch.where(eye, 1.0, norm.clamp(min=1e-24)).sqrt()
-    unit = torch.where(eye, 0.0, diff / norm)
-    return unit @ unit.transpose(1, 2)
+    ``<e_j - e_i, e_k - e_i> = G_jk - G_ij - G_ik + G_ii`` and ``||e_i - e_j||^2 = G_ii + G_jj - 2 G_ij``.
+    Both are invariant to translating the embeddings; centring them first keeps the Gram entries
+    of the order of the distances, so the differences lose no more precision than the
+    differences of the embeddings themselves would.
+    """
+    c = e - e.mean(0)
+    gram = c @ c.t()
+    sq = gram.diagonal()
+    dist_sq = (sq.unsqueeze(1) + sq.unsqueeze(0)).sub_(gram, alpha=2.0)
+    root = dist_sq.clamp(min=1e-12).sqrt()
+    dist = root * off_diagonal
+    if not angles:
+        return dist, None
+    # 1 / d off the diagonal, 0 on it (where the difference, and so the angle, is 0)
+    inv = off_diagonal / root
+    num = gram.unsqueeze(0) - gram.unsqueeze(2) - gram.unsqueeze(1) + sq.view(-1, 1, 1)
+    return dist, num * inv.unsqueeze(2) * inv.unsqueeze(1)
 
 
 def rkd_loss(
@@ -331,27 +341,32 @@ def rkd_loss(
             f"{tuple(fs.shape)}"
         )
     dtype = compute_dtype(fs, ft)
-    s = fs.to(dtype)
-    t = ft.detach().to(dtype)
+    s = in_dtype(fs, dtype)
+    t = in_dtype(detached(ft), dtype)
     n_pairs = batch * (batch - 1)
-    loss = s.new_zeros(())
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=s.device)
+    angles = angle_weight > 0
+    ds, a_s = _relations(s, off_diagonal, angles)
+    with torch.no_grad():
+        dt, a_t = _relations(t, off_diagonal, angles)
+    loss: Tensor | None = None
     if distance_weight > 0:
-        ds, dt = _pairwise_distances(s), _pairwise_distances(t)
         ds = ds / (ds.sum() / n_pairs).clamp(min=1e-12)
         dt = dt / (dt.sum() / n_pairs).clamp(min=1e-12)
         huber = F.smooth_l1_loss(ds, dt, reduction="sum")
-        loss = loss + distance_weight * huber / (batch * batch if pairs == "all" else n_pairs)
-    if angle_weight > 0:
-        huber = F.smooth_l1_loss(_angles(s), _angles(t), reduction="none")
+        loss = huber * (distance_weight / (batch * batch if pairs == "all" else n_pairs))
+    if a_s is not None and a_t is not None:
         if pairs == "all":
-            loss = loss + angle_weight * huber.mean()
+            term = F.smooth_l1_loss(a_s, a_t) * angle_weight
         else:
             idx = torch.arange(batch, device=s.device)
             i, j, k = idx.view(-1, 1, 1), idx.view(1, -1, 1), idx.view(1, 1, -1)
             distinct = (i != j) & (i != k) & (j != k)
             n_trip = batch * (batch - 1) * (batch - 2)
-            loss = loss + angle_weight * torch.where(distinct, huber, 0.0).sum() / n_trip
-    return loss
+            huber3 = F.smooth_l1_loss(a_s, a_t, reduction="none")
+            term = torch.where(distinct, huber3, 0.0).sum() * (angle_weight / n_trip)
+        loss = term if loss is None else loss + term
+    return loss if loss is not None else s.new_zeros(())
 
 
 # ------------------------------------------------------------------------------------------------ PKT
@@ -436,6 +451,20 @@ def pkt_loss(
             f"pkt_loss(include_self=False) needs B >= 3, got student_embeddings of shape {tuple(fs.shape)}"
         )
     dtype = compute_dtype(fs, ft)
+    es, et = in_dtype(fs, dtype), in_dtype(detached(ft), dtype)
+    if include_self and eps > 0:
+        # Every kernel row holds K(e_i, e_i) = 1, so no row sum is 0; with eps > 0 a probability of 0
+        # gives 0 * log(eps) = 0 and (the clamp) no gradient: no masks needed. The kernel's 1/2
+        # cancels in the row normalisation.
+        ps = _cosine_conditional(es)
+        with torch.no_grad():
+            pt = _cosine_conditional(et)
+            log_pt = pt.clamp(min=eps).log_()
+        terms = (log_pt - ps.clamp(min=eps).log()).mul_(pt)
+        if reduction == "none":
+            return terms.sum(dim=1)
+        total = terms.sum()
+        return total if reduction == "sum" else total / (batch if reduction == "batchmean" else batch * batch)
     eye = torch.eye(batch, dtype=torch.bool, device=fs.device)
 
     def conditional(e: Tensor) -> Tensor:
@@ -445,8 +474,8 @@ def pkt_loss(
             k = torch.where(eye, 0.0, k)
         return k / k.sum(dim=1, keepdim=True).clamp(min=1e-30)
 
-    ps = conditional(fs.to(dtype))
-    pt = conditional(ft.detach().to(dtype))
+    ps = conditional(es)
+    pt = conditional(et)
     # Terms with p_t = 0 (the diagonal without include_self) are 0. Their p_s is replaced by 1
     # before the log as well: a log(0) left in the unselected branch of the where would send
     # 0 * inf = NaN into the gradient (seen with eps=0 on torch 2.11). A NaN p_t (a NaN teacher
@@ -456,6 +485,13 @@ def pkt_loss(
     terms = torch.where(present, pt * log_ratio, 0.0)
     per_row = terms.sum(dim=1)
     return reduce_loss(per_row, reduction, rows=batch, elements_per_row=batch)
+
+
+def _cosine_conditional(e: Tensor) -> Tensor:
+    """``p_{j|i}`` of the cosine kernel ``(cos + 1) / 2`` (self included), rows normalised."""
+    n = unit_rows(e)
+    k = (n @ n.t()).add_(1.0)
+    return k / k.sum(dim=1, keepdim=True)
 
 
 # ------------------------------------------------------------------------------------------------ FSP
@@ -576,13 +612,40 @@ def fsp_loss(
     for ns, fs, _, _ in pairs[1:]:
         check_batch(ns0, fs0, ns, fs)
         check_same_device(**{ns0: fs0, ns: fs})
-    terms: list[Tensor] = []
+    batch = pairs[0][1].shape[0]
+    total: Tensor | None = None
     for (_, s1, _, t1), (_, s2, _, t2) in itertools.pairwise(pairs):
-        diff = fsp_matrix(t1.detach(), t2.detach()) - fsp_matrix(s1, s2)
-        term = diff.square().flatten(1)
-        terms.append(term.sum(dim=1) if variant == "paper" else term.mean(dim=1))
-    per_sample = _add_all(terms)
-    return reduce_loss(per_sample, reduction, rows=per_sample.shape[0])
+        gs, hw_s = _flow(s1, s2)
+        with torch.no_grad():
+            gt, hw_t = _flow(detached(t1), detached(t2))
+        # (G_t - G_s)^2 with G = raw / hw: the 1/hw is applied once to the squared sum where the two
+        # networks' stages share a size (the usual case), else to each matrix
+        if hw_s != hw_t:
+            gs, gt, hw = gs / hw_s, gt / hw_t, 1
+        else:
+            hw = hw_s
+        per_entry = 1.0 / (gs.shape[1] * gs.shape[2]) if variant == "repdistiller" else 1.0
+        if reduction == "none":
+            term = F.mse_loss(gs, gt, reduction="none").flatten(1).sum(1) * (per_entry / hw**2)
+            total = term if total is None else total + term
+            continue
+        sq = F.mse_loss(gs, gt, reduction="sum")
+        scale = per_entry / hw**2 / (max(batch, 1) if reduction != "sum" else 1)
+        total = sq * scale if total is None else torch.add(total, sq, alpha=scale)
+    if total is None:
+        raise ValueError("fsp_loss needs at least 2 stages")
+    return total
+
+
+def _flow(first: Tensor, second: Tensor) -> tuple[Tensor, int]:
+    """The FSP matrix times ``h w`` (validated maps; the larger one pooled to the smaller size) and ``h w``."""
+    dtype = compute_dtype(first, second)
+    a, b = in_dtype(first, dtype), in_dtype(second, dtype)
+    if a.shape[-2:] != b.shape[-2:]:
+        size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+        a = F.adaptive_avg_pool2d(a, size) if a.shape[-2:] != size else a
+        b = F.adaptive_avg_pool2d(b, size) if b.shape[-2:] != size else b
+    return torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)), a.shape[-2] * a.shape[-1]
 
 
 # ------------------------------------------------------------------------------------------------ NST
@@ -654,17 +717,32 @@ def nst_loss(
             if f.ndim != 4:
                 raise ShapeError(f"{name} must be a (B, C, H, W) feature map, got shape {tuple(f.shape)}")
         dtype = compute_dtype(fs, ft)
-        s, t = fs.to(dtype), ft.detach().to(dtype)
+        s, t = in_dtype(fs, dtype), in_dtype(detached(ft), dtype)
         if s.shape[-2:] != t.shape[-2:]:
             size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
-            s = F.adaptive_avg_pool2d(s, size)
-            t = F.adaptive_avg_pool2d(t, size)
-        s = F.normalize(s.flatten(2), dim=2)
-        t = F.normalize(t.flatten(2), dim=2)
+            s = F.adaptive_avg_pool2d(s, size) if s.shape[-2:] != size else s
+            t = F.adaptive_avg_pool2d(t, size) if t.shape[-2:] != size else t
+        a = unit_rows(s.flatten(2), dim=2)  # (B, C_s, HW)
+        with torch.no_grad():
+            b = unit_rows(t.flatten(2), dim=2)  # (B, C_t, HW)
+        cs, ct, hw = a.shape[1], b.shape[1], a.shape[2]
+        if degree == 2 and bias == 0.0 and hw * (cs + ct) < cs * cs + ct * ct + cs * ct:
+            # sum_ij <a_i, b_j>^2 = <A^T A, B^T B>_F, so the degree-2 MMD is || A^T A / C_s - B^T B / C_t ||_F^2:
+            # two (HW x HW) products instead of three (C x C) ones, when those are smaller
+            ga = torch.bmm(a.transpose(1, 2), a)
+            with torch.no_grad():
+                gb = torch.bmm(b.transpose(1, 2), b)
+                if cs != ct:
+                    gb = gb.mul_(cs / ct)
+            terms.append(F.mse_loss(ga, gb, reduction="none").flatten(1).sum(1) * (1.0 / (cs * cs)))
+            continue
 
-        def kernel_mean(a: Tensor, b: Tensor) -> Tensor:
-            return (a @ b.transpose(1, 2) + bias).pow(degree).mean(dim=(1, 2))
+        def kernel_mean(x: Tensor, y: Tensor) -> Tensor:
+            k = torch.bmm(x, y.transpose(1, 2))
+            return (k + bias if bias else k).pow(degree).mean(dim=(1, 2))
 
-        terms.append(kernel_mean(t, t) + kernel_mean(s, s) - 2.0 * kernel_mean(s, t))
+        with torch.no_grad():
+            tt = kernel_mean(b, b)
+        terms.append(kernel_mean(a, a).sub(kernel_mean(a, b), alpha=2.0).add_(tt))
     per_sample = _add_all(terms)
     return reduce_loss(per_sample, reduction, rows=per_sample.shape[0])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdloss._validate import ShapeError, check_positive_int
+from kdloss._validate import ShapeError, check_positive_int, detached
 from kdloss.functional.contrastive import ScoreMethod, _nce_rows, crd_embed
 from kdloss.memory import ContrastMemory, NegativeSampling
 
@@ -262,11 +262,14 @@ class CRDLoss(nn.Module):
                 raise ShapeError(f"{name} must be (B, ...) with {width} features per sample, got shape {shape}")
         mem = self.memory
         v_s = self.embed_student(student_features)
-        v_t = self.embed_teacher(teacher_features.detach())
+        v_t = self.embed_teacher(detached(teacher_features))
         scored: tuple[Tensor, Tensor] = mem(v_s, v_t, indices, negatives, generator=generator)
         ls, lt = scored  # (B, K+1) each
-        # Z stored by a training step, else (evaluation first, or no usable batch yet) this batch's own
-        log_z = mem.normalizers_for(ls, lt, v_s, v_t).log()
+        # Z: a training step has just stored it (set, or this batch's own when it was unset, or -1
+        # when the batch had no finite sample: what normalizers_for would compute again); in
+        # evaluation the stored one, else (evaluation first) this batch's own
+        z = mem.normalizers if mem.training else mem.normalizers_for(ls, lt, v_s, v_t)
+        log_z0, log_z1 = z.log().unbind(0)
         # the sum of the two views' batch-mean NCE losses (crd_nce_loss of each view)
-        nce = _nce_rows(ls, log_z[0], mem.n_data).sum() + _nce_rows(lt, log_z[1], mem.n_data).sum()
+        nce = _nce_rows(ls, log_z0, mem.n_data).sum() + _nce_rows(lt, log_z1, mem.n_data).sum()
         return nce / max(ls.shape[0], 1)

@@ -1,0 +1,753 @@
+"""The eager path of the soft-KL family as a ``torch.autograd.Function`` with an analytic backward.
+
+:func:`kl_family` computes ``kl_weight * T^2 * D(p_teacher, q_student) + ce_weight * CE(student, labels)``
+per row (``D`` the forward KL, the reverse KL or the JSD) and its reduction in one forward pass,
+and the gradient with respect to the student logits in one backward pass, with fewer dispatched
+operators than the same formula written with autograd (on a GPU every operator is one kernel
+launch, and at CIFAR sizes the host's time to issue them is the cost; on a CPU too):
+
+- the backward pass is the closed form, one fused ATen kernel per term
+  (``_log_softmax_backward_data`` gives ``w (q - p)`` from ``w p`` and ``log q``;
+  ``_softmax_backward_data`` the reverse KL's and the JSD's), never a replay of the forward graph;
+- robustness is paid only where it is needed. The **robust form** floors ``-inf`` logits at
+  ``-1e30`` (so that ``0 * log 0`` is 0), finds the rows without a distribution (no logit above
+  ``-inf`` on either side) and gives them, and the rows a mask or an ignored label leaves out, the
+  weight 0 in the same product that carries ``1 / N``: no ``where`` on the logits, the per-row
+  losses or the gradient, and both logit tensors are stacked so that the scaling, the floor, the
+  row maxima and the log-softmax run once for both. On CPU tensors without a mask or ignored
+  labels the **plain form** runs first (the textbook arithmetic, nothing else); its result is
+  read on the host (free on a CPU: no device to wait for) and, if it is not finite (a ``-inf``
+  logit, a row without a distribution, a NaN), the robust form computes the loss instead. The
+  two agree wherever the plain one is finite. CUDA tensors (no host read: it would synchronise),
+  ``torch.compile`` and masked calls take the robust form directly.
+
+The numerics are those documented in :mod:`kdloss.functional.kl`: float32 compute for
+half-precision inputs, the teacher detached, rows without a distribution left out of the counts.
+:func:`kl_family_reference` computes the same loss with autograd operators: it is what a second
+derivative (``create_graph=True``) differentiates, so double backward is supported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "LOG_FLOOR",
+    "ab_hinge",
+    "attention_p2",
+    "attention_reference",
+    "dkd",
+    "dkd_reference",
+    "kl_family",
+    "kl_family_reference",
+    "vid_reduced",
+]
+
+LOG_FLOOR = -1e30
+"""Log-probabilities (and logits, before the log-softmax) are floored here: a class of probability 0
+on both sides then contributes ``0 * finite = 0`` instead of ``0 * (-inf - -inf) = NaN``."""
+
+_NEG_INF = float("-inf")
+_DIRECTIONS = {"forward": 0, "reverse": 1, "jsd": 2}
+_REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2, "mean": 3}
+
+Scalar = float | Tensor
+"""A hyper-parameter: a Python float in eager mode, a 0-d tensor under ``torch.compile`` (see :func:`kl_family`).
+
+The Function's body uses literal constants (``-1e30``, ``-math.inf``), not module globals: under
+``torch.compile(dynamic=True)`` dynamo turns a global float into a symbolic input, and fails on it
+inside a second autograd.Function call of one graph."""
+
+Flags = tuple[int, int, bool, bool, bool, bool]
+"""``(direction, reduction, scaled, has_kl, has_ce, plain_first)``: the direction code (0 forward KL,
+1 reverse KL, 2 JSD), the reduction code (0 none, 1 sum, 2 batchmean, 3 mean), whether the logits
+are divided by ``T`` (``T != 1``), whether the KL and the CE terms are computed, and whether the
+plain form runs first (CPU, eager, every row counts unless it has no distribution)."""
+
+
+def _compute_dtype(s: Tensor, t: Tensor) -> torch.dtype:
+    """float64 if either is float64, else float32 (plain Python: ``torch.promote_types`` is dispatched)."""
+    return torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+
+
+def _lerp(a: Tensor, b: Tensor, weight: Scalar) -> Tensor:
+    return torch.lerp(a, b, weight if isinstance(weight, float) else weight.to(a.dtype))
+
+
+def _kl_terms(
+    lq: Tensor, lp: Tensor, lsm: Tensor | None, w: Tensor | None, direction: int, beta: Scalar, floor: bool
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Per-element KL terms (or, for the JSD, the two per-side weighted sums over the classes) and what the
+    backward needs: ``(w p, log q)`` (forward KL) or ``(w r, q)`` (reverse KL, JSD; ``r`` the log-ratio)."""
+    if direction == 0:  # KL(p || q) = sum p (log p - log q)
+        pw = lp.exp()
+        if w is not None:
+            pw = pw.mul_(w)
+        terms = (lp - lq).mul_(pw)
+        if floor:
+            # A class the student rules out (-inf, floored) while the teacher does not: the KL is
+            # infinite there, and the floored value carries no gradient through log q (as autograd
+            # through a clamp of log q gives): the backward's w p leaves those classes out.
+            pw = pw * (lq > -1e30)
+        return terms, (pw, lq)
+    if direction == 1:  # KL(q || p) = sum q (log q - log p)
+        q = lq.exp()
+        rw = lq - lp
+        if w is not None:
+            rw = rw.mul_(w)
+        return rw * q, (rw, q)
+    # JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    if lsm is None:
+        lsm = torch.stack((lq, lp))
+    probs = lsm.exp()
+    q, p = probs.unbind(0)
+    log_m = _lerp(q, p, beta).log_()
+    if floor:
+        log_m = log_m.clamp_(min=-1e30)
+    diff = lsm - log_m  # (2, ..., C): log q - log m, log p - log m
+    weighted = diff * probs
+    rw = diff[0]
+    if w is not None:
+        weighted = weighted.mul_(w)
+        rw = rw.mul_(w)
+    return weighted, (rw, q)
+
+
+class _KLFamily(torch.autograd.Function):
+    """Forward and analytic backward of :func:`kl_family` (``flags``: see :data:`Flags`).
+
+    The forward pass leaves the backward a plan on ``ctx``: ``kl`` = the gradient kernel of the KL
+    term (0 ``_log_softmax_backward_data``, 1 ``_softmax_backward_data``, -1 none) and its
+    coefficient, ``ce`` = how the CE term's gradient is formed (0 none, 1 from ``nll_loss``'s
+    backward, 2 from the weighted one-hot) and its coefficient, ``none`` = per-row losses.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        s: Tensor,
+        t: Tensor,
+        row_ok: Tensor | None,
+        labels: Tensor | None,
+        temperature: Scalar,
+        beta: Scalar,
+        kl_weight: Scalar,
+        ce_weight: Scalar,
+        flags: Flags,
+    ) -> Tensor:
+        direction, reduction, _, has_kl, has_ce, plain_first = flags
+        rows = 0
+        if plain_first:
+            loss, saved, rows = _plain(s, t, labels, temperature, beta, kl_weight, ce_weight, flags)
+            if not math.isfinite((loss if reduction else loss.sum()).item()):
+                rows = 0  # a -inf logit, a row without a distribution or a NaN: the robust form decides
+        if not rows:
+            loss, saved = _robust(s, t, row_ok, labels, temperature, beta, kl_weight, ce_weight, flags)
+        ctx.save_for_backward(s, t, row_ok, labels, *saved)
+        ctx.hyper = (temperature, beta, kl_weight, ce_weight, flags)
+        # the plain form's means divide by the row count here (the robust form's weights carry
+        # 1 / N); "mean" also divides by the class count. d/ds of T^2 D(s / T) is T dD/dz.
+        per = (rows if rows and reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
+        ctx.kl = -1
+        if has_kl:
+            c = kl_weight * temperature / per
+            ctx.kl = 0 if direction == 0 else 1
+            ctx.kl_c = -c if direction == 0 else c if direction == 1 else (1.0 - beta) * c
+        ctx.ce = 0 if not has_ce else 1 if rows else 2
+        ctx.ce_c = ce_weight / per if rows else -ce_weight
+        ctx.none = reduction == 0
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        s, _, _, _, *saved = saved_all = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can itself be differentiated
+            with torch.enable_grad():
+                loss = kl_family_reference(*saved_all[:4], *ctx.hyper)
+                (again,) = torch.autograd.grad(loss, s, grad_loss, create_graph=True)
+            return (again, *_NONE8)
+        g = grad_loss.unsqueeze(-1) if ctx.none else grad_loss
+        grad: Tensor | None = None
+        if ctx.kl == 0:  # w (q - p) = -lsm_backward(w p, log q)
+            grad = torch._log_softmax_backward_data(saved[0], saved[1], -1, saved[0].dtype).mul_(g * ctx.kl_c)
+        elif ctx.kl == 1:  # w q (r - sum q r): r = log q - log p (reverse KL), (1 - beta)(log q - log m) (JSD)
+            grad = torch._softmax_backward_data(saved[0], saved[1], -1, saved[0].dtype).mul_(g * ctx.kl_c)
+        if ctx.ce:
+            ls1, target, last = saved[-3], saved[-2], saved[-1]
+            if ctx.ce == 1:  # plain form: nll_loss's backward (-onehot), then log-softmax's: (q1 - onehot)
+                c_ce = (grad_loss.reshape(-1) if ctx.none else grad_loss) * ctx.ce_c
+                onehot = torch.ops.aten.nll_loss_backward(c_ce, ls1, target, None, 0 if ctx.none else 2, -100, last)
+            else:  # robust form: w (q1 - onehot) = -lsm_backward(w onehot, ls1); last = w
+                onehot = torch.zeros_like(ls1).scatter_(-1, target, last.to(ls1.dtype)).mul_(g * ctx.ce_c)
+            grad_ce = torch._log_softmax_backward_data(onehot, ls1, -1, ls1.dtype)
+            if grad_ce.shape != s.shape:
+                grad_ce = grad_ce.view(s.shape)
+            grad = grad_ce if grad is None else grad.add_(grad_ce)
+        if grad is None:
+            raise ValueError("kl_family needs the KL term or the CE term")
+        if grad.dtype != s.dtype:
+            grad = grad.to(s.dtype)
+        return (grad, *_NONE8)
+
+
+_NONE8 = (None,) * 8
+
+
+def _plain(
+    s: Tensor,
+    t: Tensor,
+    labels: Tensor | None,
+    temperature: Scalar,
+    beta: Scalar,
+    kl_weight: Scalar,
+    ce_weight: Scalar,
+    flags: Flags,
+) -> tuple[Tensor, tuple[Tensor, ...], int]:
+    """The textbook arithmetic, every row counted (its result is checked for finiteness by the caller)."""
+    direction, reduction, scaled, has_kl, has_ce, _ = flags
+    dtype = _compute_dtype(s, t)
+    rows = s.numel() // max(s.shape[-1], 1)
+    sf = s if s.dtype == dtype else s.to(dtype)
+    per = (rows if reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
+    saved: tuple[Tensor, ...] = ()
+    loss: Tensor | None = None
+    if has_kl:
+        tf = t if t.dtype == dtype else t.to(dtype)
+        zs, zt = (sf / temperature, tf / temperature) if scaled else (sf, tf)
+        lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+        terms, saved = _kl_terms(lq, lp, None, None, direction, beta, False)
+        if direction == 2:
+            sums = terms.sum(-1) if reduction == 0 else terms.sum(tuple(range(1, terms.ndim)))
+            s_q, s_p = sums.unbind(0)
+            total = _lerp(s_q, s_p, beta)
+        else:
+            total = terms.sum(-1) if reduction == 0 else terms.sum()
+        loss = total * (kl_weight * temperature * temperature / per)
+    if has_ce and labels is not None:
+        c = s.shape[-1]
+        ls1 = torch.log_softmax(sf if s.ndim == 2 else sf.reshape(-1, c), -1)
+        target = labels if labels.ndim == 1 else labels.reshape(-1)
+        nll, total_weight = torch.ops.aten.nll_loss_forward(ls1, target, None, 0 if reduction == 0 else 2, -100)
+        if reduction == 0 and labels.ndim != 1:
+            nll = nll.view(labels.shape)
+        if loss is None:
+            loss = nll * (ce_weight / per)
+        elif isinstance(ce_weight, float):
+            loss = torch.add(loss, nll, alpha=ce_weight / per)
+        else:
+            loss = loss + nll * (ce_weight / per)
+        saved = (*saved, ls1, target, total_weight)
+    if loss is None:
+        raise ValueError("kl_family needs the KL term or the CE term")
+    return loss, saved, rows
+
+
+def _robust(
+    s: Tensor,
+    t: Tensor,
+    row_ok: Tensor | None,
+    labels: Tensor | None,
+    temperature: Scalar,
+    beta: Scalar,
+    kl_weight: Scalar,
+    ce_weight: Scalar,
+    flags: Flags,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``-inf`` floored, rows without a distribution (and those ``row_ok`` leaves out) weighted 0."""
+    direction, reduction, scaled, has_kl, has_ce, _ = flags
+    dtype = _compute_dtype(s, t)
+    x = torch.stack((s, t))
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if scaled:
+        x.div_(temperature)
+    # a row counts when both sides have a logit above -inf (a NaN row counts, and stays NaN)
+    ok = x.amax(-1, keepdim=True).amin(0) != -math.inf
+    x.clamp_(min=-1e30)
+    if row_ok is not None:
+        ok = ok.logical_and_(row_ok.unsqueeze(-1))
+    w = ok / ok.sum(dtype=dtype).clamp_(min=1.0) if reduction >= 2 else ok  # 1 / N carried by the weights
+    saved: tuple[Tensor, ...] = ()
+    loss: Tensor | None = None
+    if has_kl:
+        lsm = torch.log_softmax(x, -1)
+        lq, lp = lsm.unbind(0)
+        terms, saved = _kl_terms(lq, lp, lsm, w, direction, beta, True)
+        if direction == 2:
+            sums = terms.sum(-1) if reduction == 0 else terms.sum(tuple(range(1, terms.ndim)))
+            s_q, s_p = sums.unbind(0)
+            total = _lerp(s_q, s_p, beta)
+        else:
+            total = terms.sum(-1) if reduction == 0 else terms.sum()
+        # T^2 and the KL weight; "mean" also divides by the class count
+        loss = total * (kl_weight * temperature * temperature / (x.shape[-1] if reduction == 3 else 1))
+    if has_ce and labels is not None:
+        # rows that do not count are zeroed (their CE is then 0 x finite); a -inf label logit keeps its
+        # infinite CE, as F.cross_entropy's
+        ls1 = torch.log_softmax(torch.where(ok, s if s.dtype == dtype else s.to(dtype), 0.0), -1)
+        target = labels.unsqueeze(-1) * ok  # a row that does not count reads class 0, with weight 0
+        picked = ls1.gather(-1, target).mul_(w)  # -w CE
+        ce = picked.squeeze(-1) if reduction == 0 else picked.sum()
+        if loss is None:
+            loss = ce * -ce_weight
+        elif isinstance(ce_weight, float):
+            loss = torch.sub(loss, ce, alpha=ce_weight)
+        else:
+            loss = loss - ce * ce_weight
+        saved = (*saved, ls1, target, w)
+    if loss is None:
+        raise ValueError("kl_family needs the KL term or the CE term")
+    return loss, saved
+
+
+def kl_family(
+    s: Tensor,
+    t: Tensor,
+    *,
+    temperature: float,
+    direction: str = "forward",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    row_ok: Tensor | None = None,
+    labels: Tensor | None = None,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    plain_labels: bool = False,
+) -> Tensor:
+    """``kl_weight * T^2 * D + ce_weight * CE`` per row of ``(..., C)`` logits, reduced (arguments validated).
+
+    ``row_ok``: bool of the rows' shape, ``False`` where a row does not count (its mask, its ignored
+    label); rows without a logit above ``-inf`` on either side never count. ``labels`` (int64, the
+    rows' shape) are needed with ``ce_weight != 0``; a row that does not count may hold any label.
+    ``plain_labels``: the caller has checked that every label lies in ``[0, C)`` and none is
+    ignored (CPU), so the plain form may run first with ``row_ok=None``. A weight of 0 leaves its
+    term out (not computed, not multiplied by 0). ``"batchmean"`` divides by the rows that count,
+    ``"mean"`` by those times ``C``. The teacher receives no gradient.
+    """
+    if t.requires_grad:
+        t = t.detach()
+    has_kl, has_ce = kl_weight != 0.0, ce_weight != 0.0 and labels is not None
+    if s.shape[-1] == 0 or not (has_kl or has_ce):  # no classes, or no term: every row gives 0
+        rows = s.to(_compute_dtype(s, t)).sum(-1) * 0.0
+        return rows if reduction == "none" else rows.sum()
+    compiling = torch.compiler.is_compiling()
+    # (the KL term's non-finite value is what reveals a teacher row without a distribution)
+    plain_first = (
+        not compiling
+        and s.device.type == "cpu"
+        and s.numel() > 0
+        and row_ok is None
+        and has_kl
+        and (plain_labels or not has_ce)
+    )
+    flags: Flags = (
+        _DIRECTIONS[direction],
+        _REDUCTIONS[reduction],
+        bool(temperature != 1.0),
+        bool(has_kl),
+        bool(has_ce),
+        plain_first,
+    )
+    hyper: tuple[Scalar, Scalar, Scalar, Scalar] = (temperature, beta, kl_weight, ce_weight)
+    if compiling:
+        # Dynamo (torch 2.11 to 2.14) fails on a second autograd.Function call in one graph that
+        # takes a symbolic float (dynamic=True): the hyper-parameters go in as 0-d tensors.
+        hyper = tuple(torch.as_tensor(v) for v in hyper)  # type: ignore[assignment]
+    loss: Tensor = _KLFamily.apply(s, t, row_ok, labels, *hyper, flags)
+    return loss
+
+
+def kl_family_reference(
+    s: Tensor,
+    t: Tensor,
+    row_ok: Tensor | None,
+    labels: Tensor | None,
+    temperature: Scalar,
+    beta: Scalar,
+    kl_weight: Scalar,
+    ce_weight: Scalar,
+    flags: Flags,
+) -> Tensor:
+    """The same loss written with autograd operators (what a double backward differentiates)."""
+    direction, reduction, _, has_kl, has_ce, _ = flags
+    dtype = _compute_dtype(s, t)
+    valid = (s.detach().amax(-1) != _NEG_INF) & (t.detach().amax(-1) != _NEG_INF)
+    if row_ok is not None:
+        valid = valid & row_ok
+    keep = valid.unsqueeze(-1)
+    sf = torch.where(keep, s.to(dtype), 0.0)
+    tf = torch.where(keep, t.detach().to(dtype), 0.0)
+    log_q = F.log_softmax(sf / temperature, dim=-1).clamp(min=LOG_FLOOR)
+    log_p = F.log_softmax(tf / temperature, dim=-1).clamp(min=LOG_FLOOR)
+    rows = torch.zeros(valid.shape, dtype=dtype, device=s.device)
+    if has_kl:
+        if direction == 0:
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        elif direction == 1:
+            kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        else:
+            log_m = _lerp(log_q.exp(), log_p.exp(), beta).log().clamp(min=LOG_FLOOR)
+            kl = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1.0 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+        rows = rows + torch.where(valid, kl, 0.0) * (kl_weight * temperature**2)
+    if has_ce and labels is not None:
+        ls1 = F.log_softmax(sf, dim=-1)
+        picked = ls1.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+        rows = rows - ce_weight * torch.where(valid, picked, 0.0)
+    if reduction == 0:
+        return rows
+    total = rows.sum()
+    if reduction == 1:
+        return total
+    per = s.shape[-1] if reduction == 3 else 1
+    return total / (valid.sum() * per).clamp(min=1).to(total.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ DKD
+
+
+class _DKD(torch.autograd.Function):
+    """Decoupled KD (:func:`kdloss.functional.dkd_loss`): forward and analytic backward.
+
+    With ``z = x / T``, ``q = softmax(z_s)``, ``p = softmax(z_t)``, ``y`` the label, ``b = (q_y, 1 - q_y)``
+    and ``q^`` the softmax over the non-target classes, the gradient of
+    ``alpha TCKD + beta NCKD`` with respect to ``z_s`` is
+    ``alpha (q_y - p_y)(e_y - q^) + beta (q^ - p^)`` (``q^``, ``p^`` 0 at ``y``), which is
+    ``_log_softmax_backward_data(alpha (q_y - p_y) e_y - beta p^, log q^)``: one kernel.
+    All log-probabilities come from one log-softmax per side and one ``logsumexp`` of the
+    non-target part: ``log(1 - q_y)`` is never taken from a rounded probability.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        s: Tensor,
+        t: Tensor,
+        labels: Tensor,
+        temperature: Scalar,
+        alpha: Scalar,
+        beta: Scalar,
+        scale: Scalar,
+        flags: tuple[int, bool],
+    ) -> Tensor:
+        reduction, scaled = flags
+        dtype = _compute_dtype(s, t)
+        x = torch.stack((s, t))
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if scaled:
+            x.div_(temperature)
+        target = labels.view(1, -1, 1).expand(2, -1, 1)
+        lsm = torch.log_softmax(x, -1)
+        log_y = lsm.gather(-1, target)  # log q_y, log p_y
+        others = lsm.scatter(-1, target, -math.inf)
+        log_rest = torch.logsumexp(others, -1, keepdim=True)  # log(1 - q_y), log(1 - p_y)
+        log_hat = (others - log_rest).clamp_(min=-1e30)  # log q^, log p^ (-inf at y and masked classes: floored)
+        log_b = torch.cat((log_y, log_rest), -1).clamp_(min=-1e30)  # (2, B, 2) binary log-probabilities
+        lbq, lbp = log_b.unbind(0)
+        lq_hat, lp_hat = log_hat.unbind(0)
+        pb = lbp.exp()
+        p_hat = lp_hat.exp()
+        tckd = (lbp - lbq).mul_(pb)
+        nckd = (lp_hat - lq_hat).mul_(p_hat)
+        t_sum = tckd.sum(-1) if reduction == 0 else tckd.sum()
+        n_sum = nckd.sum(-1) if reduction == 0 else nckd.sum()
+        if not (isinstance(alpha, float) and isinstance(beta, float)):
+            loss = (t_sum * alpha + n_sum * beta) * scale
+        elif alpha != 0.0:
+            loss = torch.add(t_sum, n_sum, alpha=beta / alpha).mul_(alpha * scale)
+        else:
+            loss = n_sum.mul_(beta * scale)
+        ctx.save_for_backward(s, t, labels, lbq, pb, p_hat, lq_hat)
+        ctx.hyper = (temperature, alpha, beta, scale, flags)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        s, t, labels, lbq, pb, p_hat, lq_hat = ctx.saved_tensors
+        temperature, alpha, beta, scale, flags = ctx.hyper
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can itself be differentiated
+            with torch.enable_grad():
+                loss = dkd_reference(s, t, labels, temperature, alpha, beta, scale, flags[0])
+                (grad,) = torch.autograd.grad(loss, s, grad_loss, create_graph=True)
+            return (grad, *(None,) * 7)
+        # G = alpha (q_y - p_y) e_y - beta p^; grad_z = lsm_backward(G, log q^)
+        delta = (lbq.narrow(-1, 0, 1).exp() - pb.narrow(-1, 0, 1)).mul_(alpha)  # (B, 1)
+        g = p_hat.mul(-beta).scatter_add_(-1, labels.unsqueeze(-1), delta)
+        coef = (grad_loss.unsqueeze(-1) if flags[0] == 0 else grad_loss) * (scale / temperature)
+        grad = torch._log_softmax_backward_data(g, lq_hat, -1, g.dtype).mul_(coef)
+        if grad.dtype != s.dtype:
+            grad = grad.to(s.dtype)
+        return (grad, *(None,) * 7)
+
+
+def _nonzero(v: Scalar) -> bool:
+    return not isinstance(v, float) or v != 0.0
+
+
+def dkd(
+    s: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    weight: float,
+    reduction: str,
+) -> Tensor:
+    """``weight * T^2 (alpha TCKD + beta NCKD)`` per sample of ``(B, C)`` logits, reduced (arguments validated).
+
+    ``labels``: int64 ``(B,)`` in ``[0, C)``. ``"batchmean"`` and ``"mean"`` divide by ``B``.
+    """
+    if t.requires_grad:
+        t = t.detach()
+    red = _REDUCTIONS[reduction]
+    batch = s.shape[0]
+    scale = weight * temperature * temperature / (batch if red >= 2 and batch > 0 else 1)
+    flags = (min(red, 1), bool(temperature != 1.0))
+    hyper: tuple[Scalar, ...] = (temperature, alpha, beta, scale)
+    if torch.compiler.is_compiling():  # see kl_family
+        hyper = tuple(torch.as_tensor(v) for v in hyper)
+    loss: Tensor = _DKD.apply(s, t, labels, *hyper, flags)
+    return loss
+
+
+def dkd_reference(
+    s: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    temperature: Scalar,
+    alpha: Scalar,
+    beta: Scalar,
+    scale: Scalar,
+    reduction: int,
+) -> Tensor:
+    """DKD written with autograd operators (what a double backward differentiates): ``(B,)`` or its sum."""
+    dtype = _compute_dtype(s, t)
+    classes = s.shape[1]
+    gt = labels.unsqueeze(1) == torch.arange(classes, device=labels.device)
+    idx = labels.unsqueeze(1)
+
+    def binary_and_rest(z: Tensor) -> tuple[Tensor, Tensor]:
+        lse = torch.logsumexp(z, dim=1, keepdim=True)
+        others = z.masked_fill(gt, float("-inf"))
+        log_b = torch.cat([z.gather(1, idx) - lse, torch.logsumexp(others, dim=1, keepdim=True) - lse], dim=1)
+        log_rest = torch.where(gt, 0.0, F.log_softmax(others, dim=1))
+        return log_b.clamp(min=LOG_FLOOR), log_rest.clamp(min=LOG_FLOOR)
+
+    log_bs, log_qs = binary_and_rest(s.to(dtype) / temperature)
+    log_bt, log_pt = binary_and_rest(t.detach().to(dtype) / temperature)
+    tckd = (log_bt.exp() * (log_bt - log_bs)).sum(dim=1)
+    nckd = (torch.where(gt, 0.0, log_pt.exp()) * (log_pt - log_qs)).sum(dim=1)
+    rows = scale * (alpha * tckd + beta * nckd)
+    return rows if reduction == 0 else rows.sum()
+
+
+# ------------------------------------------------------------------------------------------------ AT
+
+
+class _AttentionP2(torch.autograd.Function):
+    """Attention transfer with ``p = 2`` over pairs of equal spatial sizes: forward and analytic backward.
+
+    Per map ``Q = sum_c f^2`` (the channel mean of :func:`kdloss.functional.attention_map` up to the
+    factor ``1 / C``, which the normalisation removes);
+    ``a = Q / max(||Q||, eps)``. With ``G = dL/da_s``, ``dL/dQ_s = (G - a_s (a_s . G)) / max(||Q_s||, eps)``
+    and ``dL/df_s = 2 f_s dL/dQ_s``: one broadcast product per student map, which is the only pass
+    over the maps in the backward (the projection is left out for a map whose norm is below
+    ``eps``, where ``F.normalize`` holds the denominator constant: such a map's ``a`` is below
+    ``1e-12`` per entry, so the difference is below rounding).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, beta: Scalar, reduction: int, n_pairs: int, *maps: Tensor) -> Tensor:  # type: ignore[override]
+        students, teachers = maps[:n_pairs], maps[n_pairs:]
+        total: Tensor | None = None
+        saved: list[Tensor] = []
+        for fs, ft in zip(students, teachers):
+            dtype = _compute_dtype(fs, ft)
+            a_s, n_s = _unit_energy(fs, dtype)
+            a_t, _ = _unit_energy(ft, dtype)
+            diff = a_s - a_t
+            part = diff.square().sum(-1)
+            hw = diff.shape[-1]
+            total = part.div_(hw) if total is None else total.add_(part, alpha=1.0 / hw)
+            saved += [a_s, n_s, diff]
+        if total is None:
+            raise ValueError("attention needs at least one pair")
+        rows = total * beta
+        ctx.save_for_backward(*students, *teachers, *saved)
+        ctx.hyper = (beta, reduction, n_pairs)
+        if reduction == 0:
+            return rows
+        out = rows.sum()
+        return out.div_(max(rows.shape[0], 1)) if reduction >= 2 else out
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        beta, reduction, n_pairs = ctx.hyper
+        saved = ctx.saved_tensors
+        students, teachers, rest = saved[:n_pairs], saved[n_pairs : 2 * n_pairs], saved[2 * n_pairs :]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
+            with torch.enable_grad():
+                loss = attention_reference(students, teachers, beta, reduction)
+                grads = torch.autograd.grad(loss, students, grad_loss, create_graph=True)
+            return (None, None, None, *grads, *(None,) * n_pairs)
+        batch = students[0].shape[0]
+        g = grad_loss.unsqueeze(-1) if reduction == 0 else grad_loss
+        coef = g * (2.0 * beta / (max(batch, 1) if reduction >= 2 else 1))
+        grads_out: list[Tensor | None] = []
+        for j, fs in enumerate(students):
+            a_s, n_s, diff = rest[3 * j], rest[3 * j + 1], rest[3 * j + 2]
+            big_g = diff * (coef / diff.shape[-1])  # dL/da_s
+            dq = big_g.sub_(a_s * (a_s * big_g).sum(-1, keepdim=True)).div_(n_s)  # dL/dQ_s
+            grad = fs * dq.mul_(2.0).view(fs.shape[0], 1, fs.shape[2], fs.shape[3])
+            grads_out.append(grad if grad.dtype == fs.dtype else grad.to(fs.dtype))
+        return (None, None, None, *grads_out, *(None,) * n_pairs)
+
+
+def _unit_energy(f: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(Q / max(||Q||, eps), max(||Q||, eps))`` with ``Q = sum_c f^2`` flattened to ``(B, H W)``, in ``dtype``."""
+    # (a sum over dimension 1, not vector_norm: ATen's CPU norm over a non-innermost dimension is
+    # ~30x slower than the elementwise square and the sum)
+    q = (f if f.dtype == dtype else f.to(dtype)).square().sum(1).flatten(1)
+    n = torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_(min=1e-12)
+    return q / n, n
+
+
+def attention_p2(students: list[Tensor], teachers: list[Tensor], *, beta: float, reduction: str) -> Tensor:
+    """``beta * sum_pairs mean_i (a_s - a_t)^2`` per sample (``p = 2``, equal spatial sizes per pair), reduced.
+
+    Arguments validated by the caller; the teachers receive no gradient.
+    """
+    teachers = [t.detach() if t.requires_grad else t for t in teachers]
+    if not (torch.is_grad_enabled() and any(f.requires_grad for f in students)):
+        # No gradient to compute: the plain formula. (Also what dynamo needs: it mis-binds the
+        # variadic arguments of an autograd.Function called on inputs that do not require grad.)
+        return attention_reference(students, teachers, beta, _REDUCTIONS[reduction])
+    b: Scalar = torch.as_tensor(beta) if torch.compiler.is_compiling() else beta  # see kl_family
+    loss: Tensor = _AttentionP2.apply(b, _REDUCTIONS[reduction], len(students), *students, *teachers)
+    return loss
+
+
+def attention_reference(students: Sequence[Tensor], teachers: Sequence[Tensor], beta: Scalar, reduction: int) -> Tensor:
+    """Attention transfer (``p = 2``, equal sizes) with autograd operators (what a double backward differentiates)."""
+    total: Tensor | None = None
+    for fs, ft in zip(students, teachers):
+        dtype = _compute_dtype(fs, ft)
+        a_s = F.normalize(fs.to(dtype).square().mean(1).flatten(1), dim=1, eps=1e-12)
+        a_t = F.normalize(ft.detach().to(dtype).square().mean(1).flatten(1), dim=1, eps=1e-12)
+        part = (a_s - a_t).square().mean(1)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("attention needs at least one pair")
+    rows = total * beta
+    if reduction == 0:
+        return rows
+    return rows.sum() / max(rows.shape[0], 1) if reduction >= 2 else rows.sum()
+
+
+# ------------------------------------------------------------------------------------------------ VID
+
+
+class _VIDMean(torch.autograd.Function):
+    """VID's Gaussian negative log-likelihood, reduced (``"mean"``, ``"sum"``, ``"batchmean"``).
+
+    With ``d = mu - t`` and ``r = d / var`` (channel ``c`` of ``var`` along dimension 1),
+    ``sum 0.5 (d^2 / var + log var) = 0.5 sum_c (var_c S_c + n_c log var_c)``, ``S_c = sum r^2`` over
+    the channel's ``n_c`` elements; ``dL/dmu = r`` and ``dL/dvar_c = 0.5 (n_c / var_c - S_c)``, both
+    times the incoming gradient and the reduction's factor. One pass to form ``r``, one reduction
+    for ``S``, one product for the gradient of ``mu``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, mu: Tensor, t: Tensor, var: Tensor, factor: Scalar) -> Tensor:  # type: ignore[override]
+        channels = mu.shape[1]
+        per_channel = mu.numel() // max(channels, 1)
+        view = (1, channels) + (1,) * (mu.ndim - 2)
+        r = (mu - t).div_(var.view(view))
+        s2 = (r * r).sum([0, *range(2, mu.ndim)])
+        loss = torch.addcmul(var.log(), s2, var, value=1.0 / max(per_channel, 1)).sum().mul_(per_channel * factor * 0.5)
+        ctx.save_for_backward(mu, t, var, r, s2)
+        ctx.hyper = (factor, per_channel)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mu, t, var, r, s2 = ctx.saved_tensors
+        factor, per_channel = ctx.hyper
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
+            with torch.enable_grad():
+                loss = vid_reference(mu, t, var, factor)
+                g_mu, g_var = torch.autograd.grad(loss, (mu, var), grad_loss, create_graph=True, allow_unused=True)
+            return g_mu, None, g_var, None
+        g = grad_loss * factor
+        grad_mu = r * g if ctx.needs_input_grad[0] else None
+        grad_var = None
+        if ctx.needs_input_grad[2]:  # a learned variance (VIDRegressor's): 0.5 (n_c / var_c - S_c)
+            grad_var = var.reciprocal().mul_(0.5 * per_channel).sub_(s2, alpha=0.5).mul_(g)
+        return grad_mu, None, grad_var, None
+
+
+def vid_reduced(mu: Tensor, t: Tensor, var: Tensor, *, factor: float) -> Tensor:
+    """``factor * sum 0.5 ((t - mu)^2 / var + log var)`` in one autograd.Function (arguments validated, one dtype)."""
+    if t.requires_grad:
+        t = t.detach()
+    f: Scalar = torch.as_tensor(factor) if torch.compiler.is_compiling() else factor  # see kl_family
+    loss: Tensor = _VIDMean.apply(mu, t, var, f)
+    return loss
+
+
+def vid_reference(mu: Tensor, t: Tensor, var: Tensor, factor: Scalar) -> Tensor:
+    """The same with autograd operators (what a double backward differentiates)."""
+    v = var.view((1, mu.shape[1]) + (1,) * (mu.ndim - 2))
+    return (0.5 * ((t.detach() - mu).square() / v + v.log())).sum() * factor
+
+
+# ------------------------------------------------------------------------------------------------ AB
+
+
+class _ABHinge(torch.autograd.Function):
+    """AB's squared hinge ``sum max(0, m - sigma s)^2`` (``sigma = +1`` where the teacher is on, else -1).
+
+    ``dL/ds = -2 sigma max(0, m - sigma s)``: the hinge itself, signed, so the backward is one
+    selection and one product.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, on: Tensor, margin: Scalar, factor: Scalar) -> Tensor:  # type: ignore[override]
+        h = torch.where(on, -s, s).add_(margin).clamp_(min=0.0)  # max(0, m - sigma s)
+        flat = h.view(-1)
+        loss = torch.dot(flat, flat).mul_(factor)
+        ctx.save_for_backward(s, on, h)
+        ctx.hyper = (margin, factor)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        s, on, h = ctx.saved_tensors
+        margin, factor = ctx.hyper
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(ab_reference(s, on, margin, factor), s, grad_loss, create_graph=True)
+            return grad, None, None, None
+        return torch.where(on, -h, h).mul_(grad_loss * (2.0 * factor)), None, None, None
+
+
+def ab_hinge(s: Tensor, on: Tensor, *, margin: float, factor: float) -> Tensor:
+    """``factor * sum max(0, margin - sigma s)^2`` in one autograd.Function (arguments validated)."""
+    hyper: tuple[Scalar, Scalar] = (margin, factor)
+    if torch.compiler.is_compiling():  # see kl_family
+        hyper = (torch.as_tensor(margin), torch.as_tensor(factor))
+    loss: Tensor = _ABHinge.apply(s, on, *hyper)
+    return loss
+
+
+def ab_reference(s: Tensor, on: Tensor, margin: Scalar, factor: Scalar) -> Tensor:
+    """The same with autograd operators (what a double backward differentiates)."""
+    return torch.where(on, -s, s).add(margin).clamp(min=0.0).square().sum() * factor
