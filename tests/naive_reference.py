@@ -37,9 +37,12 @@ __all__ = [
     "kd",
     "kd_ce",
     "nst",
+    "orthogonality",
+    "paired_kd",
     "pkt",
     "reverse_kl",
     "rkd",
+    "self_distillation",
     "sp",
     "vid",
 ]
@@ -298,3 +301,41 @@ def cc_paper(s: Tensor, t: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor
         return out
 
     return (psi(t) - psi(s)).pow(2).mean()
+
+
+# ------------------------------------------------------------------------------------ cohorts of heads
+
+
+def paired_kd(students: Tensor, teachers: Tensor, labels: Tensor, temperature: float, alpha: float) -> Tensor:
+    """MHKD, pair by pair as its authors loop: ``sum_j alpha KD(s_j, t_j) + (1 - alpha) CE(s_j, y)``."""
+    total = torch.zeros((), device=students.device)
+    for s, t in zip(students, teachers):
+        total = total + kd_ce(s, t, labels, temperature, alpha)
+    return total
+
+
+def self_distillation(
+    exits: Tensor,
+    final: Tensor,
+    labels: Tensor,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    exit_features: Sequence[Tensor],
+    final_feature: Tensor,
+) -> Tensor:
+    """BYOT: ``CE(final) + sum_i [(1 - alpha) CE(exit_i) + alpha KD(final -> exit_i)] + beta sum_i MSE(f_i, f)``."""
+    total = F.cross_entropy(final, labels)
+    for z in exits:
+        total = total + kd_ce(z, final.detach(), labels, temperature, alpha)
+    for f in exit_features:
+        total = total + beta * F.mse_loss(f, final_feature.detach())
+    return total
+
+
+def orthogonality(weight: Tensor) -> Tensor:
+    """``||W W^T - I||_F^2`` over the smaller side of the reshaped weight."""
+    m = weight.reshape(weight.shape[0], -1)
+    if m.shape[0] > m.shape[1]:
+        m = m.t()
+    return (m @ m.t() - torch.eye(m.shape[0], device=m.device)).pow(2).sum()

@@ -41,9 +41,10 @@ __all__ = [
     "LOG_FLOOR",
     "ab_hinge",
     "attention_p2",
-    "attention_reference",
     "dkd",
     "dkd_reference",
+    "energy_distance",
+    "energy_distance_reference",
     "kl_family",
     "kl_family_reference",
     "vid_reduced",
@@ -553,19 +554,23 @@ def dkd_reference(
 
 
 class _AttentionP2(torch.autograd.Function):
-    """Attention transfer with ``p = 2`` over pairs of equal spatial sizes: forward and analytic backward.
+    """Distances between unit spatial energy maps (``p = 2``), pairs of equal sizes: forward and analytic backward.
 
     Per map ``Q = sum_c f^2`` (the channel mean of :func:`kdloss.functional.attention_map` up to the
-    factor ``1 / C``, which the normalisation removes);
-    ``a = Q / max(||Q||, eps)``. With ``G = dL/da_s``, ``dL/dQ_s = (G - a_s (a_s . G)) / max(||Q_s||, eps)``
-    and ``dL/df_s = 2 f_s dL/dQ_s``: one broadcast product per student map, which is the only pass
-    over the maps in the backward (the projection is left out for a map whose norm is below
-    ``eps``, where ``F.normalize`` holds the denominator constant: such a map's ``a`` is below
-    ``1e-12`` per entry, so the difference is below rounding).
+    factor ``1 / C``, which the normalisation removes) and ``a = Q / max(||Q||, eps)``. Per sample,
+    summed over the pairs: ``mode`` 0 ``mean_i (a_s - a_t)^2`` (attention transfer), 1
+    ``sum_i |a_s - a_t|`` and 2 ``sum_i (a_s - a_t)^2`` (RepDistiller's factor transfer), times
+    ``scale``. With ``G = dL/da_s``, ``dL/dQ_s = (G - a_s (a_s . G)) / max(||Q_s||, eps)`` and
+    ``dL/df_s = 2 f_s dL/dQ_s``: one broadcast product per student map, the only pass over the
+    maps in the backward (the projection is left out for a map whose norm is below ``eps``, where
+    ``F.normalize`` holds the denominator constant: such a map's ``a`` is below ``1e-12`` per entry,
+    so the difference is below rounding). A reduced loss is the rows' sum divided by ``divisor``.
     """
 
     @staticmethod
-    def forward(ctx: Any, beta: Scalar, reduction: int, n_pairs: int, *maps: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, scale: Scalar, mode: int, divisor: int, n_pairs: int, *maps: Tensor
+    ) -> Tensor:
         students, teachers = maps[:n_pairs], maps[n_pairs:]
         total: Tensor | None = None
         saved: list[Tensor] = []
@@ -574,41 +579,41 @@ class _AttentionP2(torch.autograd.Function):
             a_s, n_s = _unit_energy(fs, dtype)
             a_t, _ = _unit_energy(ft, dtype)
             diff = a_s - a_t
-            part = diff.square().sum(-1)
-            hw = diff.shape[-1]
-            total = part.div_(hw) if total is None else total.add_(part, alpha=1.0 / hw)
+            part = torch.linalg.vector_norm(diff, ord=1, dim=-1) if mode == 1 else diff.square().sum(-1)
+            w = 1.0 / diff.shape[-1] if mode == 0 else 1.0
+            total = part.mul_(w) if total is None else total.add_(part, alpha=w)
             saved += [a_s, n_s, diff]
         if total is None:
             raise ValueError("attention needs at least one pair")
-        rows = total * beta
+        rows = total * scale
         ctx.save_for_backward(*students, *teachers, *saved)
-        ctx.hyper = (beta, reduction, n_pairs)
-        if reduction == 0:
+        ctx.hyper = (scale, mode, divisor, n_pairs)
+        if divisor == 0:
             return rows
         out = rows.sum()
-        return out.div_(max(rows.shape[0], 1)) if reduction >= 2 else out
+        return out.div_(divisor) if divisor != 1 else out
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        beta, reduction, n_pairs = ctx.hyper
+        scale, mode, divisor, n_pairs = ctx.hyper
         saved = ctx.saved_tensors
         students, teachers, rest = saved[:n_pairs], saved[n_pairs : 2 * n_pairs], saved[2 * n_pairs :]
+        none = (None,) * 4
         if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
             with torch.enable_grad():
-                loss = attention_reference(students, teachers, beta, reduction)
+                loss = energy_distance_reference(students, teachers, scale, mode, divisor)
                 grads = torch.autograd.grad(loss, students, grad_loss, create_graph=True)
-            return (None, None, None, *grads, *(None,) * n_pairs)
-        batch = students[0].shape[0]
-        g = grad_loss.unsqueeze(-1) if reduction == 0 else grad_loss
-        coef = g * (2.0 * beta / (max(batch, 1) if reduction >= 2 else 1))
+            return (*none, *grads, *(None,) * n_pairs)
+        g = grad_loss.unsqueeze(-1) if divisor == 0 else grad_loss
+        coef = g * (scale / (divisor if divisor > 1 else 1) * (1.0 if mode == 1 else 2.0))
         grads_out: list[Tensor | None] = []
         for j, fs in enumerate(students):
             a_s, n_s, diff = rest[3 * j], rest[3 * j + 1], rest[3 * j + 2]
-            big_g = diff * (coef / diff.shape[-1])  # dL/da_s
+            big_g = (diff.sign() if mode == 1 else diff) * (coef / diff.shape[-1] if mode == 0 else coef)  # dL/da_s
             dq = big_g.sub_(a_s * (a_s * big_g).sum(-1, keepdim=True)).div_(n_s)  # dL/dQ_s
             grad = fs * dq.mul_(2.0).view(fs.shape[0], 1, fs.shape[2], fs.shape[3])
             grads_out.append(grad if grad.dtype == fs.dtype else grad.to(fs.dtype))
-        return (None, None, None, *grads_out, *(None,) * n_pairs)
+        return (*none, *grads_out, *(None,) * n_pairs)
 
 
 def _unit_energy(f: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -620,36 +625,46 @@ def _unit_energy(f: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return q / n, n
 
 
-def attention_p2(students: list[Tensor], teachers: list[Tensor], *, beta: float, reduction: str) -> Tensor:
-    """``beta * sum_pairs mean_i (a_s - a_t)^2`` per sample (``p = 2``, equal spatial sizes per pair), reduced.
+def energy_distance(students: list[Tensor], teachers: list[Tensor], *, scale: float, mode: int, divisor: int) -> Tensor:
+    """See :class:`_AttentionP2` (arguments validated, equal spatial sizes per pair); teachers get no gradient.
 
-    Arguments validated by the caller; the teachers receive no gradient.
+    ``divisor``: 0 for per-sample rows, else the reduced loss is their sum divided by it.
     """
     teachers = [t.detach() if t.requires_grad else t for t in teachers]
     if not (torch.is_grad_enabled() and any(f.requires_grad for f in students)):
         # No gradient to compute: the plain formula. (Also what dynamo needs: it mis-binds the
         # variadic arguments of an autograd.Function called on inputs that do not require grad.)
-        return attention_reference(students, teachers, beta, _REDUCTIONS[reduction])
-    b: Scalar = torch.as_tensor(beta) if torch.compiler.is_compiling() else beta  # see kl_family
-    loss: Tensor = _AttentionP2.apply(b, _REDUCTIONS[reduction], len(students), *students, *teachers)
+        return energy_distance_reference(students, teachers, scale, mode, divisor)
+    sc: Scalar = torch.as_tensor(scale) if torch.compiler.is_compiling() else scale  # see kl_family
+    loss: Tensor = _AttentionP2.apply(sc, mode, divisor, len(students), *students, *teachers)
     return loss
 
 
-def attention_reference(students: Sequence[Tensor], teachers: Sequence[Tensor], beta: Scalar, reduction: int) -> Tensor:
-    """Attention transfer (``p = 2``, equal sizes) with autograd operators (what a double backward differentiates)."""
+def attention_p2(students: list[Tensor], teachers: list[Tensor], *, beta: float, reduction: str) -> Tensor:
+    """``beta * sum_pairs mean_i (a_s - a_t)^2`` per sample (``p = 2``, equal spatial sizes per pair), reduced."""
+    red = _REDUCTIONS[reduction]
+    divisor = 0 if red == 0 else 1 if red == 1 else max(students[0].shape[0], 1)
+    return energy_distance(students, teachers, scale=beta, mode=0, divisor=divisor)
+
+
+def energy_distance_reference(
+    students: Sequence[Tensor], teachers: Sequence[Tensor], scale: Scalar, mode: int, divisor: int
+) -> Tensor:
+    """The same with autograd operators (what a double backward differentiates)."""
     total: Tensor | None = None
     for fs, ft in zip(students, teachers):
         dtype = _compute_dtype(fs, ft)
         a_s = F.normalize(fs.to(dtype).square().mean(1).flatten(1), dim=1, eps=1e-12)
         a_t = F.normalize(ft.detach().to(dtype).square().mean(1).flatten(1), dim=1, eps=1e-12)
-        part = (a_s - a_t).square().mean(1)
+        d = a_s - a_t
+        part = d.abs().sum(1) if mode == 1 else d.square().sum(1) if mode == 2 else d.square().mean(1)
         total = part if total is None else total + part
     if total is None:
         raise ValueError("attention needs at least one pair")
-    rows = total * beta
-    if reduction == 0:
+    rows = total * scale
+    if divisor == 0:
         return rows
-    return rows.sum() / max(rows.shape[0], 1) if reduction >= 2 else rows.sum()
+    return rows.sum() / divisor
 
 
 # ------------------------------------------------------------------------------------------------ VID

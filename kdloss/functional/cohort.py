@@ -26,6 +26,7 @@ from kdloss._validate import (
     check_same_device,
     check_unit_interval,
     compute_dtype,
+    in_dtype,
     reduce_loss,
 )
 from kdloss.compose import LossParts
@@ -452,7 +453,7 @@ def orthogonality_penalty(weight: Tensor, *, variant: TOFDVariant = "kdloss") ->
         raise ShapeError(f"weight must have at least 2 dimensions (out, in, ...), got shape {tuple(weight.shape)}")
     if variant not in _TOFD_VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(map(repr, _TOFD_VARIANTS))}, got {variant!r}")
-    m = weight.reshape(weight.shape[0], -1).to(torch.promote_types(weight.dtype, torch.float32))
+    m = in_dtype(weight.reshape(weight.shape[0], -1), compute_dtype(weight))
     if variant == "authors":
         total = m.new_zeros(())
         for gram in (m @ m.t(), m.t() @ m):

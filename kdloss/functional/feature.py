@@ -31,7 +31,7 @@ from kdloss._validate import (
     pair_up,
     reduce_loss,
 )
-from kdloss.functional._autograd import ab_hinge, vid_reduced
+from kdloss.functional._autograd import ab_hinge, energy_distance, vid_reduced
 from kdloss.functional._spatial import pool_pair, spatial_energy, unit_rows
 
 __all__ = ["FTVariant", "ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
@@ -321,6 +321,11 @@ def ft_loss(
                 )
         check_batch("student_factor", student_factor, "teacher_factor", teacher_factor)
         fs, ft = pool_pair(student_factor, detached(teacher_factor))
+        if exponent == 2.0:
+            # one autograd.Function over the unit energy maps (as attention transfer's)
+            red = {"none": 0, "sum": 1, "batchmean": max(fs.shape[0], 1)}.get(reduction)
+            divisor = red if red is not None else max(fs.shape[0] * fs.shape[-2] * fs.shape[-1], 1)
+            return energy_distance([fs], [ft], scale=1.0, mode=p, divisor=divisor)
         s = unit_rows(spatial_energy(fs, exponent).flatten(1))
         t = unit_rows(spatial_energy(ft, exponent).flatten(1))
     diff = t - s
