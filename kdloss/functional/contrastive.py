@@ -260,7 +260,7 @@ def crd_logits(
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """Disable autocast only where it is on (entering ``torch.autocast`` costs host time)."""
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # (meta: no autocast)
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
