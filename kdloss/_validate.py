@@ -223,6 +223,15 @@ def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, *, hint: st
 
 def check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, *, hint: str = "") -> None:
     """A student/teacher pair: two floating-point tensors of one shape on one device (see the checks used)."""
+    if (  # the usual case in one expression; anything else goes through the checks that explain it
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.shape == b.shape
+        and a.device == b.device
+        and a.is_floating_point()
+        and b.is_floating_point()
+    ):
+        return
     check_float(name_a, a)
     check_float(name_b, b)
     check_same_device(**{name_a: a, name_b: b})

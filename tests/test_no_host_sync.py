@@ -102,7 +102,8 @@ def test_logit_loss_and_gradient_run_on_meta_tensors(name: str) -> None:
     out = GRAD_CASES[name](s)
     assert isinstance(out, Tensor)
     (g,) = torch.autograd.grad(out, s)
-    assert g.device.type == "meta" and g.shape == s.shape
+    assert g.device.type == "meta"
+    assert g.shape == s.shape
 
 
 @pytest.mark.parametrize("name", sorted(MAP_CASES))
@@ -111,7 +112,8 @@ def test_feature_loss_and_gradient_run_on_meta_tensors(name: str) -> None:
     out = MAP_CASES[name](f)
     assert isinstance(out, Tensor)
     (g,) = torch.autograd.grad(out, f)
-    assert g.device.type == "meta" and g.shape == f.shape
+    assert g.device.type == "meta"
+    assert g.shape == f.shape
 
 
 def test_crd_step_runs_on_meta_tensors() -> None:
@@ -123,4 +125,5 @@ def test_crd_step_runs_on_meta_tensors() -> None:
     loss = crd(fs, _z(3, 5), torch.zeros(3, dtype=torch.long, device="meta"))
     loss.backward()
     crd(_zg(3, 6), _z(3, 5), torch.zeros(3, dtype=torch.long, device="meta"))  # flushes the first update
-    assert fs.grad is not None and fs.grad.device.type == "meta"
+    assert fs.grad is not None
+    assert fs.grad.device.type == "meta"

@@ -55,6 +55,7 @@ LOG_FLOOR = -1e30
 on both sides then contributes ``0 * finite = 0`` instead of ``0 * (-inf - -inf) = NaN``."""
 
 _NEG_INF = float("-inf")
+_WIDE = (torch.float32, torch.float64)
 
 PLAIN_FIRST = True
 """Whether CPU calls try the plain form first (see the module docstring); the tests switch it off to
@@ -146,15 +147,29 @@ class _KLFamily(torch.autograd.Function):
         ce_weight: Scalar,
         flags: Flags,
     ) -> Tensor:
-        direction, reduction, _, has_kl, has_ce, plain_first = flags
+        direction, reduction, scaled, has_kl, has_ce, plain_first = flags
         rows = 0
-        if plain_first:
-            loss, saved, rows = _plain(s, t, labels, temperature, beta, kl_weight, ce_weight, flags)
+        if plain_first and direction == 0 and not has_ce and s.dtype == t.dtype and s.dtype in _WIDE:
+            # Hinton's KD, the common call, inline: log-softmax of both, KL terms, one sum
+            rows = s.numel() // s.shape[-1]
+            lq = torch.log_softmax(s / temperature if scaled else s, -1)
+            lp = torch.log_softmax(t / temperature if scaled else t, -1)
+            p = lp.exp()
+            terms = (lp - lq).mul_(p)
+            per = (rows if reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
+            loss = (terms.sum() if reduction else terms.sum(-1)).mul_(kl_weight * temperature * temperature / per)
+            saved: tuple[Tensor, ...] = (p, lq)
             if not math.isfinite((loss if reduction else loss.sum()).item()):
                 rows = 0  # a -inf logit, a row without a distribution or a NaN: the robust form decides
+        elif plain_first:
+            loss, saved, rows = _plain(s, t, labels, temperature, beta, kl_weight, ce_weight, flags)
+            if not math.isfinite((loss if reduction else loss.sum()).item()):
+                rows = 0
         if not rows:
             loss, saved = _robust(s, t, row_ok, labels, temperature, beta, kl_weight, ce_weight, flags)
-        ctx.save_for_backward(s, t, row_ok, labels, *saved)
+        ctx.save_for_backward(s, *saved)
+        # (kept for a double backward only: not saved tensors, no version checks needed on them)
+        ctx.extra = (t, row_ok, labels)
         ctx.hyper = (temperature, beta, kl_weight, ce_weight, flags)
         # the plain form's means divide by the row count here (the robust form's weights carry
         # 1 / N); "mean" also divides by the class count. d/ds of T^2 D(s / T) is T dD/dz.
@@ -171,10 +186,10 @@ class _KLFamily(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        s, _, _, _, *saved = saved_all = ctx.saved_tensors
+        s, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient that can itself be differentiated
             with torch.enable_grad():
-                loss = kl_family_reference(*saved_all[:4], *ctx.hyper)
+                loss = kl_family_reference(s, *ctx.extra, *ctx.hyper)
                 (again,) = torch.autograd.grad(loss, s, grad_loss, create_graph=True)
             return (again, *_NONE8)
         g = grad_loss.unsqueeze(-1) if ctx.none else grad_loss

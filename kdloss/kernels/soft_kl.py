@@ -149,8 +149,10 @@ def _prepare_rows(
     student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, mask: Tensor | None, ce_weight: float
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     c = student_logits.shape[-1]
-    s2 = student_logits.reshape(-1, c)
-    t2 = teacher_logits.detach().reshape(-1, c)
+    # (reshape and detach are dispatched operators: skipped where they would change nothing)
+    s2 = student_logits if student_logits.ndim == 2 else student_logits.reshape(-1, c)
+    t2 = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
+    t2 = t2 if t2.ndim == 2 else t2.reshape(-1, c)
     # Any row stride is read in place; a class stride other than 1 (a transposed view) is copied
     # once, so that the kernel's loads are contiguous and its column offsets cannot overflow int32.
     if s2.stride(1) != 1:
@@ -158,8 +160,8 @@ def _prepare_rows(
     if t2.stride(1) != 1:
         t2 = t2.contiguous()
     # the kernel indexes labels and mask by row: they must be dense
-    lab = labels.reshape(-1).contiguous() if labels is not None else None
-    msk = mask.reshape(-1).contiguous() if mask is not None else None
+    lab = (labels if labels.ndim == 1 else labels.reshape(-1)).contiguous() if labels is not None else None
+    msk = (mask if mask.ndim == 1 else mask.reshape(-1)).contiguous() if mask is not None else None
     if ce_weight != 0.0 and lab is None:
         raise ValueError("ce_weight != 0 needs labels")
     return s2, t2, lab, msk
