@@ -157,6 +157,23 @@ def cases() -> list[Case]:
                 "DIST authors' code",
             ),
             Case(
+                "MHKD (3 head pairs)",
+                size,
+                _heads(n),
+                lambda x: KF.paired_head_kd(x["s"], x["t"], x["y"], temperature=T, alpha=0.9).total,
+                lambda x: ref.paired_kd(x["s"], x["t"], x["y"], T, 0.9),
+                "per-pair KD + CE loop (MHKD)",
+            ),
+            Case(
+                "BYOT (3 exits)",
+                size,
+                _byot(n),
+                lambda x: KF.self_distillation_loss(x["s"], x["f"], x["y"], temperature=3.0, alpha=0.3).total,
+                lambda x: ref.self_distillation(x["s"], x["f"], x["y"], 3.0, 0.3, 0.0, [], x["f"]),
+                "per-exit KD + CE loop (BYOT)",
+                grad_of=lambda x: [x["s"], x["f"]],
+            ),
+            Case(
                 "cohort KD (K=4)",
                 size,
                 _cohort(n),
@@ -299,6 +316,30 @@ def _cohort(n: int) -> Callable[[int], Inputs]:
         return {
             "s": torch.randn(n, 100, generator=g).requires_grad_(),
             "t": torch.randn(4, n, 100, generator=g),
+            "y": torch.randint(0, 100, (n,), generator=g),
+        }
+
+    return make
+
+
+def _heads(n: int) -> Callable[[int], Inputs]:
+    def make(seed: int) -> Inputs:
+        g = _gen(seed)
+        return {
+            "s": (torch.randn(3, n, 100, generator=g) * 2).requires_grad_(),
+            "t": torch.randn(3, n, 100, generator=g) * 2,
+            "y": torch.randint(0, 100, (n,), generator=g),
+        }
+
+    return make
+
+
+def _byot(n: int) -> Callable[[int], Inputs]:
+    def make(seed: int) -> Inputs:
+        g = _gen(seed)
+        return {
+            "s": (torch.randn(3, n, 100, generator=g) * 2).requires_grad_(),
+            "f": (torch.randn(n, 100, generator=g) * 2).requires_grad_(),
             "y": torch.randint(0, 100, (n,), generator=g),
         }
 

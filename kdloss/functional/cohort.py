@@ -314,8 +314,8 @@ def cohort_kd(
     kd_values = kd_rows if red == "none" else kd_rows.sum(dim=1)
     if red == "batchmean":
         kd_values = kd_values / max(batch, 1)
-    for i, name in enumerate(names):
-        parts[f"kd/{name}"] = kd_values[i]
+    for name, kd_j in zip(names, kd_values.unbind(0)):
+        parts[f"kd/{name}"] = kd_j
     parts["ce"] = reduce_loss(ce_rows.detach(), red, rows=batch)
     parts["total"] = total.detach()
     return LossParts(total, parts)
@@ -395,16 +395,25 @@ def paired_head_kd(
     w = _check_weights(weights, k, "head pair")
 
     dtype = compute_dtype(s_stack, t_stack)
-    s = s_stack.to(dtype)
-    kd_rows = soft_kl(s, t_stack.to(dtype), temperature=temperature, reduction="none")  # (K, B), batched
+    s = in_dtype(s_stack, dtype)
+    kd_rows = soft_kl(s, in_dtype(t_stack, dtype), temperature=temperature, reduction="none")  # (K, B), batched
     ce_rows = F.cross_entropy(s.reshape(k * batch, c), labels.repeat(k), reduction="none").view(k, batch)
-    w_t = kd_rows.new_tensor(w) if w is not None else kd_rows.new_ones(k)
-    total_rows = (w_t.unsqueeze(1) * (a * kd_rows + (1.0 - a) * ce_rows)).sum(dim=0)
-    total = reduce_loss(total_rows, red, rows=batch)
+    pair_rows = torch.add(kd_rows * a, ce_rows, alpha=1.0 - a)  # (K, B)
+    if w is not None:
+        pair_rows = pair_rows * pair_rows.new_tensor(w).unsqueeze(1)
+    total = reduce_loss(pair_rows.sum(dim=0), red, rows=batch)
+    # the parts, all pairs at once (detached diagnostics): (K, B) rows, or (K,) reduced, unbound
+    with torch.no_grad():
+        both = torch.stack((kd_rows, ce_rows))  # (2, K, B)
+        if red != "none":
+            both = both.sum(dim=2)
+            if red == "batchmean":
+                both = both / max(batch, 1)
+    kd_parts, ce_parts = both.unbind(0)
     parts: dict[str, Tensor] = {}
-    for i, name in enumerate(s_names):
-        parts[f"kd/{name}"] = reduce_loss(kd_rows[i].detach(), red, rows=batch)
-        parts[f"ce/{name}"] = reduce_loss(ce_rows[i].detach(), red, rows=batch)
+    for name, kd_j, ce_j in zip(s_names, kd_parts.unbind(0), ce_parts.unbind(0)):
+        parts[f"kd/{name}"] = kd_j
+        parts[f"ce/{name}"] = ce_j
     parts["total"] = total.detach()
     return LossParts(total, parts)
 
@@ -830,8 +839,11 @@ def self_distillation_loss(
     for i, name in enumerate(names):
         parts[f"kd/{name}"] = head.parts[f"kd/{i}"]
         parts[f"ce/{name}"] = head.parts[f"ce/{i}"]
-    ce_rows = F.cross_entropy(final_logits.to(compute_dtype(final_logits)), labels.long(), reduction="none")
-    ce_final = reduce_loss(ce_rows, "batchmean", rows=final_logits.shape[0])  # an empty batch gives 0, not NaN
+    final = in_dtype(final_logits, compute_dtype(final_logits))
+    if final.shape[0] == 0:  # an empty batch gives 0, not cross_entropy's NaN
+        ce_final = final.sum() * 0.0
+    else:
+        ce_final = F.cross_entropy(final, labels.long())
     parts["ce/final"] = ce_final.detach()
     total = head.total + ce_final
     if final_feature is not None:
