@@ -158,6 +158,22 @@ FEATURE_CALLS: dict[str, tuple[Callable[..., Tensor], Callable[[], tuple[Tensor,
         lambda s, t: KF.ft_loss(s, t, variant="repdistiller", p=2, reduction="none"),
         lambda: (torch.randn(3, 4, 3, 3, dtype=F64), torch.randn(3, 2, 3, 3, dtype=F64)),
     ),
+    "ft paper": (
+        lambda s, t: KF.ft_loss(s, t),
+        lambda: (torch.randn(3, 4, 2, 2, dtype=F64), torch.randn(3, 4, 2, 2, dtype=F64)),
+    ),
+    "ft paper p=2": (
+        lambda s, t: KF.ft_loss(s, t, p=2, reduction="none"),
+        lambda: (torch.randn(3, 6, dtype=F64), torch.randn(3, 6, dtype=F64)),
+    ),
+    "pkt": (
+        lambda s, t: KF.pkt_loss(s, t),
+        lambda: (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)),
+    ),
+    "pkt none": (
+        lambda s, t: KF.pkt_loss(s, t, reduction="none", eps=1e-3),
+        lambda: (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)),
+    ),
     "ab": (
         lambda s, t: KF.ab_loss(s, t, margin=0.5),
         lambda: (torch.randn(3, 4, 2, 2, dtype=F64), torch.randn(3, 4, 2, 2, dtype=F64)),
@@ -195,10 +211,12 @@ COMPILED: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "kd_ce": lambda s, t: KF.kd_ce_loss(s, t, t.argmax(-1), alpha=0.3, temperature=2.0),
     "dkd": lambda s, t: KF.dkd_loss(s, t, t.argmax(-1)),
     "features": lambda s, t: (
-        KF.attention_loss(s.view(4, 2, 1, 3), t.view(4, 2, 1, 3))
+        KF.attention_loss(s.view(-1, 2, 1, 3), t.view(-1, 2, 1, 3))
         + KF.ab_loss(s, t)
-        + KF.vid_loss(s.view(4, 3, 2), t.view(4, 3, 2), torch.ones(3))
-        + KF.ft_loss(s.view(4, 2, 3, 1), t.view(4, 2, 3, 1), variant="repdistiller")
+        + KF.vid_loss(s.view(-1, 3, 2), t.view(-1, 3, 2), torch.ones(3))
+        + KF.ft_loss(s.view(-1, 2, 3, 1), t.view(-1, 2, 3, 1), variant="repdistiller")
+        + KF.ft_loss(s, t)
+        + KF.pkt_loss(s, t)
     ),
 }
 
@@ -207,12 +225,13 @@ COMPILED: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 def test_functions_compile_fullgraph(name: str) -> None:
     """dynamo traces the Functions (forward and backward) without a graph break; values and gradients agree."""
     fn = COMPILED[name]
-    s, t = _pair(4, 6, seed=7, dtype=torch.float32)
-    compiled = compile_fullgraph(fn, backend="aot_eager")
-    got = _value_and_grad(lambda a: compiled(a, t), s)  # type: ignore[arg-type, return-value]
-    want = _value_and_grad(lambda a: fn(a, t), s)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    compiled = compile_fullgraph(fn, backend="aot_eager", dynamic=True)  # symbolic sizes and floats
+    for batch in (4, 5):
+        s, t = _pair(batch, 6, seed=7, dtype=torch.float32)
+        got = _value_and_grad(lambda a: compiled(a, t), s)  # type: ignore[arg-type, return-value]  # noqa: B023
+        want = _value_and_grad(lambda a: fn(a, t), s)  # noqa: B023
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from kdloss._validate import (
     pair_up,
     reduce_loss,
 )
-from kdloss.functional._autograd import ab_hinge, energy_distance, vid_reduced
+from kdloss.functional._autograd import ab_hinge, energy_distance, ft_paper, vid_reduced
 from kdloss.functional._spatial import pool_pair, spatial_energy, unit_rows
 
 __all__ = ["FTVariant", "ab_loss", "ft_loss", "hcl_loss", "vid_loss"]
@@ -198,14 +198,10 @@ def ab_loss(
     check_positive("margin", margin)
     check_reduction(reduction)
     s = in_dtype(student_preact, compute_dtype(student_preact, teacher_preact))
-    on = detached(teacher_preact) > 0
+    t = detached(teacher_preact)
     if reduction == "none":  # max(0, m - sigma s)^2 element by element, sigma = +1 where the teacher is on
-        return torch.where(on, -s, s).add(margin).clamp(min=0.0).square()
-    numel = s.numel()
-    factor = (
-        1.0 / max(numel, 1) if reduction == "mean" else 1.0 / max(s.shape[0], 1) if reduction == "batchmean" else 1.0
-    )
-    return ab_hinge(s, on, margin=margin, factor=factor)  # one autograd.Function, analytic backward
+        return torch.where(t > 0, -s, s).add(margin).clamp(min=0.0).square()
+    return ab_hinge(s, t, margin=margin, factor=_factor(reduction, s))  # one autograd.Function, analytic backward
 
 
 def ft_loss(
@@ -307,8 +303,12 @@ def ft_loss(
             )
         _check_pair("student_factor", student_factor, "teacher_factor", teacher_factor, "the translator's output size")
         dtype = compute_dtype(student_factor, teacher_factor)
-        s = unit_rows(in_dtype(student_factor, dtype).flatten(1))
-        t = unit_rows(in_dtype(detached(teacher_factor), dtype).flatten(1))
+        sf, tf = in_dtype(student_factor, dtype).flatten(1), in_dtype(detached(teacher_factor), dtype).flatten(1)
+        if not torch.compiler.is_compiling():  # one autograd.Function (compiled graphs fuse the plain form)
+            red = {"none": 0, "sum": 1, "batchmean": max(sf.shape[0], 1)}.get(reduction)
+            divisor = red if red is not None else max(sf.shape[0] * sf.shape[1], 1)
+            return ft_paper(sf, tf, p=p, divisor=divisor)
+        s, t = unit_rows(sf), unit_rows(tf)
     else:
         exponent = 2.0 if factor_p is None else check_positive("factor_p", factor_p)
         check_float("student_factor", student_factor)
