@@ -166,6 +166,10 @@ FEATURE_CALLS: dict[str, tuple[Callable[..., Tensor], Callable[[], tuple[Tensor,
         lambda s, t: KF.ft_loss(s, t, p=2, reduction="none"),
         lambda: (torch.randn(3, 6, dtype=F64), torch.randn(3, 6, dtype=F64)),
     ),
+    "cc repdistiller": (
+        lambda s, t: KF.cc_loss(s, t, variant="repdistiller"),
+        lambda: (torch.randn(5, 4, dtype=F64), torch.randn(5, 4, dtype=F64)),
+    ),
     "pkt": (
         lambda s, t: KF.pkt_loss(s, t),
         lambda: (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)),

@@ -41,6 +41,8 @@ __all__ = [
     "LOG_FLOOR",
     "ab_hinge",
     "attention_p2",
+    "cc_neighbours",
+    "cc_neighbours_reference",
     "dkd",
     "dkd_reference",
     "energy_distance",
@@ -922,3 +924,47 @@ def pkt_reference(s: Tensor, t: Tensor, eps: float, divisor: int) -> Tensor:
     ps, pt = conditional(s), conditional(t.detach())
     rows = (pt * (pt.clamp(min=eps).log() - ps.clamp(min=eps).log())).sum(1)
     return rows if divisor == 0 else rows.sum() / divisor
+
+
+# ------------------------------------------------------------------------------------------------ CC (RepDistiller)
+
+
+class _CCNeighbours(torch.autograd.Function):
+    """RepDistiller's correlation: ``sum_i <|d_i|, |d_{i+1}|> / (B - 1)``, ``d = s - t``.
+
+    ``dL/ds_i = sign(d_i) (|d_{i-1}| + |d_{i+1}|) / (B - 1)`` (missing neighbours 0): the shifted
+    copies are two ``pad``s (a negative pad crops), not sliced writes into a zero tensor.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
+        d = s - t
+        a = d.abs()
+        below = F.pad(a, (0, 0, -1, 1))  # row i holds |d_{i+1}| (0 for the last)
+        total = (a * below).sum().div_(max(a.shape[0] - 1, 1))
+        ctx.save_for_backward(s, t, d, a)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        s, t, d, a = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(cc_neighbours_reference(s, t), s, grad_loss, create_graph=True)
+            return grad, None
+        neighbours = F.pad(a, (0, 0, -1, 1)).add_(F.pad(a, (0, 0, 1, -1)))
+        return torch.sign(d).mul_(neighbours).mul_(grad_loss / max(a.shape[0] - 1, 1)), None
+
+
+def cc_neighbours(s: Tensor, t: Tensor) -> Tensor:
+    """:class:`_CCNeighbours` on ``(B, D)`` embeddings of one shape and dtype (validated; ``t`` gets no gradient)."""
+    if torch.compiler.is_compiling():  # a compiled graph fuses the plain formula itself
+        return cc_neighbours_reference(s, t)
+    loss: Tensor = _CCNeighbours.apply(s, t.detach() if t.requires_grad else t)
+    return loss
+
+
+def cc_neighbours_reference(s: Tensor, t: Tensor) -> Tensor:
+    """The same with autograd operators (what a double backward differentiates)."""
+    delta = (s - t.detach()).abs()
+    return (delta[:-1] * delta[1:]).sum() / max(delta.shape[0] - 1, 1)

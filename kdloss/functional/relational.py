@@ -30,7 +30,7 @@ from kdloss._validate import (
     pair_up,
     reduce_loss,
 )
-from kdloss.functional._autograd import pkt_self
+from kdloss.functional._autograd import cc_neighbours, pkt_self
 from kdloss.functional._spatial import unit_rows
 
 __all__ = ["cc_loss", "fsp_loss", "fsp_matrix", "nst_loss", "pkt_loss", "rkd_loss", "sp_loss"]
@@ -49,6 +49,17 @@ def _pairs(
     student: Tensor | Sequence[Tensor], teacher: Tensor | Sequence[Tensor], method: str
 ) -> list[tuple[str, Tensor, str, Tensor]]:
     """Pair up one tensor or two equally long sequences, with checked dtype, device and batch size."""
+    if (  # one pair, the usual case, in one expression (anything else is checked below, with messages)
+        isinstance(student, Tensor)
+        and isinstance(teacher, Tensor)
+        and student.ndim > 0
+        and teacher.ndim > 0
+        and student.shape[0] == teacher.shape[0]
+        and student.device == teacher.device
+        and student.is_floating_point()
+        and teacher.is_floating_point()
+    ):
+        return [("student_features", student, "teacher_features", teacher)]
     s_list, t_list = pair_up(student, teacher, one="tensor", many="tensors", context=f"{method}: ")
     out = []
     single = isinstance(student, Tensor)
@@ -220,9 +231,8 @@ def cc_loss(
                 "cc_loss(variant='repdistiller') subtracts the embeddings and needs equal shapes, "
                 f"got {tuple(s.shape)} and {tuple(t.shape)}"
             )
-        delta = (s - t).abs()
-        # mean over i of <delta_i, delta_{i+1}>: the sum of the elementwise product, divided by B - 1
-        return (delta[:-1] * delta[1:]).sum() / max(delta.shape[0] - 1, 1)
+        # mean over i of <|d_i|, |d_{i+1}|>: one autograd.Function
+        return cc_neighbours(s, t)
     if order == 0:  # psi is the constant exp(-2 gamma) for both: the loss is 0
         return (s.sum() * 0.0).to(dtype)
     coefs = [math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
