@@ -94,7 +94,16 @@ def test_results_markdown_lists_everything() -> None:
         "max_sets": 10,
         "pending": {"fam": "not covered yet"},
     }
-    base = {"case": "kd-x-float32", "shape": "2x3", "mode": "fwd", "bytes": 48, "pct_of_floor": 1.0}
+    base = {
+        "case": "kd-x-float32",
+        "family": "kd",
+        "size": "cifar",
+        "dtype": "float32",
+        "shape": "2x3",
+        "mode": "fwd",
+        "bytes": 48,
+        "pct_of_floor": 1.0,
+    }
     records = [
         {**base, "impl": "naive", "median_s": 2e-3, "peak_extra_bytes": None, "device_ops": None, "host_sync": None},
         {**base, "impl": "kdloss", "median_s": 1e-3, "peak_extra_bytes": 2**20, "device_ops": 1, "host_sync": False},
@@ -103,6 +112,9 @@ def test_results_markdown_lists_everything() -> None:
     assert "| kd-x-float32 | 2x3 | fwd | kdloss | 1.000 ms | 1.0 | 2.00 | 1.0 MiB | 1 | no |" in text
     assert "| kd-x-float32 | 2x3 | fwd | naive | 2.000 ms | 1.0 | 1.00 | - | - | - |" in text
     assert "- fam: not covered yet" in text
+    # the summary: x textbook per loss and size, and its geometric mean and lowest value
+    assert "| kd | cifar (2x3, float32) | fwd | 1.000 ms | 2.000 ms | 2.00 |" in text
+    assert "Geometric mean of `x textbook` over the 1 rows: **2.00**; lowest: **2.00** (kd-x-float32, fwd)" in text
 
 
 def test_check_targets_reads_a_results_file() -> None:
