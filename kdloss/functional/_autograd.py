@@ -598,26 +598,10 @@ class _AttentionP2(torch.autograd.Function):
         ctx: Any, scale: Scalar, mode: int, divisor: int, n_pairs: int, *maps: Tensor
     ) -> Tensor:
         students, teachers = maps[:n_pairs], maps[n_pairs:]
-        total: Tensor | None = None
-        saved: list[Tensor] = []
-        for fs, ft in zip(students, teachers):
-            dtype = _compute_dtype(fs, ft)
-            a_s, n_s = _unit_energy(fs, dtype)
-            a_t, _ = _unit_energy(ft, dtype)
-            diff = a_s - a_t
-            part = torch.linalg.vector_norm(diff, ord=1, dim=-1) if mode == 1 else diff.square().sum(-1)
-            w = 1.0 / diff.shape[-1] if mode == 0 else 1.0
-            total = part.mul_(w) if total is None else total.add_(part, alpha=w)
-            saved += [a_s, n_s, diff]
-        if total is None:
-            raise ValueError("attention needs at least one pair")
-        rows = total * scale
+        out, saved = _energy_distance(students, teachers, scale, mode, divisor)
         ctx.save_for_backward(*students, *teachers, *saved)
         ctx.hyper = (scale, mode, divisor, n_pairs)
-        if divisor == 0:
-            return rows
-        out = rows.sum()
-        return out.div_(divisor) if divisor != 1 else out
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -642,6 +626,33 @@ class _AttentionP2(torch.autograd.Function):
         return (*none, *grads_out, *(None,) * n_pairs)
 
 
+def _energy_distance(
+    students: Sequence[Tensor], teachers: Sequence[Tensor], scale: Scalar, mode: int, divisor: int
+) -> tuple[Tensor, list[Tensor]]:
+    """The forward arithmetic of :class:`_AttentionP2` (no graph).
+
+    Returns the loss and, per pair, ``(a_s, |Q_s|, a_s - a_t)``.
+    """
+    total: Tensor | None = None
+    saved: list[Tensor] = []
+    for fs, ft in zip(students, teachers):
+        dtype = _compute_dtype(fs, ft)
+        a_s, n_s = _unit_energy(fs, dtype)
+        a_t, _ = _unit_energy(ft, dtype)
+        diff = a_s - a_t
+        part = torch.linalg.vector_norm(diff, ord=1, dim=-1) if mode == 1 else diff.square().sum(-1)
+        w = 1.0 / diff.shape[-1] if mode == 0 else 1.0
+        total = part.mul_(w) if total is None else total.add_(part, alpha=w)
+        saved += [a_s, n_s, diff]
+    if total is None:
+        raise ValueError("attention needs at least one pair")
+    rows = total.mul_(scale)
+    if divisor == 0:
+        return rows, saved
+    out = rows.sum()
+    return (out.div_(divisor) if divisor != 1 else out), saved
+
+
 def _unit_energy(f: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(Q / max(||Q||, eps), max(||Q||, eps))`` with ``Q = sum_c f^2`` flattened to ``(B, H W)``, in ``dtype``."""
     # (a sum over dimension 1, not vector_norm: ATen's CPU norm over a non-innermost dimension is
@@ -657,11 +668,13 @@ def energy_distance(students: list[Tensor], teachers: list[Tensor], *, scale: fl
     ``divisor``: 0 for per-sample rows, else the reduced loss is their sum divided by it.
     """
     teachers = [t.detach() if t.requires_grad else t for t in teachers]
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and any(f.requires_grad for f in students)):
-        # No gradient to compute, or a compiled graph (which fuses the plain formula, and whose
-        # dynamo mis-binds this Function's variadic arguments with symbolic sizes or without
-        # grad): the plain formula.
+    if torch.compiler.is_compiling():
+        # A compiled graph fuses the plain formula (and dynamo mis-binds this Function's variadic
+        # arguments with symbolic sizes, or without grad).
         return energy_distance_reference(students, teachers, scale, mode, divisor)
+    if not (torch.is_grad_enabled() and any(f.requires_grad for f in students)):
+        with torch.no_grad():  # no gradient to compute: the same arithmetic, no Function
+            return _energy_distance(students, teachers, scale, mode, divisor)[0]
     loss: Tensor = _AttentionP2.apply(scale, mode, divisor, len(students), *students, *teachers)
     return loss
 
