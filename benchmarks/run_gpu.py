@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._cpu_alloc import pin_malloc
 from benchmarks.cases import PENDING_FAMILIES, Case, cpu_cases, gpu_cases, implementation, reference_check, step
 from kdloss.kernels import kernels_mode
 from kdloss.kernels import status as kernels_status
@@ -171,7 +172,7 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"- measured copy bandwidth: {meta['bandwidth_GBps']:.1f} GB/s (read + write); floor = bytes / bandwidth "
         "(byte counts in benchmarks/cases.py)",
         f"- warm-up {meta['warmup']} calls, median of {meta['reps']} timed calls, inputs rotated over "
-        f">= {meta['rotate_mib']} MiB (at most {meta['max_sets']} sets)",
+        f">= {meta['rotate_mib']} MiB (at most {meta['max_sets']} sets); host memory: {meta.get('allocator', '?')}",
         "- `naive` = the textbook formulation (`tests/naive.py`, `tests/naive_crd.py`, `tests/naive_cohort.py`); "
         "`compiled` = torch.compile of it; `x textbook` = textbook median / this median (above 1: faster)",
         "",
@@ -249,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotate-mib", type=float, default=None, help="rotate input sets over at least this many MiB")
     p.add_argument("--max-sets", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="CPU runs: keep glibc's dynamic mmap/trim thresholds (default: fixed, see benchmarks/_cpu_alloc.py)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -256,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     args.reps = args.reps if args.reps is not None else (200 if cuda else 15)
     args.rotate_mib = args.rotate_mib if args.rotate_mib is not None else (100.0 if cuda else 1.0)
     args.max_sets = args.max_sets if args.max_sets is not None else (2000 if cuda else 4)
+    allocator = "CUDA caching allocator"
     if not cuda:
         torch.set_num_threads(args.threads)
+        allocator = "default allocator (--default-malloc)" if args.default_malloc else pin_malloc()
     tag = args.tag or device.type
     families = {f for f in args.families.split(",") if f}
     sizes = {f for f in args.sizes.split(",") if f}
@@ -291,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "rotate_mib": args.rotate_mib,
         "max_sets": args.max_sets,
+        "allocator": allocator,
         "kernels_mode": kernels_mode(),
         "pending": PENDING_FAMILIES,
     }

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 import kdloss.functional as KF
+from benchmarks._cpu_alloc import pin_malloc
 from tests import naive_cohort
 from tests import naive_reference as ref
 from tests.opcount import count_ops
@@ -441,7 +442,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; git commit {meta['commit']}; host load average at start {meta['loadavg']}",
-        f"- host: {meta['cpu']}; torch {meta['torch']}, python {meta['python']}; {meta['threads']} thread",
+        f"- host: {meta['cpu']}; torch {meta['torch']}, python {meta['python']}; {meta['threads']} thread; "
+        f"host memory: {meta.get('allocator', '?')}",
         f"- forward + backward w.r.t. the student inputs, float32, interleaved blocks of calls (~{meta['block_ms']} ms "
         f"each), {meta['rounds']} rounds, order alternating; medians per call",
         "- `x ref` = reference median / kdloss median (above 1: kdloss faster); `spread` = the lowest and highest "
@@ -484,8 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--block-ms", type=float, default=40.0)
     p.add_argument("--out", default="docs/benchmarks/vs-reference-cpu", help="output path without suffix ('' = none)")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's dynamic mmap/trim thresholds (default: fixed, see benchmarks/_cpu_alloc.py)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    allocator = "default allocator (--default-malloc)" if args.default_malloc else pin_malloc()
     wanted = [w.strip().lower() for w in args.cases.split(",") if w.strip()]
     todo = [c for c in cases() if not wanted or any(w in c.name.lower() for w in wanted)]
     try:
@@ -503,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "block_ms": args.block_ms,
+        "allocator": allocator,
     }
     rows = []
     for case in todo:

@@ -245,7 +245,10 @@ def _plain(
     loss: Tensor | None = None
     if has_kl:
         tf = t if t.dtype == dtype else t.to(dtype)
-        zs, zt = (sf / temperature, tf / temperature) if scaled else (sf, tf)
+        zs, zt = sf, tf
+        if scaled:  # a converted copy is divided in place (one temporary less; the CE term needs sf)
+            zs = sf / temperature if sf is s or has_ce else sf.div_(temperature)
+            zt = tf / temperature if tf is t else tf.div_(temperature)
         lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
         terms, saved = _kl_terms(lq, lp, None, None, direction, beta, False)
         if direction == 2:
