@@ -271,6 +271,7 @@ def test_the_self_check_reference_is_independent_of_the_functions(monkeypatch: p
         raise AssertionError("the self-check must not call the eager Function")
 
     monkeypatch.setattr(A._KLFamily, "apply", broken)
+    monkeypatch.setattr(A, "_kl_forward", broken)  # what the Function and the no-graph path compute
     s, t = _pair(3, 4, dtype=torch.float32)
     rows, valid = _selfcheck.kd_rows_reference(
         s, t, temperature=2.0, labels=_labels(3, 4), kl_weight=0.5, ce_weight=0.5
@@ -286,3 +287,5 @@ def test_the_self_check_reference_is_independent_of_the_functions(monkeypatch: p
     assert F_kl.shape == (3,)
     with pytest.raises(AssertionError, match="must not call"):
         KF.soft_kl(s, t)
+    with pytest.raises(AssertionError, match="must not call"):
+        KF.soft_kl(s.requires_grad_(), t)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,3 +116,30 @@ def test_pkt_masked_and_plain_forms_agree() -> None:
     guarded = KF.pkt_loss(s, t, reduction="sum", eps=0.0)
     torch.testing.assert_close(plain, guarded, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(plain, nm.pkt(s, t, include_self=True), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("inf", [False, True], ids=["finite", "minus-inf"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, t, y: KF.soft_kl(s, t, temperature=2.0),
+        lambda s, t, y: KF.soft_kl(s, t, temperature=2.0, direction="reverse", reduction="none"),
+        lambda s, t, y: KF.soft_kl(s, t, temperature=2.0, direction="jsd", beta=0.3),
+        lambda s, t, y: KF.kd_ce_loss(s, t, y, alpha=0.7, temperature=3.0),
+        lambda s, t, y: KF.kd_ce_loss(s.float(), t.float(), y, alpha=0.7, temperature=3.0, ignore_index=1),
+    ],
+    ids=["kd", "reverse-none", "jsd", "kd-ce", "kd-ce-ignored"],
+)
+def test_a_forward_without_graph_equals_the_functions_value(
+    call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], inf: bool
+) -> None:
+    """Without a graph to build the KL family skips its autograd.Function: the same value either way."""
+    s, t, y = _r(6, 5), _r(6, 5, seed=1), torch.tensor([0, 1, 2, 3, 4, 1])
+    if inf:
+        s[1, 2] = t[2, 0] = float("-inf")
+    with torch.no_grad():
+        plain = call(s, t, y)
+    graph = call(s.clone().requires_grad_(), t, y)
+    assert graph.grad_fn is not None
+    assert plain.grad_fn is None
+    torch.testing.assert_close(plain, graph.detach(), equal_nan=True)

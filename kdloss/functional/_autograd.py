@@ -153,26 +153,8 @@ class _KLFamily(torch.autograd.Function):
         ce_weight: Scalar,
         flags: Flags,
     ) -> Tensor:
-        direction, reduction, scaled, has_kl, has_ce, plain_first = flags
-        rows = 0
-        if plain_first and direction == 0 and not has_ce and s.dtype == t.dtype and s.dtype in _WIDE:
-            # Hinton's KD, the common call, inline: log-softmax of both, KL terms, one sum
-            rows = s.numel() // s.shape[-1]
-            lq = torch.log_softmax(s / temperature if scaled else s, -1)
-            lp = torch.log_softmax(t / temperature if scaled else t, -1)
-            p = lp.exp()
-            terms = (lp - lq).mul_(p)
-            per = (rows if reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
-            loss = (terms.sum() if reduction else terms.sum(-1)).mul_(kl_weight * temperature * temperature / per)
-            saved: tuple[Tensor, ...] = (p, lq)
-            if not math.isfinite((loss if reduction else loss.sum()).item()):
-                rows = 0  # a -inf logit, a row without a distribution or a NaN: the robust form decides
-        elif plain_first:
-            loss, saved, rows = _plain(s, t, labels, temperature, beta, kl_weight, ce_weight, flags)
-            if not math.isfinite((loss if reduction else loss.sum()).item()):
-                rows = 0
-        if not rows:
-            loss, saved = _robust(s, t, row_ok, labels, temperature, beta, kl_weight, ce_weight, flags)
+        loss, saved, rows = _kl_forward(s, t, row_ok, labels, temperature, beta, kl_weight, ce_weight, flags)
+        direction, reduction, _, has_kl, has_ce, _ = flags
         ctx.save_for_backward(s, *saved)
         # (kept for a double backward only: not saved tensors, no version checks needed on them)
         ctx.extra = (t, row_ok, labels)
@@ -223,6 +205,42 @@ class _KLFamily(torch.autograd.Function):
 
 
 _NONE8 = (None,) * 8
+
+
+def _kl_forward(
+    s: Tensor,
+    t: Tensor,
+    row_ok: Tensor | None,
+    labels: Tensor | None,
+    temperature: Scalar,
+    beta: Scalar,
+    kl_weight: Scalar,
+    ce_weight: Scalar,
+    flags: Flags,
+) -> tuple[Tensor, tuple[Tensor, ...], int]:
+    """The forward of :class:`_KLFamily` (no graph): the loss, what its backward needs, and the row
+    count the plain form divided by (0: the robust form ran, its weights carry ``1 / N``)."""
+    direction, reduction, scaled, _, has_ce, plain_first = flags
+    rows = 0
+    if plain_first and direction == 0 and not has_ce and s.dtype == t.dtype and s.dtype in _WIDE:
+        # Hinton's KD, the common call, inline: log-softmax of both, KL terms, one sum
+        rows = s.numel() // s.shape[-1]
+        lq = torch.log_softmax(s / temperature if scaled else s, -1)
+        lp = torch.log_softmax(t / temperature if scaled else t, -1)
+        p = lp.exp()
+        terms = (lp - lq).mul_(p)
+        per = (rows if reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
+        loss = (terms.sum() if reduction else terms.sum(-1)).mul_(kl_weight * temperature * temperature / per)
+        saved: tuple[Tensor, ...] = (p, lq)
+        if not math.isfinite((loss if reduction else loss.sum()).item()):
+            rows = 0  # a -inf logit, a row without a distribution or a NaN: the robust form decides
+    elif plain_first:
+        loss, saved, rows = _plain(s, t, labels, temperature, beta, kl_weight, ce_weight, flags)
+        if not math.isfinite((loss if reduction else loss.sum()).item()):
+            rows = 0
+    if not rows:
+        loss, saved = _robust(s, t, row_ok, labels, temperature, beta, kl_weight, ce_weight, flags)
+    return loss, saved, rows
 
 
 def _plain(
@@ -389,6 +407,8 @@ def kl_family(
         # Dynamo (torch 2.11 to 2.14) fails on a second autograd.Function call in one graph that
         # takes a symbolic float (dynamic=True): the hyper-parameters go in as 0-d tensors.
         hyper = tuple(torch.as_tensor(v) for v in hyper)  # type: ignore[assignment]
+    elif not (s.requires_grad and torch.is_grad_enabled()):  # no graph to build: the arithmetic alone
+        return _kl_forward(s, t, row_ok, labels, *hyper, flags)[0]
     loss: Tensor = _KLFamily.apply(s, t, row_ok, labels, *hyper, flags)
     return loss
 
