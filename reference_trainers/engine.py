@@ -480,8 +480,9 @@ def _output_error(path: Path, e: OSError) -> OutputError:
         errno.EACCES: "fix the permissions or choose another --out",
         errno.EPERM: "fix the permissions or choose another --out",
         errno.EISDIR: "a directory is in the file's place: remove it or choose another --out",
+        errno.EFBIG: "a file-size limit was reached: free some space, raise the limit or choose another --out",
     }.get(e.errno or -1, "check the output directory or choose another --out")
-    return OutputError(e.errno or 0, f"cannot write {str(path)!r}: {reason} ({hint})")
+    return OutputError(e.errno or 0, f"cannot write {str(path)!r}: {reason} ({hint}); then continue with --resume")
 
 
 def _feed(h: Any, x: Any) -> None:

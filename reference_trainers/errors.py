@@ -19,3 +19,6 @@ class CheckpointError(TrainerError):
 
 class OutputError(TrainerError, OSError):
     """An output file that cannot be written (a full disk, a read-only or missing directory); also an ``OSError``."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror) if self.strerror else super().__str__()

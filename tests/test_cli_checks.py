@@ -190,7 +190,9 @@ def test_a_full_disk_mid_run_is_one_line_and_exit_2(refused: tuple[Path, dict[st
     lines = result["err"].splitlines()
     assert result["rc"] == 2, result
     assert "--overwrite: deleted 1 checkpoints of an earlier run" in result["err"]
-    assert lines[-1].startswith(f"error: cannot write to --out '{tmp / 'full'}': File too large"), lines[-1]
+    assert lines[-1].startswith(f"error: cannot write '{tmp / 'full'}/"), lines[-1]
+    assert "File too large" in lines[-1]
+    assert lines[-1].endswith("then continue with --resume"), lines[-1]
     assert "Traceback" not in result["err"]
     files = _files(tmp / "full")
     assert "checkpoints/kd-seed42.pt" not in files  # the earlier run's file was deleted, not read

@@ -46,7 +46,18 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _argv(tree: Path, out: Path) -> list[str]:
-    data = ["--dataset", "imagefolder", "--data-root", str(tree), "--val-size", "2", "--batch-size", "4"]
+    data = [
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(tree),
+        "--val-size",
+        "2",
+        "--batch-size",
+        "4",
+        "--student-batch-size",
+        "4",
+    ]
     return [
         "demo",
         "--smoke",
