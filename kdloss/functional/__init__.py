@@ -11,6 +11,7 @@ from kdloss.functional.contrastive import (
     crd_update_rows,
 )
 from kdloss.functional.feature import ab_loss, ft_loss, hcl_loss, vid_loss
+from kdloss.functional.fused_linear import fused_linear_kd, sparse_kd
 from kdloss.functional.hint import cosine_hidden_loss, hint_loss
 from kdloss.functional.kd_ce import kd_ce_loss
 from kdloss.functional.kl import log_probs, soft_kl
@@ -36,6 +37,7 @@ __all__ = [
     "fsp_loss",
     "fsp_matrix",
     "ft_loss",
+    "fused_linear_kd",
     "hcl_loss",
     "hint_loss",
     "kd_ce_loss",
@@ -48,6 +50,7 @@ __all__ = [
     "self_distillation_loss",
     "soft_kl",
     "sp_loss",
+    "sparse_kd",
     "tofd_loss",
     "vid_loss",
 ]
