@@ -98,16 +98,18 @@ def _liger() -> tuple[dict[str, Loss], str | None]:
     }, None
 
 
-def implementations(device: torch.device, chunk_size: int | None) -> tuple[dict[str, Loss], dict[str, str]]:
+def implementations(
+    device: torch.device, chunk_size: int | None, wanted: list[str]
+) -> tuple[dict[str, Loss], dict[str, str]]:
     """The losses to time and, for those that cannot run here, why."""
     impls: dict[str, Loss] = {
         "fused": lambda x: fused_linear_kd(x["hs"], x["ws"], x["ht"], x["wt"], chunk_size=chunk_size),
         "naive": lambda x: lm_kl_div(x["hs"], x["ws"], x["ht"], x["wt"], 1.0),
     }
-    compiled_naive = torch.compile(lambda x: lm_kl_div(x["hs"], x["ws"], x["ht"], x["wt"], 1.0))
-    impls["compiled"] = compiled_naive  # type: ignore[assignment]
+    if "compiled" in wanted:  # importing dynamo alone takes seconds: only when asked for
+        impls["compiled"] = torch.compile(lambda x: lm_kl_div(x["hs"], x["ws"], x["ht"], x["wt"], 1.0))
     skipped: dict[str, str] = {}
-    if device.type == "cuda":
+    if device.type == "cuda" and {"liger", "liger_ops"} & set(wanted):
         liger, why = _liger()
         impls.update(liger)
         if why is not None:
@@ -238,7 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bad = [i for i in wanted if i not in IMPLS]
     if bad:
         raise SystemExit(f"--impls: unknown implementation(s) {bad}; choose from {', '.join(IMPLS)}")
-    impls, skipped = implementations(device, args.chunk_size)
+    impls, skipped = implementations(device, args.chunk_size, wanted)
     cuda = device.type == "cuda"
     reps = args.reps if args.reps is not None else (5 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
