@@ -7,6 +7,8 @@ the student's hidden states and output weight) on the same inputs, in one proces
 - ``naive``: both logits materialised, ``log_softmax`` + ``F.kl_div(batchmean, log_target=True)``
   (``tests/naive_lm.py``'s ``lm_kl_div``);
 - ``compiled``: ``torch.compile`` of ``naive``;
+- ``fused_compiled`` (only with ``--impls``): ``torch.compile`` of ``fused`` (Inductor fuses each
+  chunk's elementwise work; the chunk loop is unrolled, so compiling takes longer at many chunks);
 - ``liger`` (CUDA, when ``liger_kernel`` is importable): Liger-Kernel's chunked
   ``LigerFusedLinearJSDLoss`` with ``beta=0`` (its forward KL), ``weight_hard_loss=0``;
 - ``liger_ops`` (CUDA, idem): Liger-Kernel's Triton ``LigerFusedLinearJSD`` with ``jsd_beta=0``.
@@ -62,7 +64,8 @@ SIZES: dict[str, tuple[int, int, int, torch.dtype]] = {
     "lm128k": (8192, 128256, 4096, torch.bfloat16),
 }
 DEFAULT_SIZES = {"cpu": ("lm32k",), "cuda": ("lm32k", "lm128k")}
-IMPLS = ("fused", "naive", "compiled", "liger", "liger_ops")
+IMPLS = ("fused", "naive", "compiled", "liger", "liger_ops", "fused_compiled")
+DEFAULT_IMPLS = IMPLS[:-1]  # fused_compiled on request: compiling the unrolled chunk loop takes a while
 TEACHER_HIDDEN_RATIO = 1  # teacher hidden = student hidden (the sizes are the student's)
 
 
@@ -108,6 +111,10 @@ def implementations(
     }
     if "compiled" in wanted:  # importing dynamo alone takes seconds: only when asked for
         impls["compiled"] = torch.compile(lambda x: lm_kl_div(x["hs"], x["ws"], x["ht"], x["wt"], 1.0))
+    if "fused_compiled" in wanted:
+        impls["fused_compiled"] = torch.compile(
+            lambda x: fused_linear_kd(x["hs"], x["ws"], x["ht"], x["wt"], chunk_size=chunk_size)
+        )
     skipped: dict[str, str] = {}
     if device.type == "cuda" and {"liger", "liger_ops"} & set(wanted):
         liger, why = _liger()
@@ -228,7 +235,8 @@ def measure_case(
     return out, errors
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] = lambda doc: None) -> dict[str, Any]:
+    """Measure every size; ``write`` gets the results so far after each size (a run cut short keeps them)."""
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
@@ -281,6 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del x
         if cuda:
             torch.cuda.empty_cache()
+        write({"meta": meta, "rows": rows, "skipped": skips})
     return {"meta": meta, "rows": rows, "skipped": skips}
 
 
@@ -313,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None, help="write the results here (JSON; a .md beside it)")
     p.add_argument("--sizes", default="", help=f"comma-separated subset of {', '.join(SIZES)} (default: per device)")
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ", ".join(IMPLS))
+    p.add_argument(
+        "--impls",
+        default=",".join(DEFAULT_IMPLS),
+        help=f"comma-separated subset of {', '.join(IMPLS)} (default: all but fused_compiled)",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed calls of each (default 5 on CUDA, 3 on CPU)")
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed calls after the first (default 2 on CUDA, 1 on CPU)"
@@ -322,13 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    doc = run(args)
-    if args.json is not None:
+
+    def write(doc: dict[str, Any]) -> None:
+        if args.json is None:
+            return
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, args.json)
-        args.json.with_suffix(".md").write_text(markdown(doc))
+        for path, text in ((args.json, json.dumps(doc, indent=1) + "\n"), (args.json.with_suffix(".md"), markdown(doc))):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+    doc = run(args, write)
+    write(doc)
     print(markdown(doc))
     return 0
 

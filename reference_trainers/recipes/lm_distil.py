@@ -6,10 +6,11 @@ tokenizer. It is cut into three contiguous parts (90 / 5 / 5 %: train, validatio
 into non-overlapping windows of ``--context`` tokens, each window predicting the next byte at
 every position.
 
-Per seed: ``teacher``: a :class:`~reference_trainers.models.causal_lm.CausalLM` (d = 128, 4 layers,
-4 heads) trained with cross-entropy (or loaded with ``--teacher-checkpoint``); then students (d =
-64, 2 layers, 2 heads), each built after ``torch.manual_seed(seed)`` so all start from the same
-weights:
+Per seed: ``teacher``: a :class:`~reference_trainers.models.causal_lm.CausalLM` (d = 96, 3 blocks,
+3 heads; 10 epochs) trained with cross-entropy (or loaded with ``--teacher-checkpoint``); then
+students (d = 48, 2 blocks, 1 head; 4 epochs), each built after ``torch.manual_seed(seed)`` so all
+start from the same weights. AdamW (lr 3e-3, weight decay 0.01, cosine decay), 16 sequences of 64
+tokens per batch.
 
 - ``student-ce``: cross-entropy only;
 - ``kd-forward``, ``kd-reverse``, ``kd-jsd``, ``kd-tv``: ``kdloss.FusedLinearKDLoss`` on the
@@ -66,10 +67,9 @@ HELP = "distil a small causal transformer into a smaller one on the repository's
 METHODS = ("student-ce", "kd-forward", "kd-reverse", "kd-jsd", "kd-tv", "kd-topk")
 DIVERGENCE_OF = {"kd-forward": "forward", "kd-reverse": "reverse", "kd-jsd": "jsd", "kd-tv": "tv"}
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "docs"
-TEACHER = LMConfig(d_model=128, n_layers=4, n_heads=4, dropout=0.1)
-STUDENT = LMConfig(d_model=64, n_layers=2, n_heads=2, dropout=0.0)
-SMOKE_TEACHER = LMConfig(context=32, d_model=32, n_layers=1, n_heads=2, dropout=0.0)
-SMOKE_STUDENT = LMConfig(context=32, d_model=16, n_layers=1, n_heads=2, dropout=0.0)
+HEAD_DIM = 32  # heads = width / 32
+# (context, teacher width, teacher layers, student width, student layers): the default and --smoke's
+SIZES = {"default": (64, 96, 3, 48, 2), "smoke": (32, 32, 1, 16, 1)}
 SMOKE_CORPUS_BYTES = 24_000
 # the flags every recipe shares that describe image data: refused here rather than ignored
 _IMAGE_DATA_FLAGS = {
@@ -87,21 +87,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--corpus", type=Path, default=None, help="a text file or a directory of *.md/*.txt (default: docs/)"
     )
-    p.add_argument("--context", type=int, default=None, help="tokens per sequence (default 128; --smoke: 32)")
+    p.add_argument("--context", type=int, default=None, help="tokens per sequence (default 64; --smoke: 32)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default 10; --smoke: --epochs)")
+    p.add_argument(
+        "--teacher-width", type=int, default=None, help="teacher width d, heads of 32 (default 96; --smoke: 32)"
+    )
+    p.add_argument("--teacher-layers", type=int, default=None, help="teacher blocks (default 3; --smoke: 1)")
+    p.add_argument("--student-width", type=int, default=None, help="student width d (default 48; --smoke: 16)")
+    p.add_argument("--student-layers", type=int, default=None, help="student blocks (default 2; --smoke: 1)")
     p.add_argument(
         "--teacher-checkpoint",
         type=Path,
         default=None,
         help="a teacher from an earlier run (<out>/checkpoints/teacher-seed<seed>.pt): not trained again",
     )
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine decay over the epochs)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine decay over the epochs)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature")
     p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the KD term (CE gets 1 - it)")
     p.add_argument("--beta", type=float, default=0.5, help="the teacher's weight in the JSD mixture (kd-jsd)")
     p.add_argument("--topk", type=int, default=16, help="teacher classes kept per token for kd-topk")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.set_defaults(epochs=6, batch_size=32)
+    p.set_defaults(epochs=4, batch_size=16)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -343,10 +349,20 @@ def _check_args(args: argparse.Namespace, methods: list[str]) -> None:
         raise TrainerError(f"--temperature must be a finite number > 0, got {args.temperature}")
     if not 1 <= args.topk <= 256:
         raise TrainerError(f"--topk must lie in [1, 256] (byte vocabulary), got {args.topk}")
-    if args.context is not None and args.context < 1:
-        raise TrainerError(f"--context must be >= 1, got {args.context}")
+    for name in ("context", "teacher_width", "teacher_layers", "student_width", "student_layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainerError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.teacher_checkpoint is not None and not args.teacher_checkpoint.is_file():
         raise TrainerError(f"--teacher-checkpoint: {str(args.teacher_checkpoint)!r} does not exist")
+
+
+def _config(width: int, layers: int, context: int, *, dropout: float) -> LMConfig:
+    try:
+        return LMConfig(
+            context=context, d_model=width, n_layers=layers, n_heads=max(1, width // HEAD_DIM), dropout=dropout
+        )
+    except ValueError as e:
+        raise TrainerError(f"model size: {e}") from e
 
 
 def _builder(step: Callable[..., DistillStep], cfg: LMConfig, *args: Any, **kwargs: Any) -> Callable[[], DistillStep]:
@@ -403,10 +419,12 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     _check_args(args, methods)
     smoke = bool(args.smoke)
-    t_cfg, s_cfg = (SMOKE_TEACHER, SMOKE_STUDENT) if smoke else (TEACHER, STUDENT)
-    context = args.context if args.context is not None else t_cfg.context
-    t_cfg = LMConfig(**{**t_cfg.to_dict(), "context": context})  # type: ignore[arg-type]
-    s_cfg = LMConfig(**{**s_cfg.to_dict(), "context": context})  # type: ignore[arg-type]
+    given = (args.context, args.teacher_width, args.teacher_layers, args.student_width, args.student_layers)
+    context, t_width, t_layers, s_width, s_layers = (
+        v if v is not None else d for v, d in zip(given, SIZES["smoke" if smoke else "default"])
+    )
+    t_cfg = _config(t_width, t_layers, context, dropout=0.0)
+    s_cfg = _config(s_width, s_layers, context, dropout=0.0)
     ctx = setup(config_from_args(args, NAME))
 
     corpus_path = args.corpus if args.corpus is not None else DEFAULT_CORPUS
