@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is None:
             return
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        for path, text in ((args.json, json.dumps(doc, indent=1) + "\n"), (args.json.with_suffix(".md"), markdown(doc))):
+        outputs = ((args.json, json.dumps(doc, indent=1) + "\n"), (args.json.with_suffix(".md"), markdown(doc)))
+        for path, text in outputs:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text)
             os.replace(tmp, path)

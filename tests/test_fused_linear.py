@@ -306,12 +306,12 @@ def test_weight_gradient_accumulates_in_float32_across_chunks() -> None:
     assert errors[1] <= 2 * errors[512] + 2e-3, errors
 
 
-def test_inside_autocast_the_matmuls_run_in_the_autocast_dtype() -> None:
+def test_inside_autocast_the_matmuls_run_in_the_autocast_dtype(device: str) -> None:
     """Under torch.autocast (an AMP step with float32 master weights): the same numbers as bf16 inputs,
     float32 loss, float32 gradients for float32 weights."""
-    x = _inputs(20, 30, 8, 8, seed=11, dtype=torch.float32)
+    x = _inputs(20, 30, 8, 8, seed=11, dtype=torch.float32, device=device)
     hs, ws, ht, wt = (x[k] for k in ("hs", "ws", "ht", "wt"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = fused_linear_kd(hs, ws, ht, wt, temperature=2.0, chunk_size=6)  # type: ignore[arg-type]
         rows = fused_linear_kd(hs, ws, ht, wt, temperature=2.0, chunk_size=6, reduction="none")  # type: ignore[arg-type]
     assert out.dtype == torch.float32

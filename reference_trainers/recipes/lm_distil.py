@@ -296,7 +296,13 @@ def lm_metrics(
 
 
 def _row(
-    method: str, seed: int, epochs: int, val: dict[str, float], test: dict[str, float], train_s: float, tok_s: float
+    method: str,
+    seed: int,
+    epochs: int,
+    val: dict[str, float],
+    test: dict[str, float],
+    train_s: float,
+    tok_s: float | None,
 ) -> dict[str, Any]:
     return {
         "method": method,
@@ -320,9 +326,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         kl = "-" if r["test_kl_to_teacher"] is None else f"{r['test_kl_to_teacher']:.4f}"
+        speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         lines.append(
             f"| {r['method']} | {r['seed']} | {r['epochs']} | {r['val_perplexity']:.3f} | {r['test_perplexity']:.3f} "
-            f"| {kl} | {100 * r['test_accuracy']:.2f} | {r['train_time_s']:.1f} | {r['tokens_per_s']:.0f} |"
+            f"| {kl} | {100 * r['test_accuracy']:.2f} | {r['train_time_s']:.1f} | {speed} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -492,14 +499,20 @@ def run(args: argparse.Namespace) -> int:
             results.append(trained)
             assert trained.step is not None
             teacher = student_lm(trained.step)
-            teacher_source = {"seed": seed, "epochs": t_epochs, "config": t_cfg.to_dict()}
+            teacher_source = {
+                "seed": seed,
+                "epochs": t_epochs,
+                "lr": lr,
+                "batch_size": args.batch_size,
+                "config": t_cfg.to_dict(),
+            }
         teacher.to(ctx.device).eval()
         runs: list[tuple[RunResult, CausalLM | None]] = []
         if trained is not None:
             runs.append((trained, None))
         else:  # the teacher of the checkpoint: measured, not trained
             v, te = lm_metrics(ctx, teacher, val), lm_metrics(ctx, teacher, test)
-            lm_rows.append(_row("teacher (checkpoint)", seed, 0, v, te, 0.0, float("nan")))
+            lm_rows.append(_row("teacher (checkpoint)", seed, 0, v, te, 0.0, None))
         hidden_side = TeacherHidden(teacher)
         hidden_cache: TeacherCache | None = None
         if any(m in DIVERGENCE_OF for m in methods):
