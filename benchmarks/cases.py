@@ -20,7 +20,12 @@ output written once; scalars and the loss are ignored.
   ``(2 B (K+1) d + 2 B in + 2 in d + 2 B d) * 4`` (the gathered bank rows dominate), forward+backward
   adds ``(B in + 2 in d) * 4``;
 - cohort KD of ``K`` teachers over ``(B, C)`` float32 logits: forward ``(K + 1) B C 4 + 8 B``,
-  forward+backward adds ``B C 4``.
+  forward+backward adds ``B C 4``;
+- fused linear + KD over ``N`` tokens, vocabulary ``V``, hidden size ``H`` (student and teacher):
+  forward ``2 (N H + V H) e`` (hidden states and weights), forward+backward adds ``(N H + V H) e``
+  (their gradients). Four ``N x V x H`` matmuls dominate (``8 N V H`` FLOPs forward+backward): for
+  this family the bytes floor is far below what is reachable. Its own benchmark, with peak memory
+  and Liger-Kernel beside it: ``benchmarks/bench_fused_linear.py``.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from kdloss import ConvAdapter
-from kdloss.functional import attention_loss, hint_loss, kd_ce_loss, soft_kl
-from tests import naive
+from kdloss.functional import attention_loss, fused_linear_kd, hint_loss, kd_ce_loss, soft_kl
+from tests import naive, naive_lm
 
 Inputs = dict[str, Any]
 LossFn = Callable[[Inputs], Tensor]
@@ -285,6 +290,38 @@ def _cohort_case(size: str, k: int, b: int, c: int) -> Case:
     )
 
 
+# ----------------------------------------------------------------------------- fused linear + KD
+
+
+def _fused_linear_case(size: str, n: int, v: int, h: int, dtype: torch.dtype) -> Case:
+    """``fused_linear_kd`` (forward KL, T = 1, default chunk size) against materialised logits + ``F.kl_div``."""
+    e = _esize(dtype)
+
+    def make(device: torch.device, seed: int) -> Inputs:
+        g = torch.Generator(device=device).manual_seed(seed)
+        return {
+            "hs": torch.randn(n, h, device=device, generator=g).to(dtype).requires_grad_(True),
+            "ws": (torch.randn(v, h, device=device, generator=g) * h**-0.5).to(dtype).requires_grad_(True),
+            "ht": torch.randn(n, h, device=device, generator=g).to(dtype),
+            "wt": (torch.randn(v, h, device=device, generator=g) * 2 * h**-0.5).to(dtype),
+        }
+
+    return Case(
+        family="fused_linear",
+        size=size,
+        dtype=dtype,
+        make=make,
+        impls={
+            "kdloss": lambda x: fused_linear_kd(x["hs"], x["ws"], x["ht"], x["wt"]),
+            "naive": lambda x: naive_lm.lm_kl_div(x["hs"], x["ws"], x["ht"], x["wt"], 1.0),
+        },
+        grads_of=lambda x: [x["hs"], x["ws"]],
+        bytes_fwd=2 * (n * h + v * h) * e,
+        bytes_fwdbwd=3 * (n * h + v * h) * e,
+        shape=f"{n}x{v}x{h}",
+    )
+
+
 # ----------------------------------------------------------------------------- the size tables
 
 
@@ -307,6 +344,8 @@ def gpu_cases() -> list[Case]:
     cases.append(_crd_case("cifar-b256", 256, 16384, 128, 50_000, 256))
     cases.append(_cohort_case("dih-k5", 5, 1024, 1000))
     cases.append(_cohort_case("dih-k4", 4, 4096, 100))
+    cases.append(_fused_linear_case("lm32k", 4096, 32000, 1024, f32))
+    cases.append(_fused_linear_case("lm128k", 8192, 128256, 4096, bf16))
     return cases
 
 
@@ -322,6 +361,7 @@ def cpu_cases() -> list[Case]:
     cases.append(_at_case("tiny", 8, [(4, 8, 16), (8, 16, 8), (16, 32, 4)], f32))
     cases.append(_crd_case("tiny", 16, 512, 32, 4096, 64))
     cases.append(_cohort_case("tiny", 4, 64, 100))
+    cases.append(_fused_linear_case("tiny-lm", 128, 2048, 64, f32))
     return cases
 
 

@@ -32,6 +32,7 @@ from kdloss.losses import (
     DKDLoss,
     FSPLoss,
     FTLoss,
+    FusedLinearKDLoss,
     HCLLoss,
     HintLoss,
     KDCELoss,
@@ -39,6 +40,7 @@ from kdloss.losses import (
     NSTLoss,
     PKTLoss,
     RKDLoss,
+    SparseKDLoss,
     SPLoss,
     VIDLoss,
 )
@@ -48,6 +50,7 @@ from kdloss.memory import ContrastMemory
 from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
+from kdloss.teacher_store import TeacherTopK
 
 __version__ = "0.1.0"
 
@@ -73,6 +76,7 @@ __all__ = [
     "FeatureTap",
     "FinetuneResult",
     "FrozenTeacher",
+    "FusedLinearKDLoss",
     "HCLLoss",
     "HeadsOutput",
     "HintLoss",
@@ -91,8 +95,10 @@ __all__ = [
     "SPLoss",
     "SelfDistillationLoss",
     "ShapeError",
+    "SparseKDLoss",
     "TOFDAuthorsLoss",
     "TOFDLoss",
+    "TeacherTopK",
     "VIDLoss",
     "VIDRegressor",
     "WeightedSum",
