@@ -11,8 +11,8 @@ import torch
 
 import kdloss
 from kdloss.losses.contrastive import check_negatives_fit
+from reference_trainers.methods.registry import MethodSetup, get_method
 from reference_trainers.models import build_model
-from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
 
 
 def test_crdloss_refuses_more_negatives_than_rows() -> None:

@@ -19,10 +19,7 @@ import kdloss
 from reference_trainers import models
 from reference_trainers.__main__ import main
 from reference_trainers.errors import CheckpointError, TrainerError
-from reference_trainers.models import ModelSpec, build_model, register_model
-from reference_trainers.models.cifar_resnet import CifarResNet
-from reference_trainers.recipes.cifar_kd import load_teacher_weights
-from reference_trainers.recipes.cifar_methods import (
+from reference_trainers.methods.registry import (
     METHODS,
     DKDStep,
     HintOnlyStep,
@@ -32,6 +29,9 @@ from reference_trainers.recipes.cifar_methods import (
     matching_stage_pairs,
     register_method,
 )
+from reference_trainers.models import ModelSpec, build_model, register_model
+from reference_trainers.models.cifar_resnet import CifarResNet
+from reference_trainers.recipes.cifar_kd import load_teacher_weights
 from reference_trainers.recipes.hint_imagenette import make_synthetic_imagefolder
 
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1"]

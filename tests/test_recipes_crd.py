@@ -29,9 +29,9 @@ from reference_trainers.engine import (
 )
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import TeacherOutputs
+from reference_trainers.methods.contrastive import CRDStep
+from reference_trainers.methods.registry import METHODS, MethodSetup, available_methods
 from reference_trainers.models import DeepNN, LightNN
-from reference_trainers.recipes.cifar_methods import METHODS, MethodSetup, available_methods
-from reference_trainers.recipes.method_crd import CRDStep
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

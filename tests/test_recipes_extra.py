@@ -18,7 +18,7 @@ import torch
 import kdloss
 from reference_trainers.__main__ import main
 from reference_trainers.errors import TrainerError
-from reference_trainers.recipes.cifar_methods import METHODS, available_methods
+from reference_trainers.methods.registry import METHODS, available_methods
 
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1", "--batch-size", "8", "--seeds", "0"]
 TINY += [
@@ -100,8 +100,8 @@ def test_dih_mhkd_tofd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:
+    from reference_trainers.methods.feature import PreActTap
     from reference_trainers.models import build_model
-    from reference_trainers.recipes.method_extra import PreActTap
 
     net = build_model("resnet8", 10).eval()
     stages = ["layer1", "layer2", "layer3"]
@@ -117,9 +117,9 @@ def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:
 
 
 def test_reviewkd_warm_up_counts_steps_and_trains_the_fusion() -> None:
+    from reference_trainers.methods.feature import FeatureLossStep
+    from reference_trainers.methods.registry import MethodSetup, get_method
     from reference_trainers.models import build_model
-    from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
-    from reference_trainers.recipes.method_extra import FeatureLossStep
 
     teacher = build_model("resnet14", 10).eval()
     setup = MethodSetup("resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9,

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 import kdloss
 from reference_trainers.engine import DistillStep
+from reference_trainers.methods.feature import FeatureLossStep, FTPretrainStep, HeadsStep
+from reference_trainers.methods.registry import MethodSetup, get_method
 from reference_trainers.models import build_model
-from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
-from reference_trainers.recipes.method_extra import FeatureLossStep, FTPretrainStep, HeadsStep
 from tests import naive_methods
 
 

@@ -3,7 +3,7 @@
 Per recipe: load CIFAR (crop + flip augmentation on the device), get the teacher (a checkpoint
 from ``--teacher-checkpoint``, or trained here with cross-entropy once, with the first seed, and
 reused by every student), then for every seed and every ``--method`` build the method from
-:mod:`reference_trainers.recipes.cifar_methods` and train it with SGD + multi-step decay through
+:mod:`reference_trainers.methods.registry` and train it with SGD + multi-step decay through
 the engine. Milestones scale with ``--epochs`` (``round(m * epochs / default_epochs)``), so a
 shortened run keeps the schedule's shape; at the default epochs they are the published ones.
 """
@@ -32,8 +32,9 @@ from reference_trainers.engine import (
 )
 from reference_trainers.errors import CheckpointError, TrainerError
 from reference_trainers.methods import CEStep
+from reference_trainers.methods.contrastive import add_crd_arguments, crd_options  # also registers crd, takd
+from reference_trainers.methods.registry import METHODS, MethodSetup, get_method
 from reference_trainers.models import MODEL_NAMES, build_model
-from reference_trainers.recipes.cifar_methods import METHODS, MethodSetup, get_method
 from reference_trainers.recipes.common import (
     check_data_arguments,
     config_from_args,
@@ -45,7 +46,6 @@ from reference_trainers.recipes.common import (
     positive_int,
     run_data,
 )
-from reference_trainers.recipes.method_crd import add_crd_arguments, crd_options  # also registers crd, takd
 
 __all__ = [
     "CifarDefaults",

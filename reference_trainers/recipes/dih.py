@@ -10,8 +10,8 @@ Methods: ``kd``, ``fitnet2`` (FitNets in two stages: 40 epochs of hint training 
 up to its guided layer with SGD nesterov, then KD), ``at``, ``ce`` and ``dih`` (k heads
 fine-tuned on the frozen teacher with ``kdloss.finetune_heads``, ``--head-epochs``, then the
 cohort teaches with ``kdloss.CohortLoss``, authors' form), ``crd`` (alpha 0.1, beta 0.03) and
-``takd`` (``--ta MODEL``), see :mod:`reference_trainers.recipes.method_crd`, and ``mhkd`` and
-``tofd`` (paired heads on teacher and student, :mod:`reference_trainers.recipes.method_extra`).
+``takd`` (``--ta MODEL``), see :mod:`reference_trainers.methods.contrastive`, and ``mhkd`` and
+``tofd`` (paired heads on teacher and student, :mod:`reference_trainers.methods.feature`).
 
 Differences from the authors, on purpose: checkpoints are selected on a validation split carved
 from the training set, never on the test set (the authors selected on test).

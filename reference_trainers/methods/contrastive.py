@@ -1,6 +1,6 @@
 """``crd`` and ``takd``: the CIFAR recipes' contrastive (CRD) and teacher-assistant (TAKD) methods.
 
-Registered in :data:`reference_trainers.recipes.cifar_methods.METHODS` on import (the CIFAR
+Registered in :data:`reference_trainers.methods.registry.METHODS` on import (the CIFAR
 recipes import this module).
 
 ``crd``: ``ce_weight * CE + kd_weight * KL_T^2 + crd_weight * CRD`` with :class:`kdloss.CRDLoss`
@@ -48,8 +48,8 @@ import kdloss
 from reference_trainers.engine import DistillStep
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import KDStep, TeacherOutputs
+from reference_trainers.methods.registry import Built, MethodEntry, MethodSetup, register_method
 from reference_trainers.models import MODEL_NAMES, build_model, feature_shapes, model_spec
-from reference_trainers.recipes.cifar_methods import Built, MethodEntry, MethodSetup, register_method
 from reference_trainers.recipes.common import nonnegative_float, positive_float, positive_int, unit_float
 
 __all__ = ["CRD_PRESETS", "CRDStep", "add_crd_arguments", "crd_options"]

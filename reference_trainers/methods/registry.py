@@ -29,9 +29,9 @@ Isola's CRD paper, ICLR 2020):
             (``kdloss.IntermediateHeads``, ``finetune_heads``), then ``kdloss.CohortLoss``
 ==========  ===================================================================================
 
-``crd`` and ``takd`` are registered by :mod:`reference_trainers.recipes.method_crd`; ``cc``, ``vid``,
+``crd`` and ``takd`` are registered by :mod:`reference_trainers.methods.contrastive`; ``cc``, ``vid``,
 ``ab``, ``ft``, ``fsp``, ``reviewkd``, ``mhkd`` and ``tofd`` by
-:mod:`reference_trainers.recipes.method_extra` (imported at the end of this module).
+:mod:`reference_trainers.methods.feature` (imported at the end of this module).
 """
 
 from __future__ import annotations
@@ -528,4 +528,4 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-from reference_trainers.recipes import method_extra as _method_extra  # noqa: E402, F401  (cc, vid, ab, ft, fsp, reviewkd, mhkd, tofd)
+from reference_trainers.methods import feature as _method_extra  # noqa: E402, F401  (cc, vid, ab, ft, fsp, reviewkd, mhkd, tofd)

@@ -1,11 +1,11 @@
 """More methods of the CIFAR recipes: CC, VID, AB, FT, FSP, ReviewKD (``benchmark-cifar100``) and
-MHKD, TOFD (``dih``), added to :data:`reference_trainers.recipes.cifar_methods.METHODS`.
+MHKD, TOFD (``dih``), added to :data:`reference_trainers.methods.registry.METHODS`.
 
 Weights are the community benchmark's (CRD / RepDistiller ``train_student.py``, cross-entropy
 weight 1, no KL term) unless said; every trainable part (adapter, regressor, connector,
 translator, fusion, student heads) is an attribute of the student step, so the optimiser, the
 checkpoint and ``--resume`` see it. Init / pre-training phases run through the recipe's
-:data:`~reference_trainers.recipes.cifar_methods.PhaseTrainer` (checkpointed and resumable).
+:data:`~reference_trainers.methods.registry.PhaseTrainer` (checkpointed and resumable).
 
 ============  =================================================================================
 ``cc``        ``CE + 0.02 * CCLoss(variant="repdistiller")`` on the penultimate feature, the
@@ -56,14 +56,14 @@ import kdloss
 from reference_trainers.engine import DistillStep, atomic_write_bytes
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import CEStep, TeacherOutputs
-from reference_trainers.models import build_model, feature_shapes, head_paths, model_spec, stage_paths
-from reference_trainers.recipes.cifar_methods import (
+from reference_trainers.methods.registry import (
     Built,
     MethodEntry,
     MethodSetup,
     matching_stage_pairs,
     register_method,
 )
+from reference_trainers.models import build_model, feature_shapes, head_paths, model_spec, stage_paths
 
 __all__ = [
     "FTPretrainStep",
