@@ -19,7 +19,7 @@ import kdloss
 from reference_trainers import models
 from reference_trainers.__main__ import main
 from reference_trainers.errors import CheckpointError, TrainerError
-from reference_trainers.methods.registry import (
+from reference_trainers.methods import (
     METHODS,
     DKDStep,
     HintOnlyStep,

@@ -28,9 +28,7 @@ from reference_trainers.engine import (
     train_run,
 )
 from reference_trainers.errors import TrainerError
-from reference_trainers.methods import TeacherOutputs
-from reference_trainers.methods.contrastive import CRDStep
-from reference_trainers.methods.registry import METHODS, MethodSetup, available_methods
+from reference_trainers.methods import METHODS, CRDStep, MethodSetup, TeacherOutputs, available_methods
 from reference_trainers.models import DeepNN, LightNN
 
 ROOT = Path(__file__).resolve().parents[1]

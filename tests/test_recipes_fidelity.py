@@ -18,8 +18,14 @@ from torch import Tensor, nn
 
 import kdloss
 from reference_trainers.engine import DistillStep
-from reference_trainers.methods.feature import FeatureLossStep, FTPretrainStep, HeadsStep
-from reference_trainers.methods.registry import MethodSetup, get_method
+from reference_trainers.methods import (
+    CohortOptions,
+    FeatureLossStep,
+    FTPretrainStep,
+    HeadsStep,
+    MethodSetup,
+    get_method,
+)
 from reference_trainers.models import build_model
 from tests import naive_methods
 
@@ -46,10 +52,10 @@ class _Phases:
         return step
 
 
-def _setup(phases: _Phases, teacher: str = "resnet14", **options: object) -> MethodSetup:
+def _setup(phases: _Phases, teacher: str = "resnet14") -> MethodSetup:
     torch.manual_seed(0)
     model = build_model(teacher, 10).eval()
-    return MethodSetup("resnet8", teacher, model, 10, 4.0, 1.0, 0.9, train_phase=phases, options=options)
+    return MethodSetup("resnet8", teacher, model, 10, 4.0, 1.0, 0.9, train_phase=phases)
 
 
 def _ab_reference(s: Tensor, t: Tensor, margin: float = 1.0) -> Tensor:
@@ -116,7 +122,7 @@ def test_mhkd_recipe_weighs_head_pairs_half_and_the_final_pair_one() -> None:
     teacher = build_model("resnet14", 10).eval()
     batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))]
     setup = MethodSetup(
-        "resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9, options={"head_epochs": 1}, train_batches=batches
+        "resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9, cohort=CohortOptions(head_epochs=1), train_batches=batches
     )
     built = get_method("mhkd").make(setup)
     step = built.build()
