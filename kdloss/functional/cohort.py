@@ -544,7 +544,7 @@ def tofd_loss(
       biased linear map otherwise), there a bias-free linear adapter on every pair.
 
     The logits come from the task-oriented (deep) heads of both networks (see
-    :class:`kdloss.heads.IntermediateHeads` with ``head="tofd"``), paired by stage; the
+    :class:`kdloss.IntermediateHeads` with ``head="tofd"``), paired by stage; the
     features are those heads' penultimate features, the student's already mapped by its
     adapters :math:`r_j` (as for :func:`kdloss.functional.hint_loss`); ``adapter_weights`` are
     those adapters' weights :math:`W_i` for the orthogonality penalty
@@ -656,7 +656,7 @@ def tofd_authors_loss(
 
     Differences from :func:`tofd_loss` (kdloss's variant) and how to convert: see that function
     and ``docs/fidelity.md``. The authors' heads are stacked separable convolutions
-    (``head="tofd"`` of :class:`kdloss.heads.IntermediateHeads` re-instantiates the remaining
+    (``head="tofd"`` of :class:`kdloss.IntermediateHeads` re-instantiates the remaining
     backbone stages instead).
 
     Zhang, Shi, Shi, Ma & Bao, *Task-Oriented Feature Distillation*, NeurIPS 2020; the DIH authors'

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kdloss._validate import ShapeError, check_positive_int
 from kdloss.functional.contrastive import ScoreMethod, _nce_rows, crd_embed
-from kdloss.memory import ContrastMemory, NegativeSampling
+from kdloss.parts.contrastive import ContrastMemory, NegativeSampling
 
 __all__ = ["CRDEmbed", "CRDLoss", "check_negatives_fit"]
 

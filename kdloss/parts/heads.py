@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdloss.adapters import check_optimizer
+from kdloss.parts.adapters import check_optimizer
 from kdloss.tap import FeatureTap, unwrap_model
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Trainable parts of the methods in :mod:`kdloss.functional.feature` (VID, AB, FT, ReviewKD).
 
-Like :mod:`kdloss.adapters`, these modules belong to the student side: pass their parameters to
+Like :mod:`kdloss.parts.adapters`, these modules belong to the student side: pass their parameters to
 the student's optimiser, wrap them in DDP with the student and save them in its checkpoints
 (:func:`kdloss.adapter_parameters` and :func:`kdloss.check_optimizer` accept them). The loss
 arithmetic stays in the pure functions; these modules only compute the tensors the functions
