@@ -26,7 +26,7 @@ from kdloss.losses import (
     VIDLoss,
 )
 from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDAuthorsLoss, TOFDLoss
-from kdloss.losses.contrastive import CRDEmbed, CRDLoss
+from kdloss.losses.contrastive import CRDLoss
 from kdloss.parts.adapters import (
     Adapter,
     ConvAdapter,
@@ -36,7 +36,7 @@ from kdloss.parts.adapters import (
     adapter_parameters,
     check_optimizer,
 )
-from kdloss.parts.contrastive import ContrastMemory
+from kdloss.parts.contrastive import ContrastMemory, CRDEmbed
 from kdloss.parts.feature import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
 from kdloss.parts.heads import (
     ClassifierHead,

@@ -32,6 +32,34 @@ TRAINERS: dict[str, tuple[list[str], str | None]] = {
         "reference_trainers.methods.steps",
     ),
 }  # fmt: skip
+KDLOSS: dict[str, tuple[list[str], str]] = {
+    "kdloss.memory": (["ContrastMemory", "NegativeSampling"], "kdloss.parts.contrastive"),
+    "kdloss.methods_modules": (
+        ["ABConnector", "FTParaphraser", "FTTranslator", "ReviewKDFusion", "VIDRegressor"], "kdloss.parts.feature"
+    ),
+    "kdloss.adapters": (
+        ["Adapter", "ConvAdapter", "LinearAdapter", "PoolAdapter", "adapter_for", "adapter_parameters",
+         "check_optimizer"],
+        "kdloss.parts.adapters",
+    ),
+    "kdloss.heads": (
+        ["ClassifierHead", "FinetuneResult", "HeadType", "HeadsOutput", "IntermediateHeads", "evaluate_heads",
+         "finetune_heads"],
+        "kdloss.parts.heads",
+    ),
+    "kdloss.losses.contrastive": (["CRDEmbed"], "kdloss.parts.contrastive"),
+    "kdloss._validate": (["compute_dtype", "pair_up", "reduce_loss"], "kdloss._numerics"),
+}  # fmt: skip
+STILL_HOME: dict[str, list[str]] = {
+    # modules that did not move: every public name of earlier versions is still defined there
+    "kdloss._validate": [
+        "Reduction", "ShapeError", "check_batch", "check_class_labels", "check_float", "check_int", "check_integer",
+        "check_ndim", "check_nonnegative", "check_pair", "check_positive", "check_positive_int", "check_reduction",
+        "check_same_device", "check_same_shape", "check_unit_interval", "warn_if_swapped", "check_tensor",
+        "is_integer",
+    ],
+    "kdloss.losses.contrastive": ["CRDLoss", "check_negatives_fit"],
+}  # fmt: skip
 SHIM_ONLY: dict[str, list[str]] = {
     "reference_trainers.recipes.cifar_methods": ["copy_model"],
     "reference_trainers.recipes.method_extra": [
@@ -41,6 +69,10 @@ SHIM_ONLY: dict[str, list[str]] = {
     "reference_trainers.recipes.method_crd": ["CRD_PRESETS", "add_crd_arguments", "crd_options"],
 }  # fmt: skip
 DEPRECATED = [
+    "kdloss.memory",
+    "kdloss.methods_modules",
+    "kdloss.adapters",
+    "kdloss.heads",
     "reference_trainers.recipes.cifar_methods",
     "reference_trainers.recipes.method_extra",
     "reference_trainers.recipes.method_crd",
@@ -64,6 +96,39 @@ def test_old_trainer_paths_export_the_same_objects(old: str) -> None:
         assert getattr(module, name) is getattr(new, name), f"{old}.{name}"
     for name in SHIM_ONLY.get(old, []):
         assert getattr(module, name) is not None, f"{old}.{name}"
+
+
+@pytest.mark.parametrize("old", sorted(KDLOSS))
+def test_old_kdloss_paths_export_the_same_objects(old: str) -> None:
+    names, home = KDLOSS[old]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = importlib.import_module(old)
+    new = importlib.import_module(home)
+    for name in names:
+        assert getattr(module, name) is getattr(new, name), f"{old}.{name}"
+    for name in STILL_HOME.get(old, []):
+        assert getattr(module, name) is not None, f"{old}.{name}"
+
+
+def test_a_pickle_of_an_earlier_version_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pickle records its class's module path; one written when ContrastMemory lived in kdloss.memory loads."""
+    import pickle
+
+    import kdloss
+
+    memory = kdloss.ContrastMemory(10, 4, n_negatives=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        importlib.import_module("kdloss.memory")
+    with monkeypatch.context() as mp:
+        mp.setattr(kdloss.ContrastMemory, "__module__", "kdloss.memory")  # where earlier versions defined it
+        data = pickle.dumps(memory)
+    assert b"kdloss.memory" in data
+    assert b"kdloss.parts" not in data
+    back = pickle.loads(data)
+    assert type(back) is kdloss.ContrastMemory
+    assert bool((back.bank_student == memory.bank_student).all())
 
 
 @pytest.mark.parametrize("old", DEPRECATED)

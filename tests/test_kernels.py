@@ -85,7 +85,7 @@ def _aot_compile(sdt: str, tdt: str, flags: dict[str, int], c: int):  # type: ig
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kdloss.kernels._kd_triton import _kd_rows_kernel as kernel
+    from kdloss.kernels._kd_triton import kd_rows_kernel as kernel
 
     block = KS.column_block(c)
     names = list(kernel.arg_names)
@@ -381,12 +381,12 @@ def test_empty_batch_and_double_backward(monkeypatch: pytest.MonkeyPatch) -> Non
 @needs_kernel
 def test_kernel_is_interpreted_on_cpu() -> None:
     """On CPU the kernel object is Triton's interpreter, so CPU tests really execute the kernel body."""
-    from kdloss.kernels._kd_triton import _kd_rows_kernel
+    from kdloss.kernels._kd_triton import kd_rows_kernel
 
     if DEVICE == "cpu":
-        assert type(_kd_rows_kernel).__name__ == "InterpretedFunction"
+        assert type(kd_rows_kernel).__name__ == "InterpretedFunction"
     else:
-        assert type(_kd_rows_kernel).__name__ == "JITFunction"
+        assert type(kd_rows_kernel).__name__ == "JITFunction"
 
 
 # --------------------------------------------------------------------------- GPU only: the benchmark sizes

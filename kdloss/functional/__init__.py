@@ -13,6 +13,7 @@ from kdloss.functional.cohort import (
 from kdloss.functional.contrastive import (
     crd_embed,
     crd_logits,
+    crd_loss,
     crd_memory_update,
     crd_nce_loss,
     crd_normalizer,
@@ -34,6 +35,7 @@ __all__ = [
     "cosine_hidden_loss",
     "crd_embed",
     "crd_logits",
+    "crd_loss",
     "crd_memory_update",
     "crd_nce_loss",
     "crd_normalizer",

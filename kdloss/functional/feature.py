@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss._numerics import compute_dtype, pair_up, reduce_loss
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -25,9 +26,6 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
-    compute_dtype,
-    pair_up,
-    reduce_loss,
 )
 from kdloss.functional._spatial import pool_pair, spatial_energy
 

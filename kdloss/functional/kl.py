@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdloss import kernels as _kernels
+from kdloss._numerics import LOG_FLOOR as _LOG_FLOOR
+from kdloss._numerics import compute_dtype, reduce_loss
+from kdloss._numerics import has_finite_rows as _has_finite
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -20,10 +23,9 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_unit_interval,
-    compute_dtype,
-    reduce_loss,
     warn_if_swapped,
 )
+from kdloss._validate import check_row_tensor as _check_row_tensor
 
 __all__ = ["Direction", "log_probs", "soft_kl"]
 
@@ -33,11 +35,6 @@ p_teacher), mode-seeking. ``"jsd"``: the generalised Jensen-Shannon divergence w
 ``beta`` on the teacher."""
 
 _DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
-
-# Log-probabilities are floored here so that a class with probability 0 in both distributions
-# (a -inf logit) contributes 0 * finite = 0 instead of 0 * (-inf - -inf) = NaN, in values and in
-# gradients. No finite float32 log-softmax output comes near it.
-_LOG_FLOOR = -1e30
 
 
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -58,25 +55,6 @@ def log_probs(logits: Tensor, temperature: float) -> Tensor:
     check_float("logits", logits)
     check_positive("temperature", temperature)
     return F.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
-
-
-def _has_finite(x: Tensor) -> Tensor:
-    """Rows with a logit that is not ``-inf``: one reduction (``amax``) instead of ``(x == -inf).all()``'s two.
-
-    Same result for every input, NaN rows included (they count, and propagate NaN, as before).
-    """
-    if x.shape[-1] == 0:
-        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-    return x.detach().amax(dim=-1) != float("-inf")
-
-
-def _check_row_tensor(name: str, t: Tensor, rows_shape: torch.Size, device: torch.device) -> None:
-    if t.shape != rows_shape:
-        raise ShapeError(
-            f"{name} must have the logits' shape without the class dimension, {tuple(rows_shape)}, got {tuple(t.shape)}"
-        )
-    if t.device != device:
-        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
 
 
 def soft_kl(

@@ -6,14 +6,20 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction, check_unit_interval
+from kdloss._validate import (
+    Reduction,
+    check_nonnegative,
+    check_positive,
+    check_reduction,
+    check_unit_interval,
+    check_weights,
+)
 from kdloss.compose import LossParts
 from kdloss.functional.cohort import (
-    _COHORT_REDUCTIONS,
-    _FORMS,
+    COHORT_FORMS,
+    COHORT_REDUCTIONS,
     CohortForm,
     TeacherLogits,
-    _check_weights,
     cohort_kd,
     paired_head_kd,
     self_distillation_loss,
@@ -64,11 +70,11 @@ class CohortLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
-        if form not in _FORMS:
-            raise ValueError(f"form must be one of {', '.join(map(repr, _FORMS))}, got {form!r}")
+        if form not in COHORT_FORMS:
+            raise ValueError(f"form must be one of {', '.join(map(repr, COHORT_FORMS))}, got {form!r}")
         self.form: CohortForm = form
-        self.reduction: Reduction = check_reduction(reduction, _COHORT_REDUCTIONS)
-        self.weights = _check_weights(weights, len(weights), "teacher") if weights is not None else None
+        self.reduction: Reduction = check_reduction(reduction, COHORT_REDUCTIONS)
+        self.weights = check_weights(weights, len(weights), "teacher") if weights is not None else None
 
     def forward(self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor) -> LossParts:
         return cohort_kd(
@@ -120,8 +126,8 @@ class MultiHeadKDLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
-        self.reduction: Reduction = check_reduction(reduction, _COHORT_REDUCTIONS)
-        self.weights = _check_weights(weights, len(weights), "head pair") if weights is not None else None
+        self.reduction: Reduction = check_reduction(reduction, COHORT_REDUCTIONS)
+        self.weights = check_weights(weights, len(weights), "head pair") if weights is not None else None
 
     def forward(self, student_logits: TeacherLogits, teacher_logits: TeacherLogits, labels: Tensor) -> LossParts:
         return paired_head_kd(

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_int, check_positive, check_reduction, check_unit_interval
-from kdloss.functional.kl import _DIRECTIONS, Direction, soft_kl
+from kdloss._validate import (
+    Reduction,
+    check_int,
+    check_option,
+    check_positive,
+    check_reduction,
+    check_unit_interval,
+)
+from kdloss.functional.kl import Direction, soft_kl
 
 __all__ = ["KDLoss"]
 
@@ -48,8 +57,7 @@ class KDLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.reduction: Reduction = check_reduction(reduction)
-        if direction not in _DIRECTIONS:
-            raise ValueError(f"direction must be one of {', '.join(map(repr, _DIRECTIONS))}, got {direction!r}")
+        check_option("direction", direction, get_args(Direction))
         if beta is not None:
             if direction != "jsd":
                 raise ValueError(

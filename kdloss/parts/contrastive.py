@@ -1,6 +1,7 @@
-"""Contrastive memory banks for CRD: two banks as buffers, the fixed normalisers, negative sampling.
+"""CRD's trainable and stateful parts: the embedding head and the memory banks (with their normalisers).
 
-:class:`ContrastMemory` is the stateful half of contrastive representation distillation
+:class:`CRDEmbed` (trainable) and :class:`ContrastMemory` (buffers: two banks, the fixed
+normalisers, negative sampling) are the stateful half of contrastive representation distillation
 (Tian, Krishnan & Isola, ICLR 2020); the arithmetic lives in :mod:`kdloss.functional.contrastive`.
 """
 
@@ -10,7 +11,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,22 +28,61 @@ from kdloss._validate import (
     check_unit_interval,
 )
 from kdloss.functional.contrastive import (
-    _METHODS,
+    SCORE_METHODS,
     ScoreMethod,
-    _finite_rows,
-    _last_occurrence,
-    _momentum_rows,
-    _resolve_method,
-    _score_views,
     check_index_range,
+    crd_embed,
+    finite_rows,
+    last_occurrence,
+    momentum_rows,
+    resolve_score_method,
+    score_views,
 )
 
-__all__ = ["ContrastMemory", "NegativeSampling"]
+__all__ = ["CRDEmbed", "CRDScores", "ContrastMemory", "NegativeSampling"]
 
 NegativeSampling = Literal["uniform", "class"]
 """``"uniform"``: negatives uniform over the dataset, with replacement (the reference's default,
 which may also draw the anchor itself). ``"class"``: only samples of other classes (the
 reference recipe's "exact" mode); needs the dataset's labels."""
+
+
+class CRDScores(NamedTuple):
+    """One batch's scores from :meth:`ContrastMemory.score`: both views' ``(B, K+1)`` float32 logits
+    (positive in column 0) and the ``(2,)`` normalisers ``Z`` to divide them by."""
+
+    student_logits: Tensor
+    teacher_logits: Tensor
+    normalizers: Tensor
+
+
+class CRDEmbed(nn.Module):
+    """A CRD embedding head: flatten, ``nn.Linear(in_features, feat_dim)``, L2 normalisation.
+
+    See :func:`kdloss.functional.crd_embed`.
+
+    Args:
+        in_features: the flattened width of the features it embeds.
+        feat_dim: the embedding width (128 in the paper).
+
+    Raises:
+        ValueError: if ``in_features`` or ``feat_dim`` is not a positive int.
+
+    Example:
+        >>> import torch
+        >>> CRDEmbed(12, 4)(torch.randn(2, 3, 4)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, in_features: int, feat_dim: int = 128) -> None:
+        super().__init__()
+        check_positive_int("in_features", in_features)
+        check_positive_int("feat_dim", feat_dim)
+        self.linear = nn.Linear(in_features, feat_dim)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return crd_embed(features, self.linear.weight, self.linear.bias)
+
 
 _SAMPLINGS: tuple[str, ...] = ("uniform", "class")
 _BANK_DTYPES = (torch.float32, torch.bfloat16)
@@ -193,8 +233,8 @@ class ContrastMemory(nn.Module):
         self.replacement = bool(replacement)
         if dtype not in _BANK_DTYPES:
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+        if method not in SCORE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, SCORE_METHODS))}, got {method!r}")
         self.method: ScoreMethod = method
         self.chunk_size = check_positive_int("chunk_size", chunk_size, allow_none=True)
         self.validate = bool(validate)
@@ -380,6 +420,24 @@ class ContrastMemory(nn.Module):
         """:meth:`forward` with both views stacked: ``(2, B, K+1)`` float32 (student view first)."""
         return torch.stack(self._score(student_embedding, teacher_embedding, indices, negatives, generator))
 
+    def score(
+        self,
+        student_embedding: Tensor,
+        teacher_embedding: Tensor,
+        indices: Tensor,
+        negatives: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> CRDScores:
+        """:meth:`forward`, and the normalisers ``Z`` to divide this batch's scores by (:meth:`normalizers_for`).
+
+        What :func:`kdloss.functional.crd_loss` takes: ``crd_loss(*memory.score(v_s, v_t, idx),
+        memory.n_data)``. The memory owns ``Z``: the stored one once a training step set it, else
+        this batch's own (evaluation first, or no usable batch yet).
+        """
+        s, t = self._score(student_embedding, teacher_embedding, indices, negatives, generator)
+        return CRDScores(s, t, self.normalizers_for(s, t, student_embedding, teacher_embedding))
+
     def _score(
         self,
         student_embedding: Tensor,
@@ -399,10 +457,10 @@ class ContrastMemory(nn.Module):
         # View 0: student embedding vs teacher bank; view 1: teacher embedding vs student bank. The
         # graph saves the banks themselves; the pack hook records that, so flush() knows when an
         # in-place write is safe.
-        path = _resolve_method(self.method, contrast.numel(), self.n_data)
+        path = resolve_score_method(self.method, contrast.numel(), self.n_data)
         self._saved_refs = [r for r in self._saved_refs if r() is not None]
         with torch.autograd.graph.saved_tensors_hooks(self._pack_saved, _unpack_saved):
-            ls, lt = _score_views(
+            ls, lt = score_views(
                 [student_embedding, teacher_embedding],
                 [bank_teacher, bank_student],
                 contrast,
@@ -416,19 +474,19 @@ class ContrastMemory(nn.Module):
                 all_idx = self._all_gather(idx)
                 # (B, 2d): teacher then student embedding, the order of the banks below
                 emb = self._all_gather(torch.cat([teacher_embedding.detach(), student_embedding.detach()], 1).float())
-                finite = _finite_rows(emb)  # (B_all,): both embeddings of the sample are finite
+                finite = finite_rows(emb)  # (B_all,): both embeddings of the sample are finite
                 n_bad = finite.numel() - finite.sum()
                 self.skipped_rows += n_bad
                 if self.validate and not self._warned_nonfinite:
                     # read at the next call's index check, where the device is idle anyway
                     self._unreported = (n_bad, finite.numel())
                 if not self._z_known:  # this rank's samples set Z (averaged over ranks)
-                    local = finite if self._world() == 1 else _finite_rows(student_embedding, teacher_embedding)
+                    local = finite if self._world() == 1 else finite_rows(student_embedding, teacher_embedding)
                     self._set_normalizers(ls.detach(), lt.detach(), local)
                 emb = emb.view(-1, 2, self.feat_dim).transpose(0, 1)  # (2, B_all, d)
                 old = torch.stack([bank_teacher.index_select(0, all_idx), bank_student.index_select(0, all_idx)])
-                last = _last_occurrence(all_idx, finite)
-                rows = _momentum_rows(old.float(), emb, last, self.momentum, finite)
+                last = last_occurrence(all_idx, finite)
+                rows = momentum_rows(old.float(), emb, last, self.momentum, finite)
                 self._pending = (all_idx, rows)
                 if not self._saved_refs:  # no graph holds the banks (no grad, or eval of a no-grad step)
                     self.flush()
@@ -466,7 +524,7 @@ class ContrastMemory(nn.Module):
         """
         if self._z_known:
             return self.normalizers
-        finite = _finite_rows(student_embedding, teacher_embedding)
+        finite = finite_rows(student_embedding, teacher_embedding)
         z = _z_from_sums(
             _normalizer_sums(student_logits.detach(), teacher_logits.detach(), finite), student_logits, self.n_data
         )
