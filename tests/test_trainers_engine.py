@@ -204,7 +204,7 @@ def test_checkpoint_every_writes_progress_inside_epochs(tmp_path: Path) -> None:
         seen.append((int(obj["epoch"]), int(partial["steps"]) if isinstance(partial, dict) else 0))  # type: ignore[call-overload]
         original(obj, path)
 
-    import reference_trainers.engine as engine
+    import reference_trainers.engine.loop as engine
 
     mp = pytest.MonkeyPatch()
     mp.setattr(engine, "save_checkpoint", spy)

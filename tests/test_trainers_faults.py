@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference_trainers import engine
 from reference_trainers.__main__ import main
 from reference_trainers.engine import (
     CHECKPOINT_FORMAT,
@@ -21,6 +20,7 @@ from reference_trainers.engine import (
     save_checkpoint,
     train_run,
 )
+from reference_trainers.engine import loop as engine
 from reference_trainers.errors import CheckpointError, OutputError
 from tests.test_trainers_cli import _jpeg_tree
 from tests.test_trainers_engine import _ctx, _data, _hint_spec, _teacher

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from reference_trainers import engine
 from reference_trainers.__main__ import main
 from reference_trainers.data import TensorAugment
 from reference_trainers.engine import load_checkpoint
+from reference_trainers.engine import loop as engine
 from reference_trainers.methods import TeacherOutputs
 from reference_trainers.recipes import common
 from tests.test_trainers_cli import _jpeg_tree
