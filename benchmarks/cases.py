@@ -108,7 +108,7 @@ def _logit_case(family: str, size: str, n: int, c: int, dtype: torch.dtype) -> C
         }
     elif family == "jsd":
         impls = {
-            "kdloss": lambda x: soft_kl(x["s"], x["t"], temperature=TEMPERATURE, direction="jsd", beta=JSD_BETA),
+            "kdloss": lambda x: soft_kl(x["s"], x["t"], temperature=TEMPERATURE, direction="jsd", jsd_weight=JSD_BETA),
             "naive": lambda x: naive.jsd(x["s"], x["t"], TEMPERATURE, JSD_BETA),
         }
     else:
@@ -289,7 +289,7 @@ def _cohort_case(size: str, k: int, b: int, c: int) -> Case:
 
 
 def gpu_cases() -> list[Case]:
-    """The issue's sizes: CIFAR, ImageNet and LM vocabularies for the logit losses."""
+    """The benchmark sizes: CIFAR, ImageNet and LM vocabularies for the logit losses."""
     f32, bf16 = torch.float32, torch.bfloat16
     logit_sizes = [
         ("cifar10", 256, 10, f32),

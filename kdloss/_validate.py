@@ -45,6 +45,7 @@ __all__ = [
     "compute_dtype",
     "pair_up",
     "reduce_loss",
+    "renamed_argument",
     "warn_if_swapped",
 ]
 
@@ -295,6 +296,25 @@ def warn_if_swapped(student_name: str, student: Tensor, teacher_name: str, teach
             UserWarning,
             stacklevel=_caller_level(),
         )
+
+
+def renamed_argument(owner: str, new: str, value: float | None, old: str, old_value: float | None) -> float | None:
+    """The value of an argument that was renamed from ``old`` to ``new``: ``value``, or ``old_value``
+    (with a ``FutureWarning`` pointing at the caller's line) when only the former name was used.
+
+    Raises:
+        TypeError: if both names are given.
+    """
+    if old_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"{owner} got {new}={value!r} and its former name {old}={old_value!r}: pass {new}= only")
+    warnings.warn(
+        f"{owner}: {old}= is deprecated, pass {new}= (same meaning): {old} names several weights in kdloss",
+        FutureWarning,
+        stacklevel=_caller_level(),
+    )
+    return old_value
 
 
 def _caller_level() -> int:

@@ -110,6 +110,7 @@ FORBIDDEN = {
     "EXPERIMENTS.md": re.compile(r"EXPERIMENTS\.md"),
     "a folder outside the repository": re.compile(r"\.\./shared|shared/data|/work/"),
     "an issue number": re.compile(r"\bissues? #?\d", re.I),
+    "wording about the tracker's issues": re.compile(r"\bthe issue'?s\b|\(issue\)", re.I),
 }
 NOT_YET: set[str] = set()  # files allowed to break these rules for now (none)
 

@@ -402,7 +402,7 @@ GPU_SIZES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (the issue's benchmark sizes)")
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (the benchmark sizes)")
 @pytest.mark.parametrize(("n", "c", "dtype"), GPU_SIZES, ids=str)
 def test_benchmark_sizes_on_gpu(monkeypatch: pytest.MonkeyPatch, n: int, c: int, dtype: torch.dtype) -> None:
     torch.manual_seed(6)
@@ -565,7 +565,7 @@ def test_fused_loss_none_gives_the_rows_and_bad_reductions_raise() -> None:
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 @pytest.mark.parametrize(("n", "c"), [(256, 100), (4096, 1000)])
 def test_reduced_forward_is_one_launch(n: int, c: int) -> None:
-    """The issue's target: the 256 x 100 forward (with its reduction) is one kernel launch."""
+    """The target: the 256 x 100 forward (with its reduction) is one kernel launch."""
     from torch.profiler import ProfilerActivity, profile
 
     s, t = _logits((n, c), torch.float32), _logits((n, c), torch.float32)

@@ -61,8 +61,8 @@ class CohortLoss(nn.Module):
     def __init__(
         self,
         temperature: float = 1.0,
-        alpha: float = 0.5,
         *,
+        alpha: float = 0.5,
         weights: Sequence[float] | None = None,
         form: CohortForm = "authors",
         reduction: Reduction = "batchmean",
@@ -118,8 +118,8 @@ class MultiHeadKDLoss(nn.Module):
     def __init__(
         self,
         temperature: float = 1.0,
-        alpha: float = 0.5,
         *,
+        alpha: float = 0.5,
         weights: Sequence[float] | None = None,
         reduction: Reduction = "batchmean",
     ) -> None:
@@ -171,7 +171,9 @@ class TOFDLoss(nn.Module):
         TOFDLoss(temperature=3.0, alpha=0.5, beta=0.05, gamma=0.01)
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, *, beta: float = 0.05, gamma: float = 0.0) -> None:
+    def __init__(
+        self, temperature: float = 1.0, *, alpha: float = 0.5, beta: float = 0.05, gamma: float = 0.0
+    ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
@@ -291,7 +293,7 @@ class SelfDistillationLoss(nn.Module):
         SelfDistillationLoss(temperature=3.0, alpha=0.3, beta=0.03)
     """
 
-    def __init__(self, temperature: float = 3.0, alpha: float = 0.3, *, beta: float = 0.03) -> None:
+    def __init__(self, temperature: float = 3.0, *, alpha: float = 0.3, beta: float = 0.03) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)

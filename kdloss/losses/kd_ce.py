@@ -38,8 +38,8 @@ class KDCELoss(nn.Module):
     def __init__(
         self,
         alpha: float = 0.5,
-        temperature: float = 1.0,
         *,
+        temperature: float = 1.0,
         reduction: Reduction = "batchmean",
         ignore_index: int = -100,
     ) -> None:

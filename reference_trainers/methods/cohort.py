@@ -5,10 +5,10 @@
                   (``kdloss.IntermediateHeads``, ``finetune_heads``, ``CohortOptions.head_epochs``),
                   then the cohort teaches (``kdloss.CohortLoss``, authors' form)
 ``mhkd``          ``kdloss.IntermediateHeads(head="mhkd")`` fine-tuned on the frozen teacher; the
-                  same heads on the student train with it: ``MultiHeadKDLoss(T, alpha,
+                  same heads on the student train with it: ``MultiHeadKDLoss(T, alpha=alpha,
                   weights=[0.5, ..., 0.5, 1])`` over every head pair (weight 0.5, the DIH authors'
                   ``mhkd_beta``) and the final classifiers (weight 1); ``alpha`` is the KD weight
-``tofd``          as ``mhkd`` with ``head="tofd"`` and ``TOFDLoss(T, alpha, beta=0.05,
+``tofd``          as ``mhkd`` with ``head="tofd"`` and ``TOFDLoss(T, alpha=alpha, beta=0.05,
                   gamma=1e-3)``: the heads' features (student side through ``kdloss.adapter_for``
                   adapters) and the adapters' orthogonality (Zhang et al., NeurIPS 2020)
 ``self-distill``  no teacher: early-exit classifiers on every stage but the last, each trained with
@@ -119,7 +119,7 @@ def make_dih(setup: MethodSetup) -> Built:
     t_side = HeadsTeacher(setup.teacher_model, teacher_heads(setup, "dih"), layout="cohort")
 
     def build() -> DistillStep:
-        loss = kdloss.CohortLoss(setup.temperature, setup.kd_weight, form="authors")
+        loss = kdloss.CohortLoss(setup.temperature, alpha=setup.kd_weight, form="authors")
         return CohortStep(setup.build_student(), loss)
 
     return Built(build, t_side)
@@ -155,7 +155,7 @@ def make_heads(head: HeadKind) -> Callable[[MethodSetup], Built]:
             if head == "mhkd":
                 k = len(s_heads.paths)
                 weights = [opts.mhkd_head_weight] * k + [1.0]  # the head pairs, then the final classifiers
-                loss = kdloss.MultiHeadKDLoss(setup.temperature, setup.kd_weight, weights=weights)
+                loss = kdloss.MultiHeadKDLoss(setup.temperature, alpha=setup.kd_weight, weights=weights)
                 return HeadsStep(student, s_heads, loss, None)
             with torch.no_grad():
                 s_ex = s_heads(torch.zeros(2, 3, 32, 32))
@@ -163,7 +163,7 @@ def make_heads(head: HeadKind) -> Callable[[MethodSetup], Built]:
             adapters = nn.ModuleList(
                 kdloss.adapter_for(s, torch.zeros(2, *d)) for s, d in zip(s_feats, t_dims, strict=True)
             )
-            tofd = kdloss.TOFDLoss(setup.temperature, setup.kd_weight, beta=opts.tofd_beta, gamma=opts.tofd_gamma)
+            tofd = kdloss.TOFDLoss(setup.temperature, alpha=setup.kd_weight, beta=opts.tofd_beta, gamma=opts.tofd_gamma)
             return HeadsStep(student, s_heads, tofd, adapters)
 
         return Built(build, HeadsTeacher(setup.teacher_model, t_heads))

@@ -707,7 +707,7 @@ class SelfDistillStep(TappedStep):
         self.exits = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(c, num_classes)) for c in channels
         )
-        self.loss = kdloss.SelfDistillationLoss(temperature, kd_weight, beta=0.0)
+        self.loss = kdloss.SelfDistillationLoss(temperature, alpha=kd_weight, beta=0.0)
 
     def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
         logits = self.student(images)
