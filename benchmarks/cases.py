@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from kdloss import ConvAdapter
 from kdloss.functional import attention_loss, hint_loss, kd_ce_loss, soft_kl
-from tests import naive
+from tests.naive import kl as naive
 
 Inputs = dict[str, Any]
 LossFn = Callable[[Inputs], Tensor]
@@ -210,7 +210,7 @@ def _crd_case(size: str, b: int, k: int, d: int, n_data: int, in_dim: int) -> Ca
     checks that they do the same work).
     """
     from kdloss import CRDLoss
-    from tests.naive_crd import NaiveCRD
+    from tests.naive.contrastive import NaiveCRD
 
     torch.manual_seed(0)
     crd = CRDLoss(in_dim, in_dim, n_data, feat_dim=d, n_negatives=k, validate=False)
@@ -257,7 +257,7 @@ def _cohort_case(size: str, k: int, b: int, c: int) -> Case:
     adds ``B C e``.
     """
     from kdloss import CohortLoss
-    from tests.naive_cohort import cohort_kl_div
+    from tests.naive.cohort import cohort_kl_div
 
     loss = CohortLoss(temperature=5.0, alpha=0.1)
 

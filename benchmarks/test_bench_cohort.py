@@ -23,7 +23,7 @@ import torch
 
 from kdloss import CohortLoss
 from kdloss.kernels import set_kernels_enabled
-from tests.naive_cohort import cohort_kl_div, cohort_loop
+from tests.naive.cohort import cohort_kl_div, cohort_loop
 
 CPU_SIZES = [(4, 64, 100), (4, 128, 1000)]  # (K, B, C): resnet110 -> resnet8 (k = 3) on CIFAR-100, and 1000 classes
 GPU_SIZES = [(5, 256, 1000), (5, 1024, 1000), (4, 4096, 100)]

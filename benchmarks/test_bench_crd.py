@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from kdloss import ContrastMemory, CRDLoss
-from tests.naive_crd import NaiveCRD, cpu_sample_negatives
+from tests.naive.contrastive import NaiveCRD, cpu_sample_negatives
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from torch import Tensor
 
 from kdloss import AttentionLoss, ShapeError
 from kdloss.functional import attention_loss, attention_map
-from tests import naive
 from tests.conftest import (
     REDUCTIONS,
     DtypeCase,
@@ -25,6 +24,7 @@ from tests.conftest import (
     make_tensor,
     roundtrip_module,
 )
+from tests.naive import kl as naive
 from tests.strategies import PROPERTY_SETTINGS, feature_pairs, reductions
 
 F64 = Tol(1e-6, 1e-6)

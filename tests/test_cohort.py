@@ -19,7 +19,7 @@ from kdloss.functional import (
     tofd_loss,
     tofd_temperature,
 )
-from tests.naive_cohort import (
+from tests.naive.cohort import (
     cohort_kl_div,
     cohort_loop,
     dih_per_head_alphas,

@@ -19,7 +19,7 @@ from kdloss.functional import (
     crd_nce_loss,
     crd_normalizer,
 )
-from tests.naive_crd import NaiveCRD, naive_exp_scores, naive_nce, naive_update
+from tests.naive.contrastive import NaiveCRD, naive_exp_scores, naive_nce, naive_update
 
 N, S_DIM, T_DIM, D, K, B = 64, 12, 10, 8, 16, 6
 

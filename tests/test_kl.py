@@ -13,7 +13,6 @@ from torch import Tensor
 
 from kdloss import KDLoss, ShapeError
 from kdloss.functional import log_probs, soft_kl
-from tests import naive
 from tests.conftest import (
     REDUCTIONS,
     DtypeCase,
@@ -25,6 +24,7 @@ from tests.conftest import (
     make_tensor,
     roundtrip_module,
 )
+from tests.naive import kl as naive
 from tests.strategies import (
     PROPERTY_SETTINGS,
     LogitPair,

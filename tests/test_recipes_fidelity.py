@@ -27,7 +27,7 @@ from reference_trainers.methods import (
     get_method,
 )
 from reference_trainers.models import build_model
-from tests import naive_methods
+from tests.naive import relational as naive_methods
 
 
 @pytest.fixture(autouse=True)

@@ -171,9 +171,7 @@ class TOFDLoss(nn.Module):
         TOFDLoss(temperature=3.0, alpha=0.5, beta=0.05, gamma=0.01)
     """
 
-    def __init__(
-        self, temperature: float = 1.0, *, alpha: float = 0.5, beta: float = 0.05, gamma: float = 0.0
-    ) -> None:
+    def __init__(self, temperature: float = 1.0, *, alpha: float = 0.5, beta: float = 0.05, gamma: float = 0.0) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
