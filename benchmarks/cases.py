@@ -2,7 +2,7 @@
 
 Shared by the pytest-benchmark suite (``benchmarks/test_losses.py``) and the standalone runner that
 writes the results tables (``benchmarks/run_gpu.py``). The naive baselines are the textbook
-formulations of ``tests/naive.py``.
+formulations of ``tests/naive/``.
 
 Byte counts (the bandwidth floor is ``bytes / measured copy bandwidth``): each input read once, each
 output written once; scalars and the loss are ignored.
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from kdloss import ConvAdapter
 from kdloss.functional import attention_loss, hint_loss, kd_ce_loss, soft_kl
-from tests.naive import kl as naive
+from tests import naive
 
 Inputs = dict[str, Any]
 LossFn = Callable[[Inputs], Tensor]
@@ -252,7 +252,7 @@ def _crd_case(size: str, b: int, k: int, d: int, n_data: int, in_dim: int) -> Ca
 def _cohort_case(size: str, k: int, b: int, c: int) -> Case:
     """DIH cohort KD: one student against ``K`` teachers (heads) + CE, authors' form, T = 5, alpha = 0.1.
 
-    Baseline: ``tests/naive_cohort.py``'s ``cohort_kl_div`` (one textbook log-softmax + kl_div per teacher).
+    Baseline: ``tests/naive/cohort.py``'s ``cohort_kl_div`` (one textbook log-softmax + kl_div per teacher).
     Bytes: forward ``(K + 1) B C e + 8 B`` (student and teachers read once, labels), forward+backward
     adds ``B C e``.
     """

@@ -1,7 +1,7 @@
 """CohortLoss (one student log-softmax for all K teachers) against the loop of K separate soft_kl calls.
 
 Forward + backward of the loss with respect to the student logits, DIH's setting (T = 5,
-alpha = 0.1, K = k + 1 teachers). Baselines are the explicit loops of ``tests/naive_cohort.py``.
+alpha = 0.1, K = k + 1 teachers). Baselines are the explicit loops of ``tests/naive/cohort.py``.
 
 - ``pytest benchmarks/test_bench_cohort.py --benchmark-only --benchmark-enable``: pytest-benchmark
   tables (CPU sizes always; GPU sizes only with CUDA, where ``cohort_loss`` is the fused Triton

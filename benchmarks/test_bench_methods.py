@@ -3,7 +3,7 @@
 Run ``pytest benchmarks/test_bench_methods.py --benchmark-only`` to time them. In CI the suite
 runs with ``--benchmark-disable``: each entry then runs once and is a quick correctness check
 (finite loss and gradient, and the value on a tiny float64 input equals the paper reference in
-``tests/naive_methods.py``).
+``tests/naive/{logit,relational,feature}.py``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from kdloss.functional import (
     sp_loss,
     vid_loss,
 )
+from tests import naive
 from tests.helpers import single_thread
-from tests.naive import relational as naive
 
 B, C, D = 32, 100, 64  # batch, classes, embedding size
 MAP = (8, 16, 8, 8)  # feature maps

@@ -1,4 +1,4 @@
-"""Cohort losses (DIH, MHKD, TOFD, self-distillation) against the explicit loops of tests/naive_cohort.py."""
+"""Cohort losses (DIH, MHKD, TOFD, self-distillation) against the explicit loops of tests/naive/cohort.py."""
 
 from __future__ import annotations
 

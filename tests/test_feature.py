@@ -31,7 +31,7 @@ from tests.helpers import (
     assert_teacher_detached,
     leaf,
 )
-from tests.naive import relational as naive
+from tests.naive import feature as naive
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 seeds = st.integers(0, 10_000)

@@ -28,7 +28,7 @@ import kdloss.kernels as K
 import kdloss.kernels.soft_kl as KS
 from kdloss.functional import attention_loss, cohort_kd, kd_ce_loss, soft_kl
 from kdloss.kernels import _dispatch, _selfcheck
-from tests.conftest import compile_fullgraph
+from tests.helpers import compile_fullgraph
 from tests.triton_harness import DEVICE, HAS_TRITON, INTERPRET, needs_kernel, run_file_under_interpreter
 
 N_CASES = 39  # tests the interpreter subprocess must pass

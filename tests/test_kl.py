@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kdloss import KDLoss, ShapeError
 from kdloss.functional import log_probs, soft_kl
-from tests.conftest import (
+from tests.helpers import (
     REDUCTIONS,
     DtypeCase,
     Tol,

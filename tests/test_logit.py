@@ -18,7 +18,7 @@ from tests.helpers import (
     assert_teacher_detached,
     leaf,
 )
-from tests.naive import relational as naive
+from tests.naive import logit as naive
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 

@@ -8,7 +8,6 @@ checkpoint and ``--resume`` see them).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ import kdloss
 from reference_trainers.__main__ import main
 from reference_trainers.errors import TrainerError
 from reference_trainers.methods import METHODS, available_methods
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1", "--batch-size", "8", "--seeds", "0"]
 TINY += [
@@ -33,14 +34,6 @@ TINY += [
     "--student",
     "resnet8",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _methods(out: Path) -> list[str]:

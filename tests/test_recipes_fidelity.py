@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,15 +27,9 @@ from reference_trainers.methods import (
     get_method,
 )
 from reference_trainers.models import build_model
-from tests.naive import relational as naive_methods
+from tests.naive import feature as naive_feature
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 class _Phases:
@@ -111,7 +105,7 @@ def test_ft_recipe_uses_repdistillers_factor_transfer_and_paraphraser() -> None:
     (f_s,) = step.feats()
     with torch.no_grad():
         factor_s = translator(f_s)
-        ft = naive_methods.ft_repdistiller(factor_s.double(), teacher["factor"].double())
+        ft = naive_feature.ft_repdistiller(factor_s.double(), teacher["factor"].double())
         ce = F.cross_entropy(step.student(x).double(), y)
     torch.testing.assert_close(out.parts["ft"].double(), ft, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(out.total.double(), ce + 200.0 * ft, rtol=1e-5, atol=1e-6)

@@ -33,6 +33,8 @@ from reference_trainers.errors import CheckpointError
 from reference_trainers.methods import CEStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import DeepNN, LightNN
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
+
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
@@ -392,15 +394,6 @@ def test_summary_and_reports(tmp_path: Path) -> None:
     assert "| kd | 0, 1 | 60.00 ± 14.14 |" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md", "results.png"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_resume_with_other_epochs_is_refused(tmp_path: Path) -> None:

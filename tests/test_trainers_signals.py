@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,11 @@ from reference_trainers.methods import TeacherOutputs
 from reference_trainers.recipes import common
 from tests.test_trainers_cli import _jpeg_tree
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
+
 # 10 training images in batches of 4, --smoke: 2 steps an epoch, 2 epochs: 4 steps per run;
 # runs: teacher, then kd and hint+kd on the cached teacher outputs.
 METHODS = "kd,hint+kd"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
