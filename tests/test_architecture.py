@@ -188,3 +188,36 @@ def test_every_method_is_built_in_its_familys_module() -> None:
     for name, entry in METHODS.items():
         home = entry.make.__module__.rsplit(".", 1)[-1]
         assert home in families, f"{name} is built in {entry.make.__module__}"
+
+
+def test_the_clis_method_defaults_are_the_typed_options() -> None:
+    """Every default is written once: the CIFAR recipes' options read the option dataclasses, and CRD's
+    settings are kdloss.ContrastMemory's own defaults."""
+    import inspect
+
+    import kdloss
+    from reference_trainers.__main__ import build_parser
+    from reference_trainers.methods import (
+        AttentionOptions,
+        CohortOptions,
+        ContrastiveOptions,
+        HintOptions,
+        MethodSetup,
+    )
+
+    memory = inspect.signature(kdloss.ContrastMemory).parameters
+    crd = ContrastiveOptions()
+    for name, value in (("feat_dim", crd.feat_dim), ("n_negatives", crd.n_negatives)):
+        assert memory[name].default == value
+    assert (memory["temperature"].default, memory["momentum"].default) == (crd.temperature, crd.momentum)
+    args = build_parser().parse_args(["benchmark-cifar100"])
+    assert (args.crd_feat_dim, args.crd_nce_k, args.crd_nce_t, args.crd_nce_m) == (
+        crd.feat_dim,
+        crd.n_negatives,
+        crd.temperature,
+        crd.momentum,
+    )
+    assert (args.hint_weight, args.fitnet_stage1_epochs) == (HintOptions().weight, HintOptions().stage1_epochs)
+    assert args.at_beta == AttentionOptions().beta
+    assert args.head_epochs == CohortOptions().head_epochs
+    assert args.init_epochs == MethodSetup("s", "t", None, 10, 4.0, 1.0, 0.9).init_epochs  # type: ignore[arg-type]

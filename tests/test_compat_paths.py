@@ -32,6 +32,13 @@ TRAINERS: dict[str, tuple[list[str], str | None]] = {
         "reference_trainers.methods.steps",
     ),
 }  # fmt: skip
+# reference_trainers.engine was one module: every name it had is importable from the package
+ENGINE = [
+    "BatchSource", "Context", "DistillStep", "RunData", "RunResult", "RunSpec", "StopRequested", "TeacherCache",
+    "TrainConfig", "atomic_write_bytes", "check_ranks_agree", "checkpoint_digest", "environment", "evaluate",
+    "load_checkpoint", "remove_stale_temps", "save_checkpoint", "setup", "stop_signals", "summarise",
+    "teacher_cache", "train_run", "write_reports", "CHECKPOINT_FORMAT", "markdown_table",
+]  # fmt: skip
 KDLOSS: dict[str, tuple[list[str], str]] = {
     "kdloss.memory": (["ContrastMemory", "NegativeSampling"], "kdloss.parts.contrastive"),
     "kdloss.methods_modules": (
@@ -96,6 +103,14 @@ def test_old_trainer_paths_export_the_same_objects(old: str) -> None:
         assert getattr(module, name) is getattr(new, name), f"{old}.{name}"
     for name in SHIM_ONLY.get(old, []):
         assert getattr(module, name) is not None, f"{old}.{name}"
+
+
+def test_every_name_of_the_former_engine_module_is_importable() -> None:
+    engine = importlib.import_module("reference_trainers.engine")
+    for name in ENGINE:
+        assert getattr(engine, name) is not None, name
+    assert engine.CHECKPOINT_FORMAT == "reference_trainers.checkpoint/2"
+    assert set(ENGINE) <= set(engine.__all__)
 
 
 @pytest.mark.parametrize("old", sorted(KDLOSS))

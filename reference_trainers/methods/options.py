@@ -18,10 +18,13 @@ paper, ICLR 2020) unless said; the recipes' command-line defaults are read from 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor
+
+import kdloss
 
 __all__ = [
     "AttentionOptions",
@@ -117,6 +120,10 @@ class FeatureOptions:
     reviewkd_warmup: float = 20.0
 
 
+# CRD's settings are kdloss.ContrastMemory's defaults (RepDistiller's): read from there, not restated.
+_MEMORY = inspect.signature(kdloss.ContrastMemory).parameters
+
+
 @dataclass(frozen=True)
 class ContrastiveOptions:
     """CRD (Tian, Krishnan & Isola, ICLR 2020), RepDistiller's settings.
@@ -128,7 +135,7 @@ class ContrastiveOptions:
         weight / ce_weight / kd_weight: the loss weights; ``None``: the preset's (``preset``).
         preset: the recipe whose weights apply (a key of
             :data:`~reference_trainers.methods.contrastive.CRD_PRESETS`).
-        feat_dim: the embedding width (128).
+        feat_dim: the embedding width (128, :class:`kdloss.ContrastMemory`'s default, as the three below).
         n_negatives: ``K`` negatives per sample (16384); clamped below ``n_data``, with a message.
         temperature: the NCE temperature (0.07).
         momentum: the banks' momentum (0.5).
@@ -141,10 +148,10 @@ class ContrastiveOptions:
     ce_weight: float | None = None
     kd_weight: float | None = None
     preset: str | None = None
-    feat_dim: int = 128
-    n_negatives: int = 16384
-    temperature: float = 0.07
-    momentum: float = 0.5
+    feat_dim: int = _MEMORY["feat_dim"].default
+    n_negatives: int = _MEMORY["n_negatives"].default
+    temperature: float = _MEMORY["temperature"].default
+    momentum: float = _MEMORY["momentum"].default
 
 
 @dataclass(frozen=True)
