@@ -345,7 +345,8 @@ def run_epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
         CheckpointError: a resumed epoch whose batches differ from the stopped one's.
     """
     ctx, spec, data, step, cfg = run.ctx, run.spec, run.data, run.step, run.ctx.config
-    model, optimizer, teacher, cache = run.model or step, run.optimizer, spec.teacher, run.cache
+    model = run.model if run.model is not None else step
+    optimizer, teacher, cache = run.optimizer, spec.teacher, run.cache
     signals = STOP  # its handlers are held by train_run's guard
     aug_gen_device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
     model.train()

@@ -114,73 +114,59 @@ def _relation(name: str) -> MethodEntry:
     return MethodEntry(name, f"{help_}: CE + {weight:g} * {loss}", relational.make_relation(name))
 
 
+# In the order of earlier versions (the CLI's --help lists them so); each builder is in its family's module.
 METHODS.update(
     {
         entry.name: entry
         for entry in (
-            # logit
             MethodEntry("ce", "the student alone (cross-entropy)", logit.make_ce),
             MethodEntry("kd", "Hinton KD: ce_weight * CE + kd_weight * KL_T^2", logit.make_kd),
-            # hint
             MethodEntry(
                 "fitnet", "FitNets hint (one stage, CE + 100 * MSE, 3x3 conv-BN-ReLU regressor)", hint.make_fitnet
             ),
             MethodEntry("fitnet2", "FitNets in two stages (hint pre-training, then KD), as in DIH", hint.make_fitnet2),
-            # attention
             MethodEntry("at", "attention transfer on equal-resolution stage pairs (CE + beta 1000)", attention.make_at),
-            # logit
             MethodEntry("dkd", "decoupled KD (CE + DKD, alpha 1, beta 8, 20-epoch warm-up)", logit.make_dkd),
             MethodEntry("dist", "DIST (CE + inter/intra-class Pearson relations, beta = gamma = 2)", logit.make_dist),
-            # relational
             _relation("sp"),
             _relation("pkt"),
             _relation("rkd"),
             _relation("nst"),
-            # cohort
             MethodEntry(
                 "dih",
                 "DIH: fine-tune heads on the frozen teacher, then the cohort teaches (CohortLoss)",
                 cohort.make_dih,
             ),
-            # relational
             MethodEntry(
                 "cc", "correlation congruence: CE + 0.02 * CC, linear embed on the student", relational.make_cc
             ),
-            # feature
             MethodEntry("vid", "variational information distillation: CE + 1 * VID per stage pair", feature.make_vid),
             MethodEntry("ab", "activation boundaries: AB init phase (--init-epochs), then CE", feature.make_ab),
             MethodEntry("ft", "factor transfer: paraphraser pre-training, then CE + 200 * FT", feature.make_ft),
-            # relational
             MethodEntry(
                 "fsp", "flow of solution procedure: FSP init phase (--init-epochs), then CE", relational.make_fsp
             ),
-            # feature
             MethodEntry("reviewkd", "ReviewKD: CE + 1 * HCL(ABF fusion), 20-epoch warm-up", feature.make_reviewkd),
-            # cohort
             MethodEntry(
                 "mhkd", "MHKD: paired mhkd heads on teacher and student (MultiHeadKDLoss)", cohort.make_heads("mhkd")
             ),
             MethodEntry(
                 "tofd", "TOFD: paired task-oriented heads, feature L2 + orthogonal adapters", cohort.make_heads("tofd")
             ),
-            # contrastive
             MethodEntry(
                 "crd",
                 "CRD: CE + beta * contrastive loss with memory banks (benchmark: CE 1, beta 0.8; dih: alpha 0.1, "
                 "beta 0.03)",
                 contrastive.make_crd,
             ),
-            # logit
             MethodEntry(
                 "takd", "TAKD: the assistant --ta learns with KD from the teacher, the student from it", logit.make_takd
             ),
-            # hint
             MethodEntry(
                 "hint-last",
                 "CE + w * MSE(conv1x1(f_s), f_t) on the last stages (the KD blog's feature method)",
                 hint.make_hint_last,
             ),
-            # cohort
             MethodEntry(
                 "self-distill",
                 "self-distillation: early exits on the student's stages learn from its final output (no teacher)",
