@@ -5,7 +5,7 @@ the student's hidden states and output weight) on the same inputs, in one proces
 
 - ``fused``: ``fused_linear_kd(h_s, W_s, h_t, W_t, divergence="forward")`` (default chunk size);
 - ``naive``: both logits materialised, ``log_softmax`` + ``F.kl_div(batchmean, log_target=True)``
-  (``tests/naive_lm.py``'s ``lm_kl_div``);
+  (``tests/naive/fused_linear.py``'s ``lm_kl_div``);
 - ``compiled``: ``torch.compile`` of ``naive``;
 - ``fused_compiled`` (only with ``--impls``): ``torch.compile`` of ``fused`` (Inductor fuses each
   chunk's elementwise work; the chunk loop is unrolled, so compiling takes longer at many chunks);
@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from kdloss.functional import fused_linear_kd
-from tests.naive_lm import lm_kl_div
+from tests.naive.fused_linear import lm_kl_div
 
 Inputs = dict[str, Tensor]
 Loss = Callable[[Inputs], Tensor]

@@ -2,7 +2,7 @@
 
 Shared by the pytest-benchmark suite (``benchmarks/test_losses.py``) and the standalone runner that
 writes the results tables (``benchmarks/run_gpu.py``). The naive baselines are the textbook
-formulations of ``tests/naive.py``.
+formulations of ``tests/naive/``.
 
 Byte counts (the bandwidth floor is ``bytes / measured copy bandwidth``): each input read once, each
 output written once; scalars and the loss are ignored.
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from kdloss import ConvAdapter
 from kdloss.functional import attention_loss, fused_linear_kd, hint_loss, kd_ce_loss, soft_kl
-from tests import naive, naive_lm
+from tests import naive
 
 Inputs = dict[str, Any]
 LossFn = Callable[[Inputs], Tensor]
@@ -113,7 +113,7 @@ def _logit_case(family: str, size: str, n: int, c: int, dtype: torch.dtype) -> C
         }
     elif family == "jsd":
         impls = {
-            "kdloss": lambda x: soft_kl(x["s"], x["t"], temperature=TEMPERATURE, direction="jsd", beta=JSD_BETA),
+            "kdloss": lambda x: soft_kl(x["s"], x["t"], temperature=TEMPERATURE, direction="jsd", jsd_weight=JSD_BETA),
             "naive": lambda x: naive.jsd(x["s"], x["t"], TEMPERATURE, JSD_BETA),
         }
     else:
@@ -215,7 +215,7 @@ def _crd_case(size: str, b: int, k: int, d: int, n_data: int, in_dim: int) -> Ca
     checks that they do the same work).
     """
     from kdloss import CRDLoss
-    from tests.naive_crd import NaiveCRD
+    from tests.naive.contrastive import NaiveCRD
 
     torch.manual_seed(0)
     crd = CRDLoss(in_dim, in_dim, n_data, feat_dim=d, n_negatives=k, validate=False)
@@ -257,12 +257,12 @@ def _crd_case(size: str, b: int, k: int, d: int, n_data: int, in_dim: int) -> Ca
 def _cohort_case(size: str, k: int, b: int, c: int) -> Case:
     """DIH cohort KD: one student against ``K`` teachers (heads) + CE, authors' form, T = 5, alpha = 0.1.
 
-    Baseline: ``tests/naive_cohort.py``'s ``cohort_kl_div`` (one textbook log-softmax + kl_div per teacher).
+    Baseline: ``tests/naive/cohort.py``'s ``cohort_kl_div`` (one textbook log-softmax + kl_div per teacher).
     Bytes: forward ``(K + 1) B C e + 8 B`` (student and teachers read once, labels), forward+backward
     adds ``B C e``.
     """
     from kdloss import CohortLoss
-    from tests.naive_cohort import cohort_kl_div
+    from tests.naive.cohort import cohort_kl_div
 
     loss = CohortLoss(temperature=5.0, alpha=0.1)
 
@@ -313,7 +313,7 @@ def _fused_linear_case(size: str, n: int, v: int, h: int, dtype: torch.dtype) ->
         make=make,
         impls={
             "kdloss": lambda x: fused_linear_kd(x["hs"], x["ws"], x["ht"], x["wt"]),
-            "naive": lambda x: naive_lm.lm_kl_div(x["hs"], x["ws"], x["ht"], x["wt"], 1.0),
+            "naive": lambda x: naive.lm_kl_div(x["hs"], x["ws"], x["ht"], x["wt"], 1.0),
         },
         grads_of=lambda x: [x["hs"], x["ws"]],
         bytes_fwd=2 * (n * h + v * h) * e,
@@ -326,7 +326,7 @@ def _fused_linear_case(size: str, n: int, v: int, h: int, dtype: torch.dtype) ->
 
 
 def gpu_cases() -> list[Case]:
-    """The issue's sizes: CIFAR, ImageNet and LM vocabularies for the logit losses."""
+    """The benchmark sizes: CIFAR, ImageNet and LM vocabularies for the logit losses."""
     f32, bf16 = torch.float32, torch.bfloat16
     logit_sizes = [
         ("cifar10", 256, 10, f32),

@@ -19,7 +19,7 @@ Steps, in order of value, each under its own time limit and all under one budget
    8192x32000 bf16, 4096x128256 bf16 for ``kd`` and ``kd_ce`` (kdloss / naive / torch.compile),
    then the targets of ``benchmarks.check_targets``;
 4. ``crd``: one CRD step at B = 64 and 256, K = 16384, d = 128, n = 50,000 against the textbook
-   step of ``tests/naive_crd.py``, interleaved in one process;
+   step of ``tests/naive/contrastive.py``, interleaved in one process;
 5. ``trainer_step``: resnet32x4 -> resnet8x4 student steps, bf16, online teacher and cached
    logits, beside a plain fp32 batch-64 loop (``benchmarks/test_bench_trainer_step.py``);
 6. ``tutorial``: ``tutorial-cifar10`` phases 1-3, seeds 42, 0, 1, on the CIFAR-10 JPEG archive

@@ -1,6 +1,6 @@
 """Time every benchmark case and write the results as JSON + a Markdown table under docs/benchmarks/.
 
-GPU (the issue's sizes)::
+GPU (the benchmark sizes of benchmarks/cases.py)::
 
     PYTHONPATH=. python -m benchmarks.run_gpu --tag h100
 

@@ -5,24 +5,7 @@ Modules (stateless ``nn.Module`` losses, adapters, :class:`FeatureTap`) are impo
 """
 
 from kdloss._validate import Reduction, ShapeError
-from kdloss.adapters import (
-    Adapter,
-    ConvAdapter,
-    LinearAdapter,
-    PoolAdapter,
-    adapter_for,
-    adapter_parameters,
-    check_optimizer,
-)
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
-from kdloss.heads import (
-    ClassifierHead,
-    FinetuneResult,
-    HeadsOutput,
-    IntermediateHeads,
-    evaluate_heads,
-    finetune_heads,
-)
 from kdloss.losses import (
     ABLoss,
     AttentionLoss,
@@ -45,12 +28,29 @@ from kdloss.losses import (
     VIDLoss,
 )
 from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDAuthorsLoss, TOFDLoss
-from kdloss.losses.contrastive import CRDEmbed, CRDLoss
-from kdloss.memory import ContrastMemory
-from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
+from kdloss.losses.contrastive import CRDLoss
+from kdloss.parts.adapters import (
+    Adapter,
+    ConvAdapter,
+    LinearAdapter,
+    PoolAdapter,
+    adapter_for,
+    adapter_parameters,
+    check_optimizer,
+)
+from kdloss.parts.contrastive import ContrastMemory, CRDEmbed
+from kdloss.parts.feature import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
+from kdloss.parts.fused_linear import TeacherTopK
+from kdloss.parts.heads import (
+    ClassifierHead,
+    FinetuneResult,
+    HeadsOutput,
+    IntermediateHeads,
+    evaluate_heads,
+    finetune_heads,
+)
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
-from kdloss.teacher_store import TeacherTopK
 
 __version__ = "0.1.0"
 

@@ -222,7 +222,7 @@ def _aot_compile(kernel_name: str, dt: str, npairs: int, hw: int):  # type: igno
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     ("kernel_name", "dt", "npairs", "hw"),
-    [("_attention_fwd_kernel", "fp32", 3, 1024), ("_attention_bwd_kernel", "bf16", 3, 1024)],
+    [("attention_fwd_kernel", "fp32", 3, 1024), ("attention_bwd_kernel", "bf16", 3, 1024)],
     ids=["fwd-fp32", "bwd-bf16"],
 )
 def test_compiles_for_h100_without_gpu(kernel_name: str, dt: str, npairs: int, hw: int, tmp_path: Path) -> None:

@@ -100,6 +100,7 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("tutorial-no-data", ["tutorial-cifar10"], "pass --data-root DIR (torchvision's CIFAR-10 files"),
     ("blog-no-data", ["blog-cifar10"], "or --dataset embedded to run on the package's 10,000-image subset"),
     ("blog-model", ["blog-cifar10", "--dataset", "embedded", "--student", "nope"], "--student 'nope' is not a"),
+    ("blog-alpha", ["blog-cifar10", "--dataset", "embedded", "--alpha", "0.1"], "pass --kd-weight 0.9 for the same"),
     ("dih-no-data", ["dih"], "--dataset cifar100 needs --data-root DIR"),
     ("dih-takd", ["dih", "--smoke", "--method", "kd,takd"], "method 'takd' needs a teacher assistant: pass --ta"),
     ("bench-method", ["benchmark-cifar100", "--smoke", "--method", "nope"], "unknown method 'nope'; available: ce"),

@@ -227,10 +227,10 @@ def test_no_grad_and_single_backward() -> None:
 
 @needs_kernel
 def test_kernel_is_interpreted_on_cpu() -> None:
-    from kdloss.kernels._cohort_triton import _cohort_rows_kernel
+    from kdloss.kernels._cohort_triton import cohort_rows_kernel
 
     expected = "InterpretedFunction" if DEVICE == "cpu" else "JITFunction"
-    assert type(_cohort_rows_kernel).__name__ == expected
+    assert type(cohort_rows_kernel).__name__ == expected
 
 
 # --------------------------------------------------------------------------- GPU only: the benchmark sizes
@@ -256,7 +256,7 @@ def _aot_compile(sdt: str, tdt: str, k: int, c: int, write_grad: bool):  # type:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kdloss.kernels._cohort_triton import _cohort_rows_kernel as kernel
+    from kdloss.kernels._cohort_triton import cohort_rows_kernel as kernel
 
     kb = next_power_of_2(k)
     block = cohort_block(c, kb)

@@ -1,6 +1,6 @@
 """fused_linear_kd / FusedLinearKDLoss: values and gradients against the materialised-logits reference.
 
-The reference (``tests/naive_lm.py``) computes both logit tensors and lets autograd differentiate,
+The reference (``tests/naive/fused_linear.py``) computes both logit tensors and lets autograd differentiate,
 in float64; the fused loss must agree for every divergence, temperature, reduction, chunk size
 (dividing the token count or not), with and without biases, ignored tokens and a hard term.
 """
@@ -19,8 +19,8 @@ from torch import Tensor
 from kdloss import FusedLinearKDLoss, ShapeError
 from kdloss.functional import fused_linear_kd, soft_kl
 from kdloss.functional.fused_linear import default_chunk_size
-from tests.conftest import Tol, assert_close, assert_compiled_matches_eager, dtype_case_for, requires_cuda
-from tests.naive_lm import lm_kd
+from tests.helpers import Tol, assert_close, assert_compiled_matches_eager, dtype_case_for, requires_cuda
+from tests.naive.fused_linear import lm_kd
 from tests.strategies import PROPERTY_SETTINGS
 
 DIVERGENCES = ("forward", "reverse", "jsd", "tv")
@@ -338,7 +338,7 @@ def test_peak_memory_is_a_few_chunks_not_the_logits() -> None:
     """Forward+backward at 512 tokens x V = 4096: the fused loss's allocator peak (torch.profiler) is
     below 1/4 of the materialised formulation's and within the gradients plus a few chunks."""
     from benchmarks.bench_fused_linear import cpu_peak_bytes
-    from tests.naive_lm import lm_kl_div
+    from tests.naive.fused_linear import lm_kl_div
 
     n, v, h, chunk = 512, 4096, 32, 32
     x = _inputs(n, v, h, h, seed=12, dtype=torch.float32)

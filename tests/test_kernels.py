@@ -85,7 +85,7 @@ def _aot_compile(sdt: str, tdt: str, flags: dict[str, int], c: int):  # type: ig
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kdloss.kernels._kd_triton import _kd_rows_kernel as kernel
+    from kdloss.kernels._kd_triton import kd_rows_kernel as kernel
 
     block = KS.column_block(c)
     names = list(kernel.arg_names)
@@ -381,12 +381,12 @@ def test_empty_batch_and_double_backward(monkeypatch: pytest.MonkeyPatch) -> Non
 @needs_kernel
 def test_kernel_is_interpreted_on_cpu() -> None:
     """On CPU the kernel object is Triton's interpreter, so CPU tests really execute the kernel body."""
-    from kdloss.kernels._kd_triton import _kd_rows_kernel
+    from kdloss.kernels._kd_triton import kd_rows_kernel
 
     if DEVICE == "cpu":
-        assert type(_kd_rows_kernel).__name__ == "InterpretedFunction"
+        assert type(kd_rows_kernel).__name__ == "InterpretedFunction"
     else:
-        assert type(_kd_rows_kernel).__name__ == "JITFunction"
+        assert type(kd_rows_kernel).__name__ == "JITFunction"
 
 
 # --------------------------------------------------------------------------- GPU only: the benchmark sizes
@@ -402,7 +402,7 @@ GPU_SIZES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (the issue's benchmark sizes)")
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (the benchmark sizes)")
 @pytest.mark.parametrize(("n", "c", "dtype"), GPU_SIZES, ids=str)
 def test_benchmark_sizes_on_gpu(monkeypatch: pytest.MonkeyPatch, n: int, c: int, dtype: torch.dtype) -> None:
     torch.manual_seed(6)
@@ -565,7 +565,7 @@ def test_fused_loss_none_gives_the_rows_and_bad_reductions_raise() -> None:
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 @pytest.mark.parametrize(("n", "c"), [(256, 100), (4096, 1000)])
 def test_reduced_forward_is_one_launch(n: int, c: int) -> None:
-    """The issue's target: the 256 x 100 forward (with its reduction) is one kernel launch."""
+    """The target: the 256 x 100 forward (with its reduction) is one kernel launch."""
     from torch.profiler import ProfilerActivity, profile
 
     s, t = _logits((n, c), torch.float32), _logits((n, c), torch.float32)

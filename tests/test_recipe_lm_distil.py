@@ -21,7 +21,7 @@ from reference_trainers.recipes.lm_distil import (
     load_corpus,
     windows,
 )
-from tests.naive_lm import lm_kd
+from tests.naive.fused_linear import lm_kd
 
 FAST = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1"]
 

@@ -19,10 +19,7 @@ import kdloss
 from reference_trainers import models
 from reference_trainers.__main__ import main
 from reference_trainers.errors import CheckpointError, TrainerError
-from reference_trainers.models import ModelSpec, build_model, register_model
-from reference_trainers.models.cifar_resnet import CifarResNet
-from reference_trainers.recipes.cifar_kd import load_teacher_weights
-from reference_trainers.recipes.cifar_methods import (
+from reference_trainers.methods import (
     METHODS,
     DKDStep,
     HintOnlyStep,
@@ -32,19 +29,15 @@ from reference_trainers.recipes.cifar_methods import (
     matching_stage_pairs,
     register_method,
 )
+from reference_trainers.models import ModelSpec, build_model, register_model
+from reference_trainers.models.cifar_resnet import CifarResNet
+from reference_trainers.recipes.cifar_kd import load_teacher_weights
 from reference_trainers.recipes.hint_imagenette import make_synthetic_imagefolder
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1"]
 TINY += ["--val-size", "8", "--train-subset", "16", "--test-subset", "16"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread (tiny tensors; CI's cores are shared), restored afterwards (``--threads 1`` sets it too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

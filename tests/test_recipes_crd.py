@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,24 +27,16 @@ from reference_trainers.engine import (
     train_run,
 )
 from reference_trainers.errors import TrainerError
-from reference_trainers.methods import TeacherOutputs
+from reference_trainers.methods import METHODS, CRDStep, MethodSetup, TeacherOutputs, available_methods
 from reference_trainers.models import DeepNN, LightNN
-from reference_trainers.recipes.cifar_methods import METHODS, MethodSetup, available_methods
-from reference_trainers.recipes.method_crd import CRDStep
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1"]
 TINY += ["--val-size", "8", "--train-subset", "16", "--test-subset", "16", "--batch-size", "8"]
 BANKS = ("crd.memory.bank_student", "crd.memory.bank_teacher", "crd.memory.normalizers")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _split(n: int, seed: int) -> TensorSplit:

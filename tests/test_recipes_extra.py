@@ -8,7 +8,6 @@ checkpoint and ``--resume`` see them).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,9 @@ import torch
 import kdloss
 from reference_trainers.__main__ import main
 from reference_trainers.errors import TrainerError
-from reference_trainers.recipes.cifar_methods import METHODS, available_methods
+from reference_trainers.methods import METHODS, available_methods
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1", "--batch-size", "8", "--seeds", "0"]
 TINY += [
@@ -33,14 +34,6 @@ TINY += [
     "--student",
     "resnet8",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _methods(out: Path) -> list[str]:
@@ -99,31 +92,33 @@ def test_dih_mhkd_tofd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "fine-tuned" not in err
 
 
-def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:
-    from reference_trainers.models import build_model
-    from reference_trainers.recipes.method_extra import PreActTap
+@pytest.mark.parametrize("name", ["resnet8", "resnet18", "wrn_16_1", "vgg8"])
+def test_preact_paths_give_the_pre_relu_stage_sums(name: str) -> None:
+    """A FeatureTap on the models' preact_paths reads what AB needs: the sum before each stage's last ReLU."""
+    from reference_trainers.methods.common import preact_paths
+    from reference_trainers.models import build_model, stage_paths
 
-    net = build_model("resnet8", 10).eval()
-    stages = ["layer1", "layer2", "layer3"]
-    tap = PreActTap(net, stages)
-    with kdloss.FeatureTap(net, stages) as post:
+    torch.manual_seed(0)
+    net = build_model(name, 10).eval()
+    stages = list(stage_paths(name))
+    paths = preact_paths(net, name, stages)
+    with kdloss.FeatureTap(net, paths) as pre, kdloss.FeatureTap(net, stages) as post:
         net(torch.randn(2, 3, 32, 32))
-        pre = tap.get()
-        for p, path in zip(pre, stages, strict=True):
-            assert (p < 0).any()  # a pre-activation, not a ReLU output
-            torch.testing.assert_close(torch.relu(p), post[path])
+        for p, stage in zip(paths, stages, strict=True):
+            assert (pre[p] < 0).any()  # a pre-activation, not a ReLU output
+            if name.startswith("resnet"):  # the stage output is the ReLU of it
+                torch.testing.assert_close(torch.relu(pre[p]), post[stage])
     with pytest.raises(TrainerError, match="pre-ReLU stage maps"):
-        PreActTap(build_model("vgg8", 10), ["block1"])
+        preact_paths(build_model("lightnn", 10), "lightnn", ["features"])
 
 
 def test_reviewkd_warm_up_counts_steps_and_trains_the_fusion() -> None:
+    from reference_trainers.methods import FeatureLossStep, FeatureOptions, MethodSetup, get_method
     from reference_trainers.models import build_model
-    from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
-    from reference_trainers.recipes.method_extra import FeatureLossStep
 
     teacher = build_model("resnet14", 10).eval()
     setup = MethodSetup("resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9,
-                        options={"steps_per_epoch": 2, "reviewkd_warmup": 1.0})  # fmt: skip
+                        steps_per_epoch=2, feature=FeatureOptions(reviewkd_warmup=1.0))  # fmt: skip
     built = get_method("reviewkd").make(setup)
     step = built.build().train()
     assert isinstance(step, FeatureLossStep)

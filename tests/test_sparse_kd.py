@@ -16,8 +16,8 @@ from torch import Tensor
 
 from kdloss import ShapeError, SparseKDLoss, TeacherTopK
 from kdloss.functional import soft_kl, sparse_kd
-from tests.conftest import Tol, assert_close, assert_compiled_matches_eager
-from tests.naive_lm import sparse_kd as naive_sparse_kd
+from tests.helpers import Tol, assert_close, assert_compiled_matches_eager
+from tests.naive.fused_linear import sparse_kd as naive_sparse_kd
 from tests.strategies import PROPERTY_SETTINGS
 
 F64 = Tol(1e-10, 1e-9)

@@ -33,6 +33,8 @@ from reference_trainers.errors import CheckpointError
 from reference_trainers.methods import CEStep, HintStep, KDStep, TeacherOutputs
 from reference_trainers.models import DeepNN, LightNN
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
+
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
@@ -204,7 +206,7 @@ def test_checkpoint_every_writes_progress_inside_epochs(tmp_path: Path) -> None:
         seen.append((int(obj["epoch"]), int(partial["steps"]) if isinstance(partial, dict) else 0))  # type: ignore[call-overload]
         original(obj, path)
 
-    import reference_trainers.engine as engine
+    import reference_trainers.engine.checkpoint as engine
 
     mp = pytest.MonkeyPatch()
     mp.setattr(engine, "save_checkpoint", spy)
@@ -394,15 +396,6 @@ def test_summary_and_reports(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md", "results.png"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_resume_with_other_epochs_is_refused(tmp_path: Path) -> None:
     teacher = _teacher()
     train_run(_ctx(tmp_path), _hint_spec(teacher, 1), _data(augment=False))
@@ -426,3 +419,62 @@ def test_cuda_run_with_bf16_autocast_and_channels_last(tmp_path: Path) -> None:
     res = train_run(ctx, _hint_spec(_teacher(), 2), data)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
     assert next(iter(_state(res).values())).is_cuda
+
+
+# The layout every earlier version wrote (a dict built in the loop), key for key and in this order:
+# the checksum covers the order, so a checkpoint of an earlier version only verifies if it is kept.
+_OLD_KEYS = [
+    "format", "method", "seed", "signature", "epoch", "epochs", "done", "model", "optimizer", "scheduler", "rng",
+    "history", "best", "train_time_s", "images", "run_steps", "teacher_cache_s", "torch",
+]  # fmt: skip
+_OLD_PARTIAL_KEYS = ["steps", "n_batches", "seen", "sums", "time_s", "aug_gen", "rng", "rng_epoch_start"]
+
+
+def _as_earlier_versions_wrote_it(ck: dict[str, object]) -> dict[str, object]:
+    old = {key: ck[key] for key in _OLD_KEYS}
+    old["format"] = "reference_trainers.checkpoint/2"
+    old["best"] = {"val": ck["best"]["val"], "epoch": ck["best"]["epoch"], "test": ck["best"]["test"]}  # type: ignore[index]
+    if "partial" in ck:
+        old["partial"] = {key: ck["partial"][key] for key in _OLD_PARTIAL_KEYS}  # type: ignore[index]
+    return old
+
+
+@pytest.mark.parametrize("stop_step", [3, 4], ids=["end-of-epoch1", "epoch2-step1"])
+def test_a_checkpoint_in_the_layout_of_earlier_versions_resumes_exactly(tmp_path: Path, stop_step: int) -> None:
+    from reference_trainers.engine import Checkpoint, checkpoint_digest
+
+    teacher = _teacher()
+    full = train_run(_ctx(tmp_path / "a"), _hint_spec(teacher, 3), _data(augment=True))
+    with pytest.raises(StopRequested, match="continue with --resume"):
+        train_run(_ctx(tmp_path / "b", stop_after_step=stop_step), _hint_spec(teacher, 3), _data(augment=True))
+    path = tmp_path / "b" / "checkpoints" / "hint-seed5.pt"
+    written = load_checkpoint(path)
+    old = _as_earlier_versions_wrote_it(written)
+    assert list(written) == [*old, "checksum"]  # this version writes that layout, in that order...
+    assert written["checksum"] == checkpoint_digest(old)  # ...with the same checksum
+    assert Checkpoint.from_dict(old).to_dict() == old  # the typed record reads and writes it back unchanged
+    torch.save({**old, "checksum": checkpoint_digest(old)}, path)  # a file as an earlier version left it
+    resumed = train_run(_ctx(tmp_path / "b"), _hint_spec(teacher, 3, resume=True), _data(augment=True))
+    _assert_same_run(full, resumed)
+
+
+def test_a_malformed_checkpoint_record_is_refused_with_its_path(tmp_path: Path) -> None:
+    from reference_trainers.engine import Checkpoint, EpochProgress
+
+    teacher = _teacher()
+    with pytest.raises(StopRequested):
+        train_run(_ctx(tmp_path, stop_after_step=4), _hint_spec(teacher, 3), _data(augment=False))
+    path = tmp_path / "checkpoints" / "hint-seed5.pt"
+    ck = load_checkpoint(path)
+    record = Checkpoint.from_dict(ck, path)
+    assert isinstance(record.partial, EpochProgress)
+    assert (record.epoch, record.partial.steps, record.partial.n_batches) == (1, 1, 3)
+    assert (record.best.epoch, record.run_steps) == (1, 4)
+    broken = {**ck, "partial": {k: v for k, v in ck["partial"].items() if k != "aug_gen"}}
+    with pytest.raises(CheckpointError, match=r"'x\.pt' cannot be resumed from \(KeyError: 'aug_gen'\)"):
+        Checkpoint.from_dict(broken, "x.pt")
+    with pytest.raises(CheckpointError, match=r"'x\.pt' lacks 'history': it is not a run's checkpoint"):
+        Checkpoint.from_dict({k: v for k, v in ck.items() if k != "history"}, "x.pt")
+    save_checkpoint({k: v for k, v in broken.items() if k != "checksum"}, path)
+    with pytest.raises(CheckpointError, match="cannot be resumed from"):
+        train_run(_ctx(tmp_path), _hint_spec(teacher, 3, resume=True), _data(augment=False))

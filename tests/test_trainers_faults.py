@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from reference_trainers import engine
 from reference_trainers.__main__ import main
 from reference_trainers.engine import (
     CHECKPOINT_FORMAT,
+    atomic,
     load_checkpoint,
     remove_stale_temps,
     save_checkpoint,
@@ -25,13 +25,7 @@ from reference_trainers.errors import CheckpointError, OutputError
 from tests.test_trainers_cli import _jpeg_tree
 from tests.test_trainers_engine import _ctx, _data, _hint_spec, _teacher
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +212,7 @@ def test_a_disk_error_during_a_run_is_a_one_line_error_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A full disk or a read-only output during a run used to end in a traceback."""
-    real = {"fsync": os.fsync, "replace": os.replace, "mkstemp": engine.tempfile.mkstemp}[syscall]
+    real = {"fsync": os.fsync, "replace": os.replace, "mkstemp": atomic.tempfile.mkstemp}[syscall]
     writing = [""]  # the file atomic_write_bytes is writing
 
     def failing(*args: object, **kw: object) -> object:
@@ -232,15 +226,15 @@ def test_a_disk_error_during_a_run_is_a_one_line_error_exit_2(
             raise OSError(code, os.strerror(code))
         return real(*args, **kw)  # type: ignore[operator]
 
-    real_write = engine.atomic_write_bytes
+    real_write = atomic.atomic_write_bytes
 
     def tracking(path: str | os.PathLike[str], data: bytes) -> None:
         writing[0] = str(path)
         real_write(path, data)
 
-    monkeypatch.setattr(engine, "atomic_write_bytes", tracking)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", tracking)
     if syscall == "mkstemp":
-        monkeypatch.setattr(engine.tempfile, "mkstemp", failing)
+        monkeypatch.setattr(atomic.tempfile, "mkstemp", failing)
     else:
         monkeypatch.setattr(os, syscall, failing)
     out = tmp_path / "out"
@@ -262,7 +256,7 @@ def test_a_really_read_only_output_directory(tree: Path, tmp_path: Path, capsys:
 
 
 def test_output_error_is_an_os_error_too() -> None:
-    e = engine._output_error(Path("x/c.pt"), OSError(errno.ENOSPC, "No space left on device"))
+    e = atomic.output_error(Path("x/c.pt"), OSError(errno.ENOSPC, "No space left on device"))
     assert isinstance(e, OutputError)
     assert isinstance(e, OSError)
     assert e.errno == errno.ENOSPC

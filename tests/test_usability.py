@@ -14,9 +14,9 @@ import torch
 
 import kdloss
 from kdloss.functional import soft_kl
-from reference_trainers import engine
 from reference_trainers.__main__ import build_parser
 from reference_trainers.engine import Context, RunResult, TrainConfig, write_reports
+from reference_trainers.engine import loop as engine
 from reference_trainers.recipes import RECIPES, common, demo
 
 # ------------------------------------------------------------------------------------ KDLoss

@@ -13,6 +13,7 @@ from kdloss.functional.cohort import (
 from kdloss.functional.contrastive import (
     crd_embed,
     crd_logits,
+    crd_loss,
     crd_memory_update,
     crd_nce_loss,
     crd_normalizer,
@@ -35,6 +36,7 @@ __all__ = [
     "cosine_hidden_loss",
     "crd_embed",
     "crd_logits",
+    "crd_loss",
     "crd_memory_update",
     "crd_nce_loss",
     "crd_normalizer",

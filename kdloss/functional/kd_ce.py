@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdloss import kernels as _kernels
+from kdloss._numerics import compute_dtype, reduce_loss
+from kdloss._numerics import has_finite_rows as _has_finite
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -17,14 +19,15 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_unit_interval,
-    compute_dtype,
-    reduce_loss,
 )
-from kdloss.functional.kl import _check_row_tensor, _has_finite, soft_kl
+from kdloss._validate import check_row_tensor as _check_row_tensor
+from kdloss.functional.kl import soft_kl
 
 __all__ = ["kd_ce_loss"]
 
-_KD_CE_REDUCTIONS = ("none", "sum", "batchmean")
+KD_CE_REDUCTIONS: tuple[str, ...] = ("none", "sum", "batchmean")
+"""The reductions :func:`kd_ce_loss` accepts (and :class:`kdloss.KDCELoss`)."""
+_KD_CE_REDUCTIONS = KD_CE_REDUCTIONS
 
 
 def kd_ce_loss(

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss._numerics import LOG_FLOOR as _LOG_FLOOR  # a floor for log-probabilities of -inf logits
+from kdloss._numerics import compute_dtype, reduce_loss
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -14,14 +16,9 @@ from kdloss._validate import (
     check_pair,
     check_positive,
     check_reduction,
-    compute_dtype,
-    reduce_loss,
 )
 
 __all__ = ["dist_loss", "dkd_loss", "dkd_warmup_factor"]
-
-# as in kdloss.functional.kl: a floor for log-probabilities of -inf logits
-_LOG_FLOOR = -1e30
 
 
 def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, method: str) -> None:

@@ -6,14 +6,20 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction, check_unit_interval
+from kdloss._validate import (
+    Reduction,
+    check_nonnegative,
+    check_positive,
+    check_reduction,
+    check_unit_interval,
+    check_weights,
+)
 from kdloss.compose import LossParts
 from kdloss.functional.cohort import (
-    _COHORT_REDUCTIONS,
-    _FORMS,
+    COHORT_FORMS,
+    COHORT_REDUCTIONS,
     CohortForm,
     TeacherLogits,
-    _check_weights,
     cohort_kd,
     paired_head_kd,
     self_distillation_loss,
@@ -55,8 +61,8 @@ class CohortLoss(nn.Module):
     def __init__(
         self,
         temperature: float = 1.0,
-        alpha: float = 0.5,
         *,
+        alpha: float = 0.5,
         weights: Sequence[float] | None = None,
         form: CohortForm = "authors",
         reduction: Reduction = "batchmean",
@@ -64,11 +70,11 @@ class CohortLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
-        if form not in _FORMS:
-            raise ValueError(f"form must be one of {', '.join(map(repr, _FORMS))}, got {form!r}")
+        if form not in COHORT_FORMS:
+            raise ValueError(f"form must be one of {', '.join(map(repr, COHORT_FORMS))}, got {form!r}")
         self.form: CohortForm = form
-        self.reduction: Reduction = check_reduction(reduction, _COHORT_REDUCTIONS)
-        self.weights = _check_weights(weights, len(weights), "teacher") if weights is not None else None
+        self.reduction: Reduction = check_reduction(reduction, COHORT_REDUCTIONS)
+        self.weights = check_weights(weights, len(weights), "teacher") if weights is not None else None
 
     def forward(self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor) -> LossParts:
         return cohort_kd(
@@ -112,16 +118,16 @@ class MultiHeadKDLoss(nn.Module):
     def __init__(
         self,
         temperature: float = 1.0,
-        alpha: float = 0.5,
         *,
+        alpha: float = 0.5,
         weights: Sequence[float] | None = None,
         reduction: Reduction = "batchmean",
     ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
-        self.reduction: Reduction = check_reduction(reduction, _COHORT_REDUCTIONS)
-        self.weights = _check_weights(weights, len(weights), "head pair") if weights is not None else None
+        self.reduction: Reduction = check_reduction(reduction, COHORT_REDUCTIONS)
+        self.weights = check_weights(weights, len(weights), "head pair") if weights is not None else None
 
     def forward(self, student_logits: TeacherLogits, teacher_logits: TeacherLogits, labels: Tensor) -> LossParts:
         return paired_head_kd(
@@ -165,7 +171,7 @@ class TOFDLoss(nn.Module):
         TOFDLoss(temperature=3.0, alpha=0.5, beta=0.05, gamma=0.01)
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, *, beta: float = 0.05, gamma: float = 0.0) -> None:
+    def __init__(self, temperature: float = 1.0, *, alpha: float = 0.5, beta: float = 0.05, gamma: float = 0.0) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
@@ -285,7 +291,7 @@ class SelfDistillationLoss(nn.Module):
         SelfDistillationLoss(temperature=3.0, alpha=0.3, beta=0.03)
     """
 
-    def __init__(self, temperature: float = 3.0, alpha: float = 0.3, *, beta: float = 0.03) -> None:
+    def __init__(self, temperature: float = 3.0, *, alpha: float = 0.3, beta: float = 0.03) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_unit_interval("alpha", alpha)
