@@ -31,6 +31,12 @@ TRAINERS: dict[str, tuple[list[str], str | None]] = {
         ["AttentionStep", "CEStep", "CosineStep", "HintStep", "KDStep", "TeacherOutputs"],
         "reference_trainers.methods.steps",
     ),
+    # the lm-distil recipe defined its steps and teacher sides itself (not deprecated: the recipe stays)
+    "reference_trainers.recipes.lm_distil": (
+        ["LMCEStep", "LMFusedKDStep", "LMSparseKDStep", "LMStudent", "TeacherHidden", "TeacherTopKSide",
+         "student_lm"],
+        "reference_trainers.methods",
+    ),
 }  # fmt: skip
 # reference_trainers.engine was one module: every name it had is importable from the package
 ENGINE = [
