@@ -206,4 +206,4 @@ def test_a_deprecated_kdloss_module_lists_its_names_and_refuses_others(old: str)
     assert set(names) <= set(dir(module))
     assert set(names) <= set(star)
     with pytest.raises(AttributeError, match=f"module '{re.escape(old)}' has no attribute 'Nope'"):
-        module.Nope
+        module.Nope  # type: ignore[attr-defined]
