@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Sequence
-from typing import Literal, get_args
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ __all__ = [
     "check_unit_interval",
     "check_weights",
     "compute_dtype",
+    "deprecated_module",
     "pair_up",
     "reduce_loss",
     "renamed_argument",
@@ -315,6 +317,38 @@ def renamed_argument(owner: str, new: str, value: float | None, old: str, old_va
         stacklevel=_caller_level(),
     )
     return old_value
+
+
+def deprecated_module(
+    name: str, home: ModuleType, names: Sequence[str] | None = None
+) -> tuple[list[str], Callable[[str], Any], Callable[[], list[str]]]:
+    """The ``__all__``, ``__getattr__`` and ``__dir__`` of ``name``, a module of earlier versions that now
+    re-exports ``names`` (default: ``home.__all__``) from ``home``; warns, when it is imported, with a
+    ``FutureWarning`` at the importing line that says where to import from.
+
+    Example (the whole body of such a module, after its docstring)::
+
+        from kdloss._validate import deprecated_module
+        from kdloss.parts import adapters
+
+        __all__, __getattr__, __dir__ = deprecated_module(__name__, adapters)
+    """
+    public = list(names if names is not None else home.__all__)
+    warnings.warn(
+        f"{name} is deprecated: import from kdloss (or {home.__name__})",
+        FutureWarning,
+        stacklevel=3,  # this function, the deprecated module's body, then the line that imports it
+    )
+
+    def module_getattr(attr: str) -> Any:
+        if attr in public:
+            return getattr(home, attr)
+        raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+
+    def module_dir() -> list[str]:
+        return sorted({*vars(sys.modules[name]), *public})
+
+    return public, module_getattr, module_dir
 
 
 def _caller_level() -> int:

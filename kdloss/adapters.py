@@ -6,28 +6,7 @@ removed in a later release.
 
 from __future__ import annotations
 
-import warnings
+from kdloss._validate import deprecated_module
+from kdloss.parts import adapters
 
-from kdloss.parts.adapters import (
-    Adapter,
-    ConvAdapter,
-    LinearAdapter,
-    PoolAdapter,
-    adapter_for,
-    adapter_parameters,
-    check_optimizer,
-)
-
-__all__ = [
-    "Adapter",
-    "ConvAdapter",
-    "LinearAdapter",
-    "PoolAdapter",
-    "adapter_for",
-    "adapter_parameters",
-    "check_optimizer",
-]
-
-warnings.warn(
-    "kdloss.adapters is deprecated: import from kdloss (or kdloss.parts.adapters)", FutureWarning, stacklevel=2
-)
+__all__, __getattr__, __dir__ = deprecated_module(__name__, adapters)

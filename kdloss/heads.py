@@ -6,26 +6,7 @@ removed in a later release.
 
 from __future__ import annotations
 
-import warnings
+from kdloss._validate import deprecated_module
+from kdloss.parts import heads
 
-from kdloss.parts.heads import (
-    ClassifierHead,
-    FinetuneResult,
-    HeadsOutput,
-    HeadType,
-    IntermediateHeads,
-    evaluate_heads,
-    finetune_heads,
-)
-
-__all__ = [
-    "ClassifierHead",
-    "FinetuneResult",
-    "HeadType",
-    "HeadsOutput",
-    "IntermediateHeads",
-    "evaluate_heads",
-    "finetune_heads",
-]
-
-warnings.warn("kdloss.heads is deprecated: import from kdloss (or kdloss.parts.heads)", FutureWarning, stacklevel=2)
+__all__, __getattr__, __dir__ = deprecated_module(__name__, heads)

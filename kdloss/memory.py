@@ -6,12 +6,7 @@ removed in a later release.
 
 from __future__ import annotations
 
-import warnings
+from kdloss._validate import deprecated_module
+from kdloss.parts import contrastive
 
-from kdloss.parts.contrastive import ContrastMemory, NegativeSampling
-
-__all__ = ["ContrastMemory", "NegativeSampling"]
-
-warnings.warn(
-    "kdloss.memory is deprecated: import from kdloss (or kdloss.parts.contrastive)", FutureWarning, stacklevel=2
-)
+__all__, __getattr__, __dir__ = deprecated_module(__name__, contrastive, ["ContrastMemory", "NegativeSampling"])

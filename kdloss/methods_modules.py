@@ -6,12 +6,7 @@ removed in a later release.
 
 from __future__ import annotations
 
-import warnings
+from kdloss._validate import deprecated_module
+from kdloss.parts import feature
 
-from kdloss.parts.feature import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
-
-__all__ = ["ABConnector", "FTParaphraser", "FTTranslator", "ReviewKDFusion", "VIDRegressor"]
-
-warnings.warn(
-    "kdloss.methods_modules is deprecated: import from kdloss (or kdloss.parts.feature)", FutureWarning, stacklevel=2
-)
+__all__, __getattr__, __dir__ = deprecated_module(__name__, feature)

@@ -175,10 +175,53 @@ def test_the_method_table_is_written_in_one_place() -> None:
     assert not writers, "METHODS written outside reference_trainers/methods/__init__.py: " + ", ".join(writers)
 
 
-@pytest.mark.parametrize("family", ["logit", "hint", "attention", "relational", "feature", "contrastive", "cohort"])
+@pytest.mark.parametrize(
+    "family", ["logit", "hint", "attention", "relational", "feature", "contrastive", "cohort", "fused_linear"]
+)
 def test_every_trainer_family_is_named_as_in_kdloss_functional(family: str) -> None:
     assert (ROOT / "kdloss" / "functional" / f"{family}.py").is_file()
     assert (ROOT / "reference_trainers" / "methods" / f"{family}.py").is_file()
+
+
+def _steps_and_teacher_sides(module: object) -> list[str]:
+    """The classes ``module`` defines that are a student side (a ``DistillStep``) or a teacher side
+    (a module whose ``forward`` returns the teacher's outputs as a dict)."""
+    import inspect
+
+    from torch import nn
+
+    from reference_trainers.engine import DistillStep
+
+    found = []
+    for name, cls in vars(module).items():
+        if not inspect.isclass(cls) or cls.__module__ != getattr(module, "__name__", None):
+            continue
+        returns = str(getattr(getattr(cls, "forward", None), "__annotations__", {}).get("return", ""))
+        if issubclass(cls, DistillStep) or (issubclass(cls, nn.Module) and returns.startswith("dict")):
+            found.append(name)
+    return found
+
+
+def test_recipes_define_no_student_or_teacher_sides() -> None:
+    """A recipe holds an experiment; its steps and teacher sides are in reference_trainers/methods/steps.py."""
+    import importlib
+    import warnings
+
+    found = []
+    for module, path in MODULES:
+        if module.startswith("reference_trainers.recipes."):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # the deprecated re-export modules
+                names = _steps_and_teacher_sides(importlib.import_module(module))
+            found += [f"{path.relative_to(ROOT)}: {name}" for name in names]
+    assert not found, "student or teacher sides defined in a recipe:\n" + "\n".join(found)
+
+
+def test_the_step_check_can_fail() -> None:
+    from reference_trainers.methods import steps
+
+    assert {"KDStep", "LMFusedKDStep", "TeacherOutputs", "TeacherTopKSide"} <= set(_steps_and_teacher_sides(steps))
+    assert "LMStudent" not in _steps_and_teacher_sides(steps)  # a module returning a tensor is neither
 
 
 def test_every_method_is_built_in_its_familys_module() -> None:

@@ -29,17 +29,14 @@ import kdloss.kernels.soft_kl as KS
 from kdloss.functional import attention_loss, cohort_kd, kd_ce_loss, soft_kl
 from kdloss.kernels import _dispatch, _selfcheck
 from tests.helpers import compile_fullgraph
-from tests.triton_harness import DEVICE, HAS_TRITON, INTERPRET, needs_kernel, run_file_under_interpreter
+from tests.triton_harness import DEVICE, INTERPRET, interpreter_subprocess_test, needs_kernel
 
 N_CASES = 39  # tests the interpreter subprocess must pass
 ON_GPU = DEVICE == "cuda" and not INTERPRET
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs CUDA and Triton")
 
 
-@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_interpreter_subprocess() -> None:
-    run_file_under_interpreter(__file__, N_CASES)
+test_interpreter_subprocess = interpreter_subprocess_test(__file__, N_CASES)
 
 
 @pytest.fixture

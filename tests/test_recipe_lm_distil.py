@@ -12,15 +12,12 @@ import torch.nn.functional as F
 
 import kdloss
 from reference_trainers.__main__ import main
+from reference_trainers.errors import TrainerError
+from reference_trainers.methods import FusedLinearOptions, LMFusedKDStep, LMSparseKDStep, TeacherTopKSide
+from reference_trainers.methods.fused_linear import DIVERGENCE_OF, LM_METHODS, make_lm_method
 from reference_trainers.models.causal_lm import CausalLM, LMConfig
-from reference_trainers.recipes.lm_distil import (
-    METHODS,
-    LMFusedKDStep,
-    LMSparseKDStep,
-    TeacherTopKSide,
-    load_corpus,
-    windows,
-)
+from reference_trainers.recipes import lm_distil
+from reference_trainers.recipes.lm_distil import METHODS, load_corpus, windows
 from tests.naive.fused_linear import lm_kd
 
 FAST = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1"]
@@ -176,3 +173,34 @@ def test_the_sparse_step_reads_the_online_teacher_side() -> None:
         logits, t_out["logprobs"], t_out["indices"], teacher_tail=t_out["tail"]
     ) + 0.5 * F.cross_entropy(logits.flatten(0, 1), y.flatten())
     torch.testing.assert_close(got, want)
+
+
+def test_the_recipe_runs_the_methods_built_in_methods_fused_linear() -> None:
+    assert METHODS is LM_METHODS
+    assert lm_distil.DIVERGENCE_OF is DIVERGENCE_OF
+    cfg = LMConfig(vocab_size=256, context=8, d_model=8, n_layers=1, n_heads=2, dropout=0.0)
+    teacher = CausalLM(cfg)
+    opts = FusedLinearOptions(temperature=2.0)
+    steps = {m: make_lm_method(m, cfg, teacher, opts) for m in LM_METHODS}
+    assert steps["student-ce"].teacher is None
+    assert type(steps["kd-topk"].teacher) is TeacherTopKSide
+    assert type(steps["kd-topk"].build()) is LMSparseKDStep
+    assert not steps["kd-topk"].build().use_tail  # type: ignore[attr-defined]  # T != 1: the tail is not used
+    fused = steps["kd-jsd"].build()
+    assert type(fused) is LMFusedKDStep
+    assert (fused.loss.divergence, fused.loss.beta) == ("jsd", 0.5)  # type: ignore[union-attr]
+    with pytest.raises(TrainerError, match="unknown language-model method 'kd-kl'; choose from student-ce, "):
+        make_lm_method("kd-kl", cfg, teacher, opts)
+
+
+def test_the_clis_defaults_are_the_typed_options() -> None:
+    from reference_trainers.__main__ import build_parser
+
+    args = build_parser().parse_args(["lm-distil"])
+    opts = FusedLinearOptions()
+    assert (args.temperature, args.kd_weight, args.beta, args.topk) == (
+        opts.temperature,
+        opts.kd_weight,
+        opts.beta,
+        opts.topk,
+    )

@@ -214,6 +214,23 @@ def test_teacher_checkpoint_formats(tmp_path: Path) -> None:
         load_teacher_weights(teacher, tmp_path / "unsafe.pth")
 
 
+def test_a_damaged_engine_checkpoint_is_refused_as_teacher(tmp_path: Path) -> None:
+    """An engine checkpoint carries a checksum: as --teacher-checkpoint it is verified, like on --resume."""
+    from reference_trainers.engine import CHECKPOINT_FORMAT, save_checkpoint
+
+    teacher = build_model("resnet8", 10)
+    state = {"format": CHECKPOINT_FORMAT, "model": {f"student.{k}": v for k, v in teacher.state_dict().items()}}
+    save_checkpoint(state, tmp_path / "teacher.pt")
+    loaded = build_model("resnet8", 10)
+    load_teacher_weights(loaded, tmp_path / "teacher.pt")
+    torch.testing.assert_close(loaded.state_dict(), teacher.state_dict())
+    damaged = torch.load(tmp_path / "teacher.pt", weights_only=True)
+    damaged["model"]["student.fc.weight"][0, 0] += 1.0  # the content changed, the checksum did not
+    torch.save(damaged, tmp_path / "teacher.pt")
+    with pytest.raises(CheckpointError, match=r"is damaged: its content does not match its checksum; it was not used"):
+        load_teacher_weights(build_model("resnet8", 10), tmp_path / "teacher.pt")
+
+
 def test_method_registry() -> None:
     assert {"ce", "kd", "fitnet", "fitnet2", "at"} <= set(available_methods())
     assert {"crd", "dih", "mhkd", "tofd", "takd"} <= set(METHODS)

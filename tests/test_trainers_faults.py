@@ -22,8 +22,8 @@ from reference_trainers.engine import (
     train_run,
 )
 from reference_trainers.errors import CheckpointError, OutputError
+from tests.engine_harness import cpu_context, hint_spec, tiny_data, tiny_teacher
 from tests.test_trainers_cli import _jpeg_tree
-from tests.test_trainers_engine import _ctx, _data, _hint_spec, _teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
@@ -48,7 +48,7 @@ def _one_line_error(err: str, *needles: str) -> None:
 
 
 def _trained_checkpoint(tmp: Path) -> Path:
-    train_run(_ctx(tmp), _hint_spec(_teacher(), 1), _data(augment=False))
+    train_run(cpu_context(tmp), hint_spec(tiny_teacher(), 1), tiny_data(augment=False))
     return tmp / "checkpoints" / "hint-seed5.pt"
 
 
@@ -69,7 +69,7 @@ def test_flipped_bytes_in_tensor_data_are_detected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"is damaged: its content does not match its checksum"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="is damaged"):
-        train_run(_ctx(tmp_path), _hint_spec(_teacher(), 1, resume=True), _data(augment=False))
+        train_run(cpu_context(tmp_path), hint_spec(tiny_teacher(), 1, resume=True), tiny_data(augment=False))
     assert path.read_bytes() == bytes(damaged)  # not overwritten
 
 
@@ -149,11 +149,11 @@ def test_malformed_checkpoints_give_a_one_line_error_exit_2_and_stay(
 def test_a_directory_in_the_checkpoints_place_fails_before_training(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "hint-seed5.pt").mkdir(parents=True)
     calls = []
-    spec = _hint_spec(_teacher(), 1)
+    spec = hint_spec(tiny_teacher(), 1)
     build = spec.build
     spec.build = lambda: calls.append(1) or build()  # type: ignore[func-returns-value]
     with pytest.raises(CheckpointError, match="is not a file"):
-        train_run(_ctx(tmp_path), spec, _data(augment=False))  # without --resume too
+        train_run(cpu_context(tmp_path), spec, tiny_data(augment=False))  # without --resume too
     assert not calls  # refused before anything was built or trained
 
 
@@ -168,7 +168,7 @@ def test_temp_files_of_killed_writes_are_removed_by_resume_and_next_writes(tmp_p
     unrelated = [path.parent / f".{path.name}.x.tmp", path.parent / "notes.tmp", path.parent / "other.pt"]
     for p in unrelated:
         p.write_bytes(b"keep")
-    train_run(_ctx(tmp_path), _hint_spec(_teacher(), 1, resume=True), _data(augment=False))
+    train_run(cpu_context(tmp_path), hint_spec(tiny_teacher(), 1, resume=True), tiny_data(augment=False))
     assert not stale[0].exists()  # the run's start removed the stale temp of its checkpoint
     engine.atomic_write_bytes(tmp_path / "results.json", b"{}")
     assert not stale[1].exists()  # the next write of a file removes its stale temps

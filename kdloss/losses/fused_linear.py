@@ -17,17 +17,39 @@ from kdloss.functional.fused_linear import (
 __all__ = ["FusedLinearKDLoss", "SparseKDLoss"]
 
 
-def _extra_repr(module: FusedLinearKDLoss | SparseKDLoss) -> str:
-    s = f"temperature={module.temperature}, divergence={module.divergence!r}"
-    if module.beta is not None:
-        s += f", beta={module.beta}"
-    s += f", hard_weight={module.hard_weight}, soft_weight={module.soft_weight}, reduction={module.reduction!r}"
-    if module.ignore_index != -100:
-        s += f", ignore_index={module.ignore_index}"
-    return s
+class _LanguageModelKD(nn.Module):
+    """The hyper-parameters both modules take, validated once (when the module is built)."""
+
+    def __init__(
+        self,
+        temperature: float,
+        divergence: Divergence,
+        beta: float | None,
+        hard_weight: float,
+        soft_weight: float,
+        ignore_index: int,
+        reduction: Reduction,
+    ) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        check_divergence(divergence, beta)
+        self.divergence: Divergence = divergence
+        self.beta = beta
+        self.hard_weight, self.soft_weight = check_loss_weights(hard_weight, soft_weight)
+        self.ignore_index = check_int("ignore_index", ignore_index)
+        self.reduction: Reduction = check_reduction(reduction, LM_REDUCTIONS)
+
+    def extra_repr(self) -> str:
+        s = f"temperature={self.temperature}, divergence={self.divergence!r}"
+        if self.beta is not None:
+            s += f", beta={self.beta}"
+        s += f", hard_weight={self.hard_weight}, soft_weight={self.soft_weight}, reduction={self.reduction!r}"
+        if self.ignore_index != -100:
+            s += f", ignore_index={self.ignore_index}"
+        return s
 
 
-class FusedLinearKDLoss(nn.Module):
+class FusedLinearKDLoss(_LanguageModelKD):
     """The output projection and the distillation loss of a language model in one chunked call;
     see :func:`kdloss.functional.fused_linear_kd` for the formulas, memory and reductions.
 
@@ -75,14 +97,7 @@ class FusedLinearKDLoss(nn.Module):
         reduction: Reduction = "batchmean",
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        check_divergence(divergence, beta)
-        self.divergence: Divergence = divergence
-        self.beta = beta
-        self.hard_weight, self.soft_weight = check_loss_weights(hard_weight, soft_weight)
-        self.ignore_index = check_int("ignore_index", ignore_index)
-        self.reduction: Reduction = check_reduction(reduction, LM_REDUCTIONS)
+        super().__init__(temperature, divergence, beta, hard_weight, soft_weight, ignore_index, reduction)
         self.chunk_size = check_positive_int("chunk_size", chunk_size, allow_none=True)
 
     def forward(
@@ -115,11 +130,11 @@ class FusedLinearKDLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        s = _extra_repr(self)
+        s = super().extra_repr()
         return s + (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "")
 
 
-class SparseKDLoss(nn.Module):
+class SparseKDLoss(_LanguageModelKD):
     """Distillation from a teacher stored as top-k log-probabilities (and optionally its tail mass);
     see :func:`kdloss.functional.sparse_kd` for the formulas and :class:`kdloss.TeacherTopK` for the store.
 
@@ -159,14 +174,7 @@ class SparseKDLoss(nn.Module):
         ignore_index: int = -100,
         reduction: Reduction = "batchmean",
     ) -> None:
-        super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        check_divergence(divergence, beta)
-        self.divergence: Divergence = divergence
-        self.beta = beta
-        self.hard_weight, self.soft_weight = check_loss_weights(hard_weight, soft_weight)
-        self.ignore_index = check_int("ignore_index", ignore_index)
-        self.reduction: Reduction = check_reduction(reduction, LM_REDUCTIONS)
+        super().__init__(temperature, divergence, beta, hard_weight, soft_weight, ignore_index, reduction)
 
     def forward(
         self,
@@ -191,6 +199,3 @@ class SparseKDLoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
         )
-
-    def extra_repr(self) -> str:
-        return _extra_repr(self)

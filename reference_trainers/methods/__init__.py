@@ -14,6 +14,11 @@ named as in :mod:`kdloss.functional`:
 :mod:`~reference_trainers.methods.cohort`       ``dih``, ``mhkd``, ``tofd``, ``self-distill``
 ==============================================  =================================================
 
+The language-model methods of the ``lm-distil`` recipe are built in
+:mod:`~reference_trainers.methods.fused_linear` and are not in :data:`METHODS`: that table's
+methods take a :class:`MethodSetup` of image classifiers, theirs causal language models (the
+module says why).
+
 The student and teacher sides they build are in :mod:`~reference_trainers.methods.steps`
 (re-exported here), their typed options in :mod:`~reference_trainers.methods.options`, the
 setup they get in :mod:`~reference_trainers.methods.registry`. Defaults are the community
@@ -30,6 +35,7 @@ from reference_trainers.methods.options import (
     CohortOptions,
     ContrastiveOptions,
     FeatureOptions,
+    FusedLinearOptions,
     HintOptions,
     LogitOptions,
     RelationalOptions,
@@ -60,11 +66,18 @@ from reference_trainers.methods.steps import (
     HintOnlyStep,
     HintStep,
     KDStep,
+    LMCEStep,
+    LMFusedKDStep,
+    LMSparseKDStep,
+    LMStudent,
     LogitStep,
     ParaphrasedTeacher,
     SelfDistillStep,
     TappedStep,
+    TeacherHidden,
     TeacherOutputs,
+    TeacherTopKSide,
+    student_lm,
 )
 
 __all__ = [
@@ -84,12 +97,17 @@ __all__ = [
     "FeatureLossStep",
     "FeatureOptions",
     "FeatureRelationStep",
+    "FusedLinearOptions",
     "HeadsStep",
     "HeadsTeacher",
     "HintOnlyStep",
     "HintOptions",
     "HintStep",
     "KDStep",
+    "LMCEStep",
+    "LMFusedKDStep",
+    "LMSparseKDStep",
+    "LMStudent",
     "LogitOptions",
     "LogitStep",
     "MethodEntry",
@@ -99,11 +117,14 @@ __all__ = [
     "RelationalOptions",
     "SelfDistillStep",
     "TappedStep",
+    "TeacherHidden",
     "TeacherOutputs",
+    "TeacherTopKSide",
     "available_methods",
     "get_method",
     "matching_stage_pairs",
     "register_method",
+    "student_lm",
 ]
 
 

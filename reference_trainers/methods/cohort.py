@@ -19,27 +19,31 @@
 
 The teacher's fine-tuned heads are kept in ``MethodSetup.shared`` for the recipe's other seeds;
 ``mhkd`` and ``tofd`` also save them next to the checkpoints (``MethodSetup.checkpoint_dir``), so
-that a resumed run reads the same heads (``MethodSetup.resume``).
+that a resumed run reads the same heads (``MethodSetup.resume``). The file is written and read
+like the engine's checkpoints (:func:`~reference_trainers.engine.save_checkpoint`,
+:func:`~reference_trainers.engine.load_checkpoint`: atomic, ``weights_only``, a checksum); a
+damaged file, or one that holds other heads, is refused with a one-line
+:class:`~reference_trainers.errors.CheckpointError`.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 import kdloss
-from reference_trainers.engine import DistillStep, atomic_write_bytes
-from reference_trainers.errors import TrainerError
+from reference_trainers.engine import CHECKPOINT_FORMAT, DistillStep, load_checkpoint, save_checkpoint
+from reference_trainers.errors import CheckpointError, TrainerError
 from reference_trainers.methods.common import module_device, shapes
 from reference_trainers.methods.registry import Built, MethodSetup
 from reference_trainers.methods.steps import CohortStep, HeadsStep, HeadsTeacher, SelfDistillStep
 from reference_trainers.models import head_paths, model_spec, stage_paths
 
-__all__ = ["make_dih", "make_heads", "make_self_distill", "teacher_heads"]
+__all__ = ["HEADS_KIND", "load_heads", "make_dih", "make_heads", "make_self_distill", "save_heads", "teacher_heads"]
 
 HeadKind = Literal["mhkd", "tofd"]
 
@@ -57,6 +61,44 @@ def _head_paths(name: str, head: str) -> list[str]:
     return paths[:-1] if head == "tofd" and paths and paths[-1] == stage_paths(name)[-1] else paths
 
 
+HEADS_KIND = "teacher-heads"
+"""The ``kind`` of a saved heads file (a checkpoint of the engine's format)."""
+
+
+def save_heads(path: Path, heads: nn.Module, head: str, teacher: str) -> None:
+    """Save the fine-tuned ``heads`` of kind ``head`` on the model ``teacher`` as a verified checkpoint
+    (:func:`~reference_trainers.engine.save_checkpoint`: a checksum, written atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, "kind": HEADS_KIND, "head": head, "teacher": teacher}
+    save_checkpoint({**state, "heads": heads.state_dict()}, path)
+
+
+def load_heads(path: Path, heads: nn.Module, head: str, teacher: str) -> None:
+    """Load into ``heads`` what :func:`save_heads` wrote for the same ``head`` and ``teacher``.
+
+    Raises:
+        CheckpointError: the file is missing, damaged (its checksum), unsafe, not a heads file,
+            holds the heads of another kind or teacher, or does not fit ``heads``.
+    """
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"the saved {head} teacher heads (delete the file to fine-tune them again): {e}") from e
+    shown = str(path)
+    if ck.get("kind") != HEADS_KIND or not isinstance(ck.get("heads"), dict):
+        raise CheckpointError(
+            f"{shown!r} is not a file of teacher heads (kind {ck.get('kind')!r}): remove it to fine-tune them again"
+        )
+    if (ck.get("head"), ck.get("teacher")) != (head, teacher):
+        raise CheckpointError(
+            f"{shown!r} holds the {ck.get('head')} heads of {ck.get('teacher')}, not the {head} heads of {teacher}"
+        )
+    try:
+        heads.load_state_dict(ck["heads"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the teacher heads in {shown!r} do not fit: {str(e).splitlines()[0]}") from e
+
+
 def teacher_heads(setup: MethodSetup, head: str) -> nn.Module:
     """The teacher's :class:`kdloss.IntermediateHeads` of kind ``head`` (``"dih"``, ``"mhkd"``, ``"tofd"``),
     fine-tuned once per recipe run (kept in ``setup.shared``) on the frozen teacher.
@@ -66,6 +108,7 @@ def teacher_heads(setup: MethodSetup, head: str) -> nn.Module:
 
     Raises:
         TrainerError: the recipe gave no training batches to fine-tune on.
+        CheckpointError: the saved heads cannot be read back (:func:`load_heads`).
     """
     dih = head == "dih"
     key = f"{head}-heads/{setup.teacher}/{id(setup.teacher_model)}"
@@ -88,7 +131,7 @@ def teacher_heads(setup: MethodSetup, head: str) -> nn.Module:
     if not dih and setup.checkpoint_dir is not None:
         saved = setup.checkpoint_dir / f"{head}-teacher-heads-{setup.teacher}.pt"
     if saved is not None and setup.resume and saved.is_file():
-        heads.load_state_dict(torch.load(saved, map_location=device, weights_only=True))
+        load_heads(saved, heads, head, setup.teacher)
         if log is not None:
             log(f"{head.upper()}: teacher heads loaded from {saved}")
     else:
@@ -103,10 +146,7 @@ def teacher_heads(setup: MethodSetup, head: str) -> nn.Module:
             else:
                 log(f"{head.upper()}: {len(result.head_losses)} {head} heads on {setup.teacher} fine-tuned ({losses})")
         if saved is not None:
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            buf = io.BytesIO()
-            torch.save(heads.state_dict(), buf)
-            atomic_write_bytes(saved, buf.getvalue())
+            save_heads(saved, heads, head, setup.teacher)
     if torch.distributed.is_initialized():  # every rank saw its own shard (or rank 0 read the file)
         for t in [*heads.parameters(), *heads.buffers()]:
             torch.distributed.broadcast(t.data, 0)

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 import kdloss
 from reference_trainers.engine import DistillStep
 from reference_trainers.errors import TrainerError
@@ -29,18 +31,14 @@ def make_ce(setup: MethodSetup) -> Built:
     return Built(lambda: CEStep(setup.build_student()), None)
 
 
+def _kd_step(setup: MethodSetup, student: nn.Module) -> KDStep:
+    """:class:`~reference_trainers.methods.steps.KDStep` of ``student`` with the setup's weights and temperature."""
+    return KDStep(student, temperature=setup.temperature, kd_weight=setup.kd_weight, ce_weight=setup.ce_weight)
+
+
 def make_kd(setup: MethodSetup) -> Built:
     """``kd``: :class:`~reference_trainers.methods.steps.KDStep` with the setup's weights and temperature."""
-
-    def build() -> DistillStep:
-        return KDStep(
-            setup.build_student(),
-            temperature=setup.temperature,
-            kd_weight=setup.kd_weight,
-            ce_weight=setup.ce_weight,
-        )
-
-    return Built(build, TeacherOutputs(setup.teacher_model))
+    return Built(lambda: _kd_step(setup, setup.build_student()), TeacherOutputs(setup.teacher_model))
 
 
 def make_dkd(setup: MethodSetup) -> Built:
@@ -79,24 +77,10 @@ def make_takd(setup: MethodSetup) -> Built:
     epochs = setup.logit.ta_epochs if setup.logit.ta_epochs is not None else setup.epochs
 
     def build_ta() -> DistillStep:
-        return KDStep(
-            build_model(ta, setup.num_classes),
-            temperature=setup.temperature,
-            kd_weight=setup.kd_weight,
-            ce_weight=setup.ce_weight,
-        )
+        return _kd_step(setup, build_model(ta, setup.num_classes))
 
     if setup.log is not None:
         setup.log(f"TAKD: training the assistant {ta} with KD from {setup.teacher} for {epochs} epochs")
     ta_step = setup.train_phase(f"takd-ta-{ta}", build_ta, TeacherOutputs(setup.teacher_model), epochs, "main")
     assistant = ta_step.student.eval()
-
-    def build() -> DistillStep:
-        return KDStep(
-            setup.build_student(),
-            temperature=setup.temperature,
-            kd_weight=setup.kd_weight,
-            ce_weight=setup.ce_weight,
-        )
-
-    return Built(build, TeacherOutputs(assistant))
+    return Built(lambda: _kd_step(setup, setup.build_student()), TeacherOutputs(assistant))

@@ -13,6 +13,8 @@ paper, ICLR 2020) unless said; the recipes' command-line defaults are read from 
 :class:`FeatureOptions`   ``vid``, ``ft``, ``reviewkd`` (``ab`` has an init phase only)
 :class:`ContrastiveOptions` ``crd``
 :class:`CohortOptions`    ``dih``, ``mhkd``, ``tofd``, ``self-distill``
+:class:`FusedLinearOptions` the language-model methods of ``lm-distil``
+                          (:mod:`~reference_trainers.methods.fused_linear`)
 ========================  ================================================================
 """
 
@@ -31,6 +33,7 @@ __all__ = [
     "CohortOptions",
     "ContrastiveOptions",
     "FeatureOptions",
+    "FusedLinearOptions",
     "HintOptions",
     "LogitOptions",
     "RelationalOptions",
@@ -169,3 +172,20 @@ class CohortOptions:
     mhkd_head_weight: float = 0.5
     tofd_beta: float = 0.05
     tofd_gamma: float = 1e-3
+
+
+@dataclass(frozen=True)
+class FusedLinearOptions:
+    """The language-model methods (:mod:`~reference_trainers.methods.fused_linear`, the ``lm-distil`` recipe).
+
+    Attributes:
+        temperature: the KD temperature (1).
+        kd_weight: the KD term's weight; cross-entropy gets ``1 - kd_weight`` (0.5).
+        beta: the teacher's weight in the JSD mixture of ``kd-jsd`` (0.5).
+        topk: the teacher's classes kept per token for ``kd-topk`` (16).
+    """
+
+    temperature: float = 1.0
+    kd_weight: float = 0.5
+    beta: float = 0.5
+    topk: int = 16

@@ -27,7 +27,15 @@ step                            loss                                         tea
 :class:`CohortStep`             ``CohortLoss`` over the teacher's cohort     ``cohort``
 :class:`HeadsStep`              ``MultiHeadKDLoss`` / ``TOFDLoss``           ``h_logits{j}``, ...
 :class:`SelfDistillStep`        ``SelfDistillationLoss`` over early exits    none
+:class:`LMCEStep`               next-token ``ce``                            none
+:class:`LMFusedKDStep`          ``FusedLinearKDLoss`` on hidden states       ``hidden``
+:class:`LMSparseKDStep`         ``SparseKDLoss`` from the teacher's top-k    ``logprobs``, ``indices``
+                                                                             (``tail``)
 ==============================  ===========================================  ========================
+
+The language-model steps (``LM*``) train a :class:`~reference_trainers.models.causal_lm.CausalLM`
+wrapped in :class:`LMStudent`; their teacher sides are :class:`TeacherHidden` and
+:class:`TeacherTopKSide`, their builders in :mod:`reference_trainers.methods.fused_linear`.
 
 To write a new method, subclass :class:`TappedStep` the same way: submodules for everything
 trainable, the loss arithmetic from :mod:`kdloss` (``docs/architecture.md`` walks through one).
@@ -36,7 +44,7 @@ trainable, the loss arithmetic from :mod:`kdloss` (``docs/architecture.md`` walk
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +52,7 @@ from torch import Tensor, nn
 
 import kdloss
 from reference_trainers.engine import DistillStep
+from reference_trainers.models.causal_lm import CausalLM
 
 __all__ = [
     "AttentionStep",
@@ -61,11 +70,18 @@ __all__ = [
     "HintOnlyStep",
     "HintStep",
     "KDStep",
+    "LMCEStep",
+    "LMFusedKDStep",
+    "LMSparseKDStep",
+    "LMStudent",
     "LogitStep",
     "ParaphrasedTeacher",
     "SelfDistillStep",
     "TappedStep",
+    "TeacherHidden",
     "TeacherOutputs",
+    "TeacherTopKSide",
+    "student_lm",
 ]
 
 
@@ -714,3 +730,106 @@ class SelfDistillStep(TappedStep):
         exit_logits = [head(f).float() for head, f in zip(self.exits, self.features(), strict=True)]
         out: kdloss.LossParts = self.loss(exit_logits, logits.float(), labels)
         return out
+
+
+# --------------------------------------------------------------------------------------------- language models
+
+
+class LMStudent(nn.Module):
+    """The student as the engine sees it: ``forward(tokens)`` gives logits ``(B, V, L)`` (the class
+    dimension second, as :func:`torch.nn.functional.cross_entropy` takes sequences and as the engine's
+    accuracy reads them: argmax over dim 1 against labels ``(B, L)``); ``forward(tokens, hidden=True)``
+    the final hidden states ``(B, L, d)``. ``--compile`` compiles both."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens: Tensor, hidden: bool = False) -> Tensor:
+        if hidden:
+            return self.lm.hidden(tokens)
+        logits: Tensor = self.lm(tokens)
+        return logits.transpose(1, 2)
+
+
+def student_lm(step: DistillStep) -> CausalLM:
+    """The language model inside a step's :class:`LMStudent`."""
+    return cast(LMStudent, step.student).lm
+
+
+class LMCEStep(DistillStep):
+    """Cross-entropy on the next token."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        super().__init__()
+        self.student = LMStudent(lm)
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
+        ce = F.cross_entropy(self.student(images).float(), labels)
+        return kdloss.LossParts(ce, {"ce": ce.detach(), "total": ce.detach()})
+
+
+class LMFusedKDStep(DistillStep):
+    """``kdloss.FusedLinearKDLoss`` on the student's hidden states and the teacher's (``teacher["hidden"]``).
+
+    The teacher's output weight is a non-persistent buffer: it moves with the step to the device,
+    is neither trained nor checkpointed (it belongs to the teacher's checkpoint).
+    """
+
+    def __init__(self, lm: CausalLM, teacher_weight: Tensor, loss: kdloss.FusedLinearKDLoss) -> None:
+        super().__init__()
+        self.student = LMStudent(lm)
+        self.register_buffer("teacher_weight", teacher_weight.detach().clone(), persistent=False)
+        self.loss = loss
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
+        hidden = self.student(images, hidden=True)
+        t_hidden = _need(teacher, "hidden", "LMFusedKDStep")
+        total = self.loss(hidden, student_lm(self).head.weight, t_hidden, self.teacher_weight, labels)
+        return kdloss.LossParts(total, {"total": total.detach()})
+
+
+class LMSparseKDStep(DistillStep):
+    """``kdloss.SparseKDLoss`` from the teacher's top-k (``teacher["logprobs"]``, ``["indices"]``, ``["tail"]``)."""
+
+    def __init__(self, lm: CausalLM, loss: kdloss.SparseKDLoss, *, use_tail: bool) -> None:
+        super().__init__()
+        self.student = LMStudent(lm)
+        self.loss = loss
+        self.use_tail = use_tail
+
+    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
+        logits = self.student(images).transpose(1, 2)
+        tail = _need(teacher, "tail", "LMSparseKDStep") if self.use_tail else None
+        logprobs, indices = _need(teacher, "logprobs", "LMSparseKDStep"), _need(teacher, "indices", "LMSparseKDStep")
+        total = self.loss(logits, logprobs, indices, teacher_tail=tail, labels=labels)
+        return kdloss.LossParts(total, {"total": total.detach()})
+
+
+class TeacherHidden(nn.Module):
+    """The teacher side of the fused methods: ``{"hidden": teacher.hidden(tokens)}`` (frozen, eval mode)."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        super().__init__()
+        self.teacher = kdloss.FrozenTeacher(lm)
+
+    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {"hidden": cast(CausalLM, self.teacher.module).hidden(tokens)}
+
+
+class TeacherTopKSide(nn.Module):
+    """The teacher side of ``kd-topk`` when it runs online (``--no-teacher-cache``): the same top-k,
+    log-probabilities and tail as the :class:`kdloss.TeacherTopK` store holds."""
+
+    def __init__(self, lm: CausalLM, k: int) -> None:
+        super().__init__()
+        self.teacher = kdloss.FrozenTeacher(lm)
+        self.k = k
+
+    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            lp = torch.log_softmax(self.teacher(tokens).float(), dim=-1)
+            values, indices = lp.topk(self.k, dim=-1)
+            tail = lp.scatter(-1, indices, float("-inf")).logsumexp(dim=-1).exp()
+        return {"logprobs": values, "indices": indices, "tail": tail}

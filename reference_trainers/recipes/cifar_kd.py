@@ -26,6 +26,7 @@ from reference_trainers.engine import (
     RunResult,
     RunSpec,
     atomic_write_bytes,
+    checkpoint_digest,
     setup,
     summarise,
     train_run,
@@ -256,10 +257,11 @@ def check_cifar(args: argparse.Namespace, recipe: str) -> None:
 
 def load_teacher_weights(model: nn.Module, path: Path) -> None:
     """Load teacher weights: a state dict, the community benchmark's ``{"model": state_dict}``, or an
-    engine checkpoint (``{"model": step state dict}`` with ``student.`` keys). ``weights_only`` only.
+    engine checkpoint (``{"model": step state dict}`` with ``student.`` keys). ``weights_only`` only;
+    a file with a ``"checksum"`` (the engine's checkpoints) is verified against it.
 
     Raises:
-        CheckpointError: a missing, unsafe or unreadable file, or weights of another model.
+        CheckpointError: a missing, unsafe, unreadable or damaged file, or weights of another model.
     """
     if not path.is_file():
         raise CheckpointError(f"teacher checkpoint {str(path)!r} does not exist")
@@ -267,6 +269,10 @@ def load_teacher_weights(model: nn.Module, path: Path) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unsafe pickle or a corrupt file: refused, never loaded unsafely
         raise CheckpointError(f"refusing teacher checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from e
+    if isinstance(obj, dict) and "checksum" in obj and checkpoint_digest(obj) != obj["checksum"]:
+        raise CheckpointError(
+            f"teacher checkpoint {str(path)!r} is damaged: its content does not match its checksum; it was not used"
+        )
     state: Any = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"teacher checkpoint {str(path)!r} holds no state dict")

@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,6 @@ from kdloss.functional import soft_kl
 from reference_trainers.data import TensorAugment, TensorBatches, TensorSplit
 from reference_trainers.engine import (
     Context,
-    DistillStep,
     RunData,
     RunResult,
     RunSpec,
@@ -59,13 +58,20 @@ from reference_trainers.engine import (
     train_run,
 )
 from reference_trainers.errors import TrainerError
+from reference_trainers.methods import FusedLinearOptions
+from reference_trainers.methods.fused_linear import DIVERGENCE_OF as DIVERGENCE_OF  # the names of earlier versions
+from reference_trainers.methods.fused_linear import LM_METHODS, make_lm_method
+from reference_trainers.methods.steps import LMCEStep, TeacherHidden, student_lm
+from reference_trainers.methods.steps import LMFusedKDStep as LMFusedKDStep  # defined here in earlier versions
+from reference_trainers.methods.steps import LMSparseKDStep as LMSparseKDStep
+from reference_trainers.methods.steps import LMStudent as LMStudent
+from reference_trainers.methods.steps import TeacherTopKSide as TeacherTopKSide
 from reference_trainers.models.causal_lm import CausalLM, LMConfig
 from reference_trainers.recipes.common import config_from_args, finish
 
 NAME = "lm-distil"
 HELP = "distil a small causal transformer into a smaller one on the repository's docs (byte-level, CPU minutes)"
-METHODS = ("student-ce", "kd-forward", "kd-reverse", "kd-jsd", "kd-tv", "kd-topk")
-DIVERGENCE_OF = {"kd-forward": "forward", "kd-reverse": "reverse", "kd-jsd": "jsd", "kd-tv": "tv"}
+METHODS = LM_METHODS
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "docs"
 HEAD_DIM = 32  # heads = width / 32
 # (context, teacher width, teacher layers, student width, student layers): the default and --smoke's
@@ -102,10 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a teacher from an earlier run (<out>/checkpoints/teacher-seed<seed>.pt): not trained again",
     )
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine decay over the epochs)")
-    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature")
-    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the KD term (CE gets 1 - it)")
-    p.add_argument("--beta", type=float, default=0.5, help="the teacher's weight in the JSD mixture (kd-jsd)")
-    p.add_argument("--topk", type=int, default=16, help="teacher classes kept per token for kd-topk")
+    opts = FusedLinearOptions()
+    p.add_argument("--temperature", type=float, default=opts.temperature, help="KD temperature")
+    p.add_argument("--kd-weight", type=float, default=opts.kd_weight, help="weight of the KD term (CE gets 1 - it)")
+    p.add_argument("--beta", type=float, default=opts.beta, help="the teacher's weight in the JSD mixture (kd-jsd)")
+    p.add_argument("--topk", type=int, default=opts.topk, help="teacher classes kept per token for kd-topk")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.set_defaults(epochs=4, batch_size=16, val_size=0)  # the corpus has its own split: no image validation
 
@@ -150,115 +157,6 @@ class TokenIds(TensorAugment):
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return x.long()
-
-
-# ------------------------------------------------------------------------------------------- steps
-
-
-class LMStudent(nn.Module):
-    """The student as the engine sees it: ``forward(tokens)`` gives logits ``(B, V, L)`` (the class
-    dimension second, as :func:`torch.nn.functional.cross_entropy` takes sequences and as the engine's
-    accuracy reads them: argmax over dim 1 against labels ``(B, L)``); ``forward(tokens, hidden=True)``
-    the final hidden states ``(B, L, d)``. ``--compile`` compiles both."""
-
-    def __init__(self, lm: CausalLM) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, tokens: Tensor, hidden: bool = False) -> Tensor:
-        if hidden:
-            return self.lm.hidden(tokens)
-        logits: Tensor = self.lm(tokens)
-        return logits.transpose(1, 2)
-
-
-def student_lm(step: DistillStep) -> CausalLM:
-    """The language model inside a step's :class:`LMStudent`."""
-    return cast(LMStudent, step.student).lm
-
-
-def _need(teacher: dict[str, Tensor] | None, key: str) -> Tensor:
-    if teacher is None or key not in teacher:
-        raise KeyError(f"this step needs the teacher output {key!r}; the teacher side gave {sorted(teacher or {})}")
-    return teacher[key]
-
-
-class LMCEStep(DistillStep):
-    """Cross-entropy on the next token."""
-
-    def __init__(self, lm: CausalLM) -> None:
-        super().__init__()
-        self.student = LMStudent(lm)
-
-    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
-        ce = F.cross_entropy(self.student(images).float(), labels)
-        return kdloss.LossParts(ce, {"ce": ce.detach(), "total": ce.detach()})
-
-
-class LMFusedKDStep(DistillStep):
-    """``kdloss.FusedLinearKDLoss`` on the student's hidden states and the teacher's (``teacher["hidden"]``).
-
-    The teacher's output weight is a non-persistent buffer: it moves with the step to the device,
-    is neither trained nor checkpointed (it belongs to the teacher's checkpoint).
-    """
-
-    def __init__(self, lm: CausalLM, teacher_weight: Tensor, loss: kdloss.FusedLinearKDLoss) -> None:
-        super().__init__()
-        self.student = LMStudent(lm)
-        self.register_buffer("teacher_weight", teacher_weight.detach().clone(), persistent=False)
-        self.loss = loss
-
-    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
-        hidden = self.student(images, hidden=True)
-        total = self.loss(hidden, student_lm(self).head.weight, _need(teacher, "hidden"), self.teacher_weight, labels)
-        return kdloss.LossParts(total, {"total": total.detach()})
-
-
-class LMSparseKDStep(DistillStep):
-    """``kdloss.SparseKDLoss`` from the teacher's top-k (``teacher["logprobs"]``, ``["indices"]``, ``["tail"]``)."""
-
-    def __init__(self, lm: CausalLM, loss: kdloss.SparseKDLoss, *, use_tail: bool) -> None:
-        super().__init__()
-        self.student = LMStudent(lm)
-        self.loss = loss
-        self.use_tail = use_tail
-
-    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
-        logits = self.student(images).transpose(1, 2)
-        tail = _need(teacher, "tail") if self.use_tail else None
-        total = self.loss(
-            logits, _need(teacher, "logprobs"), _need(teacher, "indices"), teacher_tail=tail, labels=labels
-        )
-        return kdloss.LossParts(total, {"total": total.detach()})
-
-
-class TeacherHidden(nn.Module):
-    """The teacher side of the fused methods: ``{"hidden": teacher.hidden(tokens)}`` (frozen, eval mode)."""
-
-    def __init__(self, lm: CausalLM) -> None:
-        super().__init__()
-        self.teacher = kdloss.FrozenTeacher(lm)
-
-    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
-        with torch.no_grad():
-            return {"hidden": cast(CausalLM, self.teacher.module).hidden(tokens)}
-
-
-class TeacherTopKSide(nn.Module):
-    """The teacher side of ``kd-topk`` when it runs online (``--no-teacher-cache``): the same top-k,
-    log-probabilities and tail as the :class:`kdloss.TeacherTopK` store holds."""
-
-    def __init__(self, lm: CausalLM, k: int) -> None:
-        super().__init__()
-        self.teacher = kdloss.FrozenTeacher(lm)
-        self.k = k
-
-    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
-        with torch.no_grad():
-            lp = torch.log_softmax(self.teacher(tokens).float(), dim=-1)
-            values, indices = lp.topk(self.k, dim=-1)
-            tail = lp.scatter(-1, indices, float("-inf")).logsumexp(dim=-1).exp()
-        return {"logprobs": values, "indices": indices, "tail": tail}
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -372,11 +270,6 @@ def _config(width: int, layers: int, context: int, *, dropout: float) -> LMConfi
         raise TrainerError(f"model size: {e}") from e
 
 
-def _builder(step: Callable[..., DistillStep], cfg: LMConfig, *args: Any, **kwargs: Any) -> Callable[[], DistillStep]:
-    """``RunSpec.build`` for a student step: a fresh student (after the engine seeds the RNG) and the step around it."""
-    return lambda: step(CausalLM(cfg), *args, **kwargs)
-
-
 def _load_teacher(path: Path, cfg: LMConfig) -> CausalLM:
     """The teacher of an earlier ``lm-distil`` run from its engine checkpoint (read with ``weights_only=True``)."""
     ck = load_checkpoint(path)
@@ -470,8 +363,8 @@ def run(args: argparse.Namespace) -> int:
         t_epochs = args.teacher_epochs
     else:
         t_epochs = args.epochs if smoke else 10
-    epochs, lr, T = args.epochs, args.lr, args.temperature
-    kd_w, ce_w = args.kd_weight, 1.0 - args.kd_weight
+    epochs, lr = args.epochs, args.lr
+    options = FusedLinearOptions(temperature=args.temperature, kd_weight=args.kd_weight, beta=args.beta, topk=args.topk)
 
     def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -532,43 +425,26 @@ def run(args: argparse.Namespace) -> int:
             hidden_cache = teacher_cache(ctx, hidden_side, data)
 
         for method in methods:
-            build: Callable[[], DistillStep]
-            t_side: nn.Module | None = None
-            cache: TeacherCache | None = None
-            if method == "student-ce":
-                build = lambda: LMCEStep(CausalLM(s_cfg))  # noqa: E731
-            elif method in DIVERGENCE_OF:
-                loss = kdloss.FusedLinearKDLoss(
-                    T,
-                    divergence=DIVERGENCE_OF[method],  # type: ignore[arg-type]
-                    beta=args.beta if method == "kd-jsd" else None,
-                    hard_weight=ce_w,
-                    soft_weight=kd_w,
-                )
-                build = _builder(LMFusedKDStep, s_cfg, teacher.head.weight, loss)
-                t_side, cache = hidden_side, hidden_cache
-            else:  # kd-topk
-                use_tail = T == 1.0
-                sparse = kdloss.SparseKDLoss(T, hard_weight=ce_w, soft_weight=kd_w)
-                build = _builder(LMSparseKDStep, s_cfg, sparse, use_tail=use_tail)
-                t_side = TeacherTopKSide(teacher, args.topk)
-                if ctx.config.cache_teacher:
-                    meta = {"corpus_sha256": sha, "context": context, "split": "train", "teacher": teacher_source}
-                    store, seconds = _topk_store(ctx, args, teacher, train, out_dir / f"teacher-topk-seed{seed}", meta)
-                    lp, idx, tail = store.read(0, len(store), device=ctx.device)
-                    outputs = {
-                        "logprobs": lp.view(len(train), context, -1),
-                        "indices": idx.view(len(train), context, -1),
-                    }
-                    if tail is not None:
-                        outputs["tail"] = tail.view(len(train), context)
-                    cache = TeacherCache(outputs, seconds, t_side)
+            built = make_lm_method(method, s_cfg, teacher, options, hidden_side=hidden_side)
+            t_side = built.teacher
+            cache = hidden_cache if t_side is hidden_side else None
+            if method == "kd-topk" and t_side is not None and ctx.config.cache_teacher:
+                meta = {"corpus_sha256": sha, "context": context, "split": "train", "teacher": teacher_source}
+                store, seconds = _topk_store(ctx, args, teacher, train, out_dir / f"teacher-topk-seed{seed}", meta)
+                lp, idx, tail = store.read(0, len(store), device=ctx.device)
+                outputs = {
+                    "logprobs": lp.view(len(train), context, -1),
+                    "indices": idx.view(len(train), context, -1),
+                }
+                if tail is not None:
+                    outputs["tail"] = tail.view(len(train), context)
+                cache = TeacherCache(outputs, seconds, t_side)
             res = train_run(
                 ctx,
                 RunSpec(
                     method,
                     seed,
-                    build,
+                    built.build,
                     adamw,
                     epochs,
                     cosine(epochs),
