@@ -68,8 +68,8 @@ def _both(x: dict[str, Tensor | None], labels: Tensor | None, go: Tensor | None 
     out = fused_linear_kd(
         x["hs"], x["ws"], x["ht"], x["wt"], labels, student_bias=x["bs"], teacher_bias=x["bt"], chunk_size=chunk, **kw
     )
-    beta = kw.pop("beta", None)
-    ref = lm_kd(x["hs"], x["ws"], x["ht"], x["wt"], labels, bs=x["bs"], bt=x["bt"], beta=beta or 0.5, **kw)  # type: ignore[arg-type]
+    jsd_weight = kw.pop("jsd_weight", None)
+    ref = lm_kd(x["hs"], x["ws"], x["ht"], x["wt"], labels, bs=x["bs"], bt=x["bt"], beta=jsd_weight or 0.5, **kw)  # type: ignore[arg-type]
     assert out.shape == ref.shape
     assert out.dtype == ref.dtype
     assert_close(out, ref, F64, msg=f"value {kw} chunk={chunk}")
@@ -102,7 +102,7 @@ def test_matches_the_materialised_reference_in_float64(divergence: str, reductio
             labels,
             temperature=temperature,
             divergence=divergence,
-            beta=beta,
+            jsd_weight=beta,
             hard_weight=hard,
             soft_weight=0.9,
             reduction=reduction,
@@ -146,7 +146,7 @@ def test_property_matches_reference(
         labels,
         temperature=temperature,
         divergence=divergence,
-        beta=beta if divergence == "jsd" else None,
+        jsd_weight=beta if divergence == "jsd" else None,
         hard_weight=hard,
         chunk_size=chunk,
     )
@@ -425,15 +425,15 @@ def test_runs_on_meta_tensors_without_reading_values() -> None:
 def test_module_matches_function_and_round_trips() -> None:
     x = _inputs(9, 8, seed=16, bias=True)
     labels = _labels(9, 8)
-    mod = FusedLinearKDLoss(temperature=2.0, divergence="jsd", beta=0.2, hard_weight=0.4, chunk_size=4)
+    mod = FusedLinearKDLoss(temperature=2.0, divergence="jsd", jsd_weight=0.2, hard_weight=0.4, chunk_size=4)
     assert repr(mod) == (
-        "FusedLinearKDLoss(temperature=2.0, divergence='jsd', beta=0.2, hard_weight=0.4, soft_weight=1.0, "
+        "FusedLinearKDLoss(temperature=2.0, divergence='jsd', jsd_weight=0.2, hard_weight=0.4, soft_weight=1.0, "
         "reduction='batchmean', chunk_size=4)"
     )
     got = mod(x["hs"], x["ws"], x["ht"], x["wt"], labels, student_bias=x["bs"], teacher_bias=x["bt"])  # type: ignore[arg-type]
     want = fused_linear_kd(
         x["hs"], x["ws"], x["ht"], x["wt"], labels, student_bias=x["bs"], teacher_bias=x["bt"],
-        temperature=2.0, divergence="jsd", beta=0.2, hard_weight=0.4, chunk_size=4,
+        temperature=2.0, divergence="jsd", jsd_weight=0.2, hard_weight=0.4, chunk_size=4,
     )  # type: ignore[arg-type]  # fmt: skip
     assert torch.equal(got, want)
     copy = pickle.loads(pickle.dumps(mod))
@@ -449,10 +449,10 @@ def test_bad_configurations_fail_when_the_module_is_built() -> None:
         FusedLinearKDLoss(temperature=0.0)
     with pytest.raises(ValueError, match="divergence must be one of 'forward', 'reverse', 'jsd', 'tv', got 'kl'"):
         FusedLinearKDLoss(divergence="kl")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="beta is the JSD mixture weight and needs divergence='jsd'"):
-        FusedLinearKDLoss(beta=0.5)
-    with pytest.raises(ValueError, match=r"beta must lie in \(0, 1\), got 1.0"):
-        FusedLinearKDLoss(divergence="jsd", beta=1.0)
+    with pytest.raises(ValueError, match="jsd_weight is the JSD mixture weight and needs divergence='jsd'"):
+        FusedLinearKDLoss(jsd_weight=0.5)
+    with pytest.raises(ValueError, match=r"jsd_weight must lie in \(0, 1\), got 1.0"):
+        FusedLinearKDLoss(divergence="jsd", jsd_weight=1.0)
     with pytest.raises(ValueError, match="reduction must be one of 'none', 'sum', 'batchmean', got 'mean'"):
         FusedLinearKDLoss(reduction="mean")
     with pytest.raises(ValueError, match="hard_weight and soft_weight are both 0"):

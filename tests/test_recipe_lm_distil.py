@@ -108,7 +108,7 @@ def test_own_corpus_and_temperature(tmp_path: Path) -> None:
         (["--methods", "kd-forward,kd-kl"], "unknown method(s) ['kd-kl']"),
         (["--data-root", "/tmp"], "lm-distil reads a text corpus (--corpus): --data-root describe image data"),
         (["--kd-weight", "0"], "--kd-weight must lie in (0, 1]"),
-        (["--beta", "1"], "--beta must lie in (0, 1), got 1.0"),
+        (["--jsd-weight", "1"], "--jsd-weight must lie in (0, 1), got 1.0"),
         (["--corpus", "/nonexistent/corpus"], "--corpus: '/nonexistent/corpus' does not exist"),
         (["--teacher-checkpoint", "/nonexistent.pt"], "--teacher-checkpoint: '/nonexistent.pt' does not exist"),
         (["--topk", "300"], "--topk must lie in [1, 256]"),
@@ -188,7 +188,7 @@ def test_the_recipe_runs_the_methods_built_in_methods_fused_linear() -> None:
     assert not steps["kd-topk"].build().use_tail  # type: ignore[attr-defined]  # T != 1: the tail is not used
     fused = steps["kd-jsd"].build()
     assert type(fused) is LMFusedKDStep
-    assert (fused.loss.divergence, fused.loss.beta) == ("jsd", 0.5)  # type: ignore[union-attr]
+    assert (fused.loss.divergence, fused.loss.jsd_weight) == ("jsd", 0.5)  # type: ignore[union-attr]
     with pytest.raises(TrainerError, match="unknown language-model method 'kd-kl'; choose from student-ce, "):
         make_lm_method("kd-kl", cfg, teacher, opts)
 
@@ -198,9 +198,9 @@ def test_the_clis_defaults_are_the_typed_options() -> None:
 
     args = build_parser().parse_args(["lm-distil"])
     opts = FusedLinearOptions()
-    assert (args.temperature, args.kd_weight, args.beta, args.topk) == (
+    assert (args.temperature, args.kd_weight, args.jsd_weight, args.topk) == (
         opts.temperature,
         opts.kd_weight,
-        opts.beta,
+        opts.jsd_weight,
         opts.topk,
     )

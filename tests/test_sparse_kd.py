@@ -47,7 +47,7 @@ def test_matches_the_per_token_reference(divergence: str, with_tail: bool) -> No
     _, lp, idx, tail = _teacher(n, v, k)
     s = _student(n, v)
     for temperature in (1.0,) if with_tail else (1.0, 3.0):
-        kw = {"temperature": temperature, "divergence": divergence, "beta": 0.3 if divergence == "jsd" else None}
+        kw = {"temperature": temperature, "divergence": divergence, "jsd_weight": 0.3 if divergence == "jsd" else None}
         out = sparse_kd(s, lp, idx, teacher_tail=tail if with_tail else None, **kw)  # type: ignore[arg-type]
         ref = naive_sparse_kd(
             s, lp, idx, tail if with_tail else None, temperature=temperature, divergence=divergence, beta=0.3

@@ -51,7 +51,7 @@ __all__ = [
 
 Divergence = Literal["forward", "reverse", "jsd", "tv"]
 """``"forward"``: KL(p_teacher || p_student) (Hinton's KD); ``"reverse"``: KL(p_student ||
-p_teacher) (mode-seeking); ``"jsd"``: the generalised Jensen-Shannon divergence with weight ``beta``
+p_teacher) (mode-seeking); ``"jsd"``: the generalised Jensen-Shannon divergence with weight ``jsd_weight``
 on the teacher; ``"tv"``: the total variation distance ``1/2 sum |p - q|``."""
 
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
@@ -68,18 +68,20 @@ _MIN_CHUNK, _MAX_CHUNK = 16, 8192
 _ADDMM_OUT_DTYPE = torch.__version__ >= "2.8"  # torch.addmm(..., out_dtype=) on CUDA
 
 
-def check_divergence(divergence: str, beta: float | None) -> float:
-    """Validate ``divergence`` and ``beta``; return the JSD mixture weight (0.5 unless given).
+def check_divergence(divergence: str, jsd_weight: float | None) -> float:
+    """Validate ``divergence`` and ``jsd_weight``; return the JSD mixture weight (0.5 unless given).
 
     Raises:
-        ValueError: an unknown divergence, ``beta`` outside ``(0, 1)`` or given with another divergence.
+        ValueError: an unknown divergence, ``jsd_weight`` outside ``(0, 1)`` or given with another divergence.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}")
     if divergence == "jsd":
-        return 0.5 if beta is None else check_unit_interval("beta", beta, open_ends=True)
-    if beta is not None:
-        raise ValueError(f"beta is the JSD mixture weight and needs divergence='jsd', got divergence={divergence!r}")
+        return 0.5 if jsd_weight is None else check_unit_interval("jsd_weight", jsd_weight, open_ends=True)
+    if jsd_weight is not None:
+        raise ValueError(
+            f"jsd_weight is the JSD mixture weight and needs divergence='jsd', got divergence={divergence!r}"
+        )
     return 0.5
 
 
@@ -489,7 +491,7 @@ def fused_linear_kd(
     teacher_bias: Tensor | None = None,
     temperature: float = 1.0,
     divergence: Divergence = "forward",
-    beta: float | None = None,
+    jsd_weight: float | None = None,
     hard_weight: float = 0.0,
     soft_weight: float = 1.0,
     ignore_index: int = -100,
@@ -517,7 +519,7 @@ def fused_linear_kd(
     .. math::
 
         D_{\text{jsd}} = \beta \sum_c p_c \log\frac{p_c}{m_c} + (1 - \beta) \sum_c q_c \log\frac{q_c}{m_c},
-        \quad m = \beta p + (1 - \beta) q .
+        \quad m = \beta p + (1 - \beta) q, \quad \beta = \text{jsd\_weight} .
 
     The cross-entropy is at temperature 1 on the raw logits. The tokens are processed
     ``chunk_size`` at a time: each chunk's logits ``(chunk, V)``, the loss and the gradients with
@@ -549,7 +551,7 @@ def fused_linear_kd(
         teacher_bias: optional ``(V,)`` teacher output bias; detached.
         temperature: softening temperature ``T > 0`` of the soft term.
         divergence: ``"forward"`` (default), ``"reverse"``, ``"jsd"`` or ``"tv"``.
-        beta: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with ``divergence="jsd"``
+        jsd_weight: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with ``divergence="jsd"``
             (default 0.5 there), an error otherwise.
         hard_weight: weight of the cross-entropy with ``labels`` (default 0: no hard term).
         soft_weight: weight of the distillation term (default 1).
@@ -571,7 +573,7 @@ def fused_linear_kd(
         ShapeError: hidden states with different leading dims, a weight whose width is not the hidden
             size, student and teacher vocabularies of different sizes, a bias that is not ``(V,)``,
             ``labels`` not matching the tokens.
-        ValueError: ``temperature`` not > 0, an unknown ``divergence`` or ``reduction``, ``beta`` outside
+        ValueError: ``temperature`` not > 0, an unknown ``divergence`` or ``reduction``, ``jsd_weight`` outside
             ``(0, 1)`` or without ``"jsd"``, a negative or non-finite weight, both weights 0,
             ``hard_weight > 0`` without labels, ``chunk_size`` not a positive int, tensors on different
             devices, or (CPU tensors outside ``torch.compile``) a label outside ``[0, V)``.
@@ -643,7 +645,7 @@ def fused_linear_kd(
         if x.device != device:
             raise ValueError(f"student_hidden and {name} must be on the same device, got {device} and {x.device}")
     check_positive("temperature", temperature)
-    jsd_beta = check_divergence(divergence, beta)
+    jsd_beta = check_divergence(divergence, jsd_weight)
     check_reduction(reduction, LM_REDUCTIONS)
     check_int("ignore_index", ignore_index)
     hw, sw = _check_weights(hard_weight, soft_weight, labels)
@@ -710,7 +712,7 @@ def sparse_kd(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     divergence: Divergence = "forward",
-    beta: float | None = None,
+    jsd_weight: float | None = None,
     hard_weight: float = 0.0,
     soft_weight: float = 1.0,
     ignore_index: int = -100,
@@ -750,7 +752,7 @@ def sparse_kd(
         labels: optional ``(*)`` labels in ``[0, V)`` or ``ignore_index``: the hard term's targets and the mask.
         temperature: softening temperature ``T > 0``; must be 1 with ``teacher_tail``.
         divergence: ``"forward"`` (default), ``"reverse"`` (needs ``teacher_tail``), ``"jsd"`` or ``"tv"``.
-        beta: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with ``divergence="jsd"``.
+        jsd_weight: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with ``divergence="jsd"``.
         hard_weight: weight of the cross-entropy with ``labels`` (default 0).
         soft_weight: weight of the distillation term (default 1).
         ignore_index: the label value of tokens that do not count (default -100).
@@ -768,7 +770,7 @@ def sparse_kd(
         ShapeError: logits with fewer than 2 dims; log-probabilities and indices of different shapes or
             leading dims other than the logits'; ``k > V``; a tail or labels not matching the tokens.
         ValueError: ``temperature`` not > 0, or not 1 with a tail; ``"reverse"`` without a tail; an
-            unknown ``divergence``/``reduction``; bad ``beta`` or weights; different devices; and, for
+            unknown ``divergence``/``reduction``; bad ``jsd_weight`` or weights; different devices; and, for
             CPU tensors outside ``torch.compile``, indices outside ``[0, V)`` or repeated within a
             token, or labels outside ``[0, V)``.
 
@@ -823,7 +825,7 @@ def sparse_kd(
                 f"student_logits and teacher_tail must be on the same device, got {device} and {teacher_tail.device}"
             )
     check_positive("temperature", temperature)
-    jsd_beta = check_divergence(divergence, beta)
+    jsd_beta = check_divergence(divergence, jsd_weight)
     if teacher_tail is not None and temperature != 1.0:
         raise ValueError(
             f"teacher_tail is the mass outside the top-k at temperature 1 and cannot be softened: with "

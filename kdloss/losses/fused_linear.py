@@ -24,7 +24,7 @@ class _LanguageModelKD(nn.Module):
         self,
         temperature: float,
         divergence: Divergence,
-        beta: float | None,
+        jsd_weight: float | None,
         hard_weight: float,
         soft_weight: float,
         ignore_index: int,
@@ -32,17 +32,17 @@ class _LanguageModelKD(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
-        check_divergence(divergence, beta)
+        check_divergence(divergence, jsd_weight)
         self.divergence: Divergence = divergence
-        self.beta = beta
+        self.jsd_weight = jsd_weight
         self.hard_weight, self.soft_weight = check_loss_weights(hard_weight, soft_weight)
         self.ignore_index = check_int("ignore_index", ignore_index)
         self.reduction: Reduction = check_reduction(reduction, LM_REDUCTIONS)
 
     def extra_repr(self) -> str:
         s = f"temperature={self.temperature}, divergence={self.divergence!r}"
-        if self.beta is not None:
-            s += f", beta={self.beta}"
+        if self.jsd_weight is not None:
+            s += f", jsd_weight={self.jsd_weight}"
         s += f", hard_weight={self.hard_weight}, soft_weight={self.soft_weight}, reduction={self.reduction!r}"
         if self.ignore_index != -100:
             s += f", ignore_index={self.ignore_index}"
@@ -60,7 +60,7 @@ class FusedLinearKDLoss(_LanguageModelKD):
     Args:
         temperature: softening temperature ``T > 0`` of the soft term.
         divergence: ``"forward"`` (default), ``"reverse"``, ``"jsd"`` or ``"tv"``.
-        beta: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with ``divergence="jsd"``.
+        jsd_weight: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with ``divergence="jsd"``.
         hard_weight: weight of the cross-entropy with the labels (default 0).
         soft_weight: weight of the distillation term (default 1).
         ignore_index: the label value of tokens that do not count (default -100).
@@ -90,14 +90,14 @@ class FusedLinearKDLoss(_LanguageModelKD):
         temperature: float = 1.0,
         *,
         divergence: Divergence = "forward",
-        beta: float | None = None,
+        jsd_weight: float | None = None,
         hard_weight: float = 0.0,
         soft_weight: float = 1.0,
         ignore_index: int = -100,
         reduction: Reduction = "batchmean",
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__(temperature, divergence, beta, hard_weight, soft_weight, ignore_index, reduction)
+        super().__init__(temperature, divergence, jsd_weight, hard_weight, soft_weight, ignore_index, reduction)
         self.chunk_size = check_positive_int("chunk_size", chunk_size, allow_none=True)
 
     def forward(
@@ -121,7 +121,7 @@ class FusedLinearKDLoss(_LanguageModelKD):
             teacher_bias=teacher_bias,
             temperature=self.temperature,
             divergence=self.divergence,
-            beta=self.beta,
+            jsd_weight=self.jsd_weight,
             hard_weight=self.hard_weight,
             soft_weight=self.soft_weight,
             ignore_index=self.ignore_index,
@@ -143,7 +143,7 @@ class SparseKDLoss(_LanguageModelKD):
     Args:
         temperature: softening temperature ``T > 0``; must be 1 when the tail mass is given.
         divergence: ``"forward"`` (default), ``"reverse"`` (needs the tail), ``"jsd"`` or ``"tv"``.
-        beta: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with ``divergence="jsd"``.
+        jsd_weight: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with ``divergence="jsd"``.
         hard_weight: weight of the cross-entropy with the labels (default 0).
         soft_weight: weight of the distillation term (default 1).
         ignore_index: the label value of tokens that do not count (default -100).
@@ -168,13 +168,13 @@ class SparseKDLoss(_LanguageModelKD):
         temperature: float = 1.0,
         *,
         divergence: Divergence = "forward",
-        beta: float | None = None,
+        jsd_weight: float | None = None,
         hard_weight: float = 0.0,
         soft_weight: float = 1.0,
         ignore_index: int = -100,
         reduction: Reduction = "batchmean",
     ) -> None:
-        super().__init__(temperature, divergence, beta, hard_weight, soft_weight, ignore_index, reduction)
+        super().__init__(temperature, divergence, jsd_weight, hard_weight, soft_weight, ignore_index, reduction)
 
     def forward(
         self,
@@ -193,7 +193,7 @@ class SparseKDLoss(_LanguageModelKD):
             labels=labels,
             temperature=self.temperature,
             divergence=self.divergence,
-            beta=self.beta,
+            jsd_weight=self.jsd_weight,
             hard_weight=self.hard_weight,
             soft_weight=self.soft_weight,
             ignore_index=self.ignore_index,

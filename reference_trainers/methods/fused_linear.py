@@ -6,7 +6,7 @@
 ``kd-forward``  ``kdloss.FusedLinearKDLoss`` on the student's hidden states and output weight and the
 ``kd-reverse``  teacher's (the logits are never materialised): ``kd_weight * T**2 * D + (1 -
 ``kd-jsd``      kd_weight) * CE`` with the divergence ``D`` of the name (JSD with
-``kd-tv``       ``FusedLinearOptions.beta``); the teacher side is a
+``kd-tv``       ``FusedLinearOptions.jsd_weight``); the teacher side is a
                 :class:`~reference_trainers.methods.steps.TeacherHidden`
 ``kd-topk``     ``kdloss.SparseKDLoss`` from the teacher's top-``FusedLinearOptions.topk``
                 log-probabilities per token and their tail mass (at a temperature other than 1 the
@@ -66,7 +66,7 @@ def make_lm_method(
         method: the method's name.
         student: the student's configuration.
         teacher: the trained teacher (frozen by its teacher side).
-        options: the temperature, KD weight, JSD beta and top-k.
+        options: the temperature, KD weight, JSD mixture weight and top-k.
         hidden_side: the teacher side of the fused methods, when a recipe shares one between them
             (so that one cache of the teacher's hidden states serves them all); default a new
             :class:`~reference_trainers.methods.steps.TeacherHidden`.
@@ -81,7 +81,7 @@ def make_lm_method(
         loss = kdloss.FusedLinearKDLoss(
             options.temperature,
             divergence=DIVERGENCE_OF[method],
-            beta=options.beta if method == "kd-jsd" else None,
+            jsd_weight=options.jsd_weight if method == "kd-jsd" else None,
             hard_weight=ce_weight,
             soft_weight=kd_weight,
         )

@@ -181,11 +181,11 @@ class FusedLinearOptions:
     Attributes:
         temperature: the KD temperature (1).
         kd_weight: the KD term's weight; cross-entropy gets ``1 - kd_weight`` (0.5).
-        beta: the teacher's weight in the JSD mixture of ``kd-jsd`` (0.5).
+        jsd_weight: the teacher's weight in the JSD mixture of ``kd-jsd`` (0.5).
         topk: the teacher's classes kept per token for ``kd-topk`` (16).
     """
 
     temperature: float = 1.0
     kd_weight: float = 0.5
-    beta: float = 0.5
+    jsd_weight: float = 0.5
     topk: int = 16

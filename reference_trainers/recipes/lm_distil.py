@@ -16,7 +16,7 @@ tokens per batch.
 - ``kd-forward``, ``kd-reverse``, ``kd-jsd``, ``kd-tv``: ``kdloss.FusedLinearKDLoss`` on the
   student's hidden states and output weight and the teacher's (the logits are never
   materialised), ``kd_weight * T**2 * D + (1 - kd_weight) * CE`` with the divergence ``D`` of the
-  name (JSD with ``--beta``); the teacher's hidden states are computed once and cached;
+  name (JSD with ``--jsd-weight``); the teacher's hidden states are computed once and cached;
 - ``kd-topk``: ``kdloss.SparseKDLoss`` from the teacher's top-``--topk`` log-probabilities per
   token and their tail mass, written once into a ``kdloss.TeacherTopK`` store
   (``<out>/teacher-topk-seed<seed>``) and read back from it (at a temperature other than 1 the
@@ -111,7 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opts = FusedLinearOptions()
     p.add_argument("--temperature", type=float, default=opts.temperature, help="KD temperature")
     p.add_argument("--kd-weight", type=float, default=opts.kd_weight, help="weight of the KD term (CE gets 1 - it)")
-    p.add_argument("--beta", type=float, default=opts.beta, help="the teacher's weight in the JSD mixture (kd-jsd)")
+    p.add_argument(
+        "--jsd-weight", type=float, default=opts.jsd_weight, help="the teacher's weight in the JSD mixture (kd-jsd)"
+    )
     p.add_argument("--topk", type=int, default=opts.topk, help="teacher classes kept per token for kd-topk")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.set_defaults(epochs=4, batch_size=16, val_size=0)  # the corpus has its own split: no image validation
@@ -248,8 +250,8 @@ def _check_args(args: argparse.Namespace, methods: list[str]) -> None:
         )
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         raise TrainerError(f"--teacher-epochs must be >= 1, got {args.teacher_epochs}")
-    if not 0.0 < args.beta < 1.0:
-        raise TrainerError(f"--beta must lie in (0, 1), got {args.beta}")
+    if not 0.0 < args.jsd_weight < 1.0:
+        raise TrainerError(f"--jsd-weight must lie in (0, 1), got {args.jsd_weight}")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise TrainerError(f"--temperature must be a finite number > 0, got {args.temperature}")
     if not 1 <= args.topk <= 256:
@@ -364,7 +366,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         t_epochs = args.epochs if smoke else 10
     epochs, lr = args.epochs, args.lr
-    options = FusedLinearOptions(temperature=args.temperature, kd_weight=args.kd_weight, beta=args.beta, topk=args.topk)
+    options = FusedLinearOptions(
+        temperature=args.temperature, kd_weight=args.kd_weight, jsd_weight=args.jsd_weight, topk=args.topk
+    )
 
     def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
