@@ -5,7 +5,7 @@ It is built in phases, one module each, and every name below is importable from
 ``reference_trainers.engine``:
 
 - :mod:`~reference_trainers.engine.context`: :class:`TrainConfig`, :class:`Context`,
-  :func:`setup`, :class:`RunData`, :class:`RunSpec`, :class:`RunResult`, :class:`TeacherCache`;
+  :func:`setup`, :func:`teardown`, :class:`RunData`, :class:`RunSpec`, :class:`RunResult`, :class:`TeacherCache`;
 - :mod:`~reference_trainers.engine.step`: :class:`DistillStep`, the student side's base class;
 - :mod:`~reference_trainers.engine.loop`: :func:`train_run` (start, :func:`restore`, then
   :func:`run_epoch` and :func:`evaluate_and_select` per epoch), :func:`evaluate`,
@@ -44,6 +44,8 @@ The API, in the order a recipe uses it:
 5. ``write_reports(out_dir, results, meta)``: ``results.json``, ``results.md`` and
    ``results.png`` (test accuracy per method as points, ± sd only over several seeds, and training
    curves).
+6. ``teardown()``: leaves the process group that ``setup`` joined (barrier, then
+   ``destroy_process_group``); without it a torchrun process can abort at exit.
 
 Behaviour:
 
@@ -111,6 +113,7 @@ from reference_trainers.engine.context import (
     TeacherCache,
     TrainConfig,
     setup,
+    teardown,
 )
 from reference_trainers.engine.loop import (
     check_ranks_agree,
@@ -155,6 +158,7 @@ __all__ = [
     "stop_signals",
     "summarise",
     "teacher_cache",
+    "teardown",
     "train_run",
     "write_reports",
 ]

@@ -30,7 +30,11 @@ __all__ = [
     "TeacherCache",
     "TrainConfig",
     "setup",
+    "teardown",
 ]
+
+# True while this process holds a process group that :func:`setup` created (and so must destroy).
+_OWNS_GROUP = False
 
 
 class BatchSource(Protocol):
@@ -159,8 +163,33 @@ def setup(config: TrainConfig) -> Context:
         torch.backends.cudnn.deterministic = True
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if world > 1 and not dist.is_initialized():
+        global _OWNS_GROUP
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        _OWNS_GROUP = True
     return Context(config=config, device=device, rank=rank, world_size=world)
+
+
+def teardown(*, clean: bool = True) -> None:
+    """Leave the process group that :func:`setup` joined (a no-op otherwise).
+
+    A process that exits while still holding a gloo or NCCL group can abort at interpreter
+    shutdown ("terminate called without an active exception", SIGABRT) because the group's
+    worker threads outlive Python; call this once at the end of the program.
+
+    Args:
+        clean: the run ended normally on this rank; then every rank first meets at a barrier,
+            so none tears its connections down while a peer still uses them. Pass ``False``
+            after an error or a stop, where the peers may never arrive.
+    """
+    global _OWNS_GROUP
+    if not (_OWNS_GROUP and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        _OWNS_GROUP = False
 
 
 @dataclass
