@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,21 @@ def test_a_resumed_run_reuses_everything(smoke_run: Path) -> None:
     for method in before:
         assert after[method]["test_perplexity"] == pytest.approx(before[method]["test_perplexity"], rel=1e-6)
     assert (smoke_run / "teacher-topk-seed42" / "meta.json").stat().st_mtime_ns == store_time  # not rewritten
+
+
+def test_a_corrupt_store_is_written_again_on_resume(
+    smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_run, out)
+    lp = out / "teacher-topk-seed42" / "logprobs.bin"
+    with open(lp, "r+b") as f:
+        f.seek(16)
+        f.write(b"\xff\xff\xff\x7f")  # a NaN where a log-probability was; the file size is unchanged
+    assert main(["lm-distil", *FAST, "--out", str(out), "--resume"]) == 0
+    assert "does not match its checksum" in capsys.readouterr().err
+    kdloss.TeacherTopK(out / "teacher-topk-seed42").verify()  # rewritten whole
+    assert lp.read_bytes() == (smoke_run / "teacher-topk-seed42" / "logprobs.bin").read_bytes()
 
 
 def test_a_teacher_checkpoint_is_loaded_not_trained(smoke_run: Path, tmp_path: Path) -> None:

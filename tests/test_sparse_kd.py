@@ -320,6 +320,25 @@ def test_store_overwrite(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
+def test_store_verify_finds_changed_bytes(tmp_path: Path) -> None:
+    store = _write(tmp_path / "s", torch.randn(6, 5), 2)
+    store.verify()  # as written
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert sorted(meta["sha256"]) == ["indices.bin", "logprobs.bin", "tail.bin"]
+    with open(tmp_path / "s" / "logprobs.bin", "r+b") as f:  # four bytes flipped in place: sizes still right
+        f.seek(8)
+        data = f.read(4)
+        f.seek(8)
+        f.write(bytes(b ^ 0xFF for b in data))
+    reopened = TeacherTopK(tmp_path / "s")  # opening checks sizes only
+    with pytest.raises(ValueError, match=r"logprobs.bin' does not match its checksum .*the store is corrupt"):
+        reopened.verify()
+    del meta["sha256"]
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"has no checksum for logprobs\.bin: it cannot be verified"):
+        TeacherTopK(tmp_path / "s").verify()
+
+
 def test_store_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no teacher store at"):
         TeacherTopK(tmp_path / "missing")

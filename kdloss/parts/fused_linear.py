@@ -7,7 +7,8 @@ token range back without loading the rest; :func:`kdloss.functional.sparse_kd` c
 
 Layout of a store directory::
 
-    meta.json        format, number of tokens, k, vocabulary size, dtypes, user metadata
+    meta.json        format, number of tokens, k, vocabulary size, dtypes, user metadata,
+                     and the SHA-256 of every array file (checked by :meth:`TeacherTopK.verify`)
     logprobs.bin     (tokens, k) log-probabilities at temperature 1, descending per token
     indices.bin      (tokens, k) int32 (int64 for vocabularies of 2**31 or more) classes
     tail.bin         (tokens,) float32 mass outside the top-k (optional)
@@ -18,6 +19,7 @@ The arrays are raw little-endian (the host's) tensors, mapped with :func:`torch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -51,6 +53,14 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _map(path: Path, numel: int, dtype: torch.dtype, *, writable: bool) -> Tensor:
@@ -205,6 +215,7 @@ class TeacherTopKWriter:
             )
         tmp = self._tmp
         self._arrays.clear()  # unmap before flushing
+        digests = {name: _sha256(tmp / name) for name in _FILES if (tmp / name).exists()}
         meta = {
             "format": FORMAT,
             "num_tokens": self.num_tokens,
@@ -215,6 +226,7 @@ class TeacherTopKWriter:
             "indices_dtype": _dtype_name(self.index_dtype),
             "tail": self.with_tail,
             "byteorder": sys.byteorder,
+            "sha256": digests,
             "metadata": self.metadata,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -264,7 +276,9 @@ class TeacherTopK:
     batch, in token order), open it with ``TeacherTopK(path)``; :meth:`read` returns the
     ``(logprobs, indices, tail)`` of tokens ``[start, stop)`` as :func:`kdloss.functional.sparse_kd`
     takes them. Only the pages of the range read are loaded from disk. Writes are atomic: the store
-    appears at ``path`` complete or not at all.
+    appears at ``path`` complete or not at all. Opening checks the sizes of the files, not their
+    bytes (that would read the whole store); :meth:`verify` checks every byte against the SHA-256
+    recorded when the store was written, e.g. before reusing a store from an earlier run.
 
     Args:
         path: a store directory written by :class:`TeacherTopKWriter`.
@@ -326,6 +340,8 @@ class TeacherTopK:
         }
         if self.has_tail:
             expect["tail.bin"] = (self.num_tokens, torch.float32)
+        digests = meta.get("sha256", {})
+        self._digests: dict[str, str] = dict(digests) if isinstance(digests, dict) else {}
         self._arrays: dict[str, Tensor] = {}
         for name, (numel, dtype) in expect.items():
             file = self.path / name
@@ -339,6 +355,27 @@ class TeacherTopK:
                     "truncated, or not written by this store"
                 )
             self._arrays[name] = _map(file, numel, dtype, writable=False)
+
+    def verify(self) -> None:
+        """Read every array file and compare it with the SHA-256 recorded when the store was written.
+
+        Raises:
+            ValueError: a file whose bytes changed since (naming it), or a store written without
+                checksums.
+        """
+        for name in self._arrays:
+            want = self._digests.get(name)
+            if want is None:
+                raise ValueError(
+                    f"teacher store {str(self.path)!r} has no checksum for {name}: it cannot be verified; "
+                    "write it again"
+                )
+            have = _sha256(self.path / name)
+            if have != want:
+                raise ValueError(
+                    f"{str(self.path / name)!r} does not match its checksum (SHA-256 {have[:16]}..., "
+                    f"recorded {want[:16]}...): the store is corrupt; write it again"
+                )
 
     @staticmethod
     def create(

@@ -299,7 +299,9 @@ def _topk_store(
         if args.resume and path.exists():
             try:
                 existing = kdloss.TeacherTopK(path)
-            except (OSError, ValueError):
+                existing.verify()  # every byte, before a store from an earlier run is trusted
+            except (OSError, ValueError) as e:
+                ctx.log(f"not reusing the teacher store {str(path)!r}: {e}; writing it again")
                 existing = None
         if existing is None or existing.metadata != meta or existing.k != args.topk:
             teacher.to(ctx.device).eval()
