@@ -202,6 +202,8 @@ def plan(cfg: Config) -> list[Step]:
         hint = _py("-m", "reference_trainers", "hint-imagenette", "--data-root", str(tree), *dev, "--no-progress")
         hint += [
             "--random-init",
+            "--lr",
+            "0.001",  # timing only: random weights can diverge at the default 0.01, and the engine stops then
             "--faithful",
             "--epochs",
             "5",

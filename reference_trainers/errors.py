@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "OutputError", "TrainerError"]
+__all__ = ["CheckpointError", "DataError", "OutputError", "TrainerError", "TrainingDiverged"]
 
 
 class TrainerError(Exception):
@@ -15,6 +15,11 @@ class DataError(TrainerError):
 
 class CheckpointError(TrainerError):
     """A checkpoint that is unreadable, unsafe (arbitrary pickle), or written for another model or run."""
+
+
+class TrainingDiverged(TrainerError):
+    """The training loss became NaN or infinite (a learning rate too high, bad data); no checkpoint of
+    the diverged weights is written, the last finite one is kept."""
 
 
 class OutputError(TrainerError, OSError):

@@ -27,7 +27,7 @@ from reference_trainers.engine import (
     train_run,
     write_reports,
 )
-from reference_trainers.errors import CheckpointError
+from reference_trainers.errors import CheckpointError, TrainingDiverged
 from reference_trainers.methods import CEStep, KDStep, TeacherOutputs
 from reference_trainers.models import LightNN
 from tests.engine_harness import MEAN, STD, cpu_context, hint_spec, tiny_data, tiny_split, tiny_teacher
@@ -168,6 +168,39 @@ def test_checkpoint_every_writes_progress_inside_epochs(tmp_path: Path) -> None:
         mp.undo()
     # steps 2 (epoch 1), end of epoch 1, step 2 (epoch 2), end of epoch 2
     assert seen == [(0, 2), (1, 0), (1, 2), (2, 0)]
+
+
+class _NaNFromCall(TensorAugment):
+    """The training augmentation, returning NaN images from its ``at``-th call on (a diverging run)."""
+
+    def __init__(self, at: int, augment: TensorAugment) -> None:
+        self.__dict__.update(augment.__dict__)
+        self.at, self.calls = at, 0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        self.calls += 1
+        out = super().__call__(x, generator)
+        return torch.full_like(out, float("nan")) if self.calls >= self.at else out
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_every", "where", "kept"),
+    [(None, "diverged by epoch 2", (1, 0)), (1, "diverged by step 2 of epoch 2", (1, 1))],
+    ids=["at-the-epoch-end", "at-a-mid-epoch-checkpoint"],
+)
+def test_a_diverged_run_stops_before_a_checkpoint_of_nan_weights(
+    tmp_path: Path, checkpoint_every: int | None, where: str, kept: tuple[int, int]
+) -> None:
+    data = tiny_data(augment=False)  # 48 images in batches of 16: 3 steps an epoch
+    data.train_augment = _NaNFromCall(5, data.train_augment)  # the 2nd step of epoch 2 gets NaN images
+    ctx = cpu_context(tmp_path, checkpoint_every=checkpoint_every)
+    with pytest.raises(TrainingDiverged, match=rf"'hint' seed 5 {where}: the mean training loss is not finite \(") as e:
+        train_run(ctx, hint_spec(tiny_teacher(), 3), data)
+    assert "the last finite checkpoint" in str(e.value)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "hint-seed5.pt")
+    partial = ckpt.get("partial")
+    assert (ckpt["epoch"], partial["steps"] if isinstance(partial, dict) else 0) == kept
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 class _SignalAtCall(TensorAugment):

@@ -4,6 +4,7 @@ other with :func:`evaluate_and_select`), :func:`evaluate`, and the teacher cache
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from reference_trainers.engine.checkpoint import Best, Checkpoint, EpochProgress
 from reference_trainers.engine.context import BatchSource, Context, RunData, RunResult, RunSpec, TeacherCache
 from reference_trainers.engine.signals import STOP, StopRequested, guard, why
 from reference_trainers.engine.step import DistillStep
-from reference_trainers.errors import CheckpointError, TrainerError
+from reference_trainers.errors import CheckpointError, TrainerError, TrainingDiverged
 
 __all__ = [
     "check_ranks_agree",
@@ -411,6 +412,7 @@ def run_epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
             continue
         stop = stop_step or signals.requested is not None
         if stop or (cfg.checkpoint_every is not None and steps % cfg.checkpoint_every == 0):
+            _check_finite(run, epoch, {k: float(v) / steps for k, v in sums.items()}, f"step {steps} of ")
             run.save(
                 epoch,
                 False,
@@ -449,6 +451,7 @@ def run_epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
         vec = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=ctx.device)
         dist.all_reduce(vec)
         means = {k: float(v) / ctx.world_size for k, v in zip(sorted(means), vec.tolist())}
+    _check_finite(run, epoch, means, "")
     global_seen = seen * ctx.world_size
     run.train_time += epoch_time
     run.images_seen += global_seen
@@ -464,6 +467,35 @@ def run_epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
         "test_acc": None,
     }
     return record, stop_at_epoch_end
+
+
+def _check_finite(run: _Run, epoch: int, means: dict[str, float], where: str) -> None:
+    """Raise :class:`TrainingDiverged` when a mean loss part so far is NaN or infinite, before any
+    checkpoint of the diverged weights is written (so ``--resume`` never continues from one).
+
+    Called where the loop synchronises anyway (a checkpoint, the epoch's end); under DDP every rank
+    takes the same decision.
+    """
+    ctx, spec = run.ctx, run.spec
+    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+    flag = 1.0 if bad else 0.0
+    if ctx.distributed:
+        t = torch.tensor([flag], dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(t)
+        flag = float(t)
+    if flag == 0.0:
+        return
+    parts = ", ".join(f"{k} {v:.4g}" for k, v in sorted(means.items()))
+    kept = (
+        f"the last finite checkpoint {str(run.path)!r} is kept"
+        if run.path.exists()
+        else "no checkpoint of this run was written"
+    )
+    raise TrainingDiverged(
+        f"{spec.method!r} seed {spec.seed} diverged by {where}epoch {epoch + 1}: the mean training loss is "
+        f"not finite ({parts}{' on rank 0' if ctx.distributed else ''}); {kept}. Lower the learning rate "
+        "(--lr) or check the data, then start this run again"
+    )
 
 
 def evaluate_and_select(run: _Run, epoch: int, record: dict[str, Any]) -> None:

@@ -146,7 +146,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--imagenet-weights", type=existing_path, default=None, help="directory of torchvision resnet weights"
     )
-    p.add_argument("--random-init", action="store_true", help="run without ImageNet weights (timing, smoke)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="run without ImageNet weights (timing, smoke; random weights can diverge at the default --lr, "
+        "then the run stops with a message: pass a smaller one)",
+    )
     p.add_argument(
         "--teacher-epochs",
         type=positive_int,
