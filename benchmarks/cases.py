@@ -2,7 +2,7 @@
 
 Shared by the pytest-benchmark suite (``benchmarks/test_losses.py``) and the standalone runner that
 writes the results tables (``benchmarks/run_gpu.py``). The naive baselines are the textbook
-formulations of ``tests/naive.py``.
+formulations of ``tests/naive/``.
 
 Byte counts (the bandwidth floor is ``bytes / measured copy bandwidth``): each input read once, each
 output written once; scalars and the loss are ignored.
@@ -20,7 +20,12 @@ output written once; scalars and the loss are ignored.
   ``(2 B (K+1) d + 2 B in + 2 in d + 2 B d) * 4`` (the gathered bank rows dominate), forward+backward
   adds ``(B in + 2 in d) * 4``;
 - cohort KD of ``K`` teachers over ``(B, C)`` float32 logits: forward ``(K + 1) B C 4 + 8 B``,
-  forward+backward adds ``B C 4``.
+  forward+backward adds ``B C 4``;
+- fused linear + KD over ``N`` tokens, vocabulary ``V``, hidden size ``H`` (student and teacher):
+  forward ``2 (N H + V H) e`` (hidden states and weights), forward+backward adds ``(N H + V H) e``
+  (their gradients). Four ``N x V x H`` matmuls dominate (``8 N V H`` FLOPs forward+backward): for
+  this family the bytes floor is far below what is reachable. Its own benchmark, with peak memory
+  and Liger-Kernel beside it: ``benchmarks/bench_fused_linear.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from kdloss import ConvAdapter
-from kdloss.functional import attention_loss, hint_loss, kd_ce_loss, soft_kl
+from kdloss.functional import attention_loss, fused_linear_kd, hint_loss, kd_ce_loss, soft_kl
 from tests import naive
 
 Inputs = dict[str, Any]
@@ -108,7 +113,7 @@ def _logit_case(family: str, size: str, n: int, c: int, dtype: torch.dtype) -> C
         }
     elif family == "jsd":
         impls = {
-            "kdloss": lambda x: soft_kl(x["s"], x["t"], temperature=TEMPERATURE, direction="jsd", beta=JSD_BETA),
+            "kdloss": lambda x: soft_kl(x["s"], x["t"], temperature=TEMPERATURE, direction="jsd", jsd_weight=JSD_BETA),
             "naive": lambda x: naive.jsd(x["s"], x["t"], TEMPERATURE, JSD_BETA),
         }
     else:
@@ -210,7 +215,7 @@ def _crd_case(size: str, b: int, k: int, d: int, n_data: int, in_dim: int) -> Ca
     checks that they do the same work).
     """
     from kdloss import CRDLoss
-    from tests.naive_crd import NaiveCRD
+    from tests.naive.contrastive import NaiveCRD
 
     torch.manual_seed(0)
     crd = CRDLoss(in_dim, in_dim, n_data, feat_dim=d, n_negatives=k, validate=False)
@@ -252,12 +257,12 @@ def _crd_case(size: str, b: int, k: int, d: int, n_data: int, in_dim: int) -> Ca
 def _cohort_case(size: str, k: int, b: int, c: int) -> Case:
     """DIH cohort KD: one student against ``K`` teachers (heads) + CE, authors' form, T = 5, alpha = 0.1.
 
-    Baseline: ``tests/naive_cohort.py``'s ``cohort_kl_div`` (one textbook log-softmax + kl_div per teacher).
+    Baseline: ``tests/naive/cohort.py``'s ``cohort_kl_div`` (one textbook log-softmax + kl_div per teacher).
     Bytes: forward ``(K + 1) B C e + 8 B`` (student and teachers read once, labels), forward+backward
     adds ``B C e``.
     """
     from kdloss import CohortLoss
-    from tests.naive_cohort import cohort_kl_div
+    from tests.naive.cohort import cohort_kl_div
 
     loss = CohortLoss(temperature=5.0, alpha=0.1)
 
@@ -285,11 +290,43 @@ def _cohort_case(size: str, k: int, b: int, c: int) -> Case:
     )
 
 
+# ----------------------------------------------------------------------------- fused linear + KD
+
+
+def _fused_linear_case(size: str, n: int, v: int, h: int, dtype: torch.dtype) -> Case:
+    """``fused_linear_kd`` (forward KL, T = 1, default chunk size) against materialised logits + ``F.kl_div``."""
+    e = _esize(dtype)
+
+    def make(device: torch.device, seed: int) -> Inputs:
+        g = torch.Generator(device=device).manual_seed(seed)
+        return {
+            "hs": torch.randn(n, h, device=device, generator=g).to(dtype).requires_grad_(True),
+            "ws": (torch.randn(v, h, device=device, generator=g) * h**-0.5).to(dtype).requires_grad_(True),
+            "ht": torch.randn(n, h, device=device, generator=g).to(dtype),
+            "wt": (torch.randn(v, h, device=device, generator=g) * 2 * h**-0.5).to(dtype),
+        }
+
+    return Case(
+        family="fused_linear",
+        size=size,
+        dtype=dtype,
+        make=make,
+        impls={
+            "kdloss": lambda x: fused_linear_kd(x["hs"], x["ws"], x["ht"], x["wt"]),
+            "naive": lambda x: naive.lm_kl_div(x["hs"], x["ws"], x["ht"], x["wt"], 1.0),
+        },
+        grads_of=lambda x: [x["hs"], x["ws"]],
+        bytes_fwd=2 * (n * h + v * h) * e,
+        bytes_fwdbwd=3 * (n * h + v * h) * e,
+        shape=f"{n}x{v}x{h}",
+    )
+
+
 # ----------------------------------------------------------------------------- the size tables
 
 
 def gpu_cases() -> list[Case]:
-    """The issue's sizes: CIFAR, ImageNet and LM vocabularies for the logit losses."""
+    """The benchmark sizes: CIFAR, ImageNet and LM vocabularies for the logit losses."""
     f32, bf16 = torch.float32, torch.bfloat16
     logit_sizes = [
         ("cifar10", 256, 10, f32),
@@ -307,6 +344,8 @@ def gpu_cases() -> list[Case]:
     cases.append(_crd_case("cifar-b256", 256, 16384, 128, 50_000, 256))
     cases.append(_cohort_case("dih-k5", 5, 1024, 1000))
     cases.append(_cohort_case("dih-k4", 4, 4096, 100))
+    cases.append(_fused_linear_case("lm32k", 4096, 32000, 1024, f32))
+    cases.append(_fused_linear_case("lm128k", 8192, 128256, 4096, bf16))
     return cases
 
 
@@ -322,6 +361,7 @@ def cpu_cases() -> list[Case]:
     cases.append(_at_case("tiny", 8, [(4, 8, 16), (8, 16, 8), (16, 32, 4)], f32))
     cases.append(_crd_case("tiny", 16, 512, 32, 4096, 64))
     cases.append(_cohort_case("tiny", 4, 64, 100))
+    cases.append(_fused_linear_case("tiny-lm", 128, 2048, 64, f32))
     return cases
 
 

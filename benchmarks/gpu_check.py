@@ -19,14 +19,19 @@ Steps, in order of value, each under its own time limit and all under one budget
    8192x32000 bf16, 4096x128256 bf16 for ``kd`` and ``kd_ce`` (kdloss / naive / torch.compile),
    then the targets of ``benchmarks.check_targets``;
 4. ``crd``: one CRD step at B = 64 and 256, K = 16384, d = 128, n = 50,000 against the textbook
-   step of ``tests/naive_crd.py``, interleaved in one process;
+   step of ``tests/naive/contrastive.py``, interleaved in one process;
 5. ``trainer_step``: resnet32x4 -> resnet8x4 student steps, bf16, online teacher and cached
    logits, beside a plain fp32 batch-64 loop (``benchmarks/test_bench_trainer_step.py``);
 6. ``tutorial``: ``tutorial-cifar10`` phases 1-3, seeds 42, 0, 1, on the CIFAR-10 JPEG archive
    (trained on all 50,000 images like the source loop, ``--val-size 0``);
 7. ``hint_imagenette``: ``hint-imagenette --faithful`` (the source's loop: no teacher fine-tuning),
    5 epochs on a synthetic tree of Imagenette's shape, JPEGs decoded on the device;
-8. ``hint_imagenette_cpu``: the same with the JPEGs decoded by the CPU workers.
+8. ``hint_imagenette_cpu``: the same with the JPEGs decoded by the CPU workers;
+9. ``fused_linear`` (optional, last: ``--only fused_linear`` runs it alone): ``fused_linear_kd``
+   against the materialised logits, ``torch.compile`` of them and Liger-Kernel's fused linear
+   JSD when installed, at 4096 x 32,000 x 1,024 fp32 and 8192 x 128,256 x 4,096 bf16 on the GPU,
+   and at the first size on the host's CPU (``benchmarks/bench_fused_linear.py``; targets in
+   ``benchmarks/fused_linear_targets.py``).
 
 After every step the manifest ``gpu-check.json`` and its tables ``gpu-check.md`` are rewritten
 atomically in ``--out`` (default ``$OUT`` when set, else ``runs/gpu-check``), with the step logs
@@ -53,6 +58,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchmarks import fused_linear_targets
 
 SCHEMA = "kdloss-gpu-check/1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,6 +202,8 @@ def plan(cfg: Config) -> list[Step]:
         hint = _py("-m", "reference_trainers", "hint-imagenette", "--data-root", str(tree), *dev, "--no-progress")
         hint += [
             "--random-init",
+            "--lr",
+            "0.001",  # timing only: random weights can diverge at the default 0.01, and the engine stops then
             "--faithful",
             "--epochs",
             "5",
@@ -209,6 +218,15 @@ def plan(cfg: Config) -> list[Step]:
         else:
             hint += ["--workers", "12", "--decode", decode]
         steps.append(Step(name, 110 if decode == "device" else 70, [make_tree, hint]))
+
+    fused = _py("benchmarks/bench_fused_linear.py", *dev, "--json", str(res / "fused_linear.json"))
+    if r:  # one process at a tiny size, no torch.compile (its C++ build alone would take longer than the step)
+        fused += ["--sizes", "tiny", "--impls", "fused,naive", "--reps", "1", "--warmup", "0", "--threads", "1"]
+        steps.append(Step("fused_linear", 150, [fused]))
+    else:  # then the host's CPU at lm32k (the CPU memory and time targets)
+        fused_cpu = _py("benchmarks/bench_fused_linear.py", "--device", "cpu", "--sizes", "lm32k", "--impls")
+        fused_cpu += ["fused,naive", "--reps", "3", "--warmup", "0", "--json", str(res / "fused_linear_cpu.json")]
+        steps.append(Step("fused_linear", 150, [fused, fused_cpu]))
     if cfg.only:
         steps = [s for s in steps if s.name in cfg.only or s.name == "env"]
     return steps
@@ -528,7 +546,8 @@ def build_manifest(cfg: Config, meta: dict[str, Any], records: list[dict[str, An
         "tutorial": _tutorial(res),
         "hint_imagenette": _imagenette(res),
     }
-    m["targets"] = targets(m)
+    m["fused_linear"] = fused_linear_targets.rows(res)
+    m["targets"] = targets(m) + fused_linear_targets.targets(m["fused_linear"])
     del m["kernel_targets"]
     return m
 
@@ -592,6 +611,7 @@ SCHEMA_FIELDS: dict[str, tuple[type, ...]] = {
     "trainer_step": (list,),
     "tutorial": (list,),
     "hint_imagenette": (list,),
+    "fused_linear": (list,),
     "targets": (list,),
 }
 ROW_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -612,6 +632,14 @@ ROW_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "trainer_step": {"config": _STR, "batch": _INT, "img_per_s": _NUM},
     "tutorial": {"seed": _INT, "phase": _STR, "accuracy": _NUM, "train_s": _NUM},
     "hint_imagenette": {"decode": _STR, "epochs": _INT, "wall_s": _NUM, "img_per_s": _NUM},
+    "fused_linear": {
+        "device": _STR,
+        "case": _STR,
+        "impl": _STR,
+        "median_s": _OPT_NUM,
+        "peak_bytes": _OPT_INT,
+        "note": _STR,
+    },
     "targets": {"target": _STR, "value": _STR, "passed": _OPT_BOOL},
 }
 STEP_NAMES = (
@@ -623,6 +651,7 @@ STEP_NAMES = (
     "tutorial",
     "hint_imagenette",
     "hint_imagenette_cpu",
+    "fused_linear",
 )
 STEP_STATUSES = ("pending", "running", "ok", "failed", "timeout", "not run")
 
@@ -768,6 +797,7 @@ def markdown(m: dict[str, Any]) -> str:
     lines += ["| decode | run | epochs | train s | images/s |", "|---|---|---:|---:|---:|"]
     for r in m["hint_imagenette"]:
         lines.append(f"| {r['decode']} | {r['method']} | {r['epochs']} | {r['wall_s']:.1f} | {r['img_per_s']:,.0f} |")
+    lines += ["", *fused_linear_targets.markdown(m["fused_linear"])]
     return "\n".join(lines) + "\n"
 
 

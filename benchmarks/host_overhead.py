@@ -3,7 +3,7 @@
 On a GPU, small losses (CIFAR logits, 256x100) are host-bound: the time is Python, argument
 checks and operator dispatch, not the kernels. On a CPU with tiny tensors (2x3 logits) the same
 holds, so the per-call time here measures that overhead directly, for kdloss and for the
-textbook formulation (``tests/naive.py``; DKD: ``tests/naive_reference.py``), forward alone
+textbook formulation (``tests/naive/``; DKD: ``tests/naive/reference_code.py``), forward alone
 (under ``no_grad``) and forward + backward. CPU time of this process (``time.process_time``),
 best of ``--repeat`` runs of ``--number`` calls: a busy machine slows the wall clock, not this.
 
@@ -23,7 +23,8 @@ import torch
 
 import kdloss.functional as KF
 from benchmarks._cpu_alloc import pin_malloc
-from tests import naive, naive_reference
+from tests import naive
+from tests.naive import reference_code
 
 
 def _per_call(fn: Callable[[], object], number: int, repeat: int) -> float:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "soft_kl jsd",
-            lambda: KF.soft_kl(s, t, temperature=4.0, direction="jsd", beta=0.5),
+            lambda: KF.soft_kl(s, t, temperature=4.0, direction="jsd", jsd_weight=0.5),
             lambda: naive.jsd(s, t, 4.0, 0.5),
         ),
         (
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         (
             "dkd_loss",
             lambda: KF.dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0),
-            lambda: naive_reference.dkd(s, t, y, 1.0, 8.0, 4.0),
+            lambda: reference_code.dkd(s, t, y, 1.0, 8.0, 4.0),
         ),
     ]
     floor = _per_call(lambda: torch.autograd.grad(s.sum(), s), args.number, args.repeat)

@@ -1,6 +1,6 @@
 """Time every benchmark case and write the results as JSON + a Markdown table under docs/benchmarks/.
 
-GPU (the issue's sizes)::
+GPU (the benchmark sizes of benchmarks/cases.py)::
 
     PYTHONPATH=. python -m benchmarks.run_gpu --tag h100
 
@@ -27,7 +27,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks._cpu_alloc import pin_malloc
+from benchmarks.bench_fused_linear import time_call
 from benchmarks.cases import PENDING_FAMILIES, Case, cpu_cases, gpu_cases, implementation, reference_check, step
 from kdloss.kernels import kernels_mode
 from kdloss.kernels import status as kernels_status
@@ -55,21 +55,8 @@ def copy_bandwidth(device: torch.device) -> float:
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    times = [_time_call(lambda: dst.copy_(src), device) for _ in range(20)]
+    times = [time_call(lambda: dst.copy_(src), device) for _ in range(20)]
     return 2 * src.numel() * src.element_size() / statistics.median(times)
-
-
-def _time_call(fn: Any, device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _device_ops(fn: Any, device: torch.device) -> int | None:
@@ -126,7 +113,7 @@ def measure(case: Case, impl: str, mode: str, device: torch.device, args: argpar
     for _ in range(args.warmup):
         call()
     _sync(device)
-    times = [_time_call(call, device) for _ in range(args.reps)]
+    times = [time_call(call, device) for _ in range(args.reps)]
     med = statistics.median(times)
     nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_fwdbwd
     rec: dict[str, Any] = {
@@ -173,7 +160,7 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         "(byte counts in benchmarks/cases.py)",
         f"- warm-up {meta['warmup']} calls, median of {meta['reps']} timed calls, inputs rotated over "
         f">= {meta['rotate_mib']} MiB (at most {meta['max_sets']} sets); host memory: {meta.get('allocator', '?')}",
-        "- `naive` = the textbook formulation (`tests/naive.py`, `tests/naive_crd.py`, `tests/naive_cohort.py`); "
+        "- `naive` = the textbook formulation (`tests/naive/<family>.py`); "
         "`compiled` = torch.compile of it; `x textbook` = textbook median / this median (above 1: faster)",
         "",
     ]

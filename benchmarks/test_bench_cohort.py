@@ -1,7 +1,7 @@
 """CohortLoss (one student log-softmax for all K teachers) against the loop of K separate soft_kl calls.
 
 Forward + backward of the loss with respect to the student logits, DIH's setting (T = 5,
-alpha = 0.1, K = k + 1 teachers). Baselines are the explicit loops of ``tests/naive_cohort.py``.
+alpha = 0.1, K = k + 1 teachers). Baselines are the explicit loops of ``tests/naive/cohort.py``.
 
 - ``pytest benchmarks/test_bench_cohort.py --benchmark-only --benchmark-enable``: pytest-benchmark
   tables (CPU sizes always; GPU sizes only with CUDA, where ``cohort_loss`` is the fused Triton
@@ -23,7 +23,7 @@ import torch
 
 from kdloss import CohortLoss
 from kdloss.kernels import set_kernels_enabled
-from tests.naive_cohort import cohort_kl_div, cohort_loop
+from tests.naive.cohort import cohort_kl_div, cohort_loop
 
 CPU_SIZES = [(4, 64, 100), (4, 128, 1000)]  # (K, B, C): resnet110 -> resnet8 (k = 3) on CIFAR-100, and 1000 classes
 GPU_SIZES = [(5, 256, 1000), (5, 1024, 1000), (4, 4096, 100)]

@@ -1,7 +1,7 @@
 """CRD step throughput: kdloss (device sampling, no (B, K+1, d) gather) against the reference style.
 
 One full step = sampling, both embedding heads, scoring both views, NCE loss, backward, bank update.
-The baseline (``tests/naive_crd.py``, reference-implementation style) gathers the ``(B, K+1, d)``
+The baseline (``tests/naive/contrastive.py``, reference-implementation style) gathers the ``(B, K+1, d)``
 rows and uses ``bmm``; it is timed with negatives already on the device ("naive") and with the
 reference's per-sample CPU sampling ("naive+cpu sampling").
 
@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from kdloss import ContrastMemory, CRDLoss
-from tests.naive_crd import NaiveCRD, cpu_sample_negatives
+from tests.naive.contrastive import NaiveCRD, cpu_sample_negatives
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Run ``pytest benchmarks/test_bench_methods.py --benchmark-only`` to time them. In CI the suite
 runs with ``--benchmark-disable``: each entry then runs once and is a quick correctness check
 (finite loss and gradient, and the value on a tiny float64 input equals the paper reference in
-``tests/naive_methods.py``).
+``tests/naive/{logit,relational,feature}.py``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from kdloss.functional import (
     sp_loss,
     vid_loss,
 )
-from tests import naive_methods as naive
-from tests._methods_common import single_thread
+from tests import naive
+from tests.helpers import single_thread
 
 B, C, D = 32, 100, 64  # batch, classes, embedding size
 MAP = (8, 16, 8, 8)  # feature maps
@@ -85,7 +85,7 @@ CASES: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor], tuple[int, 
 
 TINY = {2: (3, 4), 4: (2, 2, 2, 2)}
 
-# small CPU sizes: one intra-op thread (see tests/_methods_common.single_thread)
+# small CPU sizes: one intra-op thread (see tests/helpers.single_thread)
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 

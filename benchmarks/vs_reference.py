@@ -2,10 +2,10 @@
 
 Every public loss at CIFAR sizes (logits 64x100 and 256x100; WRN-40-2 / WRN-16-2 feature maps and
 embeddings at batch 64; one CRD step), forward + backward with respect to the student inputs, in
-one process on one thread, identical float32 inputs. The baselines are ``tests/naive_reference.py``
+one process on one thread, identical float32 inputs. The baselines are ``tests/naive/reference_code.py``
 (the reference code's formulations: RepDistiller, mdistiller, the DIST and ReviewKD authors' code,
-PyTorch's KD tutorial), ``tests/naive_cohort.py`` (the DIH authors' per-head loops) and
-``tests/naive_crd.py`` (the reference CRD step).
+PyTorch's KD tutorial), ``tests/naive/cohort.py`` (the DIH authors' per-head loops) and
+``tests/naive/contrastive.py`` (the reference CRD step).
 
 Method (a busy shared machine: interleave, repeat, report medians and spreads):
 
@@ -45,8 +45,8 @@ from torch import Tensor
 
 import kdloss.functional as KF
 from benchmarks._cpu_alloc import pin_malloc
-from tests import naive_cohort
-from tests import naive_reference as ref
+from tests.naive import cohort as naive_cohort
+from tests.naive import reference_code as ref
 from tests.opcount import count_ops
 
 Inputs = dict[str, Any]
@@ -56,7 +56,7 @@ T = 4.0  # the CIFAR-100 temperature of RepDistiller and mdistiller
 
 @dataclass
 class Case:
-    name: str  # the loss, as in the issue's table
+    name: str  # the loss
     size: str
     make: Callable[[int], Inputs]
     kdloss: Callable[[Inputs], Tensor]
@@ -137,7 +137,7 @@ def cases() -> list[Case]:
                 "JSD",
                 size,
                 _logits(n, 100),
-                lambda x: KF.soft_kl(x["s"], x["t"], temperature=T, direction="jsd", beta=0.5),
+                lambda x: KF.soft_kl(x["s"], x["t"], temperature=T, direction="jsd", jsd_weight=0.5),
                 lambda x: ref.jsd(x["s"], x["t"], T, 0.5),
                 "mixture in probabilities, textbook",
             ),
@@ -371,7 +371,7 @@ def _crd_case() -> Case:
         make,
         lambda x: bench.crd(bench.fs, bench.ft, bench.idx, negatives=bench.neg),
         lambda x: bench.naive(bench.fs, bench.ft, bench.idx, bench.neg),
-        "reference CRD step (tests/naive_crd.py)",
+        "reference CRD step (tests/naive/contrastive.py)",
         grad_of=lambda x: [bench.fs, *bench.crd.parameters(), *bench.naive.parameters()],
         check=False,
         stateful=True,

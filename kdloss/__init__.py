@@ -5,24 +5,7 @@ Modules (stateless ``nn.Module`` losses, adapters, :class:`FeatureTap`) are impo
 """
 
 from kdloss._validate import Reduction, ShapeError
-from kdloss.adapters import (
-    Adapter,
-    ConvAdapter,
-    LinearAdapter,
-    PoolAdapter,
-    adapter_for,
-    adapter_parameters,
-    check_optimizer,
-)
 from kdloss.compose import LossParts, WeightedSum, weighted_sum
-from kdloss.heads import (
-    ClassifierHead,
-    FinetuneResult,
-    HeadsOutput,
-    IntermediateHeads,
-    evaluate_heads,
-    finetune_heads,
-)
 from kdloss.losses import (
     ABLoss,
     AttentionLoss,
@@ -32,6 +15,7 @@ from kdloss.losses import (
     DKDLoss,
     FSPLoss,
     FTLoss,
+    FusedLinearKDLoss,
     HCLLoss,
     HintLoss,
     KDCELoss,
@@ -39,13 +23,32 @@ from kdloss.losses import (
     NSTLoss,
     PKTLoss,
     RKDLoss,
+    SparseKDLoss,
     SPLoss,
     VIDLoss,
 )
 from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDAuthorsLoss, TOFDLoss
-from kdloss.losses.contrastive import CRDEmbed, CRDLoss
-from kdloss.memory import ContrastMemory
-from kdloss.methods_modules import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
+from kdloss.losses.contrastive import CRDLoss
+from kdloss.parts.adapters import (
+    Adapter,
+    ConvAdapter,
+    LinearAdapter,
+    PoolAdapter,
+    adapter_for,
+    adapter_parameters,
+    check_optimizer,
+)
+from kdloss.parts.contrastive import ContrastMemory, CRDEmbed
+from kdloss.parts.feature import ABConnector, FTParaphraser, FTTranslator, ReviewKDFusion, VIDRegressor
+from kdloss.parts.fused_linear import TeacherTopK
+from kdloss.parts.heads import (
+    ClassifierHead,
+    FinetuneResult,
+    HeadsOutput,
+    IntermediateHeads,
+    evaluate_heads,
+    finetune_heads,
+)
 from kdloss.tap import FeatureTap, unwrap_model
 from kdloss.teacher import FrozenTeacher
 
@@ -73,6 +76,7 @@ __all__ = [
     "FeatureTap",
     "FinetuneResult",
     "FrozenTeacher",
+    "FusedLinearKDLoss",
     "HCLLoss",
     "HeadsOutput",
     "HintLoss",
@@ -91,8 +95,10 @@ __all__ = [
     "SPLoss",
     "SelfDistillationLoss",
     "ShapeError",
+    "SparseKDLoss",
     "TOFDAuthorsLoss",
     "TOFDLoss",
+    "TeacherTopK",
     "VIDLoss",
     "VIDRegressor",
     "WeightedSum",

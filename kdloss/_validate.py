@@ -3,7 +3,10 @@
 Every public function validates its inputs here, up front, so that a bad call fails with a
 message naming the argument, the expected and the actual value instead of a bare broadcasting
 error deep inside. The checks read only tensor metadata (shape, dtype, device): they never
-synchronise with the device.
+synchronise with the device (except :func:`check_class_labels`' range check on the CPU).
+
+The shared numerics (``reduce_loss``, ``compute_dtype``, ``pair_up``) live in
+:mod:`kdloss._numerics`; they are re-exported here for code written against earlier versions.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Sequence
-from typing import Literal, get_args
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
+
+from kdloss._numerics import compute_dtype, pair_up, reduce_loss
 
 __all__ = [
     "Reduction",
@@ -27,18 +33,21 @@ __all__ = [
     "check_integer",
     "check_ndim",
     "check_nonnegative",
+    "check_option",
     "check_pair",
     "check_positive",
     "check_positive_int",
     "check_reduction",
+    "check_row_tensor",
     "check_same_device",
     "check_same_shape",
     "check_unit_interval",
+    "check_weights",
     "compute_dtype",
-    "detached",
-    "in_dtype",
+    "deprecated_module",
     "pair_up",
     "reduce_loss",
+    "renamed_argument",
     "warn_if_swapped",
 ]
 
@@ -247,67 +256,37 @@ def check_batch(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
         )
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype a loss computes in: float32 for half, bfloat16 and float32 inputs, float64 if any is float64."""
-    # Plain Python on the dtypes: torch.promote_types is dispatched like an operator (host time on
-    # every call). Every input here is a floating-point tensor (checked before).
-    for t in tensors:
-        if t.dtype == torch.float64:
-            return torch.float64
-    return torch.float32
+def check_option(name: str, value: str, allowed: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``allowed`` (a string option), else raise a ``ValueError`` listing them."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
 
 
-def detached(t: Tensor) -> Tensor:
-    """``t.detach()`` where it matters: ``t`` itself when it does not require grad (``detach`` is a
-    dispatched operator, and a teacher's output usually comes from ``torch.no_grad``)."""
-    return t.detach() if t.requires_grad else t
-
-
-def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)``, without the call when ``t`` already has it."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def pair_up(
-    student: Tensor | Sequence[Tensor], teacher: Tensor | Sequence[Tensor], *, one: str, many: str, context: str = ""
-) -> tuple[list[Tensor], list[Tensor]]:
-    """One tensor each, or two equally long, non-empty sequences of them, as two lists (loss over pairs).
-
-    ``one`` and ``many`` name one element and several in the messages (``"feature map"``,
-    ``"maps"``); ``context`` prefixes them (``"fsp_loss: "``). The elements themselves are checked by the caller.
-    """
-    s_list = [student] if isinstance(student, Tensor) else list(student)
-    t_list = [teacher] if isinstance(teacher, Tensor) else list(teacher)
-    if len(s_list) != len(t_list):
-        raise ValueError(
-            f"{context}student_features and teacher_features must pair up, got {len(s_list)} and {len(t_list)} {many}"
+def check_row_tensor(name: str, t: Tensor, rows_shape: torch.Size, device: torch.device) -> None:
+    """Raise unless ``t`` (a per-row mask or weight) has the logits' shape without the classes, on their device."""
+    if t.shape != rows_shape:
+        raise ShapeError(
+            f"{name} must have the logits' shape without the class dimension, {tuple(rows_shape)}, got {tuple(t.shape)}"
         )
-    if not s_list:
-        raise ValueError(f"{context}student_features must hold at least one {one}, got an empty sequence")
-    return s_list, t_list
+    if t.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
 
 
-def reduce_loss(loss: Tensor, reduction: Reduction, *, rows: Tensor | int, elements_per_row: int = 1) -> Tensor:
-    """Reduce a per-row loss.
-
-    Args:
-        loss: the unreduced loss, one value per row (sample or sequence position).
-        reduction: see :data:`Reduction`.
-        rows: the number of rows that count (a tensor when a mask decides it, so that no host
-            synchronisation is needed). ``batchmean`` divides the sum by it, ``mean`` divides
-            by ``rows * elements_per_row``; an empty count gives 0, never NaN.
-        elements_per_row: the number of elements that make up one row's value (the class count
-            for a KL divergence), used by ``mean``.
-    """
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    denom = rows * elements_per_row if reduction == "mean" else rows
-    if isinstance(denom, Tensor):
-        return total / denom.clamp(min=1).to(total.dtype)
-    return total / max(denom, 1)
+def check_weights(weights: Sequence[float] | Tensor | None, k: int, what: str) -> list[float] | None:
+    """``K`` per-member weights (a sequence or a tensor) as floats, or ``None``; raise unless there is one
+    finite, non-negative weight per ``what`` and not all are zero (a tensor is read on the host)."""
+    if weights is None:
+        return None
+    values = weights.tolist() if isinstance(weights, Tensor) else list(weights)
+    if len(values) != k:
+        raise ValueError(f"weights must hold one weight per {what} ({k}), got {len(values)}")
+    for i, w in enumerate(values):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"weights[{i}] must be a finite number >= 0, got {w!r}")
+    if sum(values) <= 0:
+        raise ValueError(f"weights must not all be zero, got {values}")
+    return [float(w) for w in values]
 
 
 def warn_if_swapped(student_name: str, student: Tensor, teacher_name: str, teacher: Tensor) -> None:
@@ -329,6 +308,57 @@ def warn_if_swapped(student_name: str, student: Tensor, teacher_name: str, teach
             UserWarning,
             stacklevel=_caller_level(),
         )
+
+
+def renamed_argument(owner: str, new: str, value: float | None, old: str, old_value: float | None) -> float | None:
+    """The value of an argument that was renamed from ``old`` to ``new``: ``value``, or ``old_value``
+    (with a ``FutureWarning`` pointing at the caller's line) when only the former name was used.
+
+    Raises:
+        TypeError: if both names are given.
+    """
+    if old_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"{owner} got {new}={value!r} and its former name {old}={old_value!r}: pass {new}= only")
+    warnings.warn(
+        f"{owner}: {old}= is deprecated, pass {new}= (same meaning): {old} names several weights in kdloss",
+        FutureWarning,
+        stacklevel=_caller_level(),
+    )
+    return old_value
+
+
+def deprecated_module(
+    name: str, home: ModuleType, names: Sequence[str] | None = None
+) -> tuple[list[str], Callable[[str], Any], Callable[[], list[str]]]:
+    """The ``__all__``, ``__getattr__`` and ``__dir__`` of ``name``, a module of earlier versions that now
+    re-exports ``names`` (default: ``home.__all__``) from ``home``; warns, when it is imported, with a
+    ``FutureWarning`` at the importing line that says where to import from.
+
+    Example (the whole body of such a module, after its docstring)::
+
+        from kdloss._validate import deprecated_module
+        from kdloss.parts import adapters
+
+        __all__, __getattr__, __dir__ = deprecated_module(__name__, adapters)
+    """
+    public = list(names if names is not None else home.__all__)
+    warnings.warn(
+        f"{name} is deprecated: import from kdloss (or {home.__name__})",
+        FutureWarning,
+        stacklevel=3,  # this function, the deprecated module's body, then the line that imports it
+    )
+
+    def module_getattr(attr: str) -> Any:
+        if attr in public:
+            return getattr(home, attr)
+        raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+
+    def module_dir() -> list[str]:
+        return sorted({*vars(sys.modules[name]), *public})
+
+    return public, module_getattr, module_dir
 
 
 def _caller_level() -> int:

@@ -25,7 +25,7 @@ from typing import NoReturn
 
 import torch
 
-from reference_trainers.engine import StopRequested, stop_signals
+from reference_trainers.engine import StopRequested, stop_signals, teardown
 from reference_trainers.errors import TrainerError
 from reference_trainers.recipes import RECIPES
 from reference_trainers.recipes.common import (
@@ -92,9 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
         print(f"CPU threads: {threads} ({why}; --threads N to choose)", file=sys.stderr)
     prepare_output(args, found)
+    clean = False
     try:
         with stop_signals(enabled=int(os.environ.get("WORLD_SIZE", "1")) <= 1):  # torchrun handles its own
             rc: int = args.func(args)
+        clean = rc == 0
     except StopRequested as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
@@ -111,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    finally:
+        teardown(clean=clean)  # leave the torchrun process group before the interpreter shuts down
     return rc
 
 

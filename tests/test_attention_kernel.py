@@ -1,11 +1,8 @@
 """The fused Triton attention-transfer kernels (behind :func:`kdloss.functional.attention_loss`) against eager.
 
-As ``tests/test_cohort_kernel.py``: on CPU the kernels run under Triton's interpreter in a fresh
-subprocess (``test_interpreter_subprocess``); run the cases directly with::
+Run under Triton's interpreter on CPU, or on a CUDA machine, as ``tests/triton_harness.py`` says::
 
     TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/test_attention_kernel.py
-
-On a CUDA machine (without the variable) the same cases run on the GPU.
 """
 
 from __future__ import annotations
@@ -23,33 +20,23 @@ from tests.triton_harness import (
     HAS_TRITON,
     INTERPRET,
     assert_no_local_memory,
+    eager_without_triton,
+    interpreter_subprocess_test,
     needs_kernel,
     outer_run_only,
-    run_file_under_interpreter,
-    run_without_triton,
 )
 
 N_CASES = 20  # tests the interpreter subprocess must pass
 
 
-@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_interpreter_subprocess() -> None:
-    run_file_under_interpreter(__file__, N_CASES)
+test_interpreter_subprocess = interpreter_subprocess_test(__file__, N_CASES)
 
 
 @outer_run_only
 def test_attention_imports_without_triton() -> None:
     """With ``triton`` unimportable, attention_loss imports and runs its eager path."""
-    code = (
-        "import torch, kdloss.kernels as K\n"
-        "import kdloss.kernels._attention_triton as ka\n"
-        "from kdloss.functional import attention_loss\n"
-        "assert not K.kernels_available() and ka.triton is None\n"
-        "x = torch.ones(2, 3, 4, 4)\n"
-        "print(float(attention_loss(x, x)))\n"
-    )
-    assert run_without_triton(code).split() == ["0.0"]
+    code = "from kdloss.functional import attention_loss as at\nx = torch.ones(2, 3, 4, 4)\nprint(float(at(x, x)))"
+    assert eager_without_triton("_attention_triton", code) == ["0.0"]
 
 
 def test_cpu_takes_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,7 +209,7 @@ def _aot_compile(kernel_name: str, dt: str, npairs: int, hw: int):  # type: igno
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     ("kernel_name", "dt", "npairs", "hw"),
-    [("_attention_fwd_kernel", "fp32", 3, 1024), ("_attention_bwd_kernel", "bf16", 3, 1024)],
+    [("attention_fwd_kernel", "fp32", 3, 1024), ("attention_bwd_kernel", "bf16", 3, 1024)],
     ids=["fwd-fp32", "bwd-bf16"],
 )
 def test_compiles_for_h100_without_gpu(kernel_name: str, dt: str, npairs: int, hw: int, tmp_path: Path) -> None:
@@ -241,13 +228,8 @@ def test_pairs_must_share_the_batch_size() -> None:
         attention_loss(s, t)
 
 
-@needs_kernel
-@pytest.mark.parametrize("reduction", ["none", "mean", "batchmean", "sum"])
-def test_attention_loss_dispatch(monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
-    """With the dispatch forced on, attention_loss goes through the kernel (p = 2, equal sizes) and matches eager."""
-    s = _maps([(3, 4, 8, 8), (3, 8, 5, 7), (3, 16, 3, 3)], torch.float32, "contiguous", seed=20)
-    t = _maps([(3, 6, 8, 8), (3, 2, 5, 7), (3, 9, 3, 3)], torch.float32, "contiguous", seed=21)
-    ref = attention_loss(s, t, beta=5.0, reduction=reduction)
+def _force_and_count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Force the dispatch on and count the kernel's launches: one entry in the returned list per call."""
     calls: list[int] = []
     real = K.fused_attention_rows
 
@@ -257,6 +239,17 @@ def test_attention_loss_dispatch(monkeypatch: pytest.MonkeyPatch, reduction: str
 
     monkeypatch.setattr(KA, "use_fused", lambda a, b, kernel="soft_kl": True)
     monkeypatch.setattr(K, "fused_attention_rows", counted)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("reduction", ["none", "mean", "batchmean", "sum"])
+def test_attention_loss_dispatch(monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
+    """With the dispatch forced on, attention_loss goes through the kernel (p = 2, equal sizes) and matches eager."""
+    s = _maps([(3, 4, 8, 8), (3, 8, 5, 7), (3, 16, 3, 3)], torch.float32, "contiguous", seed=20)
+    t = _maps([(3, 6, 8, 8), (3, 2, 5, 7), (3, 9, 3, 3)], torch.float32, "contiguous", seed=21)
+    ref = attention_loss(s, t, beta=5.0, reduction=reduction)
+    calls = _force_and_count_kernel_calls(monkeypatch)
     torch.testing.assert_close(attention_loss(s, t, beta=5.0, reduction=reduction), ref, rtol=1e-5, atol=1e-6)
     assert calls == [1]
     attention_loss(s, t, p=3.0)  # other p: eager
@@ -275,15 +268,7 @@ def test_unequal_sizes_dispatch(monkeypatch: pytest.MonkeyPatch, pool: str) -> N
     s_ref = [x.detach().clone().requires_grad_(True) for x in s]
     s_k = [x.detach().clone().requires_grad_(True) for x in s]
     ref = attention_loss(s_ref, t, beta=7.0, reduction="none", pool=pool)  # type: ignore[arg-type]
-    calls: list[int] = []
-    real = K.fused_attention_rows
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(KA, "use_fused", lambda a, b, kernel="soft_kl": True)
-    monkeypatch.setattr(K, "fused_attention_rows", counted)
+    calls = _force_and_count_kernel_calls(monkeypatch)
     out = attention_loss(s_k, t, beta=7.0, reduction="none", pool=pool)  # type: ignore[arg-type]
     assert calls == ([1] if pool == "features" else [])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ from torch import Tensor
 import kdloss.functional as KF
 from kdloss.functional import _autograd as A
 from kdloss.kernels import _selfcheck
-from tests.conftest import compile_fullgraph
+from tests.helpers import compile_fullgraph
 
 F64 = torch.float64
 INF = float("-inf")
@@ -48,7 +48,7 @@ def _value_and_grad(fn: Callable[[Tensor], Tensor], s: Tensor) -> tuple[Tensor, 
 KL_CALLS = {
     "forward": lambda s, t, r: KF.soft_kl(s, t, temperature=3.0, reduction=r),
     "reverse": lambda s, t, r: KF.soft_kl(s, t, temperature=3.0, reduction=r, direction="reverse"),
-    "jsd": lambda s, t, r: KF.soft_kl(s, t, temperature=0.5, reduction=r, direction="jsd", beta=0.3),
+    "jsd": lambda s, t, r: KF.soft_kl(s, t, temperature=0.5, reduction=r, direction="jsd", jsd_weight=0.3),
     "kd_ce": lambda s, t, r: KF.kd_ce_loss(
         s,
         t,
@@ -118,7 +118,7 @@ def test_kl_family_gradcheck_and_double_backward(monkeypatch: pytest.MonkeyPatch
         s[1, 2] = t[1, 2] = INF  # a class ruled out by both: finite in every direction
         row_ok = torch.tensor([True, True, False, True])
     y = _labels(4, 5)
-    kw = dict(temperature=2.0, direction=direction, beta=0.4, reduction="batchmean", row_ok=row_ok)
+    kw = dict(temperature=2.0, direction=direction, jsd_weight=0.4, reduction="batchmean", row_ok=row_ok)
     s = s.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: A.kl_family(a, t, **kw), (s,))  # type: ignore[arg-type]
     assert torch.autograd.gradgradcheck(lambda a: A.kl_family(a, t, **kw), (s,))  # type: ignore[arg-type]

@@ -100,6 +100,7 @@ REFUSED: list[tuple[str, list[str], str]] = [
     ("tutorial-no-data", ["tutorial-cifar10"], "pass --data-root DIR (torchvision's CIFAR-10 files"),
     ("blog-no-data", ["blog-cifar10"], "or --dataset embedded to run on the package's 10,000-image subset"),
     ("blog-model", ["blog-cifar10", "--dataset", "embedded", "--student", "nope"], "--student 'nope' is not a"),
+    ("blog-alpha", ["blog-cifar10", "--dataset", "embedded", "--alpha", "0.1"], "pass --kd-weight 0.9 for the same"),
     ("dih-no-data", ["dih"], "--dataset cifar100 needs --data-root DIR"),
     ("dih-takd", ["dih", "--smoke", "--method", "kd,takd"], "method 'takd' needs a teacher assistant: pass --ta"),
     ("bench-method", ["benchmark-cifar100", "--smoke", "--method", "nope"], "unknown method 'nope'; available: ce"),
@@ -190,7 +191,9 @@ def test_a_full_disk_mid_run_is_one_line_and_exit_2(refused: tuple[Path, dict[st
     lines = result["err"].splitlines()
     assert result["rc"] == 2, result
     assert "--overwrite: deleted 1 checkpoints of an earlier run" in result["err"]
-    assert lines[-1].startswith(f"error: cannot write to --out '{tmp / 'full'}': File too large"), lines[-1]
+    assert lines[-1].startswith(f"error: cannot write '{tmp / 'full'}/"), lines[-1]
+    assert "File too large" in lines[-1]
+    assert lines[-1].endswith("then continue with --resume"), lines[-1]
     assert "Traceback" not in result["err"]
     files = _files(tmp / "full")
     assert "checkpoints/kd-seed42.pt" not in files  # the earlier run's file was deleted, not read

@@ -1,4 +1,4 @@
-"""Cohort losses (DIH, MHKD, TOFD, self-distillation) against the explicit loops of tests/naive_cohort.py."""
+"""Cohort losses (DIH, MHKD, TOFD, self-distillation) against the explicit loops of tests/naive/cohort.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from kdloss.functional import (
     tofd_loss,
     tofd_temperature,
 )
-from tests.naive_cohort import (
+from tests.naive.cohort import (
     cohort_kl_div,
     cohort_loop,
     dih_per_head_alphas,
@@ -245,7 +245,7 @@ def test_paired_head_kd_matches_loop() -> None:
     torch.testing.assert_close(torch.autograd.grad(out.total, s)[0], torch.autograd.grad(ref, s)[0])
     torch.testing.assert_close(out.parts["kd/2"], soft_kl(s[2], t[2], temperature=3.0))
     torch.testing.assert_close(out.parts["ce/1"], F.cross_entropy(s[1], y))
-    torch.testing.assert_close(MultiHeadKDLoss(3.0, 0.7)(s, t, y).total, out.total)
+    torch.testing.assert_close(MultiHeadKDLoss(3.0, alpha=0.7)(s, t, y).total, out.total)
     weighted = paired_head_kd(s, t, y, temperature=3.0, alpha=0.7, weights=[0, 0, 1, 0])
     torch.testing.assert_close(weighted.total, paired_loop([s[2]], [t[2]], y, 3.0, 0.7))
     with pytest.raises(ShapeError, match=r"same number of heads .* got 4 and 3"):
@@ -286,7 +286,7 @@ def test_tofd_loss_is_paired_kd_plus_features_plus_orthogonality() -> None:
     grads_ref = torch.autograd.grad(ref, [s, *fs, adapter])
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b)
-    module = TOFDLoss(2.0, 0.5, beta=0.3, gamma=0.01)
+    module = TOFDLoss(2.0, alpha=0.5, beta=0.3, gamma=0.01)
     torch.testing.assert_close(module(s, t, y, fs, ft, [adapter]).total, out.total)
     assert sorted(out.parts) == [
         "ce/0",
@@ -480,7 +480,7 @@ def test_self_distillation_matches_loop() -> None:
     (g_final,) = torch.autograd.grad(out.total, final)
     (g_ce,) = torch.autograd.grad(F.cross_entropy(final, y), final)
     torch.testing.assert_close(g_final, g_ce)
-    module = SelfDistillationLoss(3.0, 0.3, beta=0.1)
+    module = SelfDistillationLoss(3.0, alpha=0.3, beta=0.1)
     torch.testing.assert_close(module(exits, final, y, fe, ff).total, out.total)
     no_feat = self_distillation_loss(exits, final, y, temperature=3.0, alpha=0.3)
     torch.testing.assert_close(no_feat.total, self_distillation_loop(list(exits), final, y, 3.0, 0.3, 0.0))

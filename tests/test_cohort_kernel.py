@@ -1,12 +1,8 @@
 """The fused Triton cohort kernel (behind :func:`kdloss.functional.cohort_kd`) against the eager path.
 
-As ``tests/test_kernels.py``: on CPU the kernel runs under Triton's interpreter, which must be on
-before Triton is first imported, so an ordinary test run collects ``test_interpreter_subprocess``,
-which re-runs this file with ``TRITON_INTERPRET=1`` in a fresh interpreter. Run the cases directly::
+Run under Triton's interpreter on CPU, or on a CUDA machine, as ``tests/triton_harness.py`` says::
 
     TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/test_cohort_kernel.py
-
-On a CUDA machine (without the variable) the same cases run on the GPU.
 """
 
 from __future__ import annotations
@@ -25,34 +21,28 @@ from tests.triton_harness import (
     HAS_TRITON,
     INTERPRET,
     assert_no_local_memory,
+    eager_without_triton,
+    interpreter_subprocess_test,
     needs_kernel,
     outer_run_only,
-    run_file_under_interpreter,
-    run_without_triton,
 )
 
 _FUSED_ROWS = K.fused_cohort_rows  # the real one (tests monkeypatch the module attribute)
 N_CASES = 30  # tests the interpreter subprocess must pass (the kernel cases and the CPU dispatch test)
 
 
-@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_interpreter_subprocess() -> None:
-    run_file_under_interpreter(__file__, N_CASES)
+test_interpreter_subprocess = interpreter_subprocess_test(__file__, N_CASES)
 
 
 @outer_run_only
 def test_cohort_imports_without_triton() -> None:
     """With ``triton`` unimportable, cohort_kd imports and runs its eager path."""
     code = (
-        "import torch, kdloss.kernels as K\n"
-        "import kdloss.kernels._cohort_triton as kc\n"
         "from kdloss.functional import cohort_kd\n"
-        "assert not K.kernels_available() and kc.triton is None\n"
         "x = torch.zeros(3, 5)\n"
         "print(float(cohort_kd(x, torch.stack([x, x]), torch.tensor([0, 1, 2]), alpha=1.0).total))\n"
     )
-    assert run_without_triton(code).split() == ["0.0"]
+    assert eager_without_triton("_cohort_triton", code) == ["0.0"]
 
 
 def test_cpu_takes_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,10 +217,10 @@ def test_no_grad_and_single_backward() -> None:
 
 @needs_kernel
 def test_kernel_is_interpreted_on_cpu() -> None:
-    from kdloss.kernels._cohort_triton import _cohort_rows_kernel
+    from kdloss.kernels._cohort_triton import cohort_rows_kernel
 
     expected = "InterpretedFunction" if DEVICE == "cpu" else "JITFunction"
-    assert type(_cohort_rows_kernel).__name__ == expected
+    assert type(cohort_rows_kernel).__name__ == expected
 
 
 # --------------------------------------------------------------------------- GPU only: the benchmark sizes
@@ -256,7 +246,7 @@ def _aot_compile(sdt: str, tdt: str, k: int, c: int, write_grad: bool):  # type:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kdloss.kernels._cohort_triton import _cohort_rows_kernel as kernel
+    from kdloss.kernels._cohort_triton import cohort_rows_kernel as kernel
 
     kb = next_power_of_2(k)
     block = cohort_block(c, kb)

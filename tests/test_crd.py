@@ -19,7 +19,7 @@ from kdloss.functional import (
     crd_nce_loss,
     crd_normalizer,
 )
-from tests.naive_crd import NaiveCRD, naive_exp_scores, naive_nce, naive_update
+from tests.naive.contrastive import NaiveCRD, naive_exp_scores, naive_nce, naive_update
 
 N, S_DIM, T_DIM, D, K, B = 64, 12, 10, 8, 16, 6
 
@@ -491,3 +491,80 @@ def test_nce_matches_reference_and_is_positive(b: int, k: int, n: int, z: float,
     ours = crd_nce_loss(logits, z, n)
     torch.testing.assert_close(ours, naive_nce(logits.exp() / z, n), rtol=1e-5, atol=1e-5)
     assert ours > 0  # every term is -log of a probability-like ratio in (0, 1)
+
+
+# ------------------------------------------------------------------ crd_loss, CRDLoss(memory=...)
+
+
+def test_crd_loss_adds_the_two_views_nce_losses() -> None:
+    from kdloss.functional import crd_loss
+
+    g = torch.Generator().manual_seed(3)
+    ls, lt = torch.randn(B, K + 1, generator=g), torch.randn(B, K + 1, generator=g)
+    z = torch.tensor([0.7, 1.9])
+    per_row = crd_nce_loss(ls, z[0], N, reduction="none") + crd_nce_loss(lt, z[1], N, reduction="none")
+    torch.testing.assert_close(crd_loss(ls, lt, z, N, reduction="none"), per_row)
+    torch.testing.assert_close(crd_loss(ls, lt, z, N), per_row.sum() / B)
+    torch.testing.assert_close(crd_loss(ls, lt, z, N, reduction="mean"), per_row.sum() / B)
+    torch.testing.assert_close(crd_loss(ls, lt, z, N, reduction="sum"), per_row.sum())
+    assert float(crd_loss(ls[:0], lt[:0], z, N)) == 0.0  # an empty batch gives 0, not NaN
+    with pytest.raises(ShapeError, match=r"must have the same shape \(B, K\+1\), got \(6, 17\) and \(6, 16\)"):
+        crd_loss(ls, lt[:, 1:], z, N)
+    with pytest.raises(ShapeError, match=r"normalizers must have shape \(2,\)"):
+        crd_loss(ls, lt, z[:1], N)
+    with pytest.raises(ShapeError, match="at least one negative"):
+        crd_loss(ls[:, :1], lt[:, :1], z, N)
+    with pytest.raises(TypeError, match="n_data must be an int"):
+        crd_loss(ls, lt, z, 6.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        crd_loss(ls, lt, z, N, reduction="avg")  # type: ignore[arg-type]
+
+
+def test_the_memory_scores_and_owns_its_normalisers() -> None:
+    crd, _ = _pair()
+    fs, ft, idx, neg = _batch(0)
+    v_s, v_t = crd.embed_student(fs), crd.embed_teacher(ft)
+    crd.eval()  # no Z stored yet: the batch's own
+    scores = crd.memory.score(v_s, v_t, idx, neg)
+    torch.testing.assert_close(scores.normalizers, crd.memory.normalizers_for(*scores[:2], v_s, v_t))
+    assert bool((crd.memory.normalizers == -1).all())  # evaluation stores nothing
+    crd.train()
+    crd(fs, ft, idx, negatives=neg)
+    stored = crd.memory.normalizers.clone()
+    assert bool((stored > 0).all())
+    torch.testing.assert_close(crd.memory.score(v_s, v_t, idx, neg).normalizers, stored)
+
+
+def test_crd_loss_takes_a_memory_or_its_keyword_arguments() -> None:
+    fs, ft, idx, neg = _batch(1)
+    torch.manual_seed(5)
+    built = CRDLoss(S_DIM, T_DIM, N, feat_dim=D, n_negatives=K, temperature=0.1, momentum=0.3)
+    torch.manual_seed(5)
+    heads = (torch.nn.Linear(S_DIM, D), torch.nn.Linear(T_DIM, D))  # the same draws as CRDLoss's heads
+    memory = ContrastMemory(N, D, n_negatives=K, temperature=0.1, momentum=0.3)
+    given = CRDLoss(S_DIM, T_DIM, memory=memory)
+    with torch.no_grad():
+        given.embed_student.linear.load_state_dict(heads[0].state_dict())
+        given.embed_teacher.linear.load_state_dict(heads[1].state_dict())
+    assert given.memory is memory
+    for a, b in zip(built.state_dict().values(), given.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(built(fs, ft, idx, negatives=neg), given(fs, ft, idx, negatives=neg), rtol=0, atol=0)
+    assert CRDLoss(S_DIM, T_DIM, N, n_negatives=K).memory.feat_dim == 128  # the memory's default width
+    assert CRDLoss(S_DIM, T_DIM, N, n_negatives=K, bank_dtype=torch.bfloat16).memory.bank_student.dtype == (
+        torch.bfloat16
+    )
+    with pytest.raises(ValueError, match=r"pass the memory's settings \['n_negatives'\] to the ContrastMemory"):
+        CRDLoss(S_DIM, T_DIM, memory=memory, n_negatives=K)
+    with pytest.raises(ValueError, match="n_data=10 differs from the memory's n_data=64"):
+        CRDLoss(S_DIM, T_DIM, 10, memory=memory)
+    with pytest.raises(ValueError, match="feat_dim=4 differs from the memory's feat_dim=8"):
+        CRDLoss(S_DIM, T_DIM, feat_dim=4, memory=memory)
+    with pytest.raises(ValueError, match=r"CRDLoss needs n_data \(the dataset size"):
+        CRDLoss(S_DIM, T_DIM)
+    with pytest.raises(TypeError, match=r"memory must be a kdloss\.ContrastMemory, got Linear"):
+        CRDLoss(S_DIM, T_DIM, memory=heads[0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype= or bank_dtype=, not both"):
+        CRDLoss(S_DIM, T_DIM, N, n_negatives=K, dtype=torch.float32, bank_dtype=torch.float32)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        CRDLoss(S_DIM, T_DIM, N, n_negatives=K, temprature=0.1)

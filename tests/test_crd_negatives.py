@@ -11,8 +11,8 @@ import torch
 
 import kdloss
 from kdloss.losses.contrastive import check_negatives_fit
+from reference_trainers.methods import ContrastiveOptions, MethodSetup, get_method
 from reference_trainers.models import build_model
-from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
 
 
 def test_crdloss_refuses_more_negatives_than_rows() -> None:
@@ -31,8 +31,8 @@ def test_recipe_clamps_nce_k_to_the_training_split_and_logs_it() -> None:
     torch.manual_seed(0)
     teacher = build_model("resnet8", 10).eval()
     lines: list[str] = []
-    options = {"n_data": 12, "crd_nce_k": 16384, "crd_negatives": "uniform", "log": lines.append}
-    setup = MethodSetup("resnet8", "resnet8", teacher, 10, 4.0, 1.0, 0.9, options=options)
+    options = ContrastiveOptions(n_data=12, n_negatives=16384, negatives="uniform")
+    setup = MethodSetup("resnet8", "resnet8", teacher, 10, 4.0, 1.0, 0.9, contrastive=options, log=lines.append)
     step = get_method("crd").make(setup).build()
     crd = next(m for m in step.modules() if isinstance(m, kdloss.CRDLoss))
     assert crd.memory.n_negatives == 11

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import kdloss.functional as KF
 from kdloss.functional import contrastive as C
-from tests import naive_methods as nm
+from tests.naive import relational as nm
 
 F64 = torch.float64
 
@@ -124,7 +124,7 @@ def test_pkt_masked_and_plain_forms_agree() -> None:
     [
         lambda s, t, y: KF.soft_kl(s, t, temperature=2.0),
         lambda s, t, y: KF.soft_kl(s, t, temperature=2.0, direction="reverse", reduction="none"),
-        lambda s, t, y: KF.soft_kl(s, t, temperature=2.0, direction="jsd", beta=0.3),
+        lambda s, t, y: KF.soft_kl(s, t, temperature=2.0, direction="jsd", jsd_weight=0.3),
         lambda s, t, y: KF.kd_ce_loss(s, t, y, alpha=0.7, temperature=3.0),
         lambda s, t, y: KF.kd_ce_loss(s.float(), t.float(), y, alpha=0.7, temperature=3.0, ignore_index=1),
     ],

@@ -46,8 +46,13 @@ def test_rehearsal_runs_every_step_and_writes_a_valid_manifest(tmp_path: Path) -
     seeds_phases = {(r["seed"], r["phase"]) for r in manifest["tutorial"]}
     assert seeds_phases == {(s, p) for s in (42, 0, 1) for p in ("teacher", "student-ce", "kd")}
     assert [r["decode"] for r in manifest["hint_imagenette"]] == ["device", "cpu"]
+    assert {(r["case"], r["impl"]) for r in manifest["fused_linear"]} == {
+        ("tiny-float32", i) for i in ("fused", "naive")
+    }
+    assert all(r["median_s"] > 0 and r["peak_bytes"] > 0 for r in manifest["fused_linear"])
     # every target is listed with a figure, met or not (a rehearsal measures nothing about a GPU)
     assert any(t["target"].startswith("CRD step B=64") for t in manifest["targets"])
+    assert any(t["target"].startswith("fused linear KD lm128k") for t in manifest["targets"])
     md = (tmp_path / "out" / "gpu-check.md").read_text()
     assert "CPU rehearsal" in md
     assert "## Targets" in md

@@ -13,8 +13,7 @@ from torch import Tensor
 
 from kdloss import CosineHiddenLoss, HintLoss, ShapeError
 from kdloss.functional import cosine_hidden_loss, hint_loss
-from tests import naive
-from tests.conftest import (
+from tests.helpers import (
     REDUCTIONS,
     DtypeCase,
     Tol,
@@ -25,6 +24,7 @@ from tests.conftest import (
     make_tensor,
     roundtrip_module,
 )
+from tests.naive import hint as naive
 from tests.strategies import PROPERTY_SETTINGS, feature_pairs, reductions
 
 F64 = Tol(1e-6, 1e-6)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kdloss import KDCELoss, ShapeError
 from kdloss.functional import kd_ce_loss, soft_kl
-from tests.naive import kd_ce
+from tests.naive.kd_ce import kd_ce
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])

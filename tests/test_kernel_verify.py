@@ -28,18 +28,15 @@ import kdloss.kernels as K
 import kdloss.kernels.soft_kl as KS
 from kdloss.functional import attention_loss, cohort_kd, kd_ce_loss, soft_kl
 from kdloss.kernels import _dispatch, _selfcheck
-from tests.conftest import compile_fullgraph
-from tests.triton_harness import DEVICE, HAS_TRITON, INTERPRET, needs_kernel, run_file_under_interpreter
+from tests.helpers import compile_fullgraph
+from tests.triton_harness import DEVICE, INTERPRET, interpreter_subprocess_test, needs_kernel
 
 N_CASES = 39  # tests the interpreter subprocess must pass
 ON_GPU = DEVICE == "cuda" and not INTERPRET
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs CUDA and Triton")
 
 
-@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_interpreter_subprocess() -> None:
-    run_file_under_interpreter(__file__, N_CASES)
+test_interpreter_subprocess = interpreter_subprocess_test(__file__, N_CASES)
 
 
 @pytest.fixture
@@ -112,7 +109,7 @@ def inject(monkeypatch: pytest.MonkeyPatch, module: str, name: str, **kw: Any) -
 
 
 def kd_kernel(monkeypatch: pytest.MonkeyPatch, **kw: Any) -> BrokenKernel:
-    return inject(monkeypatch, "kdloss.kernels._kd_triton", "_kd_rows_kernel", **kw)
+    return inject(monkeypatch, "kdloss.kernels._kd_triton", "kd_rows_kernel", **kw)
 
 
 def _sum_first_row_block_only(a: dict[str, Any]) -> None:
@@ -142,27 +139,27 @@ BREAKAGES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "rows-summed-in-first-block-only": (
         "soft_kl",
         "kdloss.kernels._kd_triton",
-        "_kd_rows_kernel",
+        "kd_rows_kernel",
         {"after": _sum_first_row_block_only},
     ),
-    "mask-ignored": ("soft_kl", "kdloss.kernels._kd_triton", "_kd_rows_kernel", {"replace": {"HAS_MASK": False}}),
+    "mask-ignored": ("soft_kl", "kdloss.kernels._kd_triton", "kd_rows_kernel", {"replace": {"HAS_MASK": False}}),
     "second-column-block": (
         "soft_kl",
         "kdloss.kernels._kd_triton",
-        "_kd_rows_kernel",
+        "kd_rows_kernel",
         {"after": _wrong_second_column_block},
     ),
-    "minus-inf-row": ("soft_kl", "kdloss.kernels._kd_triton", "_kd_rows_kernel", {"after": _nan_for_minus_inf_rows}),
+    "minus-inf-row": ("soft_kl", "kdloss.kernels._kd_triton", "kd_rows_kernel", {"after": _nan_for_minus_inf_rows}),
     "cohort-last-teacher-dropped": (
         "cohort",
         "kdloss.kernels._cohort_triton",
-        "_cohort_rows_kernel",
+        "cohort_rows_kernel",
         {"replace": {"K": 2}},
     ),
     "attention-backward": (
         "attention",
         "kdloss.kernels._attention_triton",
-        "_attention_bwd_kernel",
+        "attention_bwd_kernel",
         {"after": _attention_grad_off},
     ),
 }
@@ -312,7 +309,7 @@ def test_launch_error_after_the_check_falls_back(fresh: None, monkeypatch: pytes
     """A key that passed its check and later raises at launch (a new shape, say) switches to eager, once."""
     K.verify(DEVICE, kernels=["cohort"], dtypes=[torch.float32])
     broken = inject(
-        monkeypatch, "kdloss.kernels._cohort_triton", "_cohort_rows_kernel", error=RuntimeError("out of registers")
+        monkeypatch, "kdloss.kernels._cohort_triton", "cohort_rows_kernel", error=RuntimeError("out of registers")
     )
     s, t = torch.randn(3, 7, device=DEVICE), torch.randn(2, 3, 7, device=DEVICE)
     labels = torch.tensor([0, 6, 2], device=DEVICE)

@@ -1,13 +1,8 @@
 """The fused Triton soft-KL(+CE) kernel against the eager path: values and gradients.
 
-On CPU the kernel runs under Triton's interpreter, which must be switched on before Triton is first
-imported. So in an ordinary test run this file collects one test, ``test_interpreter_subprocess``,
-that re-runs this very file in a fresh interpreter with ``TRITON_INTERPRET=1`` (nothing leaks into
-the other tests' process). Run the cases directly with::
+Run under Triton's interpreter on CPU, or on a CUDA machine, as ``tests/triton_harness.py`` says::
 
     TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/test_kernels.py
-
-On a CUDA machine (without the variable) the same cases run on the GPU.
 """
 
 from __future__ import annotations
@@ -25,31 +20,24 @@ from tests.triton_harness import (
     HAS_TRITON,
     INTERPRET,
     assert_no_local_memory,
+    eager_without_triton,
+    interpreter_subprocess_test,
     needs_kernel,
     outer_run_only,
-    run_file_under_interpreter,
-    run_without_triton,
 )
 
-
-@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_interpreter_subprocess() -> None:
-    run_file_under_interpreter(__file__, 40)
+test_interpreter_subprocess = interpreter_subprocess_test(__file__, 40)
 
 
 @outer_run_only
 def test_kdloss_imports_without_triton() -> None:
     """With ``triton`` unimportable, kdloss imports, reports no kernels and runs the eager path."""
     code = (
-        "import torch, kdloss.kernels as K\n"
         "from kdloss.functional import soft_kl, kd_ce_loss\n"
-        "import kdloss.kernels._kd_triton as kt\n"
-        "assert not K.kernels_available() and kt.triton is None\n"
         "x = torch.randn(3, 5)\n"
         "print(float(soft_kl(x, x)), float(kd_ce_loss(x, x, torch.tensor([0, 1, 2]), alpha=1.0)))\n"
     )
-    assert run_without_triton(code).split() == ["0.0", "0.0"]
+    assert eager_without_triton("_kd_triton", code) == ["0.0", "0.0"]
 
 
 def test_dispatch_switches(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,7 +73,7 @@ def _aot_compile(sdt: str, tdt: str, flags: dict[str, int], c: int):  # type: ig
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kdloss.kernels._kd_triton import _kd_rows_kernel as kernel
+    from kdloss.kernels._kd_triton import kd_rows_kernel as kernel
 
     block = KS.column_block(c)
     names = list(kernel.arg_names)
@@ -381,12 +369,12 @@ def test_empty_batch_and_double_backward(monkeypatch: pytest.MonkeyPatch) -> Non
 @needs_kernel
 def test_kernel_is_interpreted_on_cpu() -> None:
     """On CPU the kernel object is Triton's interpreter, so CPU tests really execute the kernel body."""
-    from kdloss.kernels._kd_triton import _kd_rows_kernel
+    from kdloss.kernels._kd_triton import kd_rows_kernel
 
     if DEVICE == "cpu":
-        assert type(_kd_rows_kernel).__name__ == "InterpretedFunction"
+        assert type(kd_rows_kernel).__name__ == "InterpretedFunction"
     else:
-        assert type(_kd_rows_kernel).__name__ == "JITFunction"
+        assert type(kd_rows_kernel).__name__ == "JITFunction"
 
 
 # --------------------------------------------------------------------------- GPU only: the benchmark sizes
@@ -402,7 +390,7 @@ GPU_SIZES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (the issue's benchmark sizes)")
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (the benchmark sizes)")
 @pytest.mark.parametrize(("n", "c", "dtype"), GPU_SIZES, ids=str)
 def test_benchmark_sizes_on_gpu(monkeypatch: pytest.MonkeyPatch, n: int, c: int, dtype: torch.dtype) -> None:
     torch.manual_seed(6)
@@ -565,7 +553,7 @@ def test_fused_loss_none_gives_the_rows_and_bad_reductions_raise() -> None:
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
 @pytest.mark.parametrize(("n", "c"), [(256, 100), (4096, 1000)])
 def test_reduced_forward_is_one_launch(n: int, c: int) -> None:
-    """The issue's target: the 256 x 100 forward (with its reduction) is one kernel launch."""
+    """The target: the 256 x 100 forward (with its reduction) is one kernel launch."""
     from torch.profiler import ProfilerActivity, profile
 
     s, t = _logits((n, c), torch.float32), _logits((n, c), torch.float32)

@@ -13,8 +13,7 @@ from torch import Tensor
 
 from kdloss import KDLoss, ShapeError
 from kdloss.functional import log_probs, soft_kl
-from tests import naive
-from tests.conftest import (
+from tests.helpers import (
     REDUCTIONS,
     DtypeCase,
     Tol,
@@ -25,6 +24,7 @@ from tests.conftest import (
     make_tensor,
     roundtrip_module,
 )
+from tests.naive import kl as naive
 from tests.strategies import (
     PROPERTY_SETTINGS,
     LogitPair,
@@ -37,7 +37,7 @@ from tests.strategies import (
 )
 
 DIRECTIONS = ("forward", "reverse", "jsd")
-F64 = Tol(1e-6, 1e-6)  # the bar: values and gradients match the textbook form to 1e-6 in float64
+F64 = Tol(1e-6, 1e-6)  # the bar: values and gradients match the textbook form to 1e-6 in float64
 INF = float("-inf")
 
 
@@ -87,7 +87,9 @@ def seq_mask() -> Tensor:
 def test_matrix(reduction: str, device: str, dtype_case: DtypeCase, direction: str, shape: tuple[int, ...]) -> None:
     s64, t64 = logits_pair(*shape, seed=11)
     mask = seq_mask() if len(shape) == 3 else None
-    kwargs = dict(temperature=2.0, reduction=reduction, direction=direction, beta=0.3 if direction == "jsd" else None)
+    kwargs = dict(
+        temperature=2.0, reduction=reduction, direction=direction, jsd_weight=0.3 if direction == "jsd" else None
+    )
     dt = dtype_case.dtype
     s, t = s64.to(device, dt), t64.to(device, dt)
     m = mask.to(device) if mask is not None else None
@@ -152,7 +154,7 @@ def test_matches_textbook_values_and_gradients(
     s, t = logits_pair(5, 9, seed=3, scale=2.5)
 
     def ours(a: Tensor, b: Tensor) -> Tensor:
-        return soft_kl(a, b, temperature=temperature, direction=direction, beta=beta)  # type: ignore[arg-type]
+        return soft_kl(a, b, temperature=temperature, direction=direction, jsd_weight=beta)  # type: ignore[arg-type]
 
     def ref(a: Tensor, b: Tensor) -> Tensor:
         return textbook(a, b, temperature, beta)  # type: ignore[no-any-return]
@@ -165,7 +167,9 @@ def test_matches_textbook_values_and_gradients(
 @given(pair=logit_pairs(scales=(0.3, 1.0, 3.0)), temperature=temperatures(), direction=directions(), beta=betas())
 def test_property_matches_textbook_per_row(pair: LogitPair, temperature: float, direction: str, beta: float) -> None:
     b = beta if direction == "jsd" else None
-    ours = soft_kl(pair.student, pair.teacher, temperature=temperature, reduction="none", direction=direction, beta=b)  # type: ignore[arg-type]
+    ours = soft_kl(
+        pair.student, pair.teacher, temperature=temperature, reduction="none", direction=direction, jsd_weight=b
+    )  # type: ignore[arg-type]
     assert_close(ours, naive.kl_rows(pair.student, pair.teacher, temperature, direction, beta), F64)
 
 
@@ -202,7 +206,9 @@ def test_log_probs_upcasts_and_matches_log_softmax() -> None:
 @given(pair=logit_pairs(), temperature=temperatures(), direction=directions(), beta=betas())
 def test_property_nonnegative(pair: LogitPair, temperature: float, direction: str, beta: float) -> None:
     b = beta if direction == "jsd" else None
-    rows = soft_kl(pair.student, pair.teacher, temperature=temperature, reduction="none", direction=direction, beta=b)  # type: ignore[arg-type]
+    rows = soft_kl(
+        pair.student, pair.teacher, temperature=temperature, reduction="none", direction=direction, jsd_weight=b
+    )  # type: ignore[arg-type]
     assert torch.isfinite(rows).all()
     assert (rows >= -1e-9 * temperature**2).all(), rows.min()
 
@@ -265,12 +271,12 @@ def test_property_reductions_agree(pair: LogitPair, temperature: float, directio
 @given(pair=logit_pairs(), temperature=temperatures(), beta=betas())
 def test_property_jsd_symmetric(pair: LogitPair, temperature: float, beta: float) -> None:
     kw = dict(temperature=temperature, reduction="none", direction="jsd")
-    a = soft_kl(pair.student, pair.teacher, beta=0.5, **kw)  # type: ignore[arg-type]
-    b = soft_kl(pair.teacher, pair.student, beta=0.5, **kw)  # type: ignore[arg-type]
+    a = soft_kl(pair.student, pair.teacher, jsd_weight=0.5, **kw)  # type: ignore[arg-type]
+    b = soft_kl(pair.teacher, pair.student, jsd_weight=0.5, **kw)  # type: ignore[arg-type]
     assert_close(a, b, Tol(1e-10 * max(1.0, temperature**2), 1e-8))
     # and in general, swapping the roles swaps the weights
-    a = soft_kl(pair.student, pair.teacher, beta=beta, **kw)  # type: ignore[arg-type]
-    b = soft_kl(pair.teacher, pair.student, beta=1.0 - beta, **kw)  # type: ignore[arg-type]
+    a = soft_kl(pair.student, pair.teacher, jsd_weight=beta, **kw)  # type: ignore[arg-type]
+    b = soft_kl(pair.teacher, pair.student, jsd_weight=1.0 - beta, **kw)  # type: ignore[arg-type]
     assert_close(a, b, Tol(1e-10 * max(1.0, temperature**2), 1e-8))
     # JSD is bounded by log 2 (times T^2) per row
     assert (a <= math.log(2) * temperature**2 + 1e-9).all()
@@ -571,7 +577,7 @@ def test_extreme_logits_stay_finite(dtype: torch.dtype, temperature: float, dire
     [
         dict(direction="forward", reduction="batchmean"),
         dict(direction="reverse", reduction="none"),
-        dict(direction="jsd", beta=0.3, reduction="mean"),
+        dict(direction="jsd", jsd_weight=0.3, reduction="mean"),
         dict(direction="forward", reduction="sum", temperature=0.5),
     ],
     ids=["forward", "reverse", "jsd", "forward-T0.5"],
@@ -599,7 +605,7 @@ def test_compile_fullgraph_matches_eager() -> None:
             [
                 soft_kl(s, t, temperature=temperature, mask=mask),
                 soft_kl(s, t, temperature=temperature, direction="reverse", reduction="sum", labels=labels),
-                soft_kl(s, t, temperature=temperature, direction="jsd", beta=0.3, reduction="mean"),
+                soft_kl(s, t, temperature=temperature, direction="jsd", jsd_weight=0.3, reduction="mean"),
             ]
         )
 
@@ -626,7 +632,7 @@ MODULE_CONFIGS = [
     dict(),
     dict(temperature=4.0),
     dict(temperature=2.0, reduction="sum", direction="reverse"),
-    dict(temperature=3.0, reduction="none", direction="jsd", beta=0.25),
+    dict(temperature=3.0, reduction="none", direction="jsd", jsd_weight=0.25),
     dict(temperature=1.5, reduction="mean", ignore_index=-1),
 ]
 
@@ -665,8 +671,8 @@ def test_module_repr() -> None:
         == "KDLoss(temperature=4.0, reduction='sum', direction='reverse')"
     )
     assert (
-        repr(KDLoss(2.0, direction="jsd", beta=0.3))
-        == "KDLoss(temperature=2.0, reduction='batchmean', direction='jsd', beta=0.3)"
+        repr(KDLoss(2.0, direction="jsd", jsd_weight=0.3))
+        == "KDLoss(temperature=2.0, reduction='batchmean', direction='jsd', jsd_weight=0.3)"
     )
     assert (
         repr(KDLoss(ignore_index=0))
@@ -752,24 +758,34 @@ FUNCTION_ERRORS = [
     ),
     ("device-rev", lambda: soft_kl(META, Z), ValueError, r"must be on the same device, got meta and cpu"),
     (
-        "beta-fwd",
-        lambda: soft_kl(Z, Z, beta=0.5),
+        "jsd_weight-fwd",
+        lambda: soft_kl(Z, Z, jsd_weight=0.5),
         ValueError,
-        r"beta is the JSD mixture weight and needs direction='jsd', got direction='forward'",
+        r"jsd_weight is the JSD mixture weight and needs direction='jsd', got direction='forward'",
     ),
     (
-        "beta-rev",
-        lambda: soft_kl(Z, Z, beta=0.5, direction="reverse"),
+        "jsd_weight-rev",
+        lambda: soft_kl(Z, Z, jsd_weight=0.5, direction="reverse"),
         ValueError,
         r"needs direction='jsd', got direction='reverse'",
     ),
-    ("beta=0", lambda: soft_kl(Z, Z, beta=0.0, direction="jsd"), ValueError, r"beta must lie in \(0, 1\), got 0.0"),
-    ("beta=1", lambda: soft_kl(Z, Z, beta=1, direction="jsd"), ValueError, r"beta must lie in \(0, 1\), got 1"),
     (
-        "beta=str",
-        lambda: soft_kl(Z, Z, beta="a", direction="jsd"),
+        "jsd_weight=0",
+        lambda: soft_kl(Z, Z, jsd_weight=0.0, direction="jsd"),
+        ValueError,
+        r"jsd_weight must lie in \(0, 1\), got 0.0",
+    ),
+    (
+        "jsd_weight=1",
+        lambda: soft_kl(Z, Z, jsd_weight=1, direction="jsd"),
+        ValueError,
+        r"jsd_weight must lie in \(0, 1\), got 1",
+    ),
+    (
+        "jsd_weight=str",
+        lambda: soft_kl(Z, Z, jsd_weight="a", direction="jsd"),
         TypeError,
-        r"beta must be a number in \[0, 1\], got str 'a'",
+        r"jsd_weight must be a number in \[0, 1\], got str 'a'",
     ),
     (
         "reduction",
@@ -865,12 +881,17 @@ MODULE_ERRORS = [
     ),
     ("direction", dict(direction="kl"), ValueError, r"direction must be one of 'forward', 'reverse', 'jsd', got 'kl'"),
     (
-        "beta-no-jsd",
-        dict(beta=0.5),
+        "jsd_weight-no-jsd",
+        dict(jsd_weight=0.5),
         ValueError,
-        r"beta is the JSD mixture weight and needs direction='jsd', got direction='forward'",
+        r"jsd_weight is the JSD mixture weight and needs direction='jsd', got direction='forward'",
     ),
-    ("beta-range", dict(direction="jsd", beta=1.5), ValueError, r"beta must lie in \(0, 1\), got 1.5"),
+    (
+        "jsd_weight-range",
+        dict(direction="jsd", jsd_weight=1.5),
+        ValueError,
+        r"jsd_weight must lie in \(0, 1\), got 1.5",
+    ),
     ("ignore_index", dict(ignore_index=-1.0), TypeError, r"ignore_index must be an int, got float -1.0"),
 ]
 
@@ -893,3 +914,24 @@ def test_module_errors_at_call() -> None:
         loss(Z, META)
     with pytest.raises(TypeError, match=r"mask must be a bool tensor"):
         loss(Z, Z, mask=torch.ones(4))
+
+
+def test_beta_is_the_former_name_of_jsd_weight() -> None:
+    s, t = logits_pair(3, 5, seed=23)
+    want = soft_kl(s, t, temperature=2.0, direction="jsd", jsd_weight=0.3)
+    with pytest.warns(FutureWarning, match=r"soft_kl: beta= is deprecated, pass jsd_weight= \(same meaning\)") as rec:
+        got = soft_kl(s, t, temperature=2.0, direction="jsd", beta=0.3)
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.warns(FutureWarning, match="KDLoss: beta= is deprecated"):
+        module = KDLoss(2.0, direction="jsd", beta=0.3)
+    assert (module.jsd_weight, module.beta) == (0.3, 0.3)
+    assert repr(module) == "KDLoss(temperature=2.0, reduction='batchmean', direction='jsd', jsd_weight=0.3)"
+    torch.testing.assert_close(module(s, t), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"got jsd_weight=0.3 and its former name beta=0.4: pass jsd_weight= only"):
+        soft_kl(s, t, direction="jsd", jsd_weight=0.3, beta=0.4)
+    with (
+        pytest.raises(ValueError, match="jsd_weight is the JSD mixture weight and needs direction='jsd'"),
+        pytest.warns(FutureWarning),
+    ):
+        KDLoss(beta=0.3)

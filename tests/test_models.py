@@ -5,7 +5,6 @@ from __future__ import annotations
 import doctest
 import importlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,8 @@ from reference_trainers.models import (
 from reference_trainers.models.cifar_resnet import CifarResNet
 from reference_trainers.models.vgg import VGG, VGG_CONFIGS
 from reference_trainers.models.wrn import WideResNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 # Exact parameter counts with a 100-way classifier. The CIFAR ResNets, WRNs and VGGs were also
 # checked against the community benchmark's own code (CRD / RepDistiller): identical state-dict
@@ -70,15 +71,6 @@ PARAMS_100 = {
 PUBLISHED_M = {"resnet110": 1.73, "resnet8x4": 1.23, "resnet32x4": 7.43, "wrn_40_2": 2.25, "vgg13": 9.46}
 
 OWN = [n for n in MODEL_NAMES if model_spec(n).family != "tutorial"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared CPU: one torch thread is faster; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _has_tutorial() -> bool:

@@ -98,3 +98,26 @@ def test_the_check_can_fail() -> None:
     assert not _mentioned("no_such_name", _docs_text())
     assert _mentioned("soft_kl", "::: kdloss.functional.soft_kl")
     assert not _mentioned("kl", "::: kdloss.functional.soft_kl")
+
+
+@pytest.mark.parametrize(
+    ("cls", "first"),
+    [
+        (kdloss.KDCELoss, "alpha"),
+        (kdloss.CohortLoss, "temperature"),
+        (kdloss.MultiHeadKDLoss, "temperature"),
+        (kdloss.TOFDLoss, "temperature"),
+        (kdloss.SelfDistillationLoss, "temperature"),
+        (kdloss.KDLoss, "temperature"),
+    ],
+)
+def test_alpha_and_temperature_are_never_positional_in_two_orders(cls: type, first: str) -> None:
+    """KDCELoss took (alpha, temperature) and CohortLoss (temperature, alpha): the second of the two is
+    keyword-only everywhere, so a positional call written for one order cannot run with the other."""
+    params = list(inspect.signature(cls).parameters.values())
+    assert params[0].name == first
+    assert params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:]), params
+    with pytest.raises(TypeError, match="positional argument"):
+        cls(0.5, 0.9)
+    assert cls(**{first: 0.5}) is not None  # keywords keep working

@@ -19,10 +19,7 @@ import kdloss
 from reference_trainers import models
 from reference_trainers.__main__ import main
 from reference_trainers.errors import CheckpointError, TrainerError
-from reference_trainers.models import ModelSpec, build_model, register_model
-from reference_trainers.models.cifar_resnet import CifarResNet
-from reference_trainers.recipes.cifar_kd import load_teacher_weights
-from reference_trainers.recipes.cifar_methods import (
+from reference_trainers.methods import (
     METHODS,
     DKDStep,
     HintOnlyStep,
@@ -32,19 +29,15 @@ from reference_trainers.recipes.cifar_methods import (
     matching_stage_pairs,
     register_method,
 )
+from reference_trainers.models import ModelSpec, build_model, register_model
+from reference_trainers.models.cifar_resnet import CifarResNet
+from reference_trainers.recipes.cifar_kd import load_teacher_weights
 from reference_trainers.recipes.hint_imagenette import make_synthetic_imagefolder
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1"]
 TINY += ["--val-size", "8", "--train-subset", "16", "--test-subset", "16"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread (tiny tensors; CI's cores are shared), restored afterwards (``--threads 1`` sets it too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -142,7 +135,8 @@ def test_hint_imagenette_smoke(
     assert main([*argv, "--out", str(tmp_path / "no-weights")]) == 2  # no ImageNet weights: a clear message
     assert "no ImageNet weights for tv_resnet50" in capsys.readouterr().err
     out = tmp_path / "fixed"
-    assert main([*argv, "--out", str(out), "--random-init", "--batch-size", "4"]) == 0
+    # random weights diverge in the hint run at the default --lr 0.01 (the engine stops with exit 2)
+    assert main([*argv, "--out", str(out), "--random-init", "--batch-size", "4", "--lr", "0.001"]) == 0
     doc = _results(out)
     assert _methods(doc) == ["teacher", "hint"]
     assert doc["summary"][1]["val_best_mean"] is not None  # type: ignore[index]  # selected on a split of train/
@@ -172,7 +166,7 @@ def test_hint_imagenette_decode_device_smoke(
     monkeypatch.setattr(hint_imagenette, "FolderBatches", Recording)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     argv = ["hint-imagenette", "--smoke", "--device", "cpu", "--no-progress", "--synthetic", "--random-init"]
-    argv += ["--threads", "1", "--batch-size", "4"]
+    argv += ["--threads", "1", "--batch-size", "4", "--lr", "0.001"]  # random weights diverge at --lr 0.01
     out = tmp_path / "device"
     assert main([*argv, "--out", str(out), "--workers", "2", "--decode", "device"]) == 0
     doc = _results(out)
@@ -219,6 +213,23 @@ def test_teacher_checkpoint_formats(tmp_path: Path) -> None:
     (tmp_path / "unsafe.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="refusing teacher checkpoint"):
         load_teacher_weights(teacher, tmp_path / "unsafe.pth")
+
+
+def test_a_damaged_engine_checkpoint_is_refused_as_teacher(tmp_path: Path) -> None:
+    """An engine checkpoint carries a checksum: as --teacher-checkpoint it is verified, like on --resume."""
+    from reference_trainers.engine import CHECKPOINT_FORMAT, save_checkpoint
+
+    teacher = build_model("resnet8", 10)
+    state = {"format": CHECKPOINT_FORMAT, "model": {f"student.{k}": v for k, v in teacher.state_dict().items()}}
+    save_checkpoint(state, tmp_path / "teacher.pt")
+    loaded = build_model("resnet8", 10)
+    load_teacher_weights(loaded, tmp_path / "teacher.pt")
+    torch.testing.assert_close(loaded.state_dict(), teacher.state_dict())
+    damaged = torch.load(tmp_path / "teacher.pt", weights_only=True)
+    damaged["model"]["student.fc.weight"][0, 0] += 1.0  # the content changed, the checksum did not
+    torch.save(damaged, tmp_path / "teacher.pt")
+    with pytest.raises(CheckpointError, match=r"is damaged: its content does not match its checksum; it was not used"):
+        load_teacher_weights(build_model("resnet8", 10), tmp_path / "teacher.pt")
 
 
 def test_method_registry() -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,63 +14,30 @@ from torch import Tensor, nn
 
 import kdloss
 from reference_trainers.__main__ import main
-from reference_trainers.data import TensorAugment, TensorBatches, TensorSplit
 from reference_trainers.engine import (
-    Context,
     DistillStep,
     RunData,
     RunResult,
     RunSpec,
     StopRequested,
-    TrainConfig,
     load_checkpoint,
     train_run,
 )
 from reference_trainers.errors import TrainerError
-from reference_trainers.methods import TeacherOutputs
-from reference_trainers.models import DeepNN, LightNN
-from reference_trainers.recipes.cifar_methods import METHODS, MethodSetup, available_methods
-from reference_trainers.recipes.method_crd import CRDStep
+from reference_trainers.methods import METHODS, CRDStep, MethodSetup, TeacherOutputs, available_methods
+from reference_trainers.models import LightNN
+from tests.engine_harness import cpu_context, tiny_data, tiny_split, tiny_teacher
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1"]
 TINY += ["--val-size", "8", "--train-subset", "16", "--test-subset", "16", "--batch-size", "8"]
 BANKS = ("crd.memory.bank_student", "crd.memory.bank_teacher", "crd.memory.normalizers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _split(n: int, seed: int) -> TensorSplit:
-    g = torch.Generator().manual_seed(seed)
-    return TensorSplit(
-        torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g), torch.randint(0, 3, (n,), generator=g)
-    )
-
-
 def _data(*, augment: bool) -> RunData:
-    return RunData(
-        train=TensorBatches(_split(40, 1), 8, shuffle=True, seed=0),
-        val=TensorBatches(_split(16, 2), 64),
-        test=TensorBatches(_split(16, 3), 64),
-        train_augment=TensorAugment(MEAN, STD, crop_padding=2 if augment else 0, flip=augment),
-        eval_augment=TensorAugment(MEAN, STD),
-    )
-
-
-def _ctx(tmp: Path, **kw: object) -> Context:
-    return Context(TrainConfig(device="cpu", progress=False, out_dir=tmp, **kw), torch.device("cpu"))  # type: ignore[arg-type]
-
-
-def _teacher() -> nn.Module:
-    torch.manual_seed(0)
-    return DeepNN(3, (4, 4, 4, 4), image_size=8)
+    return tiny_data(augment=augment, n_train=40, batch_size=8)
 
 
 def _crd_spec(teacher: nn.Module, epochs: int, *, resume: bool = False) -> RunSpec:
@@ -98,15 +64,15 @@ def _state(res: RunResult) -> dict[str, Tensor]:
 
 @pytest.mark.parametrize("augment", [False, True])  # cached teacher / online teacher
 def test_kill_and_resume_reproduces_crd_heads_banks_and_z(tmp_path: Path, augment: bool) -> None:
-    teacher = _teacher()
+    teacher = tiny_teacher()
     init = _crd_spec(teacher, 3).build().state_dict()
-    full = train_run(_ctx(tmp_path / "a"), _crd_spec(teacher, 3), _data(augment=augment))
+    full = train_run(cpu_context(tmp_path / "a"), _crd_spec(teacher, 3), _data(augment=augment))
     with pytest.raises(StopRequested):
-        train_run(_ctx(tmp_path / "b", stop_after_epoch=1), _crd_spec(teacher, 3), _data(augment=augment))
+        train_run(cpu_context(tmp_path / "b", stop_after_epoch=1), _crd_spec(teacher, 3), _data(augment=augment))
     saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "crd-seed3.pt")["model"]
     assert set(BANKS) <= set(saved)
     assert bool((saved["crd.memory.normalizers"] > 0).all())
-    resumed = train_run(_ctx(tmp_path / "b"), _crd_spec(teacher, 3, resume=True), _data(augment=augment))
+    resumed = train_run(cpu_context(tmp_path / "b"), _crd_spec(teacher, 3, resume=True), _data(augment=augment))
     a, b = _state(full), _state(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -121,11 +87,11 @@ def test_kill_and_resume_reproduces_crd_heads_banks_and_z(tmp_path: Path, augmen
 def test_stop_inside_an_epoch_and_resume_reproduces_crd(tmp_path: Path, augment: bool) -> None:
     """40 samples in batches of 8: stopped at step 7 (epoch 2, step 2), the negatives drawn after the
     resume come from the restored RNG, so heads, banks and Z equal an uninterrupted run's."""
-    teacher = _teacher()
-    full = train_run(_ctx(tmp_path / "a"), _crd_spec(teacher, 3), _data(augment=augment))
+    teacher = tiny_teacher()
+    full = train_run(cpu_context(tmp_path / "a"), _crd_spec(teacher, 3), _data(augment=augment))
     with pytest.raises(StopRequested, match="stopped at step 2 of epoch 2"):
-        train_run(_ctx(tmp_path / "b", stop_after_step=7), _crd_spec(teacher, 3), _data(augment=augment))
-    resumed = train_run(_ctx(tmp_path / "b"), _crd_spec(teacher, 3, resume=True), _data(augment=augment))
+        train_run(cpu_context(tmp_path / "b", stop_after_step=7), _crd_spec(teacher, 3), _data(augment=augment))
+    resumed = train_run(cpu_context(tmp_path / "b"), _crd_spec(teacher, 3, resume=True), _data(augment=augment))
     a, b = _state(full), _state(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -153,12 +119,12 @@ class _IndexSpy(DistillStep):
 
 
 def test_engine_passes_split_indices_matching_labels_and_cached_teacher(tmp_path: Path) -> None:
-    teacher = _teacher().eval()
+    teacher = tiny_teacher().eval()
     data = _data(augment=False)  # deterministic: the teacher outputs come from the cache, looked up by index
     spy = _IndexSpy()
-    train_run(_ctx(tmp_path), RunSpec("spy", 0, lambda: spy, lambda p: torch.optim.SGD(p, lr=0.1), 2,
+    train_run(cpu_context(tmp_path), RunSpec("spy", 0, lambda: spy, lambda p: torch.optim.SGD(p, lr=0.1), 2,
                                       teacher=TeacherOutputs(teacher)), data)  # fmt: skip
-    split = _split(40, 1)
+    split = tiny_split(40, 1)
     seen = torch.cat([c[0] for c in spy.calls])
     assert len(spy.calls) == 10
     assert sorted(seen[:40].tolist()) == list(range(40))

@@ -8,7 +8,6 @@ checkpoint and ``--resume`` see them).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,9 @@ import torch
 import kdloss
 from reference_trainers.__main__ import main
 from reference_trainers.errors import TrainerError
-from reference_trainers.recipes.cifar_methods import METHODS, available_methods
+from reference_trainers.methods import METHODS, available_methods
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 TINY = ["--smoke", "--device", "cpu", "--no-progress", "--threads", "1", "--batch-size", "8", "--seeds", "0"]
 TINY += [
@@ -33,14 +34,6 @@ TINY += [
     "--student",
     "resnet8",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _methods(out: Path) -> list[str]:
@@ -97,33 +90,40 @@ def test_dih_mhkd_tofd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "MHKD: teacher heads loaded from" in err
     assert "TOFD: teacher heads loaded from" in err
     assert "fine-tuned" not in err
+    _flip_a_middle_byte(tmp_path / "checkpoints" / "mhkd-teacher-heads-resnet8x4.pt")  # damaged: refused, exit 2
+    assert main([*argv, "--resume"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "the saved mhkd teacher heads (delete the file to fine-tune them again)" in errors[0]
 
 
-def test_preact_tap_reads_the_pre_relu_stage_sum() -> None:
-    from reference_trainers.models import build_model
-    from reference_trainers.recipes.method_extra import PreActTap
+@pytest.mark.parametrize("name", ["resnet8", "resnet18", "wrn_16_1", "vgg8"])
+def test_preact_paths_give_the_pre_relu_stage_sums(name: str) -> None:
+    """A FeatureTap on the models' preact_paths reads what AB needs: the sum before each stage's last ReLU."""
+    from reference_trainers.methods.common import preact_paths
+    from reference_trainers.models import build_model, stage_paths
 
-    net = build_model("resnet8", 10).eval()
-    stages = ["layer1", "layer2", "layer3"]
-    tap = PreActTap(net, stages)
-    with kdloss.FeatureTap(net, stages) as post:
+    torch.manual_seed(0)
+    net = build_model(name, 10).eval()
+    stages = list(stage_paths(name))
+    paths = preact_paths(net, name, stages)
+    with kdloss.FeatureTap(net, paths) as pre, kdloss.FeatureTap(net, stages) as post:
         net(torch.randn(2, 3, 32, 32))
-        pre = tap.get()
-        for p, path in zip(pre, stages, strict=True):
-            assert (p < 0).any()  # a pre-activation, not a ReLU output
-            torch.testing.assert_close(torch.relu(p), post[path])
+        for p, stage in zip(paths, stages, strict=True):
+            assert (pre[p] < 0).any()  # a pre-activation, not a ReLU output
+            if name.startswith("resnet"):  # the stage output is the ReLU of it
+                torch.testing.assert_close(torch.relu(pre[p]), post[stage])
     with pytest.raises(TrainerError, match="pre-ReLU stage maps"):
-        PreActTap(build_model("vgg8", 10), ["block1"])
+        preact_paths(build_model("lightnn", 10), "lightnn", ["features"])
 
 
 def test_reviewkd_warm_up_counts_steps_and_trains_the_fusion() -> None:
+    from reference_trainers.methods import FeatureLossStep, FeatureOptions, MethodSetup, get_method
     from reference_trainers.models import build_model
-    from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
-    from reference_trainers.recipes.method_extra import FeatureLossStep
 
     teacher = build_model("resnet14", 10).eval()
     setup = MethodSetup("resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9,
-                        options={"steps_per_epoch": 2, "reviewkd_warmup": 1.0})  # fmt: skip
+                        steps_per_epoch=2, feature=FeatureOptions(reviewkd_warmup=1.0))  # fmt: skip
     built = get_method("reviewkd").make(setup)
     step = built.build().train()
     assert isinstance(step, FeatureLossStep)
@@ -138,3 +138,71 @@ def test_reviewkd_warm_up_counts_steps_and_trains_the_fusion() -> None:
     assert int(step.steps) == 3
     raw.total.backward()
     assert all(p.grad is not None for p in step.parts.parameters())  # the fusion is trained
+
+
+def _flip_a_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+BAD_HEADS_FILES = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "one byte flipped": _flip_a_middle_byte,
+    "not a torch file": lambda p: p.write_text("heads\n"),
+    "a bare state dict": lambda p: torch.save({"head.weight": torch.zeros(2)}, p),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BAD_HEADS_FILES))
+def test_a_damaged_or_malformed_heads_file_is_refused_in_one_line(damage: str, tmp_path: Path) -> None:
+    """The saved teacher heads of mhkd / tofd are verified when read back (--resume), like a checkpoint."""
+    from reference_trainers.errors import CheckpointError
+    from reference_trainers.methods import CohortOptions, MethodSetup
+    from reference_trainers.methods.cohort import teacher_heads
+    from reference_trainers.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 10).eval()
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]
+
+    def setup(resume: bool) -> MethodSetup:
+        return MethodSetup(
+            "resnet8", "resnet8", teacher, 10, 4.0, 1.0, 0.9, train_batches=batches, checkpoint_dir=tmp_path,
+            resume=resume, cohort=CohortOptions(head_epochs=1),
+        )  # fmt: skip
+
+    saved = teacher_heads(setup(resume=False), "mhkd")
+    path = tmp_path / "mhkd-teacher-heads-resnet8.pt"
+    again = teacher_heads(setup(resume=True), "mhkd")  # the file as written reads back
+    for a, b in zip(saved.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    BAD_HEADS_FILES[damage](path)
+    with pytest.raises(CheckpointError) as info:
+        teacher_heads(setup(resume=True), "mhkd")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "the saved mhkd teacher heads (delete the file to fine-tune them again)" in message
+    assert str(path) in message
+
+
+def test_a_heads_file_of_other_heads_is_refused(tmp_path: Path) -> None:
+    from reference_trainers.engine import CHECKPOINT_FORMAT, save_checkpoint
+    from reference_trainers.errors import CheckpointError
+    from reference_trainers.methods.cohort import load_heads, save_heads
+
+    heads, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)
+    path = tmp_path / "heads.pt"
+    save_heads(path, heads, "mhkd", "resnet8")
+    back = torch.nn.Linear(3, 2)
+    load_heads(path, back, "mhkd", "resnet8")
+    assert torch.equal(back.weight, heads.weight)
+    with pytest.raises(CheckpointError, match=r"holds the mhkd heads of resnet8, not the tofd heads of resnet8$"):
+        load_heads(path, back, "tofd", "resnet8")
+    with pytest.raises(CheckpointError, match=r"holds the mhkd heads of resnet8, not the mhkd heads of resnet14$"):
+        load_heads(path, back, "mhkd", "resnet14")
+    with pytest.raises(CheckpointError, match=r"the teacher heads in .* do not fit: Error\(s\) in loading"):
+        load_heads(path, other, "mhkd", "resnet8")
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "kind": "run"}, path)
+    with pytest.raises(CheckpointError, match=r"is not a file of teacher heads \(kind 'run'\)"):
+        load_heads(path, back, "mhkd", "resnet8")

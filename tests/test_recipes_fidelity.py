@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,18 +18,18 @@ from torch import Tensor, nn
 
 import kdloss
 from reference_trainers.engine import DistillStep
+from reference_trainers.methods import (
+    CohortOptions,
+    FeatureLossStep,
+    FTPretrainStep,
+    HeadsStep,
+    MethodSetup,
+    get_method,
+)
 from reference_trainers.models import build_model
-from reference_trainers.recipes.cifar_methods import MethodSetup, get_method
-from reference_trainers.recipes.method_extra import FeatureLossStep, FTPretrainStep, HeadsStep
-from tests import naive_methods
+from tests.naive import feature as naive_feature
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 class _Phases:
@@ -46,10 +46,10 @@ class _Phases:
         return step
 
 
-def _setup(phases: _Phases, teacher: str = "resnet14", **options: object) -> MethodSetup:
+def _setup(phases: _Phases, teacher: str = "resnet14") -> MethodSetup:
     torch.manual_seed(0)
     model = build_model(teacher, 10).eval()
-    return MethodSetup("resnet8", teacher, model, 10, 4.0, 1.0, 0.9, train_phase=phases, options=options)
+    return MethodSetup("resnet8", teacher, model, 10, 4.0, 1.0, 0.9, train_phase=phases)
 
 
 def _ab_reference(s: Tensor, t: Tensor, margin: float = 1.0) -> Tensor:
@@ -105,7 +105,7 @@ def test_ft_recipe_uses_repdistillers_factor_transfer_and_paraphraser() -> None:
     (f_s,) = step.feats()
     with torch.no_grad():
         factor_s = translator(f_s)
-        ft = naive_methods.ft_repdistiller(factor_s.double(), teacher["factor"].double())
+        ft = naive_feature.ft_repdistiller(factor_s.double(), teacher["factor"].double())
         ce = F.cross_entropy(step.student(x).double(), y)
     torch.testing.assert_close(out.parts["ft"].double(), ft, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(out.total.double(), ce + 200.0 * ft, rtol=1e-5, atol=1e-6)
@@ -116,7 +116,7 @@ def test_mhkd_recipe_weighs_head_pairs_half_and_the_final_pair_one() -> None:
     teacher = build_model("resnet14", 10).eval()
     batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))]
     setup = MethodSetup(
-        "resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9, options={"head_epochs": 1}, train_batches=batches
+        "resnet8", "resnet14", teacher, 10, 4.0, 1.0, 0.9, cohort=CohortOptions(head_epochs=1), train_batches=batches
     )
     built = get_method("mhkd").make(setup)
     step = built.build()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,17 @@ from reference_trainers import engine
 from reference_trainers.__main__ import main
 from reference_trainers.engine import (
     CHECKPOINT_FORMAT,
+    atomic,
     load_checkpoint,
     remove_stale_temps,
     save_checkpoint,
     train_run,
 )
 from reference_trainers.errors import CheckpointError, OutputError
+from tests.engine_harness import cpu_context, hint_spec, tiny_data, tiny_teacher
 from tests.test_trainers_cli import _jpeg_tree
-from tests.test_trainers_engine import _ctx, _data, _hint_spec, _teacher
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def _one_line_error(err: str, *needles: str) -> None:
 
 
 def _trained_checkpoint(tmp: Path) -> Path:
-    train_run(_ctx(tmp), _hint_spec(_teacher(), 1), _data(augment=False))
+    train_run(cpu_context(tmp), hint_spec(tiny_teacher(), 1), tiny_data(augment=False))
     return tmp / "checkpoints" / "hint-seed5.pt"
 
 
@@ -75,7 +69,7 @@ def test_flipped_bytes_in_tensor_data_are_detected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"is damaged: its content does not match its checksum"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="is damaged"):
-        train_run(_ctx(tmp_path), _hint_spec(_teacher(), 1, resume=True), _data(augment=False))
+        train_run(cpu_context(tmp_path), hint_spec(tiny_teacher(), 1, resume=True), tiny_data(augment=False))
     assert path.read_bytes() == bytes(damaged)  # not overwritten
 
 
@@ -155,11 +149,11 @@ def test_malformed_checkpoints_give_a_one_line_error_exit_2_and_stay(
 def test_a_directory_in_the_checkpoints_place_fails_before_training(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "hint-seed5.pt").mkdir(parents=True)
     calls = []
-    spec = _hint_spec(_teacher(), 1)
+    spec = hint_spec(tiny_teacher(), 1)
     build = spec.build
     spec.build = lambda: calls.append(1) or build()  # type: ignore[func-returns-value]
     with pytest.raises(CheckpointError, match="is not a file"):
-        train_run(_ctx(tmp_path), spec, _data(augment=False))  # without --resume too
+        train_run(cpu_context(tmp_path), spec, tiny_data(augment=False))  # without --resume too
     assert not calls  # refused before anything was built or trained
 
 
@@ -174,7 +168,7 @@ def test_temp_files_of_killed_writes_are_removed_by_resume_and_next_writes(tmp_p
     unrelated = [path.parent / f".{path.name}.x.tmp", path.parent / "notes.tmp", path.parent / "other.pt"]
     for p in unrelated:
         p.write_bytes(b"keep")
-    train_run(_ctx(tmp_path), _hint_spec(_teacher(), 1, resume=True), _data(augment=False))
+    train_run(cpu_context(tmp_path), hint_spec(tiny_teacher(), 1, resume=True), tiny_data(augment=False))
     assert not stale[0].exists()  # the run's start removed the stale temp of its checkpoint
     engine.atomic_write_bytes(tmp_path / "results.json", b"{}")
     assert not stale[1].exists()  # the next write of a file removes its stale temps
@@ -218,7 +212,7 @@ def test_a_disk_error_during_a_run_is_a_one_line_error_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A full disk or a read-only output during a run used to end in a traceback."""
-    real = {"fsync": os.fsync, "replace": os.replace, "mkstemp": engine.tempfile.mkstemp}[syscall]
+    real = {"fsync": os.fsync, "replace": os.replace, "mkstemp": atomic.tempfile.mkstemp}[syscall]
     writing = [""]  # the file atomic_write_bytes is writing
 
     def failing(*args: object, **kw: object) -> object:
@@ -232,15 +226,15 @@ def test_a_disk_error_during_a_run_is_a_one_line_error_exit_2(
             raise OSError(code, os.strerror(code))
         return real(*args, **kw)  # type: ignore[operator]
 
-    real_write = engine.atomic_write_bytes
+    real_write = atomic.atomic_write_bytes
 
     def tracking(path: str | os.PathLike[str], data: bytes) -> None:
         writing[0] = str(path)
         real_write(path, data)
 
-    monkeypatch.setattr(engine, "atomic_write_bytes", tracking)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", tracking)
     if syscall == "mkstemp":
-        monkeypatch.setattr(engine.tempfile, "mkstemp", failing)
+        monkeypatch.setattr(atomic.tempfile, "mkstemp", failing)
     else:
         monkeypatch.setattr(os, syscall, failing)
     out = tmp_path / "out"
@@ -262,7 +256,7 @@ def test_a_really_read_only_output_directory(tree: Path, tmp_path: Path, capsys:
 
 
 def test_output_error_is_an_os_error_too() -> None:
-    e = engine._output_error(Path("x/c.pt"), OSError(errno.ENOSPC, "No space left on device"))
+    e = atomic.output_error(Path("x/c.pt"), OSError(errno.ENOSPC, "No space left on device"))
     assert isinstance(e, OutputError)
     assert isinstance(e, OSError)
     assert e.errno == errno.ENOSPC

@@ -12,32 +12,25 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from reference_trainers import engine
 from reference_trainers.__main__ import main
 from reference_trainers.data import TensorAugment
-from reference_trainers.engine import load_checkpoint
+from reference_trainers.engine import checkpoint, load_checkpoint, loop, reports
 from reference_trainers.methods import TeacherOutputs
 from reference_trainers.recipes import common
 from tests.test_trainers_cli import _jpeg_tree
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
+
 # 10 training images in batches of 4, --smoke: 2 steps an epoch, 2 epochs: 4 steps per run;
 # runs: teacher, then kd and hint+kd on the cached teacher outputs.
 METHODS = "kd,hint+kd"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,18 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _argv(tree: Path, out: Path) -> list[str]:
-    data = ["--dataset", "imagefolder", "--data-root", str(tree), "--val-size", "2", "--batch-size", "4"]
+    data = [
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(tree),
+        "--val-size",
+        "2",
+        "--batch-size",
+        "4",
+        "--student-batch-size",
+        "4",
+    ]
     return [
         "demo",
         "--smoke",
@@ -134,37 +138,37 @@ def _in_teacher_cache(signame: str, mp: pytest.MonkeyPatch) -> None:
 
 def _in_final_checkpoint_of(method: str, signame: str, mp: pytest.MonkeyPatch) -> None:
     """While a run writes its last checkpoint: after its last step (the case that used to be ignored)."""
-    real = engine.save_checkpoint
+    real = checkpoint.save_checkpoint
 
     def save(obj: Any, path: Any) -> None:
         if obj["done"] and obj["method"] == method:
             _kill_self(signame)
         real(obj, path)
 
-    mp.setattr(engine, "save_checkpoint", save)
+    mp.setattr(checkpoint, "save_checkpoint", save)
 
 
 def _between_runs_after(method: str, signame: str, mp: pytest.MonkeyPatch) -> None:
     """After a run returned its result, before the next one starts."""
-    real = engine._result
+    real = loop._result
 
-    def result(spec: Any, *args: Any) -> Any:
-        out = real(spec, *args)
-        if spec.method == method:
+    def result(run: Any) -> Any:
+        out = real(run)
+        if run.spec.method == method:
             _kill_self(signame)
         return out
 
-    mp.setattr(engine, "_result", result)
+    mp.setattr(loop, "_result", result)
 
 
 def _in_report_plot(signame: str, mp: pytest.MonkeyPatch) -> None:
-    real = engine._plot_png
+    real = reports._plot_png
 
     def plot(*args: Any) -> bytes:
         _kill_self(signame)
         return real(*args)
 
-    mp.setattr(engine, "_plot_png", plot)
+    mp.setattr(reports, "_plot_png", plot)
 
 
 def _after_reports(signame: str, mp: pytest.MonkeyPatch) -> None:

@@ -14,9 +14,9 @@ import torch
 
 import kdloss
 from kdloss.functional import soft_kl
-from reference_trainers import engine
 from reference_trainers.__main__ import build_parser
 from reference_trainers.engine import Context, RunResult, TrainConfig, write_reports
+from reference_trainers.engine import loop as engine
 from reference_trainers.recipes import RECIPES, common, demo
 
 # ------------------------------------------------------------------------------------ KDLoss
@@ -59,7 +59,7 @@ def test_help_shows_real_defaults(recipe: str) -> None:
     assert "default: None" not in text
     assert "EXPERIMENTS" not in text
     epochs = {"demo": 12, "tutorial-cifar10": 10, "blog-cifar10": 10, "hint-imagenette": 5, "dih": 200}
-    epochs["benchmark-cifar100"] = 240
+    epochs["benchmark-cifar100"], epochs["lm-distil"] = 240, 4
     assert f"--epochs EPOCHS epochs per phase (default: {epochs[recipe]})" in text
 
 

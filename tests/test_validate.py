@@ -22,7 +22,7 @@ from kdloss._validate import (
     check_unit_interval,
     reduce_loss,
 )
-from tests.conftest import REDUCTIONS
+from tests.helpers import REDUCTIONS
 
 
 def test_reduction_literal_and_error_type() -> None:

@@ -1,9 +1,16 @@
-"""Shared harness of the Triton kernel tests (``test_kernels.py``, ``test_cohort_kernel.py``).
+"""Shared harness of the Triton kernel tests (``test_kernels.py``, ``test_cohort_kernel.py``,
+``test_attention_kernel.py``, ``test_kernel_verify.py``).
 
 On CPU a kernel runs under Triton's interpreter, which must be switched on before Triton is first
-imported. An ordinary test run therefore re-runs the kernel test file in a fresh interpreter with
-``TRITON_INTERPRET=1`` (:func:`run_file_under_interpreter`), so nothing leaks into the other
-tests' process; on a CUDA machine (without the variable) the same cases run on the GPU.
+imported. An ordinary test run therefore collects one test of a kernel file that matters on CPU,
+``test_interpreter_subprocess`` (:func:`interpreter_subprocess_test`), which re-runs the whole
+file in a fresh interpreter with ``TRITON_INTERPRET=1`` (:func:`run_file_under_interpreter`), so
+nothing leaks into the other tests' process; the kernel cases (:data:`needs_kernel`) run there.
+Run one file's cases directly with::
+
+    TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/test_kernels.py
+
+On a CUDA machine (without the variable) the same cases run on the GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -75,6 +83,33 @@ def run_file_under_interpreter(path: str | Path, min_passed: int) -> None:
     assert passed is not None, out[-2000:]
     assert int(passed.group(1)) >= min_passed, out[-2000:]
     assert "failed" not in out, out[-2000:]
+
+
+def interpreter_subprocess_test(path: str | Path, min_passed: int) -> Callable[[], None]:
+    """A kernel file's ``test_interpreter_subprocess``: the file under the interpreter must pass at
+    least ``min_passed`` tests (skipped inside that run, and without Triton). Use it as::
+
+        test_interpreter_subprocess = interpreter_subprocess_test(__file__, N_CASES)
+    """
+
+    @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
+    @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+    def test_interpreter_subprocess() -> None:
+        run_file_under_interpreter(path, min_passed)
+
+    return test_interpreter_subprocess
+
+
+def eager_without_triton(launcher: str, code: str) -> list[str]:
+    """The words ``code`` prints in a fresh interpreter where ``import triton`` fails, run after
+    checking that kdloss imports, reports no kernels and that ``kdloss.kernels.<launcher>`` (the
+    op's Triton module) has no ``triton``. ``torch`` and ``kdloss.kernels as K`` are imported."""
+    prelude = (
+        "import torch, kdloss.kernels as K\n"
+        f"import kdloss.kernels.{launcher} as launcher\n"
+        "assert not K.kernels_available() and launcher.triton is None\n"
+    )
+    return run_without_triton(prelude + code).split()
 
 
 def run_without_triton(code: str) -> str:

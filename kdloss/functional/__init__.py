@@ -13,12 +13,14 @@ from kdloss.functional.cohort import (
 from kdloss.functional.contrastive import (
     crd_embed,
     crd_logits,
+    crd_loss,
     crd_memory_update,
     crd_nce_loss,
     crd_normalizer,
     crd_update_rows,
 )
 from kdloss.functional.feature import ab_loss, ft_loss, hcl_loss, vid_loss
+from kdloss.functional.fused_linear import fused_linear_kd, sparse_kd
 from kdloss.functional.hint import cosine_hidden_loss, hint_loss
 from kdloss.functional.kd_ce import kd_ce_loss
 from kdloss.functional.kl import log_probs, soft_kl
@@ -34,6 +36,7 @@ __all__ = [
     "cosine_hidden_loss",
     "crd_embed",
     "crd_logits",
+    "crd_loss",
     "crd_memory_update",
     "crd_nce_loss",
     "crd_normalizer",
@@ -44,6 +47,7 @@ __all__ = [
     "fsp_loss",
     "fsp_matrix",
     "ft_loss",
+    "fused_linear_kd",
     "hcl_loss",
     "hint_loss",
     "kd_ce_loss",
@@ -56,6 +60,7 @@ __all__ = [
     "self_distillation_loss",
     "soft_kl",
     "sp_loss",
+    "sparse_kd",
     "tofd_authors_loss",
     "tofd_loss",
     "tofd_temperature",

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss._numerics import LOG_FLOOR
+
 __all__ = [
     "LOG_FLOOR",
     "ab_hinge",
@@ -56,9 +58,6 @@ __all__ = [
     "vid_reduced",
 ]
 
-LOG_FLOOR = -1e30
-"""Log-probabilities (and logits, before the log-softmax) are floored here: a class of probability 0
-on both sides then contributes ``0 * finite = 0`` instead of ``0 * (-inf - -inf) = NaN``."""
 
 _NEG_INF = float("-inf")
 _WIDE = (torch.float32, torch.float64)
@@ -93,7 +92,7 @@ def _lerp(a: Tensor, b: Tensor, weight: Scalar) -> Tensor:
 
 
 def _kl_terms(
-    lq: Tensor, lp: Tensor, lsm: Tensor | None, w: Tensor | None, direction: int, beta: Scalar, floor: bool
+    lq: Tensor, lp: Tensor, lsm: Tensor | None, w: Tensor | None, direction: int, jsd_weight: Scalar, floor: bool
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Per-element KL terms (or, for the JSD, the two per-side weighted sums over the classes) and what the
     backward needs: ``(w p, log q)`` (forward KL) or ``(w r, q)`` (reverse KL, JSD; ``r`` the log-ratio)."""
@@ -114,12 +113,12 @@ def _kl_terms(
         if w is not None:
             rw = rw.mul_(w)
         return rw * q, (rw, q)
-    # JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    # JSD: jsd_weight KL(p || m) + (1 - jsd_weight) KL(q || m), m = jsd_weight p + (1 - jsd_weight) q
     if lsm is None:
         lsm = torch.stack((lq, lp))
     probs = lsm.exp()
     q, p = probs.unbind(0)
-    log_m = _lerp(q, p, beta).log_()
+    log_m = _lerp(q, p, jsd_weight).log_()
     if floor:
         log_m = log_m.clamp_(min=-1e30)
     diff = lsm - log_m  # (2, ..., C): log q - log m, log p - log m
@@ -148,17 +147,17 @@ class _KLFamily(torch.autograd.Function):
         row_ok: Tensor | None,
         labels: Tensor | None,
         temperature: Scalar,
-        beta: Scalar,
+        jsd_weight: Scalar,
         kl_weight: Scalar,
         ce_weight: Scalar,
         flags: Flags,
     ) -> Tensor:
-        loss, saved, rows = _kl_forward(s, t, row_ok, labels, temperature, beta, kl_weight, ce_weight, flags)
+        loss, saved, rows = _kl_forward(s, t, row_ok, labels, temperature, jsd_weight, kl_weight, ce_weight, flags)
         direction, reduction, _, has_kl, has_ce, _ = flags
         ctx.save_for_backward(s, *saved)
         # (kept for a double backward only: not saved tensors, no version checks needed on them)
         ctx.extra = (t, row_ok, labels)
-        ctx.hyper = (temperature, beta, kl_weight, ce_weight, flags)
+        ctx.hyper = (temperature, jsd_weight, kl_weight, ce_weight, flags)
         # the plain form's means divide by the row count here (the robust form's weights carry
         # 1 / N); "mean" also divides by the class count. d/ds of T^2 D(s / T) is T dD/dz.
         per = (rows if rows and reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
@@ -166,7 +165,7 @@ class _KLFamily(torch.autograd.Function):
         if has_kl:
             c = kl_weight * temperature / per
             ctx.kl = 0 if direction == 0 else 1
-            ctx.kl_c = -c if direction == 0 else c if direction == 1 else (1.0 - beta) * c
+            ctx.kl_c = -c if direction == 0 else c if direction == 1 else (1.0 - jsd_weight) * c
         ctx.ce = 0 if not has_ce else 1 if rows else 2
         ctx.ce_c = ce_weight / per if rows else -ce_weight
         ctx.none = reduction == 0
@@ -184,7 +183,7 @@ class _KLFamily(torch.autograd.Function):
         grad: Tensor | None = None
         if ctx.kl == 0:  # w (q - p) = -lsm_backward(w p, log q)
             grad = torch._log_softmax_backward_data(saved[0], saved[1], -1, saved[0].dtype).mul_(g * ctx.kl_c)
-        elif ctx.kl == 1:  # w q (r - sum q r): r = log q - log p (reverse KL), (1 - beta)(log q - log m) (JSD)
+        elif ctx.kl == 1:  # w q (r - sum q r): r = log q - log p (reverse KL), (1 - jsd_weight)(log q - log m) (JSD)
             grad = torch._softmax_backward_data(saved[0], saved[1], -1, saved[0].dtype).mul_(g * ctx.kl_c)
         if ctx.ce:
             ls1, target, last = saved[-3], saved[-2], saved[-1]
@@ -213,7 +212,7 @@ def _kl_forward(
     row_ok: Tensor | None,
     labels: Tensor | None,
     temperature: Scalar,
-    beta: Scalar,
+    jsd_weight: Scalar,
     kl_weight: Scalar,
     ce_weight: Scalar,
     flags: Flags,
@@ -235,11 +234,11 @@ def _kl_forward(
         if not math.isfinite((loss if reduction else loss.sum()).item()):
             rows = 0  # a -inf logit, a row without a distribution or a NaN: the robust form decides
     elif plain_first:
-        loss, saved, rows = _plain(s, t, labels, temperature, beta, kl_weight, ce_weight, flags)
+        loss, saved, rows = _plain(s, t, labels, temperature, jsd_weight, kl_weight, ce_weight, flags)
         if not math.isfinite((loss if reduction else loss.sum()).item()):
             rows = 0
     if not rows:
-        loss, saved = _robust(s, t, row_ok, labels, temperature, beta, kl_weight, ce_weight, flags)
+        loss, saved = _robust(s, t, row_ok, labels, temperature, jsd_weight, kl_weight, ce_weight, flags)
     return loss, saved, rows
 
 
@@ -248,7 +247,7 @@ def _plain(
     t: Tensor,
     labels: Tensor | None,
     temperature: Scalar,
-    beta: Scalar,
+    jsd_weight: Scalar,
     kl_weight: Scalar,
     ce_weight: Scalar,
     flags: Flags,
@@ -268,11 +267,11 @@ def _plain(
             zs = sf / temperature if sf is s or has_ce else sf.div_(temperature)
             zt = tf / temperature if tf is t else tf.div_(temperature)
         lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
-        terms, saved = _kl_terms(lq, lp, None, None, direction, beta, False)
+        terms, saved = _kl_terms(lq, lp, None, None, direction, jsd_weight, False)
         if direction == 2:
             sums = terms.sum(-1) if reduction == 0 else terms.sum(tuple(range(1, terms.ndim)))
             s_q, s_p = sums.unbind(0)
-            total = _lerp(s_q, s_p, beta)
+            total = _lerp(s_q, s_p, jsd_weight)
         else:
             total = terms.sum(-1) if reduction == 0 else terms.sum()
         loss = total * (kl_weight * temperature * temperature / per)
@@ -301,7 +300,7 @@ def _robust(
     row_ok: Tensor | None,
     labels: Tensor | None,
     temperature: Scalar,
-    beta: Scalar,
+    jsd_weight: Scalar,
     kl_weight: Scalar,
     ce_weight: Scalar,
     flags: Flags,
@@ -325,11 +324,11 @@ def _robust(
     if has_kl:
         lsm = torch.log_softmax(x, -1)
         lq, lp = lsm.unbind(0)
-        terms, saved = _kl_terms(lq, lp, lsm, w, direction, beta, True)
+        terms, saved = _kl_terms(lq, lp, lsm, w, direction, jsd_weight, True)
         if direction == 2:
             sums = terms.sum(-1) if reduction == 0 else terms.sum(tuple(range(1, terms.ndim)))
             s_q, s_p = sums.unbind(0)
-            total = _lerp(s_q, s_p, beta)
+            total = _lerp(s_q, s_p, jsd_weight)
         else:
             total = terms.sum(-1) if reduction == 0 else terms.sum()
         # T^2 and the KL weight; "mean" also divides by the class count
@@ -359,7 +358,7 @@ def kl_family(
     *,
     temperature: float,
     direction: str = "forward",
-    beta: float = 0.5,
+    jsd_weight: float = 0.5,
     reduction: str = "batchmean",
     row_ok: Tensor | None = None,
     labels: Tensor | None = None,
@@ -402,7 +401,7 @@ def kl_family(
         bool(has_ce),
         plain_first,
     )
-    hyper: tuple[Scalar, Scalar, Scalar, Scalar] = (temperature, beta, kl_weight, ce_weight)
+    hyper: tuple[Scalar, Scalar, Scalar, Scalar] = (temperature, jsd_weight, kl_weight, ce_weight)
     if compiling:
         # Dynamo (torch 2.11 to 2.14) fails on a second autograd.Function call in one graph that
         # takes a symbolic float (dynamic=True): the hyper-parameters go in as 0-d tensors.
@@ -419,7 +418,7 @@ def kl_family_reference(
     row_ok: Tensor | None,
     labels: Tensor | None,
     temperature: Scalar,
-    beta: Scalar,
+    jsd_weight: Scalar,
     kl_weight: Scalar,
     ce_weight: Scalar,
     flags: Flags,
@@ -442,8 +441,9 @@ def kl_family_reference(
         elif direction == 1:
             kl = (log_q.exp() * (log_q - log_p)).sum(-1)
         else:
-            log_m = _lerp(log_q.exp(), log_p.exp(), beta).log().clamp(min=LOG_FLOOR)
-            kl = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1.0 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+            log_m = _lerp(log_q.exp(), log_p.exp(), jsd_weight).log().clamp(min=LOG_FLOOR)
+            w = jsd_weight
+            kl = w * (log_p.exp() * (log_p - log_m)).sum(-1) + (1.0 - w) * (log_q.exp() * (log_q - log_m)).sum(-1)
         rows = rows + torch.where(valid, kl, 0.0) * (kl_weight * temperature**2)
     if has_ce and labels is not None:
         ls1 = F.log_softmax(sf, dim=-1)

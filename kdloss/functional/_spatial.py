@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdloss._validate import compute_dtype, in_dtype
+from kdloss._numerics import compute_dtype, in_dtype
 
 __all__ = ["common_size", "pool_pair", "pool_to", "spatial_energy", "unit_rows"]
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdloss import kernels as _kernels
+from kdloss._numerics import detached, pair_up, reduce_loss
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -18,9 +19,6 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
-    detached,
-    pair_up,
-    reduce_loss,
 )
 from kdloss.functional._autograd import attention_p2
 from kdloss.functional._spatial import common_size, pool_pair, pool_to, spatial_energy

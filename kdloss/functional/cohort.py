@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdloss import kernels as _kernels
+from kdloss._numerics import LOG_FLOOR, compute_dtype, in_dtype, reduce_loss
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -25,13 +26,11 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_unit_interval,
-    compute_dtype,
-    in_dtype,
-    reduce_loss,
+    check_weights,
 )
 from kdloss.compose import LossParts
 from kdloss.functional.hint import hint_loss
-from kdloss.functional.kl import _LOG_FLOOR, soft_kl
+from kdloss.functional.kl import soft_kl
 
 __all__ = [
     "CohortForm",
@@ -62,8 +61,10 @@ TeacherLogits = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 """The logits of ``K`` teachers: a stacked ``(K, B, C)`` tensor, a sequence of ``K`` ``(B, C)``
 tensors, or a mapping from names (used in the logged parts) to ``(B, C)`` tensors."""
 
-_FORMS: tuple[str, ...] = ("authors", "normalized")
-_COHORT_REDUCTIONS: tuple[str, ...] = ("none", "batchmean", "sum")
+COHORT_FORMS: tuple[str, ...] = ("authors", "normalized")
+"""The values of :data:`CohortForm`."""
+COHORT_REDUCTIONS: tuple[str, ...] = ("none", "batchmean", "sum")
+"""The reductions of the cohort losses (per-row losses: no ``"mean"`` over classes)."""
 
 
 # -- validation helpers ------------------------------------------------------------------------
@@ -124,20 +125,6 @@ def _check_student_teachers(student: Tensor, s_name: str, stacked: Tensor, t_nam
         _raise_mismatch(f"{t_name}[{names[0]}]", stacked.shape[1:], s_name, student.shape)
 
 
-def _check_weights(weights: Sequence[float] | Tensor | None, k: int, what: str) -> list[float] | None:
-    if weights is None:
-        return None
-    values = weights.tolist() if isinstance(weights, Tensor) else list(weights)
-    if len(values) != k:
-        raise ValueError(f"weights must hold one weight per {what} ({k}), got {len(values)}")
-    for i, w in enumerate(values):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"weights[{i}] must be a finite number >= 0, got {w!r}")
-    if sum(values) <= 0:
-        raise ValueError(f"weights must not all be zero, got {values}")
-    return [float(w) for w in values]
-
-
 # -- DIH cohort --------------------------------------------------------------------------------
 def _cohort_rows_eager(
     student_logits: Tensor,
@@ -158,9 +145,9 @@ def _cohort_rows_eager(
     # the teachers' distributions: autograd keeps (B, C) tensors, never (K, B, C) ones, and the
     # backward pass costs one softmax whatever K. The floor keeps classes of probability 0
     # (-inf logits) at 0 * finite = 0, as in soft_kl.
-    log_q = F.log_softmax(s / temperature, dim=-1).clamp(min=_LOG_FLOOR)
+    log_q = F.log_softmax(s / temperature, dim=-1).clamp(min=LOG_FLOOR)
     with torch.no_grad():
-        log_p = F.log_softmax(stacked.detach().to(dtype) / temperature, dim=-1).clamp(min=_LOG_FLOOR)
+        log_p = F.log_softmax(stacked.detach().to(dtype) / temperature, dim=-1).clamp(min=LOG_FLOOR)
         p = log_p.exp()
         neg_entropy = (p * log_p).sum(dim=-1)  # (K, B)
         w_t = p.new_tensor(w) if w is not None else p.new_ones(k)
@@ -268,11 +255,11 @@ def cohort_kd(
     labels = check_class_labels(labels, student_logits).long()  # any integer dtype
     check_positive("temperature", temperature)
     a = check_unit_interval("alpha", alpha)
-    if form not in _FORMS:
-        raise ValueError(f"form must be one of {', '.join(map(repr, _FORMS))}, got {form!r}")
-    red = check_reduction(reduction, _COHORT_REDUCTIONS)
+    if form not in COHORT_FORMS:
+        raise ValueError(f"form must be one of {', '.join(map(repr, COHORT_FORMS))}, got {form!r}")
+    red = check_reduction(reduction, COHORT_REDUCTIONS)
     k = stacked.shape[0]
-    w = _check_weights(weights, k, "teacher")
+    w = check_weights(weights, k, "teacher")
 
     w_sum = float(sum(w)) if w is not None else float(k)
     if form == "authors":
@@ -390,9 +377,9 @@ def paired_head_kd(
     labels = check_class_labels(labels, s_stack[0]).long()  # any integer dtype
     check_positive("temperature", temperature)
     a = check_unit_interval("alpha", alpha)
-    red = check_reduction(reduction, _COHORT_REDUCTIONS)
+    red = check_reduction(reduction, COHORT_REDUCTIONS)
     k, batch, c = s_stack.shape
-    w = _check_weights(weights, k, "head pair")
+    w = check_weights(weights, k, "head pair")
 
     dtype = compute_dtype(s_stack, t_stack)
     s = in_dtype(s_stack, dtype)
@@ -554,7 +541,7 @@ def tofd_loss(
       biased linear map otherwise), there a bias-free linear adapter on every pair.
 
     The logits come from the task-oriented (deep) heads of both networks (see
-    :class:`kdloss.heads.IntermediateHeads` with ``head="tofd"``), paired by stage; the
+    :class:`kdloss.IntermediateHeads` with ``head="tofd"``), paired by stage; the
     features are those heads' penultimate features, the student's already mapped by its
     adapters :math:`r_j` (as for :func:`kdloss.functional.hint_loss`); ``adapter_weights`` are
     those adapters' weights :math:`W_i` for the orthogonality penalty
@@ -666,7 +653,7 @@ def tofd_authors_loss(
 
     Differences from :func:`tofd_loss` (kdloss's variant) and how to convert: see that function
     and ``docs/fidelity.md``. The authors' heads are stacked separable convolutions
-    (``head="tofd"`` of :class:`kdloss.heads.IntermediateHeads` re-instantiates the remaining
+    (``head="tofd"`` of :class:`kdloss.IntermediateHeads` re-instantiates the remaining
     backbone stages instead).
 
     Zhang, Shi, Shi, Ma & Bao, *Task-Oriented Feature Distillation*, NeurIPS 2020; the DIH authors'

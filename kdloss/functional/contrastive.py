@@ -9,7 +9,8 @@ call in order:
    ``(B, K+1, d)`` gathered rows;
 3. :func:`crd_normalizer`: the constant ``Z = mean(exp(logits)) * n_data`` (set once, from the
    first batch, by the memory);
-4. :func:`crd_nce_loss`: the NCE loss of one view from its logits and ``Z``;
+4. :func:`crd_nce_loss`: the NCE loss of one view from its logits and ``Z``; :func:`crd_loss`:
+   the CRD loss, both views' NCE losses from their logits and the memory's ``Z``;
 5. :func:`crd_memory_update`: the momentum update of the positives' bank rows.
 """
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss._numerics import detached, in_dtype, reduce_loss
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -35,9 +37,6 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_unit_interval,
-    detached,
-    in_dtype,
-    reduce_loss,
 )
 from kdloss.functional._spatial import unit_rows
 
@@ -46,6 +45,7 @@ __all__ = [
     "check_index_range",
     "crd_embed",
     "crd_logits",
+    "crd_loss",
     "crd_memory_update",
     "crd_nce_loss",
     "crd_normalizer",
@@ -412,6 +412,81 @@ def _nce_rows(logits: Tensor, log_z: Tensor | float, n_data: int) -> Tensor:
     return F.softplus(x).sum(dim=-1) - x[..., 0]
 
 
+def crd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    normalizers: Tensor,
+    n_data: int,
+    *,
+    reduction: Reduction = "batchmean",
+) -> Tensor:
+    r"""The CRD loss of a batch: the two views' NCE losses (:func:`crd_nce_loss`) added, per anchor.
+
+    .. math::
+
+        \ell_b = \ell^{\mathrm{NCE}}_b(s^{S}, Z_S) + \ell^{\mathrm{NCE}}_b(s^{T}, Z_T)
+
+    where :math:`s^{S}` are the student embedding's logits against the teacher bank and
+    :math:`s^{T}` the teacher embedding's against the student bank (both from
+    :meth:`kdloss.ContrastMemory.score`, positive in column 0), and :math:`Z` the memory's
+    normalisers of the two views. ``"batchmean"`` (default, the paper's) and ``"mean"`` divide the
+    summed losses by ``B`` (0 for an empty batch), ``"sum"`` adds them, ``"none"`` gives
+    :math:`\ell_b`. This is what :class:`kdloss.CRDLoss` returns after its embedding heads and
+    its memory.
+
+    Args:
+        student_logits: ``(B, K+1)`` logits of the student view, ``K >= 1``.
+        teacher_logits: ``(B, K+1)`` logits of the teacher view.
+        normalizers: ``(2,)`` :math:`Z` of the student view then of the teacher view (``> 0``;
+            not checked on the device: reading it would synchronise).
+        n_data: the dataset size :math:`N`.
+        reduction: ``"none" | "mean" | "batchmean" | "sum"``.
+
+    Shape:
+        ``(B, K+1), (B, K+1), (2,) -> ()`` (or ``(B,)`` for ``"none"``), float32.
+
+    Raises:
+        TypeError: non-float logits or normalisers, a non-integer ``n_data``.
+        ShapeError: logits not 2-D, of different shapes, without a negative column; normalisers
+            not of shape ``(2,)``.
+        ValueError: ``n_data < 1``, an unknown ``reduction``, tensors on different devices.
+
+    Paper: Tian, Krishnan & Isola, *Contrastive Representation Distillation*, ICLR 2020.
+
+    Example:
+        >>> import torch
+        >>> crd_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([2.0, 2.0]), 4)  # 2 * crd_nce_loss
+        tensor(4.1589)
+    """
+    check_float("student_logits", student_logits)
+    check_float("teacher_logits", teacher_logits)
+    check_float("normalizers", normalizers)
+    check_ndim("student_logits", student_logits, (2,), "(B, K+1)")
+    if teacher_logits.shape != student_logits.shape:
+        raise ShapeError(
+            f"student_logits and teacher_logits must have the same shape (B, K+1), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.shape[1] < 2:
+        raise ShapeError(
+            f"logits must have a positive column and at least one negative, got shape {tuple(student_logits.shape)}"
+        )
+    if normalizers.shape != (2,):
+        raise ShapeError(f"normalizers must have shape (2,) (Z of the two views), got {tuple(normalizers.shape)}")
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, normalizers=normalizers)
+    _check_n_data(n_data)
+    check_reduction(reduction)
+    log_z_s, log_z_t = normalizers.log().unbind(0)  # (one operator; indexing twice takes two)
+    rows_s = _nce_rows(student_logits, log_z_s, n_data)
+    rows_t = _nce_rows(teacher_logits, log_z_t, n_data)
+    if reduction == "none":
+        return rows_s + rows_t
+    total = rows_s.sum() + rows_t.sum()
+    if reduction == "sum":
+        return total
+    return total / max(student_logits.shape[0], 1)
+
+
 # _last_occurrence compares all pairs of positions up to this batch size ((b, b) int64: 8 MiB at 1024)
 _PAIRWISE_MAX = 1024
 
@@ -570,3 +645,13 @@ def crd_memory_update(bank: Tensor, indices: Tensor, embeddings: Tensor, momentu
     """
     rows = crd_update_rows(bank, indices, embeddings, momentum)
     return bank.index_copy(0, indices.long(), rows.to(bank.dtype))
+
+
+# The building blocks that kdloss.parts.contrastive.ContrastMemory shares with the functions above,
+# under the names it imports.
+SCORE_METHODS = _METHODS
+resolve_score_method = _resolve_method
+score_views = _score_views
+finite_rows = _finite_rows
+last_occurrence = _last_occurrence
+momentum_rows = _momentum_rows

@@ -2,7 +2,7 @@
 
 Only the loss arithmetic is here. The trainable parts (VID's regressor and variance, AB's
 connector, FT's paraphraser and translator, ReviewKD's fusion) are explicit modules in
-:mod:`kdloss.methods_modules`, owned by the student side so that the optimiser, DDP and
+:mod:`kdloss.parts.feature`, owned by the student side so that the optimiser, DDP and
 checkpoints see them.
 """
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss._numerics import compute_dtype, detached, in_dtype, pair_up, reduce_loss
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -25,11 +26,6 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
-    compute_dtype,
-    detached,
-    in_dtype,
-    pair_up,
-    reduce_loss,
 )
 from kdloss.functional._autograd import ab_hinge, energy_distance, ft_paper, vid_reduced
 from kdloss.functional._spatial import pool_pair, spatial_energy, unit_rows
@@ -61,7 +57,7 @@ def vid_loss(
 
     The student predicts the teacher's feature with a mean :math:`\mu(s)` (a small regressor on
     the student's feature) and a learned per-channel variance :math:`\sigma_c^2` (see
-    :class:`kdloss.methods_modules.VIDRegressor`); the loss is the negative log-likelihood of
+    :class:`kdloss.VIDRegressor`); the loss is the negative log-likelihood of
     the teacher feature :math:`t` without the constant :math:`\frac12\log 2\pi`:
 
     .. math::
@@ -148,7 +144,7 @@ def ab_loss(
 
     With :math:`\rho(t) = \mathbb{1}[t > 0]` the teacher's activation pattern and :math:`r(s)`
     the student's pre-activation after its connector
-    (:class:`kdloss.methods_modules.ABConnector`),
+    (:class:`kdloss.ABConnector`),
 
     .. math::
 
@@ -217,8 +213,8 @@ def ft_loss(
 
     The teacher factor :math:`F_T` is the encoder output of a paraphraser trained to reconstruct
     the teacher's feature; the student factor :math:`F_S` the output of a translator on the
-    student's feature (:class:`kdloss.methods_modules.FTParaphraser`,
-    :class:`kdloss.methods_modules.FTTranslator`). Two variants:
+    student's feature (:class:`kdloss.FTParaphraser`,
+    :class:`kdloss.FTTranslator`). Two variants:
 
     ``variant="paper"`` (default, Kim et al.'s equation): the whole flattened factor is
     L2-normalised, per sample
@@ -349,7 +345,7 @@ def hcl_loss(
     r"""ReviewKD's hierarchical context loss: MSE at full resolution and on pooled pyramids.
 
     For each pair of same-shape maps (the student's fused features from
-    :class:`kdloss.methods_modules.ReviewKDFusion` against the teacher's), with
+    :class:`kdloss.ReviewKDFusion` against the teacher's), with
     :math:`P_l` = adaptive average pooling to :math:`l \times l`,
 
     .. math::

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss._numerics import compute_dtype, detached, in_dtype, reduce_loss
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -13,10 +14,6 @@ from kdloss._validate import (
     check_reduction,
     check_same_device,
     check_same_shape,
-    compute_dtype,
-    detached,
-    in_dtype,
-    reduce_loss,
 )
 
 __all__ = ["cosine_hidden_loss", "hint_loss"]

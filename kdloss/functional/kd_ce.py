@@ -17,12 +17,14 @@ from kdloss._validate import (
     check_same_device,
     check_unit_interval,
 )
+from kdloss._validate import check_row_tensor as _check_row_tensor
 from kdloss.functional._autograd import kl_family
-from kdloss.functional.kl import _check_row_tensor
 
 __all__ = ["kd_ce_loss"]
 
-_KD_CE_REDUCTIONS = ("none", "sum", "batchmean")
+KD_CE_REDUCTIONS: tuple[str, ...] = ("none", "sum", "batchmean")
+"""The reductions :func:`kd_ce_loss` accepts (and :class:`kdloss.KDCELoss`)."""
+_KD_CE_REDUCTIONS = KD_CE_REDUCTIONS
 
 
 def kd_ce_loss(

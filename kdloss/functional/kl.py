@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdloss import kernels as _kernels
+from kdloss._numerics import compute_dtype
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -19,24 +20,20 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_unit_interval,
-    compute_dtype,
+    renamed_argument,
     warn_if_swapped,
 )
-from kdloss.functional._autograd import LOG_FLOOR, kl_family
+from kdloss._validate import check_row_tensor as _check_row_tensor
+from kdloss.functional._autograd import kl_family
 
 __all__ = ["Direction", "log_probs", "soft_kl"]
 
 Direction = Literal["forward", "reverse", "jsd"]
 """``"forward"``: KL(p_teacher || p_student), Hinton's KD. ``"reverse"``: KL(p_student ||
 p_teacher), mode-seeking. ``"jsd"``: the generalised Jensen-Shannon divergence with weight
-``beta`` on the teacher."""
+``jsd_weight`` on the teacher."""
 
 _DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
-
-# Log-probabilities are floored here so that a class with probability 0 in both distributions
-# (a -inf logit) contributes 0 * finite = 0 instead of 0 * (-inf - -inf) = NaN, in values and in
-# gradients. No finite float32 log-softmax output comes near it.
-_LOG_FLOOR = LOG_FLOOR
 
 
 def log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -59,25 +56,6 @@ def log_probs(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
 
 
-def _has_finite(x: Tensor) -> Tensor:
-    """Rows with a logit that is not ``-inf``: one reduction (``amax``) instead of ``(x == -inf).all()``'s two.
-
-    Same result for every input, NaN rows included (they count, and propagate NaN, as before).
-    """
-    if x.shape[-1] == 0:
-        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-    return x.detach().amax(dim=-1) != float("-inf")
-
-
-def _check_row_tensor(name: str, t: Tensor, rows_shape: torch.Size, device: torch.device) -> None:
-    if t.shape != rows_shape:
-        raise ShapeError(
-            f"{name} must have the logits' shape without the class dimension, {tuple(rows_shape)}, got {tuple(t.shape)}"
-        )
-    if t.device != device:
-        raise ValueError(f"{name} must be on the logits' device {device}, got {t.device}")
-
-
 def soft_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -85,10 +63,11 @@ def soft_kl(
     temperature: float = 1.0,
     reduction: Reduction = "batchmean",
     direction: Direction = "forward",
-    beta: float | None = None,
+    jsd_weight: float | None = None,
     mask: Tensor | None = None,
     labels: Tensor | None = None,
     ignore_index: int = -100,
+    beta: float | None = None,
 ) -> Tensor:
     r"""Temperature-softened KL divergence between teacher and student, times :math:`T^2`.
 
@@ -131,7 +110,7 @@ def soft_kl(
         temperature: softening temperature ``T > 0``.
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
         direction: ``"forward"`` (default), ``"reverse"`` or ``"jsd"``.
-        beta: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with
+        jsd_weight: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with
             ``direction="jsd"`` (default 0.5 there), an error otherwise.
         mask: optional boolean tensor of the logits' shape without ``C``; ``False`` rows are
             ignored.
@@ -139,6 +118,7 @@ def soft_kl(
             ``ignore_index`` are ignored.
         ignore_index: the label value that marks ignored rows (default -100, as in
             :func:`torch.nn.functional.cross_entropy`).
+        beta: the former name of ``jsd_weight`` (deprecated: a ``FutureWarning``).
 
     Returns:
         A float32 (float64 for float64 input) scalar, or the per-row losses for ``"none"``.
@@ -149,7 +129,8 @@ def soft_kl(
         ShapeError: if the two logits' shapes differ (batch or class count), if the logits have
             fewer than 2 dimensions, or ``mask``/``labels`` do not match the rows.
         ValueError: for a temperature that is not > 0, an unknown ``reduction``/``direction``,
-            ``beta`` outside ``(0, 1)`` or given without ``direction="jsd"``, different devices.
+            ``jsd_weight`` outside ``(0, 1)`` or given without ``direction="jsd"``, different devices.
+            TypeError: ``jsd_weight`` and ``beta`` both given.
 
     Warns:
         UserWarning: when ``teacher_logits`` requires grad and ``student_logits`` does not: the
@@ -182,12 +163,13 @@ def soft_kl(
     check_reduction(reduction)
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(map(repr, _DIRECTIONS))}, got {direction!r}")
+    jsd_weight = renamed_argument("soft_kl", "jsd_weight", jsd_weight, "beta", beta)
     jsd_beta = 0.5
     if direction == "jsd":
-        if beta is not None:
-            jsd_beta = check_unit_interval("beta", beta, open_ends=True)
-    elif beta is not None:
-        raise ValueError(f"beta is the JSD mixture weight and needs direction='jsd', got direction={direction!r}")
+        if jsd_weight is not None:
+            jsd_beta = check_unit_interval("jsd_weight", jsd_weight, open_ends=True)
+    elif jsd_weight is not None:
+        raise ValueError(f"jsd_weight is the JSD mixture weight and needs direction='jsd', got direction={direction!r}")
     rows_shape = student_logits.shape[:-1]
     if mask is not None:
         _check_row_tensor("mask", mask, rows_shape, student_logits.device)
@@ -228,7 +210,7 @@ def soft_kl(
         teacher_logits,
         temperature=temperature,
         direction=direction,
-        beta=jsd_beta,
+        jsd_weight=jsd_beta,
         reduction=reduction,
         row_ok=row_ok,
     )

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss._numerics import compute_dtype, detached, in_dtype
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -14,9 +15,6 @@ from kdloss._validate import (
     check_pair,
     check_positive,
     check_reduction,
-    compute_dtype,
-    detached,
-    in_dtype,
 )
 from kdloss.functional._autograd import dkd
 

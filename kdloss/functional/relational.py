@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdloss._numerics import compute_dtype, detached, in_dtype, pair_up, reduce_loss
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -24,12 +25,8 @@ from kdloss._validate import (
     check_positive,
     check_reduction,
     check_same_device,
-    compute_dtype,
-    detached,
-    in_dtype,
-    pair_up,
-    reduce_loss,
 )
+from kdloss._validate import check_option as _check_option
 from kdloss.functional._autograd import cc_neighbours, pkt_self
 from kdloss.functional._spatial import unit_rows
 
@@ -38,11 +35,6 @@ __all__ = ["cc_loss", "fsp_loss", "fsp_matrix", "nst_loss", "pkt_loss", "rkd_los
 CCVariant = Literal["paper", "repdistiller"]
 RKDPairs = Literal["all", "distinct"]
 FSPVariant = Literal["paper", "repdistiller"]
-
-
-def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _pairs(

@@ -67,7 +67,7 @@ if triton is not None:
         return tl.sum(d * d, axis=0) / HW
 
     @triton.jit
-    def _attention_fwd_kernel(
+    def attention_fwd_kernel(
         S0, ss0b, ss0c, ss0h, ss0w, Cs0, T0, ts0b, ts0c, ts0h, ts0w, Ct0, W0, HW0,
         S1, ss1b, ss1c, ss1h, ss1w, Cs1, T1, ts1b, ts1c, ts1h, ts1w, Ct1, W1, HW1,
         S2, ss2b, ss2c, ss2h, ss2w, Cs2, T2, ts2b, ts2c, ts2h, ts2w, Ct2, W2, HW2,
@@ -127,7 +127,7 @@ if triton is not None:
             tl.store(G + off_g[None, :] + c[:, None] * gsc, gx.to(G.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _attention_bwd_kernel(
+    def attention_bwd_kernel(
         S0, ss0b, ss0c, ss0h, ss0w, Cs0, G0, gs0b, gs0c, gs0h, gs0w, W0, HW0,
         S1, ss1b, ss1c, ss1h, ss1w, Cs1, G1, gs1b, gs1c, gs1h, gs1w, W1, HW1,
         S2, ss2b, ss2c, ss2h, ss2w, Cs2, G2, gs2b, gs2c, gs2h, gs2w, W2, HW2,

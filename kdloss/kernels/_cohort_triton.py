@@ -25,7 +25,7 @@ if triton is not None:
     LOG_FLOOR = tl.constexpr(-1e30)  # kdloss.functional.kl._LOG_FLOOR
 
     @triton.jit
-    def _cohort_rows_kernel(
+    def cohort_rows_kernel(
         S,
         TT,
         W,

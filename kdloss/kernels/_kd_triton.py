@@ -33,7 +33,7 @@ if triton is not None:
     LOG_FLOOR = tl.constexpr(-1e30)
 
     @triton.jit
-    def _kd_rows_kernel(
+    def kd_rows_kernel(
         S,
         TT,
         LABELS,

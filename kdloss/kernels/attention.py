@@ -60,7 +60,7 @@ class _FusedAttention(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, beta: float, npairs: int, save: bool, *maps: Tensor
     ) -> Tensor:
-        from kdloss.kernels._attention_triton import _attention_fwd_kernel
+        from kdloss.kernels._attention_triton import attention_fwd_kernel
 
         s_maps, t_maps = maps[:npairs], maps[npairs:]
         b = s_maps[0].shape[0]
@@ -85,7 +85,7 @@ class _FusedAttention(torch.autograd.Function):
                 fs.shape[3],
                 fs.shape[2] * fs.shape[3],
             ]
-        _attention_fwd_kernel[(b,)](
+        attention_fwd_kernel[(b,)](
             *args,
             loss,
             a_s,
@@ -111,7 +111,7 @@ class _FusedAttention(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
     ) -> tuple[Tensor | None, ...]:
-        from kdloss.kernels._attention_triton import _attention_bwd_kernel
+        from kdloss.kernels._attention_triton import attention_bwd_kernel
 
         beta, npairs, cb, hwb = ctx.meta  # type: ignore[attr-defined]
         a_s, a_t, norm, *s_maps = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -121,7 +121,7 @@ class _FusedAttention(torch.autograd.Function):
         for j in range(4):
             fs, g = (s_maps[j], grads[j]) if j < npairs else (s_maps[0], grads[0])
             args += [fs, *fs.stride(), fs.shape[1], g, *g.stride(), fs.shape[3], fs.shape[2] * fs.shape[3]]
-        _attention_bwd_kernel[(b,)](
+        attention_bwd_kernel[(b,)](
             *args,
             grad_loss.contiguous(),
             a_s,

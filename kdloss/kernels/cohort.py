@@ -42,7 +42,7 @@ class _FusedCohort(torch.autograd.Function):
         block: int,
         write_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        from kdloss.kernels._cohort_triton import _cohort_rows_kernel
+        from kdloss.kernels._cohort_triton import cohort_rows_kernel
 
         k, rows, c = t.shape
         total = torch.empty(rows, device=s.device, dtype=torch.float32)
@@ -51,7 +51,7 @@ class _FusedCohort(torch.autograd.Function):
         grad = torch.empty((rows, c) if write_grad else (1, 1), device=s.device, dtype=s.dtype)
         kb = max(next_power_of_2(k), 1)
         if rows > 0:
-            _cohort_rows_kernel[(rows,)](
+            cohort_rows_kernel[(rows,)](
                 s,
                 t,
                 kl_weights,

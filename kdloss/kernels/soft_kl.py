@@ -76,7 +76,7 @@ class _FusedKD(torch.autograd.Function):
         reduction: str,
         elements_per_row: int,
     ) -> tuple[Tensor, Tensor]:
-        from kdloss.kernels._kd_triton import _kd_rows_kernel
+        from kdloss.kernels._kd_triton import kd_rows_kernel
 
         rows, c = s2.shape
         reduce = _REDUCE_CODES[reduction]
@@ -89,7 +89,7 @@ class _FusedKD(torch.autograd.Function):
             out.zero_()  # an empty batch: 0, never NaN (and nothing to scale)
             scale.zero_()
         if rows > 0:
-            _kd_rows_kernel[(rows,)](
+            kd_rows_kernel[(rows,)](
                 s2,
                 t2,
                 labels if labels is not None else loss,

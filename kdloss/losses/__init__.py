@@ -4,6 +4,7 @@ from kdloss.losses.attention import AttentionLoss
 from kdloss.losses.cohort import CohortLoss, MultiHeadKDLoss, SelfDistillationLoss, TOFDAuthorsLoss, TOFDLoss
 from kdloss.losses.contrastive import CRDEmbed, CRDLoss
 from kdloss.losses.feature import ABLoss, FTLoss, HCLLoss, VIDLoss
+from kdloss.losses.fused_linear import FusedLinearKDLoss, SparseKDLoss
 from kdloss.losses.hint import CosineHiddenLoss, HintLoss
 from kdloss.losses.kd_ce import KDCELoss
 from kdloss.losses.kl import KDLoss
@@ -22,6 +23,7 @@ __all__ = [
     "DKDLoss",
     "FSPLoss",
     "FTLoss",
+    "FusedLinearKDLoss",
     "HCLLoss",
     "HintLoss",
     "KDCELoss",
@@ -32,6 +34,7 @@ __all__ = [
     "RKDLoss",
     "SPLoss",
     "SelfDistillationLoss",
+    "SparseKDLoss",
     "TOFDAuthorsLoss",
     "TOFDLoss",
     "VIDLoss",

@@ -6,14 +6,20 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction, check_unit_interval
+from kdloss._validate import (
+    Reduction,
+    check_nonnegative,
+    check_positive,
+    check_reduction,
+    check_unit_interval,
+    check_weights,
+)
 from kdloss.compose import LossParts
 from kdloss.functional.cohort import (
-    _COHORT_REDUCTIONS,
-    _FORMS,
+    COHORT_FORMS,
+    COHORT_REDUCTIONS,
     CohortForm,
     TeacherLogits,
-    _check_weights,
     cohort_kd,
     paired_head_kd,
     self_distillation_loss,
@@ -25,7 +31,25 @@ from kdloss.functional.cohort import (
 __all__ = ["CohortLoss", "MultiHeadKDLoss", "SelfDistillationLoss", "TOFDAuthorsLoss", "TOFDLoss"]
 
 
-class CohortLoss(nn.Module):
+class _SoftenedKD(nn.Module):
+    """What the cohort losses with a KD term share: the temperature ``T > 0`` and the KD weight
+    ``alpha`` in ``[0, 1]``, checked when the module is built. The repr shows them, then the
+    attributes ``_shown`` names, then ``weights`` when there are any."""
+
+    _shown: tuple[str, ...] = ()
+    weights: list[float] | None = None
+
+    def __init__(self, temperature: float, alpha: float) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha = check_unit_interval("alpha", alpha)
+
+    def extra_repr(self) -> str:
+        s = ", ".join(f"{name}={getattr(self, name)!r}" for name in ("temperature", "alpha", *self._shown))
+        return s if self.weights is None else f"{s}, weights={self.weights}"
+
+
+class CohortLoss(_SoftenedKD):
     """DIH cohort distillation; see :func:`kdloss.functional.cohort_kd` for the formula and the two forms.
 
     Holds the hyper-parameters only (validated here). ``forward`` returns a
@@ -52,23 +76,23 @@ class CohortLoss(nn.Module):
         8.2893
     """
 
+    _shown = ("form", "reduction")
+
     def __init__(
         self,
         temperature: float = 1.0,
-        alpha: float = 0.5,
         *,
+        alpha: float = 0.5,
         weights: Sequence[float] | None = None,
         form: CohortForm = "authors",
         reduction: Reduction = "batchmean",
     ) -> None:
-        super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        self.alpha = check_unit_interval("alpha", alpha)
-        if form not in _FORMS:
-            raise ValueError(f"form must be one of {', '.join(map(repr, _FORMS))}, got {form!r}")
+        super().__init__(temperature, alpha)
+        if form not in COHORT_FORMS:
+            raise ValueError(f"form must be one of {', '.join(map(repr, COHORT_FORMS))}, got {form!r}")
         self.form: CohortForm = form
-        self.reduction: Reduction = check_reduction(reduction, _COHORT_REDUCTIONS)
-        self.weights = _check_weights(weights, len(weights), "teacher") if weights is not None else None
+        self.reduction: Reduction = check_reduction(reduction, COHORT_REDUCTIONS)
+        self.weights = check_weights(weights, len(weights), "teacher") if weights is not None else None
 
     def forward(self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor) -> LossParts:
         return cohort_kd(
@@ -82,14 +106,8 @@ class CohortLoss(nn.Module):
             reduction=self.reduction,
         )
 
-    def extra_repr(self) -> str:
-        s = f"temperature={self.temperature}, alpha={self.alpha}, form={self.form!r}, reduction={self.reduction!r}"
-        if self.weights is not None:
-            s += f", weights={self.weights}"
-        return s
 
-
-class MultiHeadKDLoss(nn.Module):
+class MultiHeadKDLoss(_SoftenedKD):
     """MHKD over paired student/teacher heads; see :func:`kdloss.functional.paired_head_kd`.
 
     Args:
@@ -109,19 +127,19 @@ class MultiHeadKDLoss(nn.Module):
         tensor(0.)
     """
 
+    _shown = ("reduction",)
+
     def __init__(
         self,
         temperature: float = 1.0,
-        alpha: float = 0.5,
         *,
+        alpha: float = 0.5,
         weights: Sequence[float] | None = None,
         reduction: Reduction = "batchmean",
     ) -> None:
-        super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        self.alpha = check_unit_interval("alpha", alpha)
-        self.reduction: Reduction = check_reduction(reduction, _COHORT_REDUCTIONS)
-        self.weights = _check_weights(weights, len(weights), "head pair") if weights is not None else None
+        super().__init__(temperature, alpha)
+        self.reduction: Reduction = check_reduction(reduction, COHORT_REDUCTIONS)
+        self.weights = check_weights(weights, len(weights), "head pair") if weights is not None else None
 
     def forward(self, student_logits: TeacherLogits, teacher_logits: TeacherLogits, labels: Tensor) -> LossParts:
         return paired_head_kd(
@@ -134,14 +152,8 @@ class MultiHeadKDLoss(nn.Module):
             reduction=self.reduction,
         )
 
-    def extra_repr(self) -> str:
-        s = f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
-        if self.weights is not None:
-            s += f", weights={self.weights}"
-        return s
 
-
-class TOFDLoss(nn.Module):
+class TOFDLoss(_SoftenedKD):
     """TOFD, kdloss's variant: paired-head KD, feature MSE, orthogonality; see :func:`kdloss.functional.tofd_loss`.
 
     The DIH authors' TOFD is :class:`TOFDAuthorsLoss`; ``tofd_loss``'s docstring maps one onto the other.
@@ -165,10 +177,10 @@ class TOFDLoss(nn.Module):
         TOFDLoss(temperature=3.0, alpha=0.5, beta=0.05, gamma=0.01)
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, *, beta: float = 0.05, gamma: float = 0.0) -> None:
-        super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        self.alpha = check_unit_interval("alpha", alpha)
+    _shown = ("beta", "gamma")
+
+    def __init__(self, temperature: float = 1.0, *, alpha: float = 0.5, beta: float = 0.05, gamma: float = 0.0) -> None:
+        super().__init__(temperature, alpha)
         self.beta = check_nonnegative("beta", beta)
         self.gamma = check_nonnegative("gamma", gamma)
 
@@ -193,9 +205,6 @@ class TOFDLoss(nn.Module):
             beta=self.beta,
             gamma=self.gamma,
         )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}"
 
 
 class TOFDAuthorsLoss(nn.Module):
@@ -267,7 +276,7 @@ class TOFDAuthorsLoss(nn.Module):
         )
 
 
-class SelfDistillationLoss(nn.Module):
+class SelfDistillationLoss(_SoftenedKD):
     """Self-distillation over early exits; see :func:`kdloss.functional.self_distillation_loss`.
 
     Args:
@@ -285,10 +294,10 @@ class SelfDistillationLoss(nn.Module):
         SelfDistillationLoss(temperature=3.0, alpha=0.3, beta=0.03)
     """
 
-    def __init__(self, temperature: float = 3.0, alpha: float = 0.3, *, beta: float = 0.03) -> None:
-        super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        self.alpha = check_unit_interval("alpha", alpha)
+    _shown = ("beta",)
+
+    def __init__(self, temperature: float = 3.0, *, alpha: float = 0.3, beta: float = 0.03) -> None:
+        super().__init__(temperature, alpha)
         self.beta = check_nonnegative("beta", beta)
 
     def forward(
@@ -309,6 +318,3 @@ class SelfDistillationLoss(nn.Module):
             alpha=self.alpha,
             beta=self.beta,
         )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -9,39 +10,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdloss._validate import ShapeError, check_positive_int, detached
-from kdloss.functional.contrastive import ScoreMethod, _nce_rows, crd_embed
-from kdloss.memory import ContrastMemory, NegativeSampling
+from kdloss._numerics import detached
+from kdloss._validate import ShapeError, check_positive_int
+from kdloss.functional.contrastive import crd_loss
+from kdloss.parts.contrastive import ContrastMemory, CRDEmbed
 
-__all__ = ["CRDEmbed", "CRDLoss", "check_negatives_fit"]
+# ContrastMemory's own default embedding width: CRDLoss sizes its heads before it builds the
+# memory (the order that fixes the random initialisation), without restating the default.
+_FEAT_DIM: int = inspect.signature(ContrastMemory).parameters["feat_dim"].default
 
-
-class CRDEmbed(nn.Module):
-    """A CRD embedding head: flatten, ``nn.Linear(in_features, feat_dim)``, L2 normalisation.
-
-    See :func:`kdloss.functional.crd_embed`.
-
-    Args:
-        in_features: the flattened width of the features it embeds.
-        feat_dim: the embedding width (128 in the paper).
-
-    Raises:
-        ValueError: if ``in_features`` or ``feat_dim`` is not a positive int.
-
-    Example:
-        >>> import torch
-        >>> CRDEmbed(12, 4)(torch.randn(2, 3, 4)).shape
-        torch.Size([2, 4])
-    """
-
-    def __init__(self, in_features: int, feat_dim: int = 128) -> None:
-        super().__init__()
-        check_positive_int("in_features", in_features)
-        check_positive_int("feat_dim", feat_dim)
-        self.linear = nn.Linear(in_features, feat_dim)
-
-    def forward(self, features: Tensor) -> Tensor:
-        return crd_embed(features, self.linear.weight, self.linear.bias)
+__all__ = ["CRDEmbed", "CRDLoss", "check_negatives_fit"]  # CRDEmbed: its home is kdloss.parts.contrastive
 
 
 def check_negatives_fit(n_negatives: int, n_data: int) -> None:
@@ -79,6 +57,9 @@ class CRDLoss(nn.Module):
 
     with the per-view NCE loss of :func:`kdloss.functional.crd_nce_loss`, the logits of
     :func:`kdloss.functional.crd_logits` and the normalisers :math:`Z` fixed from the first batch.
+    :meth:`forward` is three calls: the two embedding heads, the memory
+    (:meth:`kdloss.ContrastMemory.score`: both views' logits and its :math:`Z`), and
+    :func:`kdloss.functional.crd_loss`.
 
     Unlike the stateless losses, this module owns state, as named submodules:
 
@@ -106,20 +87,19 @@ class CRDLoss(nn.Module):
     Args:
         student_dim: flattened width of the student features.
         teacher_dim: flattened width of the teacher features.
-        n_data: dataset size (bank rows).
-        feat_dim: embedding width (128).
-        n_negatives: :math:`K` (16384, RepDistiller's for CIFAR-100's 50,000 images); must be
-            smaller than ``n_data`` (see ``docs/crd.md`` for choosing :math:`K` on small data).
-        temperature: :math:`\tau` (0.07).
-        momentum: bank momentum :math:`m` (0.5).
-        negatives: ``"uniform"`` or ``"class"``, passed to :class:`kdloss.ContrastMemory`.
-        labels: dataset labels for ``negatives="class"``, passed to the memory.
-        replacement: class-mode sampling with replacement, passed to the memory.
-        bank_dtype: the banks' dtype (the memory's ``dtype``): float32 or bfloat16.
-        method: scoring path, passed to the memory.
-        chunk_size: chunk of the gather scoring path, passed to the memory.
-        validate: check index ranges on every call (host synchronisation), passed to the memory.
-        process_group: the DDP process group, passed to the memory.
+        n_data: dataset size (bank rows); omit it when passing ``memory``.
+        feat_dim: embedding width (the memory's: 128 unless given).
+        memory: a :class:`kdloss.ContrastMemory` to use (its ``n_data``, ``feat_dim``, ``n_negatives``,
+            temperature, momentum, sampling...); or none, and the memory is built from ``n_data``,
+            ``feat_dim`` and ``memory_options``.
+        bank_dtype: the banks' dtype, the memory's ``dtype`` (float32 or bfloat16; the name of
+            earlier versions, kept).
+        **memory_options: :class:`kdloss.ContrastMemory`'s keyword arguments and defaults, e.g.
+            ``n_negatives`` (:math:`K`, 16384, RepDistiller's for CIFAR-100's 50,000 images; must be
+            smaller than ``n_data``, see ``docs/crd.md`` for choosing :math:`K` on small data),
+            ``temperature`` (:math:`\tau`, 0.07), ``momentum`` (0.5), ``negatives``
+            (``"uniform"`` or ``"class"``), ``labels``, ``replacement``, ``method``, ``chunk_size``,
+            ``validate``, ``process_group``.
 
     Shape:
         ``(B, *), (B, *), (B,) -> ()`` float32.
@@ -144,40 +124,39 @@ class CRDLoss(nn.Module):
         self,
         student_dim: int,
         teacher_dim: int,
-        n_data: int,
+        n_data: int | None = None,
         *,
-        feat_dim: int = 128,
-        n_negatives: int = 16384,
-        temperature: float = 0.07,
-        momentum: float = 0.5,
-        negatives: NegativeSampling = "uniform",
-        labels: Tensor | None = None,
-        replacement: bool = False,
-        bank_dtype: torch.dtype = torch.float32,
-        method: ScoreMethod = "auto",
-        chunk_size: int | None = None,
-        validate: bool = True,
-        process_group: Any = None,
+        feat_dim: int | None = None,
+        memory: ContrastMemory | None = None,
+        bank_dtype: torch.dtype | None = None,
+        **memory_options: Any,
     ) -> None:
         super().__init__()
-        self.embed_student = CRDEmbed(student_dim, feat_dim)
-        self.embed_teacher = CRDEmbed(teacher_dim, feat_dim)
-        self.memory = ContrastMemory(
-            n_data,
-            feat_dim,
-            n_negatives=n_negatives,
-            temperature=temperature,
-            momentum=momentum,
-            negatives=negatives,
-            labels=labels,
-            replacement=replacement,
-            dtype=bank_dtype,
-            method=method,
-            chunk_size=chunk_size,
-            validate=validate,
-            process_group=process_group,
-        )
-        check_negatives_fit(n_negatives, n_data)  # after the memory's own checks of n_data, labels, ...
+        if memory is not None:
+            if not isinstance(memory, ContrastMemory):
+                raise TypeError(f"memory must be a kdloss.ContrastMemory, got {type(memory).__name__}")
+            extra = sorted(memory_options) + (["bank_dtype"] if bank_dtype is not None else [])
+            if extra:
+                raise ValueError(f"pass the memory's settings {extra} to the ContrastMemory, not with memory=")
+            for name, given, own in (("n_data", n_data, memory.n_data), ("feat_dim", feat_dim, memory.feat_dim)):
+                if given is not None and given != own:
+                    raise ValueError(f"{name}={given} differs from the memory's {name}={own}; omit it or match it")
+            feat_dim = memory.feat_dim
+        elif n_data is None:
+            raise ValueError("CRDLoss needs n_data (the dataset size, the banks' rows) or a memory= to use")
+        if bank_dtype is not None:
+            if "dtype" in memory_options:
+                raise ValueError("pass the banks' dtype once: dtype= or bank_dtype=, not both")
+            memory_options["dtype"] = bank_dtype
+        width = _FEAT_DIM if feat_dim is None else feat_dim
+        self.embed_student = CRDEmbed(student_dim, width)
+        self.embed_teacher = CRDEmbed(teacher_dim, width)
+        if memory is None:
+            if feat_dim is not None:
+                memory_options["feat_dim"] = feat_dim
+            memory = ContrastMemory(n_data, **memory_options)  # type: ignore[arg-type]  # checked above
+        self.memory = memory
+        check_negatives_fit(memory.n_negatives, memory.n_data)  # after the memory's own checks of n_data, labels, ...
 
     def _load_from_state_dict(
         self,
@@ -260,16 +239,7 @@ class CRDLoss(nn.Module):
             if not isinstance(feats, Tensor) or feats.ndim < 2 or math.prod(feats.shape[1:]) != width:
                 shape = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
                 raise ShapeError(f"{name} must be (B, ...) with {width} features per sample, got shape {shape}")
-        mem = self.memory
         v_s = self.embed_student(student_features)
         v_t = self.embed_teacher(detached(teacher_features))
-        scored: tuple[Tensor, Tensor] = mem(v_s, v_t, indices, negatives, generator=generator)
-        ls, lt = scored  # (B, K+1) each
-        # Z: a training step has just stored it (set, or this batch's own when it was unset, or -1
-        # when the batch had no finite sample: what normalizers_for would compute again); in
-        # evaluation the stored one, else (evaluation first) this batch's own
-        z = mem.normalizers if mem.training else mem.normalizers_for(ls, lt, v_s, v_t)
-        log_z0, log_z1 = z.log().unbind(0)
-        # the sum of the two views' batch-mean NCE losses (crd_nce_loss of each view)
-        nce = _nce_rows(ls, log_z0, mem.n_data).sum() + _nce_rows(lt, log_z1, mem.n_data).sum()
-        return nce / max(ls.shape[0], 1)
+        scores = self.memory.score(v_s, v_t, indices, negatives, generator=generator)
+        return crd_loss(*scores, self.memory.n_data)

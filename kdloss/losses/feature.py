@@ -1,7 +1,7 @@
 """Module forms of :mod:`kdloss.functional.feature` (VID, AB, FT, ReviewKD's HCL).
 
 These modules hold hyper-parameters only. The methods' trainable parts are separate modules in
-:mod:`kdloss.methods_modules` that the user owns on the student side.
+:mod:`kdloss.parts.feature` that the user owns on the student side.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class VIDLoss(nn.Module):
     """VID's Gaussian NLL; see :func:`kdloss.functional.vid_loss`.
 
     ``forward(pred_mean, teacher_features, variance)`` where ``(pred_mean, variance)`` come from a
-    :class:`kdloss.methods_modules.VIDRegressor` owned by the student side.
+    :class:`kdloss.VIDRegressor` owned by the student side.
 
     Args:
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
@@ -31,7 +31,7 @@ class VIDLoss(nn.Module):
 
     Example:
         >>> import torch
-        >>> from kdloss.methods_modules import VIDRegressor
+        >>> from kdloss.parts.feature import VIDRegressor
         >>> reg, loss = VIDRegressor(8, 16, 4), VIDLoss()
         >>> loss
         VIDLoss(reduction='mean')
@@ -54,7 +54,7 @@ class VIDLoss(nn.Module):
 class ABLoss(nn.Module):
     r"""Activation-boundary squared hinge; see :func:`kdloss.functional.ab_loss`.
 
-    The student's pre-activation goes through a :class:`kdloss.methods_modules.ABConnector` first.
+    The student's pre-activation goes through a :class:`kdloss.ABConnector` first.
 
     Args:
         margin: :math:`\mu > 0` (1 in the paper).
@@ -84,8 +84,8 @@ class ABLoss(nn.Module):
 class FTLoss(nn.Module):
     """Factor transfer's distance between normalised factors; see :func:`kdloss.functional.ft_loss`.
 
-    Factors come from :class:`kdloss.methods_modules.FTTranslator` (student) and
-    :class:`kdloss.methods_modules.FTParaphraser` (teacher). RepDistiller's ``FactorTransfer``
+    Factors come from :class:`kdloss.FTTranslator` (student) and
+    :class:`kdloss.FTParaphraser` (teacher). RepDistiller's ``FactorTransfer``
     is ``FTLoss(variant="repdistiller", reduction="mean")``.
 
     Args:
@@ -150,7 +150,7 @@ class FTLoss(nn.Module):
 class HCLLoss(nn.Module):
     """ReviewKD's hierarchical context loss; see :func:`kdloss.functional.hcl_loss`.
 
-    The student's maps go through a :class:`kdloss.methods_modules.ReviewKDFusion` first.
+    The student's maps go through a :class:`kdloss.ReviewKDFusion` first.
 
     Args:
         levels: pooled sizes, in the order they are weighted (the authors': 4, 2, 1).

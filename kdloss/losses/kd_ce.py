@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdloss._validate import Reduction, check_positive, check_reduction, check_unit_interval
-from kdloss.functional.kd_ce import _KD_CE_REDUCTIONS, kd_ce_loss
+from kdloss.functional.kd_ce import KD_CE_REDUCTIONS, kd_ce_loss
 
 __all__ = ["KDCELoss"]
 
@@ -38,15 +38,15 @@ class KDCELoss(nn.Module):
     def __init__(
         self,
         alpha: float = 0.5,
-        temperature: float = 1.0,
         *,
+        temperature: float = 1.0,
         reduction: Reduction = "batchmean",
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
         self.alpha = check_unit_interval("alpha", alpha)
         self.temperature = check_positive("temperature", temperature)
-        self.reduction: Reduction = check_reduction(reduction, _KD_CE_REDUCTIONS)
+        self.reduction: Reduction = check_reduction(reduction, KD_CE_REDUCTIONS)
         self.ignore_index = ignore_index
 
     def forward(

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_int, check_positive, check_reduction, check_unit_interval
-from kdloss.functional.kl import _DIRECTIONS, Direction, soft_kl
+from kdloss._validate import (
+    Reduction,
+    check_int,
+    check_option,
+    check_positive,
+    check_reduction,
+    check_unit_interval,
+    renamed_argument,
+)
+from kdloss.functional.kl import Direction, soft_kl
 
 __all__ = ["KDLoss"]
 
@@ -19,10 +29,12 @@ class KDLoss(nn.Module):
         temperature: softening temperature ``T > 0``.
         reduction: ``"none" | "mean" | "batchmean" | "sum"``.
         direction: ``"forward"`` (default), ``"reverse"`` or ``"jsd"``.
-        beta: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with
+        jsd_weight: the teacher's weight in the JSD mixture, in ``(0, 1)``; only with
             ``direction="jsd"`` (default 0.5 there), an error otherwise.
         ignore_index: the label value that marks ignored rows (default -100, as in
             :func:`torch.nn.functional.cross_entropy`).
+        beta: the former name of ``jsd_weight`` (deprecated: a ``FutureWarning``; the attribute
+            ``beta`` still reads ``jsd_weight``).
 
     Raises:
         TypeError, ValueError: for a bad hyper-parameter, when the module is built (the checks of
@@ -42,22 +54,23 @@ class KDLoss(nn.Module):
         *,
         reduction: Reduction = "batchmean",
         direction: Direction = "forward",
-        beta: float | None = None,
+        jsd_weight: float | None = None,
         ignore_index: int = -100,
+        beta: float | None = None,
     ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.reduction: Reduction = check_reduction(reduction)
-        if direction not in _DIRECTIONS:
-            raise ValueError(f"direction must be one of {', '.join(map(repr, _DIRECTIONS))}, got {direction!r}")
-        if beta is not None:
+        check_option("direction", direction, get_args(Direction))
+        jsd_weight = renamed_argument("KDLoss", "jsd_weight", jsd_weight, "beta", beta)
+        if jsd_weight is not None:
             if direction != "jsd":
                 raise ValueError(
-                    f"beta is the JSD mixture weight and needs direction='jsd', got direction={direction!r}"
+                    f"jsd_weight is the JSD mixture weight and needs direction='jsd', got direction={direction!r}"
                 )
-            check_unit_interval("beta", beta, open_ends=True)
+            check_unit_interval("jsd_weight", jsd_weight, open_ends=True)
         self.direction: Direction = direction
-        self.beta = beta
+        self.jsd_weight = jsd_weight
         self.ignore_index = check_int("ignore_index", ignore_index)
 
     def forward(
@@ -74,7 +87,7 @@ class KDLoss(nn.Module):
             temperature=self.temperature,
             reduction=self.reduction,
             direction=self.direction,
-            beta=self.beta,
+            jsd_weight=self.jsd_weight,
             mask=mask,
             labels=labels,
             ignore_index=self.ignore_index,
@@ -82,8 +95,13 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"temperature={self.temperature}, reduction={self.reduction!r}, direction={self.direction!r}"
-        if self.beta is not None:
-            s += f", beta={self.beta}"
+        if self.jsd_weight is not None:
+            s += f", jsd_weight={self.jsd_weight}"
         if self.ignore_index != -100:
             s += f", ignore_index={self.ignore_index}"
         return s
+
+    @property
+    def beta(self) -> float | None:
+        """The former name of :attr:`jsd_weight` (read-only)."""
+        return self.jsd_weight

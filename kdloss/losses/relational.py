@@ -6,12 +6,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdloss._validate import Reduction, check_nonnegative, check_positive, check_reduction
+from kdloss._validate import Reduction, check_nonnegative, check_option, check_positive, check_reduction
 from kdloss.functional.relational import (
     CCVariant,
     FSPVariant,
     RKDPairs,
-    _check_option,
     cc_loss,
     fsp_loss,
     nst_loss,
@@ -63,7 +62,7 @@ class CCLoss(nn.Module):
         if order < 0:
             raise ValueError(f"order must be >= 0, got {order}")
         self.order = order
-        _check_option("variant", variant, ("paper", "repdistiller"))
+        check_option("variant", variant, ("paper", "repdistiller"))
         self.variant: CCVariant = variant
 
     def forward(self, student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
@@ -94,7 +93,7 @@ class RKDLoss(nn.Module):
         super().__init__()
         self.distance_weight = check_nonnegative("distance_weight", distance_weight)
         self.angle_weight = check_nonnegative("angle_weight", angle_weight)
-        _check_option("pairs", pairs, ("all", "distinct"))
+        check_option("pairs", pairs, ("all", "distinct"))
         self.pairs: RKDPairs = pairs
 
     def forward(self, student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
@@ -164,7 +163,7 @@ class FSPLoss(nn.Module):
 
     def __init__(self, *, variant: FSPVariant = "paper", reduction: Reduction = "mean") -> None:
         super().__init__()
-        _check_option("variant", variant, ("paper", "repdistiller"))
+        check_option("variant", variant, ("paper", "repdistiller"))
         self.variant: FSPVariant = variant
         self.reduction: Reduction = check_reduction(reduction)
 

@@ -222,21 +222,8 @@ def _lazy(module: str, attr: str) -> Callable[[int], nn.Module]:
 
 _CRD = "CRD / RepDistiller community benchmark (Tian et al., ICLR 2020)"
 
-for _name in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"):
-    register_model(
-        ModelSpec(
-            _name,
-            "cifar_resnet",
-            _lazy(".cifar_resnet", _name),
-            ("layer1", "layer2", "layer3"),
-            "flatten",
-            "fc",
-            "layer2",
-            "relu",
-            reference=_CRD,
-        )
-    )
-for _name in ("resnet8x4", "resnet32x4"):
+_CIFAR_RESNETS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+for _name in (*_CIFAR_RESNETS, "resnet8x4", "resnet32x4"):
     register_model(
         ModelSpec(
             _name,

@@ -15,15 +15,18 @@ stride-1 stem, no max-pool, global average pooling, one linear classifier):
 
 Module names follow the benchmark's code (``conv1, bn1, layer1.0.conv1, layer1.0.downsample.0,
 fc``), so its published state dicts load with ``load_state_dict`` (our parameter-free
-``avgpool`` and ``flatten`` add no keys). The stage outputs (``layer1`` ... ``layerK``) are
-post-ReLU tensors that no later module overwrites in place, so :class:`kdloss.FeatureTap`
-captures them safely; ``flatten`` gives the ``(B, C)`` penultimate feature.
+``avgpool``, ``flatten`` and ``preact`` add no keys). The stage outputs (``layer1`` ...
+``layerK``) are post-ReLU tensors that no later module overwrites in place, so
+:class:`kdloss.FeatureTap` captures them safely; ``flatten`` gives the ``(B, C)`` penultimate
+feature, and each block's ``preact`` (an ``nn.Identity``) its pre-ReLU sum
+(:attr:`CifarResNet.preact_paths`: the last block's of each stage, for activation boundaries).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -54,6 +57,10 @@ class BasicBlock(nn.Module):
 
         y = \\mathrm{ReLU}\\big(\\mathrm{BN}(W_2 * \\mathrm{ReLU}(\\mathrm{BN}(W_1 * x))) + s(x)\\big)
 
+    The sum before the last ReLU passes through ``preact`` (an ``nn.Identity``), so a
+    :class:`kdloss.FeatureTap` on ``<block>.preact`` reads the pre-activation; that ReLU is out of
+    place, so the tapped sum stays intact.
+
     Args:
         in_channels: input channels.
         out_channels: output channels.
@@ -70,6 +77,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
+        self.preact = nn.Identity()
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
@@ -81,8 +89,9 @@ class BasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        # Out of place: the input x (a tapped stage output) and bn2's output stay intact.
-        result: Tensor = self.relu(out + shortcut)
+        # Out of place: the input x (a tapped stage output), bn2's output and the pre-activation
+        # sum (tapped at `preact`) stay intact.
+        result: Tensor = torch.relu(self.preact(out + shortcut))
         return result
 
 
@@ -149,6 +158,11 @@ class CifarResNet(nn.Module):
     def stage_names(self) -> list[str]:
         """``["layer1", ..., "layerK"]``."""
         return [f"layer{i + 1}" for i in range(len(self.blocks))]
+
+    @property
+    def preact_paths(self) -> list[str]:
+        """The last block's ``preact`` of each stage: the pre-ReLU stage features (``layer1.<n-1>.preact``, ...)."""
+        return [f"layer{i + 1}.{n - 1}.preact" for i, n in enumerate(self.blocks)]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

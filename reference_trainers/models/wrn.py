@@ -127,6 +127,12 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
+    @property
+    def preact_paths(self) -> list[str]:
+        """``["block1", "block2", "block3"]``: the stage outputs are the pre-activation sums (the blocks
+        are pre-activation: each starts with BN-ReLU on a new tensor, leaving its input intact)."""
+        return ["block1", "block2", "block3"]
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
         x = self.relu(self.bn1(x))

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from reference_trainers.recipes import benchmark_cifar100, blog_cifar10, demo, dih, hint_imagenette, tutorial_cifar10
+from reference_trainers.recipes import (
+    benchmark_cifar100,
+    blog_cifar10,
+    demo,
+    dih,
+    hint_imagenette,
+    lm_distil,
+    tutorial_cifar10,
+)
 
 __all__ = ["RECIPES"]
 
 RECIPES: dict[str, ModuleType] = {m.NAME: m for m in (demo, tutorial_cifar10)}
 RECIPES.update({m.NAME: m for m in (hint_imagenette, dih, blog_cifar10, benchmark_cifar100)})
+RECIPES[lm_distil.NAME] = lm_distil

@@ -4,7 +4,7 @@ SGD (lr 0.05, momentum 0.9, weight decay 5e-4), batch 64, 240 epochs, lr x0.1 at
 180 and 210; random crop (4-pixel padding) and horizontal flip; T = 4. ``kd`` is
 ``0.1 * CE + 0.9 * KL_T^2``; ``fitnet`` is ``CE + 100 * MSE`` on the benchmark's hint layers
 with a trainable 3x3 conv-BN-ReLU regressor; ``at`` is ``CE + 1000 * AT`` on every stage pair;
-every method of :mod:`reference_trainers.recipes.cifar_methods` can be selected
+every method of :data:`reference_trainers.methods.METHODS` can be selected
 (``--method kd,fitnet,at,dkd``). The teacher is trained once (first seed) with the same
 schedule, or loaded with ``--teacher-checkpoint`` (the benchmark's published ``ckpt_epoch_240.pth``
 files load as they are). Pairs (``--teacher``/``--student``): resnet110/resnet32,

@@ -8,13 +8,16 @@ max-pool); the teacher (and with ``--pretrained-student`` the student) starts fr
 weights when available (``--imagenet-weights DIR`` or torchvision's cache; never downloaded;
 without them from scratch, which the log says).
 
-Methods (``--method``): ``student-ce`` (the baseline); ``kd``: ``0.1 * CE + 0.9 * KL_T^2``,
-T = 3; ``feature``: ``CE + MSE(conv1x1(f_s), f_t)`` on ``layer4`` (a trainable 1x1 conv on the
-student to the teacher's 2048 channels); ``at``: ``CE + 1000 * AT`` on ``layer1`` ... ``layer4``;
-``self-distill``: the student alone with early-exit classifiers on ``layer1`` ... ``layer3``,
-each trained with ``0.1 * CE + 0.9 * KL_T^2`` from the student's own final output. Then the
-teacher and the KD student are exported with TorchScript and compared: parameters, file size,
-latency (batch 1, median of ``--latency-runs``), in ``deploy.json`` / ``deploy.md``.
+Methods (``--method``), each the trainers' method of :data:`reference_trainers.methods.METHODS`
+named in brackets: ``student-ce`` (the baseline, ``ce``); ``kd``: ``0.1 * CE + 0.9 * KL_T^2``,
+T = 3 (``kd``); ``feature``: ``CE + MSE(conv1x1(f_s), f_t)`` on ``layer4`` (a trainable 1x1 conv
+on the student to the teacher's 2048 channels; ``hint-last``); ``at``: ``CE + 1000 * AT`` on
+``layer1`` ... ``layer4`` (``at``); ``self-distill``: the student alone with early-exit
+classifiers on ``layer1`` ... ``layer3``, each trained with ``0.1 * CE + 0.9 * KL_T^2`` from the
+student's own final output (``self-distill``, ``kdloss.SelfDistillationLoss``). ``--kd-weight``
+is the KL weight (0.9), the CE gets ``1 - kd_weight``. Then the teacher and the KD student are
+exported with TorchScript and compared: parameters, file size, latency (batch 1, median of
+``--latency-runs``), in ``deploy.json`` / ``deploy.md``.
 
 The source's mistake, offered with ``--faithful``: its teacher is the ImageNet ResNet-50 with its
 1000-way head, used on CIFAR-10 unchanged (so the student also has 1000 outputs and the KL
@@ -29,20 +32,18 @@ import io
 import json
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kdloss
 from reference_trainers import models
 from reference_trainers.engine import DistillStep, RunResult, RunSpec, atomic_write_bytes, setup, train_run
 from reference_trainers.errors import TrainerError
-from reference_trainers.methods import AttentionStep, CEStep, HintStep, KDStep, TeacherOutputs
-from reference_trainers.models import build_model, feature_shapes, load_torchvision_weights, num_parameters
+from reference_trainers.methods import AttentionOptions, CEStep, HintOptions, MethodSetup, get_method
+from reference_trainers.methods import SelfDistillStep as SelfDistillStep  # its home of earlier versions
+from reference_trainers.models import build_model, load_torchvision_weights, num_parameters
 from reference_trainers.recipes.common import (
     check_data_arguments,
     config_from_args,
@@ -59,49 +60,10 @@ from reference_trainers.recipes.common import (
 NAME = "blog-cifar10"
 HELP = "the KD blog's ResNet-50 -> ResNet-18 on CIFAR-10: KD, features, AT, self-distillation, export"
 METHODS = ("student-ce", "kd", "feature", "at", "self-distill")
+REGISTRY_NAMES = {"student-ce": "ce", "kd": "kd", "feature": "hint-last", "at": "at", "self-distill": "self-distill"}
+"""The trainers' method behind each of this recipe's methods (:data:`reference_trainers.methods.METHODS`)."""
 BLOG_MEAN = (0.4914, 0.4822, 0.4465)
 BLOG_STD = (0.2023, 0.1994, 0.2010)
-
-
-class SelfDistillStep(DistillStep):
-    """Self-distillation with early exits: ``CE(final) + sum_i [ce_weight * CE(h_i) + kd_weight * KL_T(h_i, final)]``.
-
-    Each exit ``h_i`` is global average pooling + a linear classifier on a tapped student stage;
-    the final output is the (detached) teacher of every exit. The exits are trained with the
-    student and saved in the checkpoint; only the final classifier is evaluated.
-    """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        paths: list[str],
-        channels: list[int],
-        num_classes: int,
-        *,
-        temperature: float,
-        ce_weight: float,
-        kd_weight: float,
-    ) -> None:
-        super().__init__()
-        self.student = student
-        self.paths = paths
-        self.exits = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(c, num_classes)) for c in channels
-        )
-        self.kd = kdloss.KDLoss(temperature)
-        self.objective = kdloss.WeightedSum(ce=1.0, exit_ce=ce_weight, exit_kd=kd_weight)
-        self._tap = kdloss.FeatureTap(student, paths)
-        self._tap.attach()
-
-    def forward(self, images: Tensor, labels: Tensor, teacher: dict[str, Tensor] | None) -> kdloss.LossParts:
-        logits = self.student(images)
-        exit_logits = [head(self._tap[p]) for head, p in zip(self.exits, self.paths)]
-        out: kdloss.LossParts = self.objective(
-            ce=F.cross_entropy(logits.float(), labels),
-            exit_ce=torch.stack([F.cross_entropy(e.float(), labels) for e in exit_logits]).sum(),
-            exit_kd=torch.stack([self.kd(e, logits.detach()) for e in exit_logits]).sum(),
-        )
-        return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,13 +91,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (default: %(default)s)")
     p.add_argument("--temperature", type=positive_float, default=3.0, help="T (default: %(default)s)")
     p.add_argument(
-        "--alpha", type=unit_float, default=0.1, help="CE weight; the KL gets 1 - alpha (default: %(default)s)"
+        "--kd-weight", type=unit_float, default=0.9, help="KL weight; the CE gets 1 - it (default: %(default)s)"
+    )
+    # --alpha was this recipe's CE weight; in every recipe --alpha is now the KL weight, so an old
+    # command line is refused with the translation (check) instead of silently flipping its weights.
+    p.add_argument("--alpha", type=unit_float, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--at-beta",
+        type=nonnegative_float,
+        default=AttentionOptions.beta,
+        help="attention-transfer beta (default: %(default)s)",
     )
     p.add_argument(
-        "--at-beta", type=nonnegative_float, default=1000.0, help="attention-transfer beta (default: %(default)s)"
-    )
-    p.add_argument(
-        "--feature-weight", type=nonnegative_float, default=1.0, help="weight of the feature MSE (default: %(default)s)"
+        "--feature-weight",
+        type=nonnegative_float,
+        default=HintOptions.last_weight,
+        help="weight of the feature MSE (default: %(default)s)",
     )
     p.add_argument(
         "--latency-runs", type=positive_int, default=50, help="timed batch-1 forwards per model (default: %(default)s)"
@@ -150,6 +121,11 @@ def _methods(args: argparse.Namespace) -> list[str]:
 def check(args: argparse.Namespace) -> None:
     """The recipe's options, before anything runs: methods, the data (the full CIFAR-10 unless
     ``--dataset embedded`` or ``--smoke``)."""
+    if args.alpha is not None:
+        raise TrainerError(
+            f"blog-cifar10's --alpha was the CE weight (the KL got 1 - alpha); --alpha now means the KL weight in "
+            f"every recipe, and this recipe spells it --kd-weight: pass --kd-weight {1 - args.alpha:g} for the same run"
+        )
     methods = _methods(args)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -239,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     teacher_name = args.teacher.removesuffix("_cifar") if args.faithful else args.teacher
     student_name = args.student.removesuffix("_cifar") if args.faithful else args.student
     heads = 1000 if args.faithful else n  # the source: ImageNet's 1000-way heads on CIFAR-10
-    T, alpha = args.temperature, args.alpha
+    kd_w = args.kd_weight
 
     def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
@@ -278,44 +254,28 @@ def run(args: argparse.Namespace) -> int:
         elif not pretrained:
             ctx.log("--faithful without ImageNet weights: the teacher is random, as meaningless as the source's head")
         teacher.eval()
-        t_shapes = feature_shapes(teacher, ["layer1", "layer2", "layer3", "layer4"])
-        s_shapes = feature_shapes(student(), ["layer1", "layer2", "layer3", "layer4"])
 
         def spec(method: str, build: Any, t_side: nn.Module | None, s: int = seed) -> RunSpec:
             return RunSpec(method, s, build, sgd, epochs, cosine(epochs), teacher=t_side, resume=args.resume)
 
+        msetup = MethodSetup(
+            student=student_name,
+            teacher=teacher_name,
+            teacher_model=teacher,
+            num_classes=heads,
+            temperature=args.temperature,
+            ce_weight=1 - kd_w,
+            kd_weight=kd_w,
+            student_factory=student,
+            steps_per_epoch=len(data.train),
+            epochs=epochs,
+            log=ctx.log,
+            hint=HintOptions(last_weight=args.feature_weight),
+            attention=AttentionOptions(beta=args.at_beta),
+        )
         for method in methods:
-            build: Callable[..., DistillStep]
-            if method == "student-ce":
-                results.append(train_run(ctx, spec(method, lambda: CEStep(student()), None), data))
-            elif method == "kd":
-                build = lambda: KDStep(student(), temperature=T, kd_weight=1 - alpha, ce_weight=alpha)  # noqa: E731
-                results.append(train_run(ctx, spec(method, build, TeacherOutputs(teacher)), data))
-            elif method == "feature":
-                s_c, t_c = s_shapes["layer4"][0], t_shapes["layer4"][0]
-
-                def build_feature(s_c: int = s_c, t_c: int = t_c) -> DistillStep:
-                    adapter = kdloss.ConvAdapter(s_c, t_c, 1)
-                    return HintStep(student(), "layer4", adapter, hint_weight=args.feature_weight, ce_weight=1.0)
-
-                build = build_feature
-
-                t_side = TeacherOutputs(teacher, {"features": "layer4"})
-                results.append(train_run(ctx, spec(method, build, t_side), data))
-            elif method == "at":
-                stages = ["layer1", "layer2", "layer3", "layer4"]
-                build = lambda st=stages: AttentionStep(  # noqa: E731
-                    student(), st, beta=args.at_beta, ce_weight=1.0
-                )
-                t_side = TeacherOutputs(teacher, {f"at{i}": p for i, p in enumerate(stages)})
-                results.append(train_run(ctx, spec(method, build, t_side), data))
-            elif method == "self-distill":
-                exits = ["layer1", "layer2", "layer3"]
-                chans = [s_shapes[p][0] for p in exits]
-                build = lambda ex=exits, ch=chans: SelfDistillStep(  # noqa: E731
-                    student(), ex, ch, heads, temperature=T, ce_weight=alpha, kd_weight=1 - alpha
-                )
-                results.append(train_run(ctx, spec(method, build, None), data))
+            built = get_method(REGISTRY_NAMES[method]).make(msetup)
+            results.append(train_run(ctx, spec(method, built.build, built.teacher), data))
 
     deploy: list[dict[str, Any]] = []
     if ctx.is_main:

@@ -3,7 +3,7 @@
 Per recipe: load CIFAR (crop + flip augmentation on the device), get the teacher (a checkpoint
 from ``--teacher-checkpoint``, or trained here with cross-entropy once, with the first seed, and
 reused by every student), then for every seed and every ``--method`` build the method from
-:mod:`reference_trainers.recipes.cifar_methods` and train it with SGD + multi-step decay through
+:data:`reference_trainers.methods.METHODS` and train it with SGD + multi-step decay through
 the engine. Milestones scale with ``--epochs`` (``round(m * epochs / default_epochs)``), so a
 shortened run keeps the schedule's shape; at the default epochs they are the published ones.
 """
@@ -26,14 +26,24 @@ from reference_trainers.engine import (
     RunResult,
     RunSpec,
     atomic_write_bytes,
+    checkpoint_digest,
     setup,
     summarise,
     train_run,
 )
 from reference_trainers.errors import CheckpointError, TrainerError
-from reference_trainers.methods import CEStep
+from reference_trainers.methods import (
+    METHODS,
+    AttentionOptions,
+    CEStep,
+    CohortOptions,
+    ContrastiveOptions,
+    HintOptions,
+    LogitOptions,
+    MethodSetup,
+    get_method,
+)
 from reference_trainers.models import MODEL_NAMES, build_model
-from reference_trainers.recipes.cifar_methods import METHODS, MethodSetup, get_method
 from reference_trainers.recipes.common import (
     check_data_arguments,
     config_from_args,
@@ -44,17 +54,22 @@ from reference_trainers.recipes.common import (
     positive_float,
     positive_int,
     run_data,
+    unit_float,
 )
-from reference_trainers.recipes.method_crd import add_crd_arguments, crd_options  # also registers crd, takd
 
 __all__ = [
     "CifarDefaults",
     "add_cifar_arguments",
+    "add_crd_arguments",
     "check_cifar",
+    "contrastive_options",
+    "crd_options",
     "load_teacher_weights",
     "run_cifar_kd",
     "write_comparison",
 ]
+
+_CRD = ContrastiveOptions()  # the defaults the options below show
 
 
 @dataclass(frozen=True)
@@ -118,32 +133,113 @@ def add_cifar_arguments(p: argparse.ArgumentParser, d: CifarDefaults) -> None:
     g.add_argument(
         "--hint-weight",
         type=nonnegative_float,
-        default=100.0,
+        default=HintOptions.weight,
         help="fitnet's hint weight, the benchmark's (default: %(default)s)",
     )
-    g.add_argument("--at-beta", type=nonnegative_float, default=1000.0, help="at's beta (default: %(default)s)")
+    g.add_argument(
+        "--at-beta", type=nonnegative_float, default=AttentionOptions.beta, help="at's beta (default: %(default)s)"
+    )
     g.add_argument(
         "--fitnet-stage1-epochs",
         type=positive_int,
-        default=40,
+        default=HintOptions.stage1_epochs,
         help="fitnet2's hint pre-training epochs (default: %(default)s)",
     )
     g.add_argument(
         "--init-epochs",
         type=positive_int,
-        default=30,
+        default=MethodSetup.init_epochs,
         help="ab/fsp init and ft paraphraser epochs (default: %(default)s)",
     )
     g.add_argument(
         "--head-epochs",
         type=positive_int,
-        default=20,
+        default=CohortOptions.head_epochs,
         help="dih's head fine-tuning epochs, Adam 1e-3 (default: %(default)s)",
     )
     add_crd_arguments(p)
     p.set_defaults(
         epochs=d.epochs, batch_size=d.batch_size, seeds=",".join(map(str, d.seeds)), dataset=d.dataset, val_size=5000
     )
+
+
+def add_crd_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``crd`` and ``takd`` options of the CIFAR recipes (defaults: ``ContrastiveOptions``'s)."""
+    g = p.add_argument_group("crd / takd")
+    g.add_argument(
+        "--crd-weight", type=nonnegative_float, default=None, help="CRD weight beta (benchmark 0.8, dih 0.03)"
+    )
+    g.add_argument(
+        "--crd-ce-weight", type=nonnegative_float, default=None, help="crd's CE weight (benchmark 1, dih --ce-weight)"
+    )
+    g.add_argument(
+        "--crd-kd-weight", type=nonnegative_float, default=None, help="crd's KD weight (benchmark 0, dih --kd-weight)"
+    )
+    g.add_argument(
+        "--crd-feat-dim", type=positive_int, default=_CRD.feat_dim, help="CRD embedding width (default: %(default)s)"
+    )
+    g.add_argument(
+        "--crd-nce-k",
+        type=positive_int,
+        default=_CRD.n_negatives,
+        help="CRD negatives per sample (default: %(default)s)",
+    )
+    g.add_argument(
+        "--crd-nce-t", type=positive_float, default=_CRD.temperature, help="CRD temperature (default: %(default)s)"
+    )
+    g.add_argument(
+        "--crd-nce-m", type=unit_float, default=_CRD.momentum, help="CRD bank momentum (default: %(default)s)"
+    )
+    g.add_argument(
+        "--crd-negatives",
+        default=_CRD.negatives,
+        choices=("class", "uniform"),
+        help="CRD negatives: other classes, RepDistiller's 'exact' (class), or the whole bank (uniform) "
+        "(default: %(default)s)",
+    )
+    g.add_argument("--ta", default=None, choices=MODEL_NAMES, metavar="MODEL", help="takd's teacher assistant")
+    g.add_argument("--ta-epochs", type=positive_int, default=None, help="takd's assistant epochs (default: --epochs)")
+
+
+def contrastive_options(args: argparse.Namespace, recipe: str, *, train: Any) -> ContrastiveOptions:
+    """``crd``'s options from the parsed arguments: ``train`` is the training batch source, whose
+    ``num_samples`` sizes the banks and whose ``labels`` (when it has them) drive the class-aware negatives."""
+    labels = getattr(train, "labels", None)
+    return ContrastiveOptions(
+        n_data=int(train.num_samples),
+        labels=labels.detach().cpu() if isinstance(labels, Tensor) else None,
+        negatives=args.crd_negatives,
+        weight=args.crd_weight,
+        ce_weight=args.crd_ce_weight,
+        kd_weight=args.crd_kd_weight,
+        preset=recipe,
+        feat_dim=args.crd_feat_dim,
+        n_negatives=args.crd_nce_k,
+        temperature=args.crd_nce_t,
+        momentum=args.crd_nce_m,
+    )
+
+
+def crd_options(args: argparse.Namespace, recipe: str, *, train: Any, epochs: int) -> dict[str, Any]:
+    """The options of ``crd`` and ``takd`` as the untyped mapping of earlier versions (deprecated:
+    :func:`contrastive_options` and :class:`~reference_trainers.methods.LogitOptions`)."""
+    labels = getattr(train, "labels", None)
+    return {
+        "recipe": recipe,
+        "n_data": int(train.num_samples),
+        "crd_labels": labels.detach().cpu() if isinstance(labels, Tensor) else None,
+        "crd_negatives": args.crd_negatives,
+        "epochs": epochs,
+        "crd_weight": args.crd_weight,
+        "crd_ce_weight": args.crd_ce_weight,
+        "crd_kd_weight": args.crd_kd_weight,
+        "crd_feat_dim": args.crd_feat_dim,
+        "crd_nce_k": args.crd_nce_k,
+        "crd_nce_t": args.crd_nce_t,
+        "crd_nce_m": args.crd_nce_m,
+        "ta": args.ta,
+        "ta_epochs": args.ta_epochs if not args.smoke else 1,
+    }
 
 
 def check_cifar(args: argparse.Namespace, recipe: str) -> None:
@@ -161,10 +257,11 @@ def check_cifar(args: argparse.Namespace, recipe: str) -> None:
 
 def load_teacher_weights(model: nn.Module, path: Path) -> None:
     """Load teacher weights: a state dict, the community benchmark's ``{"model": state_dict}``, or an
-    engine checkpoint (``{"model": step state dict}`` with ``student.`` keys). ``weights_only`` only.
+    engine checkpoint (``{"model": step state dict}`` with ``student.`` keys). ``weights_only`` only;
+    a file with a ``"checksum"`` (the engine's checkpoints) is verified against it.
 
     Raises:
-        CheckpointError: a missing, unsafe or unreadable file, or weights of another model.
+        CheckpointError: a missing, unsafe, unreadable or damaged file, or weights of another model.
     """
     if not path.is_file():
         raise CheckpointError(f"teacher checkpoint {str(path)!r} does not exist")
@@ -172,6 +269,10 @@ def load_teacher_weights(model: nn.Module, path: Path) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unsafe pickle or a corrupt file: refused, never loaded unsafely
         raise CheckpointError(f"refusing teacher checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from e
+    if isinstance(obj, dict) and "checksum" in obj and checkpoint_digest(obj) != obj["checksum"]:
+        raise CheckpointError(
+            f"teacher checkpoint {str(path)!r} is damaged: its content does not match its checksum; it was not used"
+        )
     state: Any = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"teacher checkpoint {str(path)!r} holds no state dict")
@@ -318,20 +419,19 @@ def run_cifar_kd(args: argparse.Namespace, recipe: str, d: CifarDefaults, meta: 
                 ce_weight=args.ce_weight,
                 kd_weight=args.kd_weight,
                 train_phase=train_phase,
-                options={
-                    "hint_weight": args.hint_weight,
-                    "at_beta": args.at_beta,
-                    "fitnet_stage1_epochs": args.fitnet_stage1_epochs if not args.smoke else 1,
-                    "steps_per_epoch": len(data.train),
-                    "head_epochs": 1 if args.smoke else args.head_epochs,
-                    "init_epochs": 1 if args.smoke else args.init_epochs,
-                    "heads_dir": Path(ctx.config.out_dir) / "checkpoints" if ctx.is_main else None,
-                    "resume": bool(args.resume),
-                    "log": ctx.log,
-                    **crd_options(args, recipe, train=data.train, epochs=epochs),
-                },
                 train_batches=TrainBatches(data_for(teacher_seed), teacher_seed, ctx.config.max_batches),
                 shared=shared,
+                steps_per_epoch=len(data.train),
+                epochs=epochs,
+                init_epochs=1 if args.smoke else args.init_epochs,
+                resume=bool(args.resume),
+                checkpoint_dir=Path(ctx.config.out_dir) / "checkpoints" if ctx.is_main else None,
+                log=ctx.log,
+                logit=LogitOptions(ta=args.ta, ta_epochs=1 if args.smoke else args.ta_epochs),
+                hint=HintOptions(weight=args.hint_weight, stage1_epochs=1 if args.smoke else args.fitnet_stage1_epochs),
+                attention=AttentionOptions(beta=args.at_beta),
+                contrastive=contrastive_options(args, recipe, train=data.train),
+                cohort=CohortOptions(head_epochs=1 if args.smoke else args.head_epochs),
             )
             built = get_method(method).make(msetup)
             spec = RunSpec(

@@ -25,9 +25,9 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -85,52 +85,30 @@ def _number(s: str, kind: type[int] | type[float]) -> int | float:
     return v
 
 
-def positive_int(s: str) -> int:
-    """argparse ``type``: an integer >= 1."""
-    v = int(_number(s, int))
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+_N = TypeVar("_N", int, float)
 
 
-def nonnegative_int(s: str) -> int:
-    """argparse ``type``: an integer >= 0."""
-    v = int(_number(s, int))
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+def _argument_type(name: str, kind: type[_N], within: Callable[[_N], bool], expected: str) -> Callable[[str], _N]:
+    """The argparse ``type`` ``name``: a finite ``kind`` for which ``within`` holds; anything else is
+    refused with "expected <expected>, got '<s>'"."""
+
+    def parse(s: str) -> _N:
+        v = kind(_number(s, kind))
+        if not within(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return v
+
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = f"argparse ``type``: {expected}."
+    return parse
 
 
-def positive_float(s: str) -> float:
-    """argparse ``type``: a finite number > 0."""
-    v = float(_number(s, float))
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
-    return v
-
-
-def nonnegative_float(s: str) -> float:
-    """argparse ``type``: a finite number >= 0."""
-    v = float(_number(s, float))
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    return v
-
-
-def unit_float(s: str) -> float:
-    """argparse ``type``: a number in [0, 1]."""
-    v = float(_number(s, float))
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
-    return v
-
-
-def open_unit_float(s: str) -> float:
-    """argparse ``type``: a number in (0, 1)."""
-    v = float(_number(s, float))
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
-    return v
+positive_int = _argument_type("positive_int", int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = _argument_type("nonnegative_int", int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _argument_type("positive_float", float, lambda v: v > 0, "a number > 0")
+nonnegative_float = _argument_type("nonnegative_float", float, lambda v: v >= 0, "a number >= 0")
+unit_float = _argument_type("unit_float", float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+open_unit_float = _argument_type("open_unit_float", float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")

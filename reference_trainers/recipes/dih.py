@@ -9,9 +9,10 @@ vgg11_dih, wrn_28_2, resnet110, resnet20, resnet14, resnet8 (any registered mode
 Methods: ``kd``, ``fitnet2`` (FitNets in two stages: 40 epochs of hint training of the student
 up to its guided layer with SGD nesterov, then KD), ``at``, ``ce`` and ``dih`` (k heads
 fine-tuned on the frozen teacher with ``kdloss.finetune_heads``, ``--head-epochs``, then the
-cohort teaches with ``kdloss.CohortLoss``, authors' form), ``crd`` (alpha 0.1, beta 0.03) and
-``takd`` (``--ta MODEL``), see :mod:`reference_trainers.recipes.method_crd`, and ``mhkd`` and
-``tofd`` (paired heads on teacher and student, :mod:`reference_trainers.recipes.method_extra`).
+cohort teaches with ``kdloss.CohortLoss``, authors' form), ``crd`` (alpha 0.1, beta 0.03,
+:mod:`reference_trainers.methods.contrastive`) and ``takd`` (``--ta MODEL``,
+:mod:`reference_trainers.methods.logit`), and ``mhkd`` and ``tofd`` (paired heads on teacher and
+student, :mod:`reference_trainers.methods.cohort`).
 
 Differences from the authors, on purpose: checkpoints are selected on a validation split carved
 from the training set, never on the test set (the authors selected on test).

@@ -14,8 +14,9 @@ Models: torchvision ResNet-50 (teacher) and ResNet-18 (student), ImageNet weight
 or torchvision's cache), ``fc`` replaced by ``Linear(in, 10)``. Without the weights the recipe
 stops with a message saying where it looked, unless ``--random-init``.
 
-Loss: ``alpha * KL_T^2 + (1 - alpha) * CE + beta * MSE`` between the student's ``layer3[1]``
-(N, 256, 14, 14) and the teacher's ``layer3[5]`` (N, 1024, 14, 14); T = 3, alpha = beta = 0.5;
+Loss: ``kd_weight * KL_T^2 + (1 - kd_weight) * CE + beta * MSE`` between the student's ``layer3[1]``
+(N, 256, 14, 14) and the teacher's ``layer3[5]`` (N, 1024, 14, 14); T = 3, ``--kd-weight`` (also
+spelled ``--alpha``, the source's name) = ``--beta`` = 0.5;
 SGD (lr 0.01, momentum 0.9), 5 epochs, batch 32.
 
 ``--faithful`` reproduces the source's mistakes: the teacher's new ``fc`` is never trained (its
@@ -145,7 +146,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--imagenet-weights", type=existing_path, default=None, help="directory of torchvision resnet weights"
     )
-    p.add_argument("--random-init", action="store_true", help="run without ImageNet weights (timing, smoke)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="run without ImageNet weights (timing, smoke; random weights can diverge at the default --lr, "
+        "then the run stops with a message: pass a smaller one)",
+    )
     p.add_argument(
         "--teacher-epochs",
         type=positive_int,
@@ -155,7 +161,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=positive_int, default=224, help="crop size (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (default: %(default)s)")
     p.add_argument("--temperature", type=positive_float, default=3.0, help="T (default: %(default)s)")
-    p.add_argument("--alpha", type=unit_float, default=0.5, help="KL weight; CE gets 1 - alpha (default: %(default)s)")
+    p.add_argument(
+        "--kd-weight",
+        "--alpha",
+        dest="kd_weight",
+        type=unit_float,
+        default=0.5,
+        help="KL weight (the source's alpha); CE gets 1 - it (default: %(default)s)",
+    )
     p.add_argument("--beta", type=nonnegative_float, default=0.5, help="hint MSE weight (default: %(default)s)")
     add_decode_argument(p)
     p.set_defaults(epochs=5, batch_size=32, workers=default_workers(), dataset="imagefolder")
@@ -364,8 +377,8 @@ def run(args: argparse.Namespace) -> int:
                 "layer3.1",
                 nn.Identity(),
                 hint_weight=args.beta,
-                ce_weight=1 - args.alpha,
-                kd_weight=args.alpha,
+                ce_weight=1 - args.kd_weight,
+                kd_weight=args.kd_weight,
                 temperature=args.temperature,
             )
         else:
@@ -375,8 +388,8 @@ def run(args: argparse.Namespace) -> int:
                 "layer3.1",
                 kdloss.ConvAdapter(256, 1024, 1),
                 hint_weight=args.beta,
-                ce_weight=1 - args.alpha,
-                kd_weight=args.alpha,
+                ce_weight=1 - args.kd_weight,
+                kd_weight=args.kd_weight,
                 temperature=args.temperature,
             )
         name = "hint-faithful" if args.faithful else "hint"

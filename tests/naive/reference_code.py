@@ -5,9 +5,10 @@ reference code does (RepDistiller, mdistiller, the DIST and ReviewKD authors' co
 knowledge-distillation tutorial), written here from their formulas with plain autograd operators,
 no masking and no numerical care beyond theirs. ``benchmarks/vs_reference.py`` times kdloss against
 them, and ``tests/test_op_counts.py`` checks that kdloss dispatches no more operators (forward +
-backward) than they do. The loop-based references of ``tests/naive_methods.py`` check values; these
-check cost, so they are as lean as the reference code itself (and agree with kdloss's values on
-ordinary inputs, which ``tests/test_op_counts.py`` checks too).
+backward) than they do. The float64 references of the family modules (``tests/naive/<family>.py``)
+check values; these check cost, so they are as lean as the reference code itself (and agree with
+kdloss's values on ordinary inputs, which ``tests/test_op_counts.py`` checks too). Not re-exported
+from :mod:`tests.naive`: their names are the methods', as the family modules' are.
 """
 
 from __future__ import annotations
@@ -70,12 +71,13 @@ def reverse_kl(s: Tensor, t: Tensor, temperature: float) -> Tensor:
     return F.kl_div(log_p, log_q, reduction="sum", log_target=True) * temperature**2 / s.shape[0]
 
 
-def jsd(s: Tensor, t: Tensor, temperature: float, beta: float) -> Tensor:
-    """``beta KL(p || m) + (1 - beta) KL(q || m) * T^2`` per sample, the mixture ``m`` in probabilities."""
+def jsd(s: Tensor, t: Tensor, temperature: float, jsd_weight: float) -> Tensor:
+    """``w KL(p || m) + (1 - w) KL(q || m) * T^2`` over the batch, ``w = jsd_weight``, ``m = w p + (1 - w) q``."""
+    w = jsd_weight
     p = F.softmax(t / temperature, dim=1)
     q = F.softmax(s / temperature, dim=1)
-    log_m = (beta * p + (1.0 - beta) * q).log()
-    total = beta * F.kl_div(log_m, p, reduction="sum") + (1.0 - beta) * F.kl_div(log_m, q, reduction="sum")
+    log_m = (w * p + (1.0 - w) * q).log()
+    total = w * F.kl_div(log_m, p, reduction="sum") + (1.0 - w) * F.kl_div(log_m, q, reduction="sum")
     return total * temperature**2 / s.shape[0]
 
 

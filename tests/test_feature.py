@@ -24,14 +24,14 @@ from kdloss import (
     adapter_parameters,
 )
 from kdloss.functional import ab_loss, ft_loss, hcl_loss, vid_loss
-from tests import naive_methods as naive
-from tests._methods_common import (
+from tests.helpers import (
     F64,
     assert_finite_with_grad,
     assert_matches_reference,
     assert_teacher_detached,
     leaf,
 )
+from tests.naive import feature as naive
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 seeds = st.integers(0, 10_000)

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 
 from kdloss import DISTLoss, DKDLoss, ShapeError
 from kdloss.functional import dist_loss, dkd_loss, dkd_warmup_factor, soft_kl
-from tests import naive_methods as naive
-from tests._methods_common import (
+from tests.helpers import (
     F64,
     assert_finite_with_grad,
     assert_matches_reference,
     assert_teacher_detached,
     leaf,
 )
+from tests.naive import logit as naive
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 
 from kdloss import CCLoss, FSPLoss, NSTLoss, PKTLoss, RKDLoss, ShapeError, SPLoss
 from kdloss.functional import cc_loss, fsp_loss, fsp_matrix, nst_loss, pkt_loss, rkd_loss, sp_loss
-from tests import naive_methods as naive
-from tests._methods_common import (
+from tests.helpers import (
     F64,
     assert_finite_with_grad,
     assert_matches_reference,
     assert_teacher_detached,
     leaf,
 )
+from tests.naive import relational as naive
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 seeds = st.integers(0, 10_000)
