@@ -218,3 +218,17 @@ def test_the_counter_sees_every_operator() -> None:
     assert sum(n.forward.values()) == 2
     assert n.backward["ones_like"] == 1
     assert n.backward["mul"] == 1
+
+
+def test_kd_ce_backward_is_three_kernels_and_one_multiply_add() -> None:
+    """KD + CE on the CPU's plain form: nll_loss's backward (the label weight folded into its divisor),
+    two log-softmax backwards and one addcmul; no separate scalar or full-size multiplies."""
+    x = _inputs()
+    (s,) = leaves(x["s"])  # type: ignore[arg-type]
+    n = count_ops(lambda: KF.kd_ce_loss(s, x["t"], x["y"], alpha=0.9, temperature=T), [s])  # type: ignore[arg-type]
+    assert dict(n.backward) == {
+        "ones_like": 1,
+        "nll_loss_backward": 1,
+        "_log_softmax_backward_data": 2,
+        "addcmul_": 1,
+    }, n.summary()
