@@ -311,19 +311,32 @@ def _plain(
     direction, reduction, scaled, has_kl, has_ce, _ = flags
     dtype = _compute_dtype(s, t)
     rows = s.numel() // max(s.shape[-1], 1)
-    sf = s if s.dtype == dtype else s.to(dtype)
     per = (rows if reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
     saved: tuple[Tensor, ...] = ()
     loss: Tensor | None = None
+    sf: Tensor | None = None
     if has_kl:
-        tf = t if t.dtype == dtype else t.to(dtype)
-        zs, zt = sf, tf
-        if scaled:  # a converted copy is divided in place (one temporary less; the CE term needs sf)
-            temp = _const(temperature, dtype)  # type: ignore[arg-type]
-            zs = sf / temp if sf is s or has_ce else sf.div_(temp)
-            zt = tf / temp if tf is t else tf.div_(temp)
-        lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
-        terms, saved = _kl_terms(lq, lp, None, None, direction, jsd_weight, False)
+        lsm: Tensor | None = None
+        if direction == 2:
+            # the JSD needs both sides stacked: stacked before they are widened and scaled (one
+            # conversion, one division, one log-softmax, no copy of the float32 results)
+            x = torch.stack((s, t))
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            if scaled:
+                x.div_(_const(temperature, dtype))  # type: ignore[arg-type]
+            lsm = torch.log_softmax(x, -1)
+            lq, lp = lsm.unbind(0)
+        else:
+            sf = s if s.dtype == dtype else s.to(dtype)
+            tf = t if t.dtype == dtype else t.to(dtype)
+            zs, zt = sf, tf
+            if scaled:  # a converted copy is divided in place (one temporary less; the CE term needs sf)
+                temp = _const(temperature, dtype)  # type: ignore[arg-type]
+                zs = sf / temp if sf is s or has_ce else sf.div_(temp)
+                zt = tf / temp if tf is t else tf.div_(temp)
+            lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+        terms, saved = _kl_terms(lq, lp, lsm, None, direction, jsd_weight, False)
         if direction == 2:
             sums = terms.sum(-1) if reduction == 0 else terms.sum(tuple(range(1, terms.ndim)))
             s_q, s_p = sums.unbind(0)
@@ -333,6 +346,8 @@ def _plain(
         loss = total.mul_(_const(kl_weight * temperature * temperature / per, dtype))  # type: ignore[operator]
     if has_ce and labels is not None:
         c = s.shape[-1]
+        if sf is None:
+            sf = s if s.dtype == dtype else s.to(dtype)
         ls1 = torch.log_softmax(sf if s.ndim == 2 else sf.reshape(-1, c), -1)
         target = labels if labels.ndim == 1 else labels.reshape(-1)
         nll, total_weight = torch.ops.aten.nll_loss_forward(ls1, target, None, 0 if reduction == 0 else 2, -100)
