@@ -197,7 +197,7 @@ class _KLFamily(torch.autograd.Function):
         if ctx.ce == 1 and reduction:
             # nll_loss's backward with reduction "mean" divides by total_weight: given per / ce_weight,
             # it puts -ce_weight g / per at the labels, with no separate multiply
-            ctx.ce_tw = _const(per / ce_weight, loss.dtype)  # type: ignore[operator]
+            ctx.ce_tw = _const(per / ce_weight, loss.dtype)  # type: ignore[arg-type, operator]
         ctx.none = reduction == 0
         return loss
 
@@ -283,7 +283,7 @@ def _kl_forward(
         p = lp.exp()
         terms = (lp - lq).mul_(p)
         per = (rows if reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
-        scale = _const(kl_weight * temperature * temperature / per, s.dtype)  # type: ignore[operator]
+        scale = _const(kl_weight * temperature * temperature / per, s.dtype)  # type: ignore[arg-type, operator]
         loss = (terms.sum() if reduction else terms.sum(-1)).mul_(scale)
         saved: tuple[Tensor, ...] = (p, lq)
         if not math.isfinite((loss if reduction else loss.sum()).item()):
@@ -343,7 +343,7 @@ def _plain(
             total = _lerp(s_q, s_p, jsd_weight)
         else:
             total = terms.sum(-1) if reduction == 0 else terms.sum()
-        loss = total.mul_(_const(kl_weight * temperature * temperature / per, dtype))  # type: ignore[operator]
+        loss = total.mul_(_const(kl_weight * temperature * temperature / per, dtype))  # type: ignore[arg-type, operator]
     if has_ce and labels is not None:
         c = s.shape[-1]
         if sf is None:

@@ -84,10 +84,10 @@ def hint_loss(student_feature: Tensor, teacher_feature: Tensor, *, reduction: Re
     # above, so the binding is called directly (F.mse_loss's Python wrapper costs as much as the
     # kernel on small features). Its reduction codes: 0 none, 1 mean, 2 sum.
     if reduction == "mean":
-        return _mse(s, t, 1)
+        return _mse(s, t, 1)  # type: ignore[arg-type]
     if reduction == "none":
-        return _mse(s, t, 0).flatten(1).mean(1)
-    total = _mse(s, t, 2)
+        return _mse(s, t, 0).flatten(1).mean(1)  # type: ignore[arg-type]
+    total = _mse(s, t, 2)  # type: ignore[arg-type]
     return total if reduction == "sum" else total / s.shape[0]
 
 
