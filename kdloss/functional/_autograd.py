@@ -119,7 +119,8 @@ def _kl_terms(
     lq: Tensor, lp: Tensor, lsm: Tensor | None, w: Tensor | None, direction: int, jsd_weight: Scalar, floor: bool
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Per-element KL terms (or, for the JSD, the two per-side weighted sums over the classes) and what the
-    backward needs: ``(w p, log q)`` (forward KL) or ``(w r, q)`` (reverse KL, JSD; ``r`` the log-ratio)."""
+    backward needs: ``(w p, log q)`` (forward KL), ``(w q r, log q)`` (reverse KL) or ``(w r, q)`` (JSD; ``r``
+    the log-ratio)."""
     if direction == 0:  # KL(p || q) = sum p (log p - log q)
         pw = lp.exp()
         if w is not None:
@@ -132,11 +133,13 @@ def _kl_terms(
             pw = pw * (lq > -1e30)
         return terms, (pw, lq)
     if direction == 1:  # KL(q || p) = sum q (log q - log p)
-        q = lq.exp()
+        # the backward, w q (r - sum q r) with r = log q - log p, is lsm_backward(w q r, log q): the
+        # terms themselves and log q are all it needs (no second full-size product kept)
         rw = lq - lp
         if w is not None:
             rw = rw.mul_(w)
-        return rw * q, (rw, q)
+        terms = rw.mul_(lq.exp())
+        return terms, (terms, lq)
     # JSD: jsd_weight KL(p || m) + (1 - jsd_weight) KL(q || m), m = jsd_weight p + (1 - jsd_weight) q
     if lsm is None:
         lsm = torch.stack((lq, lp))
@@ -158,7 +161,8 @@ class _KLFamily(torch.autograd.Function):
     """Forward and analytic backward of :func:`kl_family` (``flags``: see :data:`Flags`).
 
     The forward pass leaves the backward a plan on ``ctx``: ``kl`` = the gradient kernel of the KL
-    term (0 ``_log_softmax_backward_data``, 1 ``_softmax_backward_data``, -1 none) and its
+    term (0 ``_log_softmax_backward_data``: forward and reverse KL, 1 ``_softmax_backward_data``: JSD,
+    -1 none) and its
     coefficient, ``ce`` = how the CE term's gradient is formed (0 none, 1 from ``nll_loss``'s
     backward, 2 from the weighted one-hot) and its coefficient, ``none`` = per-row losses.
     """
@@ -188,7 +192,7 @@ class _KLFamily(torch.autograd.Function):
         ctx.kl = -1
         if has_kl:
             c = kl_weight * temperature / per
-            ctx.kl = 0 if direction == 0 else 1
+            ctx.kl = 0 if direction <= 1 else 1  # (the reverse KL's gradient: see _kl_terms)
             ctx.kl_c = -c if direction == 0 else c if direction == 1 else (1.0 - jsd_weight) * c
             if rows:  # the plain form ran (CPU, eager, Python floats): see backward
                 ctx.kl_f = ctx.kl_c
@@ -226,8 +230,8 @@ class _KLFamily(torch.autograd.Function):
                 grad = grad.to(s.dtype)
             return (grad, *_NONE8)
         if ctx.kl >= 0:
-            # 0: w (q - p) = -lsm_backward(w p, log q); 1: w q (r - sum q r), r = log q - log p (reverse KL),
-            # (1 - jsd_weight)(log q - log m) (JSD)
+            # 0: w (q - p) = -lsm_backward(w p, log q) (forward KL); w q (r - sum q r) = lsm_backward(w q r,
+            # log q), r = log q - log p (reverse KL); 1: sm_backward(w r, q), r = (1 - jsd_weight)(log q - log m) (JSD)
             kernel = torch._log_softmax_backward_data if ctx.kl == 0 else torch._softmax_backward_data
             grad = kernel(saved[0], saved[1], -1, saved[0].dtype)
             if ctx.ce == 0 and not ctx.none and hasattr(ctx, "kl_f"):

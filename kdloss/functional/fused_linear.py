@@ -962,8 +962,9 @@ def _rows(x: Tensor, width: int) -> Tensor:
 def _xlogy_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
     """``a * (log a - log b)`` elementwise, 0 where ``a = 0`` (also when ``log b = -inf``)."""
     a = log_a.exp()
-    # where a = 0 the product is NaN (-inf * 0) or 0 and is replaced by 0; its gradient there is 0 too
-    return torch.where(a > 0, a * (log_a - log_b), 0.0)
+    # where a = 0 the product is NaN (-inf * 0) or 0 and is replaced by 0, its gradient there 0 too; a NaN
+    # stays NaN (it is not a probability of 0)
+    return torch.where(a == 0, 0.0, a * (log_a - log_b))
 
 
 def _bucket_divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> Tensor:
