@@ -5,7 +5,8 @@ embeddings at batch 64; one CRD step), forward + backward with respect to the st
 one process on one thread, identical float32 inputs. The baselines are ``tests/naive/reference_code.py``
 (the reference code's formulations: RepDistiller, mdistiller, the DIST and ReviewKD authors' code,
 PyTorch's KD tutorial), ``tests/naive/cohort.py`` (the DIH authors' per-head loops) and
-``tests/naive/contrastive.py`` (the reference CRD step).
+``tests/naive/contrastive.py`` (the reference CRD step); the language-model losses against the logits
+materialised (``tests/naive/fused_linear.py``) and top-k KD.
 
 Method (a busy shared machine: interleave, repeat, report medians and spreads):
 
