@@ -5,7 +5,8 @@ embeddings at batch 64; one CRD step), forward + backward with respect to the st
 one process on one thread, identical float32 inputs. The baselines are ``tests/naive/reference_code.py``
 (the reference code's formulations: RepDistiller, mdistiller, the DIST and ReviewKD authors' code,
 PyTorch's KD tutorial), ``tests/naive/cohort.py`` (the DIH authors' per-head loops) and
-``tests/naive/contrastive.py`` (the reference CRD step).
+``tests/naive/contrastive.py`` (the reference CRD step); the language-model losses against the logits
+materialised (``tests/naive/fused_linear.py``) and top-k KD.
 
 Method (a busy shared machine: interleave, repeat, report medians and spreads):
 
@@ -46,6 +47,7 @@ from torch import Tensor
 import kdloss.functional as KF
 from benchmarks._cpu_alloc import pin_malloc
 from tests.naive import cohort as naive_cohort
+from tests.naive import fused_linear as lm_naive
 from tests.naive import reference_code as ref
 from tests.opcount import count_ops
 
@@ -307,7 +309,63 @@ def cases() -> list[Case]:
             "RepDistiller Correlation",
         ),
         _crd_case(),
+        *_lm_cases(),
     ]
+    return out
+
+
+# A small language-model head: 256 tokens, hidden size 128, vocabulary 4096 (sizes that run in a few
+# milliseconds on one CPU thread); the sparse teacher keeps its top 32 classes.
+LM_N, LM_H, LM_V, LM_K = 256, 128, 4096, 32
+
+
+def _lm_head(seed: int) -> Inputs:
+    g = _gen(seed)
+    return {
+        "s": torch.randn(LM_N, LM_H, generator=g).requires_grad_(),  # the student's hidden states
+        "w": (torch.randn(LM_V, LM_H, generator=g) * LM_H**-0.5).requires_grad_(),
+        "ht": torch.randn(LM_N, LM_H, generator=g),
+        "wt": torch.randn(LM_V, LM_H, generator=g) * LM_H**-0.5,
+    }
+
+
+def _lm_sparse(seed: int) -> Inputs:
+    g = _gen(seed)
+    lp, idx = torch.log_softmax(torch.randn(LM_N, LM_V, generator=g) * 2, -1).topk(LM_K, -1)
+    return {"s": (torch.randn(LM_N, LM_V, generator=g) * 2).requires_grad_(), "lp": lp, "idx": idx}
+
+
+def _topk_kd(s: Tensor, lp: Tensor, idx: Tensor, temperature: float) -> Tensor:
+    """Top-k KD as usually written: the teacher's top-k renormalised at T against the student's log-softmax there."""
+    log_q = torch.log_softmax(s / temperature, dim=-1).gather(1, idx)
+    p = torch.softmax(lp / temperature, dim=-1)
+    return (p * (p.log() - log_q)).sum(-1).mean() * temperature**2
+
+
+def _lm_cases() -> list[Case]:
+    size = f"{LM_N} tokens, H={LM_H}, V={LM_V}"
+    out = [
+        Case(
+            f"fused linear KD ({chunks})",
+            size,
+            _lm_head,
+            lambda x, c=chunk: KF.fused_linear_kd(x["s"], x["w"], x["ht"], x["wt"], temperature=T, chunk_size=c),
+            lambda x: lm_naive.lm_kl_div(x["s"], x["w"], x["ht"], x["wt"], T),
+            "logits materialised + log_softmax + kl_div",
+            grad_of=lambda x: [x["s"], x["w"]],
+        )
+        for chunks, chunk in (("1 chunk", LM_N), ("4 chunks", LM_N // 4))
+    ]
+    out.append(
+        Case(
+            "sparse KD (top-32)",
+            f"{LM_N}x{LM_V}",
+            _lm_sparse,
+            lambda x: KF.sparse_kd(x["s"], x["lp"], x["idx"], temperature=T),
+            lambda x: _topk_kd(x["s"], x["lp"], x["idx"], T),
+            "top-k KD, renormalised top-k (textbook)",
+        )
+    )
     return out
 
 

@@ -281,3 +281,66 @@ def test_stale_guard_disabled_with_zero() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train(adapter, opt, 4)
+
+
+# -- the direct call of the inner layer ---------------------------------------------------------------
+
+
+def _module_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    inner = nn.Module._call_impl
+
+    def counting(self: nn.Module, *args: object, **kwargs: object) -> object:
+        calls.append(type(self).__name__)
+        return inner(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "_call_impl", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: ConvAdapter(4, 6), lambda: LinearAdapter(4 * 3 * 3, 6)], ids=["conv", "linear"]
+)
+def test_adapter_calls_its_unhooked_layer_directly(monkeypatch: pytest.MonkeyPatch, make: object) -> None:
+    """One nn.Module call (the adapter's own), not two: the inner layer's forward runs directly when
+    nothing hooks it (the bookkeeping of a module call costs as much as a small convolution)."""
+    adapter = make()  # type: ignore[operator]
+    layer = adapter.conv if isinstance(adapter, ConvAdapter) else adapter.linear
+    x = torch.randn(2, 4, 3, 3)
+    want = layer(x if isinstance(adapter, ConvAdapter) else x.flatten(1))
+    calls = _module_calls(monkeypatch)
+    got = adapter(x)
+    assert calls == [type(adapter).__name__]
+    torch.testing.assert_close(got, want)
+
+
+def test_adapter_runs_the_hooks_of_its_layer_and_global_ones() -> None:
+    adapter = ConvAdapter(4, 6)
+    x = torch.randn(2, 4, 3, 3)
+    seen: list[str] = []
+    h1 = adapter.conv.register_forward_hook(lambda m, i, o: seen.append("conv hook"))
+    h2 = adapter.conv.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    try:
+        torch.testing.assert_close(
+            adapter(x), adapter.conv._conv_forward(x * 2, adapter.conv.weight, adapter.conv.bias)
+        )
+    finally:
+        h1.remove()
+        h2.remove()
+    assert seen == ["conv hook"]
+    h3 = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        adapter(x)
+    finally:
+        h3.remove()
+    assert seen == ["conv hook", "Conv2d", "ConvAdapter"]
+
+
+def test_adapter_casts_to_a_parametrised_weights_dtype() -> None:
+    """The dtype the input is cast to comes from the weight, also when it is a parametrisation."""
+    from torch.nn.utils import parametrizations
+
+    adapter = ConvAdapter(4, 6).double()
+    parametrizations.weight_norm(adapter.conv)
+    out = adapter(torch.randn(2, 4, 3, 3, dtype=torch.float32))
+    assert out.dtype == torch.float64

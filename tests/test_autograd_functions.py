@@ -289,3 +289,60 @@ def test_the_self_check_reference_is_independent_of_the_functions(monkeypatch: p
         KF.soft_kl(s, t)
     with pytest.raises(AssertionError, match="must not call"):
         KF.soft_kl(s.requires_grad_(), t)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "mean"])
+@pytest.mark.parametrize("lead", [(), (2,)], ids=["2d", "3d"])
+def test_plain_kl_plus_ce_backward_is_exact(direction: str, reduction: str, lead: tuple[int, ...]) -> None:
+    """The plain form's KL + CE backward (nll_loss's and log-softmax's backward, the KL kernel added by
+    one addcmul) is the gradient of its forward, in every direction and scalar reduction."""
+    s, t = _pair(4, 5, seed=5, lead=lead)
+    y = _labels(4, 5, seed=6, lead=lead)
+    kw = dict(
+        temperature=2.0,
+        direction=direction,
+        jsd_weight=0.4,
+        reduction=reduction,
+        labels=y,
+        kl_weight=0.6,
+        ce_weight=0.4,
+        plain_labels=True,
+    )
+    s = s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: A.kl_family(a, t, **kw), (s,))  # type: ignore[arg-type]
+    ref = A.kl_family_reference(
+        s, t, None, y, 2.0, 0.4, 0.6, 0.4, (A._DIRECTIONS[direction], 0, True, True, True, False)
+    )
+    per = s.shape[-1] if reduction == "mean" else 1
+    want = ref.sum() / ({"sum": 1, "batchmean": ref.numel(), "mean": ref.numel() * per}[reduction])
+    torch.testing.assert_close(A.kl_family(s, t, **kw), want)  # type: ignore[arg-type]
+
+
+def test_cached_constants_are_plain_cpu_tensors_whatever_the_callers_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain form's 0-d constants are created once and reused: one first created under inference
+    mode, a dispatch mode or a default device must still be an ordinary CPU tensor afterwards."""
+    from tests.opcount import count_ops
+
+    monkeypatch.setattr(A, "_CONSTS", {})
+    s, t = _pair(4, 5, dtype=torch.float32)
+    with torch.inference_mode():
+        first = KF.soft_kl(s, t, temperature=3.0)
+    with torch.device("meta"):
+        c = A._const(0.25, torch.float32)
+    assert c.device.type == "cpu"
+    assert not c.is_inference()
+    assert c.item() == 0.25
+    assert A._const(0.25, torch.float32) is c
+    assert all(v.device.type == "cpu" and not v.is_inference() for v in A._CONSTS.values())
+    leaf = s.clone().requires_grad_(True)
+    out = KF.soft_kl(leaf, t, temperature=3.0)
+    (grad,) = torch.autograd.grad(out, leaf)
+    torch.testing.assert_close(out.detach(), first)
+    assert torch.isfinite(grad).all()
+    # a constant first made inside a dispatch mode is not counted there, nor is it a fake/mode tensor
+    monkeypatch.setattr(A, "_CONSTS", {})
+    n = count_ops(lambda: KF.soft_kl(leaf, t, temperature=5.0), [leaf])
+    assert "lift_fresh" not in n.forward
+    assert "scalar_tensor" not in n.forward
+    assert type(A._CONSTS[(5.0, torch.float32)]) is torch.Tensor

@@ -568,3 +568,31 @@ def test_crd_loss_takes_a_memory_or_its_keyword_arguments() -> None:
         CRDLoss(S_DIM, T_DIM, N, n_negatives=K, dtype=torch.float32, bank_dtype=torch.float32)
     with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
         CRDLoss(S_DIM, T_DIM, N, n_negatives=K, temprature=0.1)
+
+
+def test_training_score_returns_the_z_it_stored_without_recomputing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In training mode score() hands back the Z the step has just stored (set from this batch on the first
+    step, the stored one after): computing it a second time (normalizers_for: an exp and a sum over all the
+    logits) would double that work. The value is checked against Z written from its definition."""
+    import kdloss.parts.contrastive as cmod
+
+    mem = ContrastMemory(N, D, n_negatives=K).train()
+    calls: list[str] = []
+    real_sums = cmod._normalizer_sums
+    monkeypatch.setattr(mem, "normalizers_for", lambda *a, **k: calls.append("normalizers_for"))
+    monkeypatch.setattr(cmod, "_normalizer_sums", lambda *a, **k: calls.append("_normalizer_sums") or real_sums(*a))
+    g = torch.Generator().manual_seed(3)
+    for step in range(2):
+        v_s = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
+        v_t = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
+        idx = torch.randperm(N, generator=g)[:B]
+        neg = torch.randint(0, N, (B, K), generator=g)
+        ls, lt, z = mem.score(v_s, v_t, idx, negatives=neg)
+        assert calls == [], f"step {step}: {calls}"
+        torch.testing.assert_close(z, mem.normalizers)
+        if step == 0:  # Z = mean(exp(logits)) * n_data of this first batch, per view
+            want = torch.stack([ls.double().exp().mean() * N, lt.double().exp().mean() * N]).float()
+            torch.testing.assert_close(z, want, rtol=1e-5, atol=0)
+            first = z.clone()
+        else:  # the stored Z, not this batch's
+            torch.testing.assert_close(z, first, rtol=0, atol=0)

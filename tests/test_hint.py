@@ -479,3 +479,26 @@ ERRORS = [
 def test_errors(call, error: type[Exception], match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_hint_loss_calls_the_mse_kernel_without_the_python_wrapper(
+    monkeypatch: pytest.MonkeyPatch, reduction: str
+) -> None:
+    """The shapes are validated once by hint_loss; F.mse_loss's own Python checks (as long as the kernel on
+    small features) are not paid a second time. The value is still F.mse_loss's."""
+    import kdloss.functional.hint as hint_module
+
+    s, t = torch.randn(3, 4, 2, 2, dtype=torch.float64), torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    want = {
+        "mean": F.mse_loss(s, t),
+        "sum": F.mse_loss(s, t, reduction="sum"),
+        "batchmean": F.mse_loss(s, t, reduction="sum") / 3,
+        "none": F.mse_loss(s, t, reduction="none").flatten(1).mean(1),
+    }[reduction]
+
+    def refuse(*args: object, **kwargs: object) -> Tensor:
+        raise AssertionError("F.mse_loss called")
+
+    monkeypatch.setattr(hint_module.F, "mse_loss", refuse)
+    torch.testing.assert_close(hint_loss(s, t, reduction=reduction), want, rtol=1e-12, atol=1e-12)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import kdloss.functional as KF
@@ -218,3 +219,112 @@ def test_the_counter_sees_every_operator() -> None:
     assert sum(n.forward.values()) == 2
     assert n.backward["ones_like"] == 1
     assert n.backward["mul"] == 1
+
+
+def test_kd_ce_backward_is_three_kernels_and_one_multiply_add() -> None:
+    """KD + CE on the CPU's plain form: nll_loss's backward (the label weight folded into its divisor),
+    two log-softmax backwards and one addcmul; no separate scalar or full-size multiplies."""
+    x = _inputs()
+    (s,) = leaves(x["s"])  # type: ignore[arg-type]
+    n = count_ops(lambda: KF.kd_ce_loss(s, x["t"], x["y"], alpha=0.9, temperature=T), [s])  # type: ignore[arg-type]
+    assert dict(n.backward) == {
+        "ones_like": 1,
+        "nll_loss_backward": 1,
+        "_log_softmax_backward_data": 2,
+        "addcmul_": 1,
+    }, n.summary()
+
+
+# -- the language-model losses: fused_linear_kd (chunked) and sparse_kd (top-k teacher) -----------------
+
+N_TOK, H_LM, V_LM, K_TOP = 16, 8, 50, 5
+
+
+def _lm() -> dict[str, Tensor]:
+    g = _g()
+    logits_t = _r(g, N_TOK, V_LM)
+    lp, idx = torch.log_softmax(logits_t, -1).topk(K_TOP, -1)
+    return {
+        "h": _r(g, N_TOK, H_LM),
+        "w": _r(g, V_LM, H_LM) * 0.3,
+        "ht": _r(g, N_TOK, H_LM),
+        "wt": _r(g, V_LM, H_LM) * 0.3,
+        "y": torch.randint(0, V_LM, (N_TOK,), generator=g),
+        "s": _r(g, N_TOK, V_LM),
+        "lp": lp,
+        "idx": idx,
+    }
+
+
+def _fused(x: dict[str, Tensor], h: Tensor, w: Tensor, chunk: int, hard: float) -> Tensor:
+    y = x["y"] if hard else None
+    return KF.fused_linear_kd(h, w, x["ht"], x["wt"], y, temperature=T, hard_weight=hard, chunk_size=chunk)
+
+
+def _lm_textbook(x: dict[str, Tensor], h: Tensor, w: Tensor, hard: float) -> Tensor:
+    """Both logit tensors materialised, log-softmax, KL (batchmean, T^2), plus the cross-entropy."""
+    s = h @ w.T
+    with torch.no_grad():
+        log_p = F.log_softmax(x["ht"] @ x["wt"].T / T, dim=-1)
+    loss = F.kl_div(F.log_softmax(s / T, dim=-1), log_p, reduction="batchmean", log_target=True) * T**2
+    return loss + hard * F.cross_entropy(s, x["y"]) if hard else loss
+
+
+@pytest.mark.parametrize("hard", [0.0, 0.5], ids=["kd", "kd+ce"])
+def test_fused_linear_kd_in_one_chunk_dispatches_no_more_than_the_textbook(hard: float) -> None:
+    """One chunk (every token at once): no more operators than materialising the logits. With the hard
+    term, three more: the CPU label check (one aminmax and its two host reads), which cross_entropy
+    does inside its kernel."""
+    x = _lm()
+    mine, theirs = leaves(x["h"], x["w"]), leaves(x["h"], x["w"])
+    torch.testing.assert_close(_fused(x, *mine, N_TOK, hard), _lm_textbook(x, *theirs, hard), rtol=2e-5, atol=2e-6)
+    ours = count_ops(lambda: _fused(x, *mine, N_TOK, hard), mine)
+    text = count_ops(lambda: _lm_textbook(x, *theirs, hard), theirs)
+    label_check = 3 if hard else 0
+    assert ours.forward["aminmax"] == (1 if hard else 0)
+    assert ours.total <= text.total + label_check, f"{ours.summary()}\n  textbook: {text.summary()}"
+
+
+@pytest.mark.parametrize("hard", [0.0, 0.5], ids=["kd", "kd+ce"])
+def test_fused_linear_kd_pays_at_most_one_textbook_per_further_chunk(hard: float) -> None:
+    """Chunking is the design (one matmul pair, log-softmaxes and gradient products per chunk, so that
+    the logits never exist in full): the count grows linearly with the chunks, each further chunk costing
+    fewer operators than one whole textbook evaluation, plus a constant for the (N,) and (N, H) output
+    buffers and the slices that fill them (from the second chunk on)."""
+    x = _lm()
+    counts = {}
+    for chunks in (1, 2, 3, 4):
+        h, w = leaves(x["h"], x["w"])
+        size = -(-N_TOK // chunks)
+        counts[chunks] = count_ops(lambda h=h, w=w, size=size: _fused(x, h, w, size, hard), [h, w]).total
+    per_chunk = counts[3] - counts[2]
+    assert counts[4] - counts[3] == per_chunk  # linear in the chunk count
+    h, w = leaves(x["h"], x["w"])
+    text = count_ops(lambda: _lm_textbook(x, h, w, hard), [h, w]).total
+    assert per_chunk < text, (counts, text)
+    buffers = counts[2] - counts[1] - per_chunk
+    # the (N,) and (N, H) output buffers (empty, empty_like), the first chunk's slices of h, h_t and the
+    # labels, and the copies of its values and gradient rows into the buffers (slice + copy_, twice)
+    assert buffers <= 2 + 3 + 4, counts
+    for chunks in (2, 3, 4):
+        assert counts[chunks] <= counts[1] + (chunks - 1) * per_chunk + buffers
+
+
+def _topk_textbook(x: dict[str, Tensor], s: Tensor) -> Tensor:
+    """Top-k KD: the teacher's top-k renormalised at T, the student's log-softmax at those classes."""
+    log_q = F.log_softmax(s / T, dim=-1).gather(1, x["idx"])
+    p = F.softmax(x["lp"] / T, dim=-1)
+    return (p * (p.log() - log_q)).sum(-1).mean() * T**2
+
+
+def test_sparse_kd_dispatches_the_textbook_plus_its_index_checks_and_zero_guard() -> None:
+    """sparse_kd without a tail is top-k KD. Beyond the textbook's operators it runs, on CPU tensors, the
+    checks of teacher_indices (range: one aminmax, two host reads; distinct per token: sort, two slices,
+    eq, any, one host read = 9) and the guard that makes a class of teacher probability 0 contribute 0
+    rather than NaN (gt, where and its scalar forward; where and its scalar backward = 5)."""
+    x = _lm()
+    (mine,), (theirs,) = leaves(x["s"]), leaves(x["s"])
+    torch.testing.assert_close(KF.sparse_kd(mine, x["lp"], x["idx"], temperature=T), _topk_textbook(x, theirs))
+    ours = count_ops(lambda: KF.sparse_kd(mine, x["lp"], x["idx"], temperature=T), [mine])
+    text = count_ops(lambda: _topk_textbook(x, theirs), [theirs])
+    assert ours.total <= text.total + 9 + 5, f"{ours.summary()}\n  textbook: {text.summary()}"

@@ -376,3 +376,18 @@ def test_store_errors(tmp_path: Path) -> None:
         TeacherTopK.create(tmp_path / "x", num_tokens=3, k=2, vocab_size=5, metadata={"t": torch.zeros(1)})
     assert not (tmp_path / "x").exists()
     assert sorted(os.listdir(tmp_path)) == ["bad", "s", "w"]
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_a_nan_teacher_probability_gives_nan_not_zero(divergence: str) -> None:
+    """A class of teacher probability 0 contributes 0; a NaN (a corrupt teacher store) is not read as 0."""
+    _, lp, idx, tail = _teacher(3, 10, 4, seed=7)
+    s = _student(3, 10, seed=8).detach()
+    lp = lp.clone()
+    lp[1, 2] = float("nan")
+    got = sparse_kd(s, lp, idx, teacher_tail=tail, divergence=divergence, reduction="none")  # type: ignore[arg-type]
+    assert torch.isnan(got[1])
+    assert torch.isfinite(got[[0, 2]]).all()
+    lp[1, 2] = float("-inf")  # a class the teacher rules out: finite (the reverse KL, infinite there, aside)
+    again = sparse_kd(s, lp, idx, teacher_tail=tail, divergence=divergence, reduction="none")  # type: ignore[arg-type]
+    assert torch.isfinite(again).all() if divergence != "reverse" else again[1] == float("inf")

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from kdloss._numerics import LOG_FLOOR
 
@@ -87,6 +88,29 @@ def _compute_dtype(s: Tensor, t: Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
 
 
+_CONSTS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def _const(value: float, dtype: torch.dtype) -> Tensor:
+    """A cached CPU 0-d tensor holding ``value``: the plain form's scalars (``T``, the loss scale).
+
+    An operator given a Python number wraps it into a tensor on every call (about 1 us on a CPU, as
+    much as the arithmetic on 64x100 logits); a 0-d tensor of the operand's dtype gives the same
+    result bit for bit (a wrapped number is cast to the operand's dtype too) without that cost. The
+    cache holds the few values one training run uses (cleared past 256 entries); its tensors are
+    never written to.
+    """
+    key = (value, dtype)
+    c = _CONSTS.get(key)
+    if c is None:
+        if len(_CONSTS) >= 256:
+            _CONSTS.clear()
+        # a real CPU tensor, whatever the caller's modes (inference, a dispatch mode, a default device)
+        with torch.inference_mode(False), torch.no_grad(), _disable_current_modes():
+            c = _CONSTS[key] = torch.tensor(value, dtype=dtype, device="cpu")
+    return c
+
+
 def _lerp(a: Tensor, b: Tensor, weight: Scalar) -> Tensor:
     return torch.lerp(a, b, weight if isinstance(weight, float) else weight.to(a.dtype))
 
@@ -95,7 +119,8 @@ def _kl_terms(
     lq: Tensor, lp: Tensor, lsm: Tensor | None, w: Tensor | None, direction: int, jsd_weight: Scalar, floor: bool
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Per-element KL terms (or, for the JSD, the two per-side weighted sums over the classes) and what the
-    backward needs: ``(w p, log q)`` (forward KL) or ``(w r, q)`` (reverse KL, JSD; ``r`` the log-ratio)."""
+    backward needs: ``(w p, log q)`` (forward KL), ``(w q r, log q)`` (reverse KL) or ``(w r, q)`` (JSD; ``r``
+    the log-ratio)."""
     if direction == 0:  # KL(p || q) = sum p (log p - log q)
         pw = lp.exp()
         if w is not None:
@@ -108,11 +133,13 @@ def _kl_terms(
             pw = pw * (lq > -1e30)
         return terms, (pw, lq)
     if direction == 1:  # KL(q || p) = sum q (log q - log p)
-        q = lq.exp()
+        # the backward, w q (r - sum q r) with r = log q - log p, is lsm_backward(w q r, log q): the
+        # terms themselves and log q are all it needs (no second full-size product kept)
         rw = lq - lp
         if w is not None:
             rw = rw.mul_(w)
-        return rw * q, (rw, q)
+        terms = rw.mul_(lq.exp())
+        return terms, (terms, lq)
     # JSD: jsd_weight KL(p || m) + (1 - jsd_weight) KL(q || m), m = jsd_weight p + (1 - jsd_weight) q
     if lsm is None:
         lsm = torch.stack((lq, lp))
@@ -134,7 +161,8 @@ class _KLFamily(torch.autograd.Function):
     """Forward and analytic backward of :func:`kl_family` (``flags``: see :data:`Flags`).
 
     The forward pass leaves the backward a plan on ``ctx``: ``kl`` = the gradient kernel of the KL
-    term (0 ``_log_softmax_backward_data``, 1 ``_softmax_backward_data``, -1 none) and its
+    term (0 ``_log_softmax_backward_data``: forward and reverse KL, 1 ``_softmax_backward_data``: JSD,
+    -1 none) and its
     coefficient, ``ce`` = how the CE term's gradient is formed (0 none, 1 from ``nll_loss``'s
     backward, 2 from the weighted one-hot) and its coefficient, ``none`` = per-row losses.
     """
@@ -164,10 +192,16 @@ class _KLFamily(torch.autograd.Function):
         ctx.kl = -1
         if has_kl:
             c = kl_weight * temperature / per
-            ctx.kl = 0 if direction == 0 else 1
+            ctx.kl = 0 if direction <= 1 else 1  # (the reverse KL's gradient: see _kl_terms)
             ctx.kl_c = -c if direction == 0 else c if direction == 1 else (1.0 - jsd_weight) * c
+            if rows:  # the plain form ran (CPU, eager, Python floats): see backward
+                ctx.kl_f = ctx.kl_c
         ctx.ce = 0 if not has_ce else 1 if rows else 2
         ctx.ce_c = ce_weight / per if rows else -ce_weight
+        if ctx.ce == 1 and reduction:
+            # nll_loss's backward with reduction "mean" divides by total_weight: given per / ce_weight,
+            # it puts -ce_weight g / per at the labels, with no separate multiply
+            ctx.ce_tw = _const(per / ce_weight, loss.dtype)  # type: ignore[arg-type, operator]
         ctx.none = reduction == 0
         return loss
 
@@ -181,15 +215,36 @@ class _KLFamily(torch.autograd.Function):
             return (again, *_NONE8)
         g = grad_loss.unsqueeze(-1) if ctx.none else grad_loss
         grad: Tensor | None = None
-        if ctx.kl == 0:  # w (q - p) = -lsm_backward(w p, log q)
-            grad = torch._log_softmax_backward_data(saved[0], saved[1], -1, saved[0].dtype).mul_(g * ctx.kl_c)
-        elif ctx.kl == 1:  # w q (r - sum q r): r = log q - log p (reverse KL), (1 - jsd_weight)(log q - log m) (JSD)
-            grad = torch._softmax_backward_data(saved[0], saved[1], -1, saved[0].dtype).mul_(g * ctx.kl_c)
+        if ctx.ce == 1 and not ctx.none:
+            # the plain form's KL + CE with a scalar loss: ce_weight g (q1 - onehot) from nll_loss's and
+            # log-softmax's backward, then the KL term's kernel added with one fused multiply-add
+            ls1, target = saved[-3], saved[-2]
+            onehot = torch.ops.aten.nll_loss_backward(grad_loss, ls1, target, None, 1, -100, ctx.ce_tw)
+            grad = torch._log_softmax_backward_data(onehot, ls1, -1, ls1.dtype)
+            if grad.shape != s.shape:
+                grad = grad.view(s.shape)
+            if ctx.kl >= 0:
+                kernel = torch._log_softmax_backward_data if ctx.kl == 0 else torch._softmax_backward_data
+                grad.addcmul_(kernel(saved[0], saved[1], -1, saved[0].dtype), grad_loss, value=ctx.kl_f)
+            if grad.dtype != s.dtype:
+                grad = grad.to(s.dtype)
+            return (grad, *_NONE8)
+        if ctx.kl >= 0:
+            # 0: w (q - p) = -lsm_backward(w p, log q) (forward KL); w q (r - sum q r) = lsm_backward(w q r,
+            # log q), r = log q - log p (reverse KL); 1: sm_backward(w r, q), r = (1 - jsd_weight)(log q - log m) (JSD)
+            kernel = torch._log_softmax_backward_data if ctx.kl == 0 else torch._softmax_backward_data
+            grad = kernel(saved[0], saved[1], -1, saved[0].dtype)
+            if ctx.ce == 0 and not ctx.none and hasattr(ctx, "kl_f"):
+                # the plain form (a CPU tensor: reading it costs no synchronisation): the incoming
+                # gradient times the coefficient as one cached constant, one multiply
+                grad.mul_(_const(grad_loss.item() * ctx.kl_f, grad.dtype))
+            else:
+                grad.mul_(g * ctx.kl_c)
         if ctx.ce:
             ls1, target, last = saved[-3], saved[-2], saved[-1]
-            if ctx.ce == 1:  # plain form: nll_loss's backward (-onehot), then log-softmax's: (q1 - onehot)
-                c_ce = (grad_loss.reshape(-1) if ctx.none else grad_loss) * ctx.ce_c
-                onehot = torch.ops.aten.nll_loss_backward(c_ce, ls1, target, None, 0 if ctx.none else 2, -100, last)
+            if ctx.ce == 1:  # plain form, per-row losses: nll_loss's backward (-onehot), then log-softmax's
+                c_ce = grad_loss.reshape(-1) * ctx.ce_c
+                onehot = torch.ops.aten.nll_loss_backward(c_ce, ls1, target, None, 0, -100, last)
             else:  # robust form: w (q1 - onehot) = -lsm_backward(w onehot, ls1); last = w
                 onehot = torch.zeros_like(ls1).scatter_(-1, target, last.to(ls1.dtype)).mul_(g * ctx.ce_c)
             grad_ce = torch._log_softmax_backward_data(onehot, ls1, -1, ls1.dtype)
@@ -224,12 +279,16 @@ def _kl_forward(
     if plain_first and direction == 0 and not has_ce and s.dtype == t.dtype and s.dtype in _WIDE:
         # Hinton's KD, the common call, inline: log-softmax of both, KL terms, one sum
         rows = s.numel() // s.shape[-1]
-        lq = torch.log_softmax(s / temperature if scaled else s, -1)
-        lp = torch.log_softmax(t / temperature if scaled else t, -1)
+        if scaled:  # (0-d tensors, not Python numbers: see _const)
+            temp = _const(temperature, s.dtype)  # type: ignore[arg-type]
+            lq, lp = torch.log_softmax(s / temp, -1), torch.log_softmax(t / temp, -1)
+        else:
+            lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
         p = lp.exp()
         terms = (lp - lq).mul_(p)
         per = (rows if reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
-        loss = (terms.sum() if reduction else terms.sum(-1)).mul_(kl_weight * temperature * temperature / per)
+        scale = _const(kl_weight * temperature * temperature / per, s.dtype)  # type: ignore[arg-type, operator]
+        loss = (terms.sum() if reduction else terms.sum(-1)).mul_(scale)
         saved: tuple[Tensor, ...] = (p, lq)
         if not math.isfinite((loss if reduction else loss.sum()).item()):
             rows = 0  # a -inf logit, a row without a distribution or a NaN: the robust form decides
@@ -256,27 +315,43 @@ def _plain(
     direction, reduction, scaled, has_kl, has_ce, _ = flags
     dtype = _compute_dtype(s, t)
     rows = s.numel() // max(s.shape[-1], 1)
-    sf = s if s.dtype == dtype else s.to(dtype)
     per = (rows if reduction >= 2 else 1) * (s.shape[-1] if reduction == 3 else 1)
     saved: tuple[Tensor, ...] = ()
     loss: Tensor | None = None
+    sf: Tensor | None = None
     if has_kl:
-        tf = t if t.dtype == dtype else t.to(dtype)
-        zs, zt = sf, tf
-        if scaled:  # a converted copy is divided in place (one temporary less; the CE term needs sf)
-            zs = sf / temperature if sf is s or has_ce else sf.div_(temperature)
-            zt = tf / temperature if tf is t else tf.div_(temperature)
-        lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
-        terms, saved = _kl_terms(lq, lp, None, None, direction, jsd_weight, False)
+        lsm: Tensor | None = None
+        if direction == 2:
+            # the JSD needs both sides stacked: stacked before they are widened and scaled (one
+            # conversion, one division, one log-softmax, no copy of the float32 results)
+            x = torch.stack((s, t))
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            if scaled:
+                x.div_(_const(temperature, dtype))  # type: ignore[arg-type]
+            lsm = torch.log_softmax(x, -1)
+            lq, lp = lsm.unbind(0)
+        else:
+            sf = s if s.dtype == dtype else s.to(dtype)
+            tf = t if t.dtype == dtype else t.to(dtype)
+            zs, zt = sf, tf
+            if scaled:  # a converted copy is divided in place (one temporary less; the CE term needs sf)
+                temp = _const(temperature, dtype)  # type: ignore[arg-type]
+                zs = sf / temp if sf is s or has_ce else sf.div_(temp)
+                zt = tf / temp if tf is t else tf.div_(temp)
+            lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+        terms, saved = _kl_terms(lq, lp, lsm, None, direction, jsd_weight, False)
         if direction == 2:
             sums = terms.sum(-1) if reduction == 0 else terms.sum(tuple(range(1, terms.ndim)))
             s_q, s_p = sums.unbind(0)
             total = _lerp(s_q, s_p, jsd_weight)
         else:
             total = terms.sum(-1) if reduction == 0 else terms.sum()
-        loss = total * (kl_weight * temperature * temperature / per)
+        loss = total.mul_(_const(kl_weight * temperature * temperature / per, dtype))  # type: ignore[arg-type, operator]
     if has_ce and labels is not None:
         c = s.shape[-1]
+        if sf is None:
+            sf = s if s.dtype == dtype else s.to(dtype)
         ls1 = torch.log_softmax(sf if s.ndim == 2 else sf.reshape(-1, c), -1)
         target = labels if labels.ndim == 1 else labels.reshape(-1)
         nll, total_weight = torch.ops.aten.nll_loss_forward(ls1, target, None, 0 if reduction == 0 else 2, -100)

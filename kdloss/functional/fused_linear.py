@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kdloss._numerics import detached
 from kdloss._validate import (
     Reduction,
     ShapeError,
@@ -107,7 +108,10 @@ def default_chunk_size(num_classes: int, device: torch.device | str) -> int:
 
 def _check_labels(
     labels: Tensor, rows_shape: torch.Size, device: torch.device, num_classes: int, ignore_index: int
-) -> None:
+) -> bool:
+    """Validate ``labels``; return whether they are known (read on the host: CPU tensors outside
+    ``torch.compile``) to be classes, none of them ``ignore_index``: then every token counts and no
+    mask is needed."""
     check_integer("labels", labels)
     if labels.shape != rows_shape:
         raise ShapeError(
@@ -117,11 +121,15 @@ def _check_labels(
     if labels.device != device:
         raise ValueError(f"labels must be on the inputs' device {device}, got {labels.device}")
     if labels.device.type == "cpu" and labels.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(labels)
+        if int(lo) >= 0 and int(hi) < num_classes:  # every label a class (the common case: one reduction)
+            return not 0 <= ignore_index < num_classes or not bool((labels == ignore_index).any())
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
             raise ValueError(
                 f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, got {int(labels[bad][0])}"
             )
+    return False
 
 
 def check_loss_weights(hard_weight: float, soft_weight: float) -> tuple[float, float]:
@@ -227,14 +235,15 @@ def _chunk(
     log_q = _log_probs(hs, w, b, T, cd)
     value: Tensor | None = None
     hard_soft: Tensor | None = None  # softmax of the raw logits when T != 1 (at T = 1 it is q)
-    idx = y.unsqueeze(1) if y is not None else None
+    idx = y.unsqueeze(1) if y is not None and want_grad else None
     if hw > 0.0:
-        assert idx is not None
+        assert y is not None
+        # -log_softmax(s)[y] per row: nll_loss's kernel (y holds classes only: ignored rows read class 0)
         if T == 1.0:
-            value = hw * -log_q.gather(1, idx).squeeze(1)
+            value = hw * torch.ops.aten.nll_loss_forward(log_q, y, None, 0, -100)[0]
         else:
             raw = torch.log_softmax(log_q * T, dim=-1)  # T * log q = s - T lse(z): same softmax as s
-            value = hw * -raw.gather(1, idx).squeeze(1)
+            value = hw * torch.ops.aten.nll_loss_forward(raw, y, None, 0, -100)[0]
             if want_grad:
                 hard_soft = raw.exp_()
             del raw
@@ -244,7 +253,7 @@ def _chunk(
             return value, None, 1.0
         assert idx is not None
         ce_grad = log_q.exp_() if hard_soft is None else hard_soft
-        return value, ce_grad.scatter_add_(1, idx, torch.full_like(ce_grad[:, :1], -1.0)), hw
+        return value, ce_grad.scatter_add_(1, idx, _column(ce_grad, -1.0)), hw
 
     assert hts is not None
     log_p = _log_probs(hts, wt, bt, T, cd)
@@ -301,18 +310,31 @@ def _chunk(
         r = hw / c
         if cfg.divergence != "forward" or hard_soft is not None:
             grad.add_(q if hard_soft is None else hard_soft, alpha=r)
-        grad.scatter_add_(1, idx, torch.full_like(grad[:, :1], -r))
+        grad.scatter_add_(1, idx, _column(grad, -r))
     return value, grad, c
 
 
-def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in the compute dtype (float32) and ``a``, ``b`` possibly in bf16/fp16."""
+def _column(like: Tensor, value: float) -> Tensor:
+    """A ``(rows, 1)`` column of ``value`` in ``like``'s dtype and device (one operator)."""
+    return torch.full((like.shape[0], 1), value, dtype=like.dtype, device=like.device)
+
+
+def _accumulate_mm(acc: Tensor | None, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``acc + a @ b`` (in place) with ``acc`` in the compute dtype ``dtype`` (float32) and ``a``, ``b``
+    possibly in bf16/fp16; ``acc=None`` (the first chunk): ``a @ b`` itself is the accumulator."""
+    if acc is None:
+        if a.dtype == dtype:
+            return a @ b
+        if not (a.is_cuda and _ADDMM_OUT_DTYPE and not torch.compiler.is_compiling()):
+            return (a @ b).to(dtype)  # the chunk's product rounded once, as below
+        acc = torch.zeros((a.shape[0], b.shape[1]), dtype=dtype, device=a.device)
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda and _ADDMM_OUT_DTYPE and not torch.compiler.is_compiling():
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # float32 accumulation inside the matmul
     else:
         acc.add_(a @ b)  # the chunk's product rounded once, the sum over chunks in float32
+    return acc
 
 
 def _run_chunks(
@@ -343,20 +365,23 @@ def _run_chunks(
     wt_mm = wt.to(cfg.mm_dtype_t) if cfg.soft_weight > 0.0 else wt
     b_cd = b.to(cd) if b is not None else None
     bt_cd = bt.to(cd) if bt is not None else None
-    values = torch.empty(n, dtype=cd, device=h.device) if want_value else None
-    grad_h = torch.empty_like(h) if need_h else None
-    grad_w = torch.zeros(w.shape, dtype=cd, device=w.device) if need_w else None
-    grad_b = torch.zeros(w.shape[0], dtype=cd, device=w.device) if need_b else None
+    # One chunk (every row at once): its results are the outputs, with no buffers to allocate and copy
+    # into; with several, (N,) and (N, H) buffers filled chunk by chunk, float32 accumulators for W, b.
+    single = n <= cfg.chunk_size
+    values = torch.empty(n, dtype=cd, device=h.device) if want_value and not single else None
+    grad_h = torch.empty_like(h) if need_h and not single else None
+    grad_w: Tensor | None = None
+    grad_b: Tensor | None = None
     want_chunk_grad = need_h or need_w or need_b
     for start in range(0, n, cfg.chunk_size):
         stop = min(start + cfg.chunk_size, n)
-        hs = h[start:stop].to(cfg.mm_dtype)
-        vc = valid[start:stop].unsqueeze(1) if valid is not None else None
+        hs = (h if single else h[start:stop]).to(cfg.mm_dtype)
+        vc = (valid if single else valid[start:stop]).unsqueeze(1) if valid is not None else None
         if vc is not None:  # rows that do not count: zeros in, so that nothing there can become NaN
             hs = torch.where(vc, hs, 0.0)
         hts: Tensor | None = None
         if cfg.soft_weight > 0.0:
-            hts = ht[start:stop].to(cfg.mm_dtype_t)
+            hts = (ht if single else ht[start:stop]).to(cfg.mm_dtype_t)
             if vc is not None:
                 hts = torch.where(vc, hts, 0.0)
         val, g, c = _chunk(
@@ -367,35 +392,54 @@ def _run_chunks(
             hts,
             wt_mm,
             bt_cd,
-            y[start:stop] if y is not None else None,
+            (y if single else y[start:stop]) if y is not None else None,
             want_value=want_value,
             want_grad=want_chunk_grad,
         )
         del hts
-        if values is not None and val is not None:
-            values[start:stop] = val
+        if want_value and val is not None:
+            if single:
+                values = val
+            else:
+                assert values is not None
+                values[start:stop] = val
         if g is None:
             continue
         # the rows' weights (and c) are applied on the (C, H) side of the matmuls, not to G
-        scale: Tensor | float = (
-            row_weight[start:stop].mul(c).unsqueeze(1) if isinstance(row_weight, Tensor) else row_weight * c
-        )
-        if grad_b is not None:
-            if isinstance(scale, Tensor):
-                grad_b.add_(torch.mv(g.t(), scale.squeeze(1)))
+        rw = row_weight if single or not isinstance(row_weight, Tensor) else row_weight[start:stop]
+        scale: Tensor | float = rw.mul(c).unsqueeze(1) if isinstance(rw, Tensor) else rw * c
+        if need_b:
+            part = torch.mv(g.t(), scale.squeeze(1)) if isinstance(scale, Tensor) else g.sum(dim=0)
+            if grad_b is None:  # the first chunk's sum is the accumulator
+                grad_b = part if isinstance(scale, Tensor) or scale == 1.0 else part.mul_(scale)
+            elif isinstance(scale, Tensor):
+                grad_b.add_(part)
             else:
-                grad_b.add_(g.sum(dim=0), alpha=scale)
+                grad_b.add_(part, alpha=scale)
         g_mm = g.to(cfg.mm_dtype) if g.dtype != cfg.mm_dtype else g
         del g
-        if grad_h is not None:
+        if need_h:
             gh = g_mm @ w_mm
-            grad_h[start:stop] = gh.mul_(scale) if gh.dtype == cd else gh * scale
+            gh = gh.mul_(scale) if gh.dtype == cd else gh * scale
+            if single:
+                grad_h = gh if gh.dtype == h.dtype else gh.to(h.dtype)
+            else:
+                assert grad_h is not None
+                grad_h[start:stop] = gh
             del gh
-        if grad_w is not None:
+        if need_w:
             hs_scaled = hs if not isinstance(scale, Tensor) and scale == 1.0 else (hs * scale).to(cfg.mm_dtype)
-            _accumulate_mm(grad_w, g_mm.t(), hs_scaled)
+            grad_w = _accumulate_mm(grad_w, g_mm.t(), hs_scaled, cd)
             del hs_scaled
         del g_mm, hs
+    if need_w and grad_w is None:  # no rows
+        grad_w = torch.zeros(w.shape, dtype=cd, device=w.device)
+    if need_b and grad_b is None:
+        grad_b = torch.zeros(w.shape[0], dtype=cd, device=w.device)
+    if want_value and values is None:
+        values = torch.empty(n, dtype=cd, device=h.device)
+    if need_h and grad_h is None:
+        grad_h = torch.empty_like(h)
     return values, grad_h, grad_w, grad_b
 
 
@@ -650,22 +694,27 @@ def fused_linear_kd(
     check_int("ignore_index", ignore_index)
     hw, sw = _check_weights(hard_weight, soft_weight, labels)
     chunk = check_positive_int("chunk_size", chunk_size, allow_none=True)
+    all_count = False
     if labels is not None:
-        _check_labels(labels, rows_shape, device, vocab, ignore_index)
+        all_count = _check_labels(labels, rows_shape, device, vocab, ignore_index)
     mm_s = _matmul_dtype("student_hidden", student_hidden, "student_weight", student_weight)
     mm_t = _matmul_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
 
-    h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    h = _rows(student_hidden, student_hidden.shape[-1])
+    ht = _rows(detached(teacher_hidden), teacher_hidden.shape[-1])
     valid: Tensor | None = None
     count: Tensor | None = None
     y: Tensor | None = None
     if labels is not None:
-        flat = labels.reshape(-1)
-        valid = flat != ignore_index
-        count = valid.sum()
-        if hw > 0.0:
-            y = torch.where(valid, flat, 0).long()
+        flat = labels if labels.ndim == 1 else labels.reshape(-1)
+        if all_count:  # every token counts (checked on the host): no mask, no count
+            if hw > 0.0:
+                y = flat.long()
+        else:
+            valid = flat != ignore_index
+            count = valid.sum()
+            if hw > 0.0:
+                y = torch.where(valid, flat, 0).long()
     grad_on = torch.is_grad_enabled()
     need = (
         grad_on and student_hidden.requires_grad,
@@ -842,18 +891,21 @@ def sparse_kd(
     if labels is not None:
         _check_labels(labels, rows_shape, device, vocab, ignore_index)
     if teacher_indices.device.type == "cpu" and teacher_indices.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(teacher_indices.min()), int(teacher_indices.max())
+        lo_hi = torch.aminmax(teacher_indices)
+        lo, hi = int(lo_hi[0]), int(lo_hi[1])
         if lo < 0 or hi >= vocab:
             raise ValueError(f"teacher_indices must lie in [0, {vocab}) (V = {vocab}), got values in [{lo}, {hi}]")
         if k > 1:
-            srt = teacher_indices.reshape(-1, k).sort(dim=-1).values
+            srt = _rows(teacher_indices, k).sort(dim=-1).values
             if bool((srt[:, 1:] == srt[:, :-1]).any()):
                 raise ValueError("teacher_indices must hold k distinct classes per token, got a repeated class")
 
     cd = compute_dtype(student_logits, teacher_logprobs)
-    s = student_logits.reshape(-1, vocab).to(cd)
-    idx = teacher_indices.reshape(-1, k).long()
-    lp_t = teacher_logprobs.detach().reshape(-1, k).to(cd)
+    # (2-D inputs as they are: a reshape to the same shape, a detach of a tensor without grad and a
+    # conversion to its own dtype are each a dispatched operator)
+    s = _rows(student_logits, vocab).to(cd)
+    idx = _rows(teacher_indices, k).long()
+    lp_t = _rows(detached(teacher_logprobs), k).to(cd)
     valid: Tensor | None = None
     if labels is not None:
         flat = labels.reshape(-1)
@@ -864,17 +916,18 @@ def sparse_kd(
     per_row: Tensor | None = None
     if sw > 0.0:
         T = float(temperature)
-        log_q = F.log_softmax(s / T, dim=-1)
+        log_q = F.log_softmax(s / T if T != 1.0 else s, dim=-1)
         log_q_s = log_q.gather(1, idx)
         if teacher_tail is None:
             log_p = F.log_softmax(lp_t / T, dim=-1)
             log_p_tail: Tensor | None = None
         else:
             log_p = lp_t
-            tail = teacher_tail.detach().reshape(-1).to(cd)
+            tail = detached(teacher_tail).reshape(-1).to(cd)
             tail = torch.where(valid, tail, 0.0) if valid is not None else tail
-            log_p_tail = torch.where(tail > 0, tail.clamp(min=0).log(), float("-inf"))
-        if k < vocab:
+            log_p_tail = tail.clamp(min=0).log()  # a tail of 0 (or rounded below it): log 0 = -inf
+        if k < vocab and not (divergence == "forward" and log_p_tail is None):
+            # (the forward KL of a teacher without tail: that bucket's term is p_tail log(...) = 0)
             # log of the student's mass outside S, from the logits themselves (no 1 - sum cancellation)
             log_q_tail = log_q.scatter(1, idx, float("-inf")).logsumexp(dim=-1)
             if log_p_tail is None:
@@ -893,18 +946,25 @@ def sparse_kd(
         per_row = torch.where(valid, per_row, 0.0)
     if reduction == "none":
         return per_row.reshape(rows_shape)
+    if reduction == "batchmean" and valid is None and per_row.shape[0] > 0:
+        return per_row.mean()  # every token counts
     total = per_row.sum()
-    if reduction == "sum":
+    if reduction == "sum" or valid is None:  # (batchmean of no token: 0)
         return total
-    n = valid.sum() if valid is not None else torch.tensor(per_row.shape[0], device=device)
-    return total / n.clamp(min=1).to(total.dtype)
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def _rows(x: Tensor, width: int) -> Tensor:
+    """``x`` as ``(N, width)`` rows (itself when it is already 2-D)."""
+    return x if x.ndim == 2 else x.reshape(-1, width)
 
 
 def _xlogy_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
     """``a * (log a - log b)`` elementwise, 0 where ``a = 0`` (also when ``log b = -inf``)."""
     a = log_a.exp()
-    safe = torch.isfinite(log_a)
-    return torch.where(safe, a * (torch.where(safe, log_a, 0.0) - log_b), 0.0)
+    # where a = 0 the product is NaN (-inf * 0) or 0 and is replaced by 0, its gradient there 0 too; a NaN
+    # stays NaN (it is not a probability of 0)
+    return torch.where(a == 0, 0.0, a * (log_a - log_b))
 
 
 def _bucket_divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> Tensor:
