@@ -140,7 +140,8 @@ def kd_ce_loss(
                 )
         else:  # every label is a class (none equals an ignore_index outside [0, C))
             plain_labels = mask is None and not 0 <= ignore_index < c
-    labels = labels.long()  # any integer dtype (int32, uint8...): cross_entropy and the kernel take int64
+    if labels.dtype != torch.int64:  # any integer dtype (int32, uint8...): cross_entropy and the kernel take int64
+        labels = labels.long()
 
     if _kernels.use_fused(student_logits, teacher_logits):  # CUDA + Triton only
         # one launch: the rows and, unless reduction="none", their reduction (None: it failed, eager)
