@@ -25,7 +25,9 @@ Steps, in order of value, each under its own time limit and all under one budget
 6. ``tutorial``: ``tutorial-cifar10`` phases 1-3, seeds 42, 0, 1, on the CIFAR-10 JPEG archive
    (trained on all 50,000 images like the source loop, ``--val-size 0``);
 7. ``hint_imagenette``: ``hint-imagenette --faithful`` (the source's loop: no teacher fine-tuning),
-   5 epochs on a synthetic tree of Imagenette's shape, JPEGs decoded on the device;
+   5 epochs on a synthetic tree of Imagenette's shape, JPEGs decoded on the device; first the
+   training source alone for 8 s (``data-rate``: images/s without any model), to tell whether a
+   slow run waits for its data or for its models;
 8. ``hint_imagenette_cpu``: the same with the JPEGs decoded by the CPU workers;
 9. ``fused_linear`` (optional, last: ``--only fused_linear`` runs it alone): ``fused_linear_kd``
    against the materialised logits, ``torch.compile`` of them and Liger-Kernel's fused linear
@@ -215,9 +217,13 @@ def plan(cfg: Config) -> list[Step]:
         ]
         if r:
             hint += ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--decode", "cpu", "--epochs", "1"]
+            rate = ["cpu", "cpu", "0", "8", "32", "2"]
         else:
             hint += ["--workers", "12", "--decode", decode]
-        steps.append(Step(name, 110 if decode == "device" else 70, [make_tree, hint]))
+            rate = [decode, "cuda", "12", "32", "224", "8"]  # the recipe's default batch size and image size
+        # the training source alone first: whether a slow run waits for its data or for its models
+        data_rate = _py("-m", "benchmarks.gpu_check", "data-rate", str(tree), *rate, str(res / f"{name}-data.json"))
+        steps.append(Step(name, 125 if decode == "device" else 85, [make_tree, data_rate, hint]))
 
     fused = _py("benchmarks/bench_fused_linear.py", *dev, "--json", str(res / "fused_linear.json"))
     if r:  # one process at a tiny size, no torch.compile (its C++ build alone would take longer than the step)
@@ -448,6 +454,17 @@ def _tutorial(res: Path) -> list[dict[str, Any]]:
 def _imagenette(res: Path) -> list[dict[str, Any]]:
     rows = []
     for name, decode in (("hint_imagenette", "device"), ("hint_imagenette_cpu", "cpu")):
+        data = _load(res / f"{name}-data.json")
+        if data:
+            rows.append(
+                {
+                    "decode": decode,
+                    "method": "data only (no model)",
+                    "epochs": 0,
+                    "wall_s": data["wall_s"],
+                    "img_per_s": data["img_per_s"],
+                }
+            )
         for r in _runs(res / name):
             if r["method"] == "teacher":
                 continue
@@ -514,7 +531,7 @@ def targets(m: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_target(desc, f"{mean:.2f} %", abs(mean - source) <= 1.0))
         else:
             out.append(_target(desc, f"{len(accs)} of {len(TUTORIAL_SEEDS)} seeds", None))
-    rows = [r for r in m["hint_imagenette"] if r["decode"] == "device"]
+    rows = [r for r in m["hint_imagenette"] if r["decode"] == "device" and r["epochs"] > 0]  # (not data-only rows)
     desc = f"hint-imagenette 5 epochs <= {IMAGENETTE_MAX_S:.0f} s"
     if rows:
         r = rows[0]
@@ -891,6 +908,63 @@ def cmd_tiny_cifar10(path: str, per_class: int = 12, test_per_class: int = 4) ->
     return 0
 
 
+def cmd_data_rate(
+    root: str, decode: str, device: str, workers: int, batch: int, size: int, seconds: float, out: str
+) -> int:
+    """Images/s of hint-imagenette's training source alone (no model): where a slow run's time goes.
+
+    The recipe's train transform and ``FolderBatches`` settings; the first two batches (worker
+    start-up, nvJPEG initialisation) are not timed; stops after ``seconds`` or the epoch's end.
+    """
+    import torch
+
+    from reference_trainers.data import FolderBatches
+    from reference_trainers.recipes.hint_imagenette import transforms
+
+    dev = torch.device(device)
+    source = FolderBatches(
+        Path(root) / "train",
+        batch,
+        dev,
+        shuffle=True,
+        transform=transforms(size)[0],
+        deterministic=False,
+        num_workers=workers,
+        decode=decode,  # type: ignore[arg-type]
+    )
+    images = n_batches = 0
+    t0 = time.perf_counter()
+    for k, b in enumerate(source.batches(0)):
+        if k == 2:  # past the start-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+        elif k > 2:
+            images += b.labels.numel()
+            n_batches += 1
+            if time.perf_counter() - t0 > seconds:
+                break
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t0
+    row = {
+        "decode": source.decode,
+        "device": str(dev),
+        "workers": workers,
+        "batch_size": batch,
+        "image_size": size,
+        "batches": n_batches,
+        "images": images,
+        "wall_s": wall,
+        "img_per_s": images / wall if images and wall > 0 else 0.0,
+    }
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"data only ({source.decode} decode, {workers} workers): {row['img_per_s']:,.0f} img/s over {images} images")
+    return 0
+
+
 def cmd_synthetic_tree(root: str, n_train: int, n_val: int, short_side: int) -> int:
     from reference_trainers.recipes.hint_imagenette import make_synthetic_imagefolder
 
@@ -920,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
         "extract": lambda a, d: cmd_extract(a, d),
         "tiny-cifar10": lambda p: cmd_tiny_cifar10(p),
         "synthetic-tree": lambda r, a, b, c: cmd_synthetic_tree(r, int(a), int(b), int(c)),
+        "data-rate": lambda r, d, dev, w, b, sz, sec, o: cmd_data_rate(
+            r, d, dev, int(w), int(b), int(sz), float(sec), o
+        ),
     }
     if args and args[0] in helpers:
         return helpers[args[0]](*args[1:])

@@ -45,7 +45,10 @@ def test_rehearsal_runs_every_step_and_writes_a_valid_manifest(tmp_path: Path) -
     assert [r["config"] for r in manifest["trainer_step"]] == ["plain fp32 b64", "engine online", "engine cached"]
     seeds_phases = {(r["seed"], r["phase"]) for r in manifest["tutorial"]}
     assert seeds_phases == {(s, p) for s in (42, 0, 1) for p in ("teacher", "student-ce", "kd")}
-    assert [r["decode"] for r in manifest["hint_imagenette"]] == ["device", "cpu"]
+    # per decode mode: the training source alone (no model), then the run
+    hint = [(r["decode"], r["method"]) for r in manifest["hint_imagenette"]]
+    assert hint == [(d, m) for d in ("device", "cpu") for m in ("data only (no model)", "hint-faithful")]
+    assert all(r["img_per_s"] > 0 for r in manifest["hint_imagenette"])
     assert {(r["case"], r["impl"]) for r in manifest["fused_linear"]} == {
         ("tiny-float32", i) for i in ("fused", "naive")
     }

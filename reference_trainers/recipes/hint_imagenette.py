@@ -246,7 +246,8 @@ def _weights(model: nn.Module, name: str, args: argparse.Namespace, ctx: Any) ->
     ctx.log(f"{name}: ImageNet weights loaded")
 
 
-def _transforms(size: int) -> tuple[Any, Any]:
+def transforms(size: int) -> tuple[Any, Any]:
+    """The recipe's (train, evaluation) per-image transforms at ``size`` pixels (uint8 tensors in and out)."""
     from torchvision.transforms import v2
 
     train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
@@ -279,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         root = Path(args.data_root)
     size = min(args.image_size, 32) if args.smoke else args.image_size
-    train_tf, val_tf = _transforms(size)
+    train_tf, val_tf = transforms(size)
     val_src = FolderBatches(
         root / "val",
         ctx.config.eval_batch_size,
