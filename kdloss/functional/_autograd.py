@@ -30,7 +30,7 @@ derivative (``create_graph=True``) differentiates, so double backward is support
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -109,6 +109,19 @@ def _const(value: float, dtype: torch.dtype) -> Tensor:
         with torch.inference_mode(False), torch.no_grad(), _disable_current_modes():
             c = _CONSTS[key] = torch.tensor(value, dtype=dtype, device="cpu")
     return c
+
+
+def _graph_grad(loss_of: Callable[[], Tensor], s: Tensor, grad_loss: Tensor) -> Tensor:
+    """``d loss / d s`` with its own graph (``create_graph=True``), the loss ``loss_of()`` written with
+    autograd operators: the gradient a double backward differentiates."""
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_of(), s, grad_loss, create_graph=True)
+    return grad
+
+
+def _neg_coef(grad_loss: Tensor, divisor: int) -> Tensor:
+    """``-grad_loss / divisor`` shaped to scale per-row gradients (``divisor`` 0: per-row losses)."""
+    return (grad_loss.unsqueeze(-1) if divisor == 0 else grad_loss) * (-1.0 / divisor if divisor > 1 else -1.0)
 
 
 def _lerp(a: Tensor, b: Tensor, weight: Scalar) -> Tensor:
@@ -209,10 +222,7 @@ class _KLFamily(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         s, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient that can itself be differentiated
-            with torch.enable_grad():
-                loss = kl_family_reference(s, *ctx.extra, *ctx.hyper)
-                (again,) = torch.autograd.grad(loss, s, grad_loss, create_graph=True)
-            return (again, *_NONE8)
+            return (_graph_grad(lambda: kl_family_reference(s, *ctx.extra, *ctx.hyper), s, grad_loss), *_NONE8)
         g = grad_loss.unsqueeze(-1) if ctx.none else grad_loss
         grad: Tensor | None = None
         if ctx.ce == 1 and not ctx.none:
@@ -597,10 +607,8 @@ class _DKD(torch.autograd.Function):
         s, t, labels, lbq, pb, p_hat, lq_hat = ctx.saved_tensors
         temperature, alpha, beta, scale, flags = ctx.hyper
         if torch.is_grad_enabled():  # create_graph=True: a gradient that can itself be differentiated
-            with torch.enable_grad():
-                loss = dkd_reference(s, t, labels, temperature, alpha, beta, scale, flags[0])
-                (grad,) = torch.autograd.grad(loss, s, grad_loss, create_graph=True)
-            return (grad, *(None,) * 7)
+            loss_of = lambda: dkd_reference(s, t, labels, temperature, alpha, beta, scale, flags[0])  # noqa: E731
+            return (_graph_grad(loss_of, s, grad_loss), *(None,) * 7)
         # G = alpha (q_y - p_y) e_y - beta p^; grad_z = lsm_backward(G, log q^)
         delta = (lbq.narrow(-1, 0, 1).exp() - pb.narrow(-1, 0, 1)).mul_(alpha)  # (B, 1)
         g = p_hat.mul(-beta).scatter_add_(-1, labels.unsqueeze(-1), delta)
@@ -897,9 +905,7 @@ class _ABHinge(torch.autograd.Function):
         s, t, h, sigma = ctx.saved_tensors
         margin, factor = ctx.hyper
         if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(ab_reference(s, t, margin, factor), s, grad_loss, create_graph=True)
-            return grad, None, None, None
+            return _graph_grad(lambda: ab_reference(s, t, margin, factor), s, grad_loss), None, None, None
         return (h * sigma).mul_(grad_loss * (-2.0 * factor)), None, None, None
 
 
@@ -952,10 +958,8 @@ class _FTPaper(torch.autograd.Function):
         s, t, u_s, n_s, diff, rows = ctx.saved_tensors
         p, divisor = ctx.hyper
         if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(ft_paper_reference(s, t, p, divisor), s, grad_loss, create_graph=True)
-            return grad, None, None, None
-        coef = (grad_loss.unsqueeze(-1) if divisor == 0 else grad_loss) * (-1.0 / divisor if divisor > 1 else -1.0)
+            return _graph_grad(lambda: ft_paper_reference(s, t, p, divisor), s, grad_loss), None, None, None
+        coef = _neg_coef(grad_loss, divisor)
         if p == 1:  # d|diff|/du_s = -sign(diff)
             g = torch.sign(diff).mul_(coef)
         else:  # d||diff||/du_s = -diff / ||diff|| (0 where the factors coincide)
@@ -1007,10 +1011,8 @@ class _PKT(torch.autograd.Function):
         s, t, u, n, row, ps, pt = ctx.saved_tensors
         eps, divisor = ctx.hyper
         if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(pkt_reference(s, t, eps, divisor), s, grad_loss, create_graph=True)
-            return grad, None, None, None
-        coef = (grad_loss.unsqueeze(-1) if divisor == 0 else grad_loss) * (-1.0 / divisor if divisor > 1 else -1.0)
+            return _graph_grad(lambda: pkt_reference(s, t, eps, divisor), s, grad_loss), None, None, None
+        coef = _neg_coef(grad_loss, divisor)
         g_p = (pt / ps.clamp(min=eps)).mul_(ps >= eps).mul_(coef)  # dL/dp_s (0 below eps: the clamp)
         g_k = g_p.sub_((g_p * ps).sum(1, keepdim=True)).div_(row)  # through p = K / rowsum(K)
         g_u = (g_k + g_k.t()) @ u  # through K = u u^T
@@ -1060,9 +1062,7 @@ class _CCNeighbours(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         s, t, d, a = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the autograd formula instead
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(cc_neighbours_reference(s, t), s, grad_loss, create_graph=True)
-            return grad, None
+            return _graph_grad(lambda: cc_neighbours_reference(s, t), s, grad_loss), None
         neighbours = F.pad(a, (0, 0, -1, 1)).add_(F.pad(a, (0, 0, 1, -1)))
         return torch.sign(d).mul_(neighbours).mul_(grad_loss / max(a.shape[0] - 1, 1)), None
 
