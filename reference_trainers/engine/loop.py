@@ -412,7 +412,8 @@ def run_epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
             continue
         stop = stop_step or signals.requested is not None
         if stop or (cfg.checkpoint_every is not None and steps % cfg.checkpoint_every == 0):
-            _check_finite(run, epoch, {k: float(v) / steps for k, v in sums.items()}, f"step {steps} of ")
+            local = dict(zip(sums, (torch.stack(list(sums.values())) / steps).tolist()))  # one host read
+            _check_finite(run, epoch, local, f"step {steps} of ", rank_local=True)
             run.save(
                 epoch,
                 False,
@@ -451,7 +452,7 @@ def run_epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
         vec = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64, device=ctx.device)
         dist.all_reduce(vec)
         means = {k: float(v) / ctx.world_size for k, v in zip(sorted(means), vec.tolist())}
-    _check_finite(run, epoch, means, "")
+    _check_finite(run, epoch, means, "", rank_local=False)  # (means over all ranks: the same everywhere)
     global_seen = seen * ctx.world_size
     run.train_time += epoch_time
     run.images_seen += global_seen
@@ -469,23 +470,23 @@ def run_epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
     return record, stop_at_epoch_end
 
 
-def _check_finite(run: _Run, epoch: int, means: dict[str, float], where: str) -> None:
+def _check_finite(run: _Run, epoch: int, means: dict[str, float], where: str, *, rank_local: bool) -> None:
     """Raise :class:`TrainingDiverged` when a mean loss part so far is NaN or infinite, before any
     checkpoint of the diverged weights is written (so ``--resume`` never continues from one).
 
-    Called where the loop synchronises anyway (a checkpoint, the epoch's end); under DDP every rank
-    takes the same decision.
+    Called where the loop reads the losses anyway (a checkpoint, the epoch's end). ``rank_local``:
+    ``means`` are this rank's only, so under DDP the ranks first agree (one all-reduce of a flag).
     """
     ctx, spec = run.ctx, run.spec
-    bad = {k: v for k, v in means.items() if not math.isfinite(v)}
-    flag = 1.0 if bad else 0.0
-    if ctx.distributed:
-        t = torch.tensor([flag], dtype=torch.float64, device=ctx.device)
-        dist.all_reduce(t)
-        flag = float(t)
-    if flag == 0.0:
+    diverged = not all(math.isfinite(v) for v in means.values())
+    if rank_local and ctx.distributed:
+        flag = torch.tensor([float(diverged)], dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(flag)
+        diverged = bool(flag.item())
+    if not diverged:
         return
     parts = ", ".join(f"{k} {v:.4g}" for k, v in sorted(means.items()))
+    whose = " on this rank" if rank_local and ctx.distributed else ""
     kept = (
         f"the last finite checkpoint {str(run.path)!r} is kept"
         if run.path.exists()
@@ -493,8 +494,8 @@ def _check_finite(run: _Run, epoch: int, means: dict[str, float], where: str) ->
     )
     raise TrainingDiverged(
         f"{spec.method!r} seed {spec.seed} diverged by {where}epoch {epoch + 1}: the mean training loss is "
-        f"not finite ({parts}{' on rank 0' if ctx.distributed else ''}); {kept}. Lower the learning rate "
-        "(--lr) or check the data, then start this run again"
+        f"not finite ({parts}{whose}); {kept}. Lower the learning rate (--lr) or check the data, then start "
+        "this run again"
     )
 
 
